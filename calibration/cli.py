@@ -1,0 +1,165 @@
+"""``rsparse-calibrate``: a Hugging Face model directory or GGUF file -> rsparse checkpoint.
+
+Every option and its default is documented once, here, in ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("teal", "rsparse", "larosa", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationArgs:
+    """Typed calibration options (the CLI parses into this; libraries build it directly)."""
+
+    model: str
+    output: str
+    method: str = "teal"
+    sparsity: float = 0.5
+    num_samples: int = 16
+    seq_len: int = 512
+    text: str | None = None
+    device: str = "cpu"
+    seed: int = 0
+    force: bool = False
+    max_sparse_tokens: int = 16
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method is {self.method!r}; allowed values are {list(METHODS)}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.num_samples < 1 or self.seq_len < 16:
+            raise ValueError(f"need num_samples >= 1 and seq_len >= 16, got {self.num_samples}, {self.seq_len}")
+        if self.max_sparse_tokens < 0:
+            raise ValueError(f"max_sparse_tokens must be >= 0, got {self.max_sparse_tokens}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = CalibrationArgs(model="", output="")
+    p = argparse.ArgumentParser(
+        prog="rsparse-calibrate",
+        description="Calibrate activation sparsity for a model and write an rsparse checkpoint "
+                    "that vLLM serves with --quantization rsparse (auto-detected from config.json).",
+    )
+    p.add_argument("model", help="Hugging Face model directory, a .gguf file, or a directory holding one .gguf")
+    p.add_argument("-o", "--output", required=True, help="checkpoint directory to write (must be empty or absent)")
+    p.add_argument("--method", choices=METHODS, default=d.method,
+                   help="teal: magnitude thresholds; rsparse: R-Sparse (sparse channels + low-rank SVD term); "
+                        "larosa: folded PCA rotation + exact top-k; dense: plain bf16 export, no sparsity "
+                        f"(default: {d.method})")
+    p.add_argument("--sparsity", type=float, default=d.sparsity,
+                   help=f"target model-level sparsity in [0, 1): fraction of linear-layer weight bytes "
+                        f"not read per token (default: {d.sparsity})")
+    p.add_argument("--num-samples", type=int, default=d.num_samples,
+                   help=f"calibration windows (default: {d.num_samples})")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per window (default: {d.seq_len})")
+    p.add_argument("--text", default=None,
+                   help="calibration text file (default: the calibration part of the Wikipedia articles in "
+                        "gensim's test data; the held-out part is never used for calibration)")
+    p.add_argument("--device", default=d.device, help=f"torch device for calibration, e.g. cpu or cuda (default: {d.device})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    p.add_argument("--max-sparse-tokens", type=int, default=d.max_sparse_tokens,
+                   help="batches of more tokens than this run dense at serving time (prefill, large "
+                        f"decode batches); override when serving with RSPARSE_MAX_SPARSE_TOKENS (default: {d.max_sparse_tokens})")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    return p
+
+
+def calibrate(args: CalibrationArgs) -> Path:
+    """Run one calibration end to end; returns the checkpoint directory."""
+    from vllm_rsparse.architectures import ModelShapes
+    from vllm_rsparse.calibration import data, model_io
+    from vllm_rsparse.checkpoint import CheckpointError, write_checkpoint
+    from vllm_rsparse.config import RSparseCheckpointConfig
+
+    output = Path(args.output)
+    # Refuse before the slow part, not after it.
+    if output.exists() and any(output.iterdir()) and not args.force:
+        raise CheckpointError(f"output directory {output} exists and is not empty (use --force to replace it)")
+    torch.manual_seed(args.seed)
+    started = time.time()
+    model, tokenizer, hf_config = model_io.load_model(args.model, device=args.device)
+    metadata = {"base_model": str(args.model), "method": args.method, "seed": args.seed}
+    if args.method == "dense":
+        return model_io.write_dense_checkpoint(model, tokenizer, hf_config, output, args.force, metadata)
+
+    shapes = ModelShapes.from_hf_config(hf_config)
+    source = args.text or "default Wikipedia text (gensim test data, calibration split)"
+    text = data.calibration_text(args.text)
+    windows = data.token_windows(tokenizer, text, args.num_samples, args.seq_len,
+                                 source=f"text {args.text!r}" if args.text else "text")
+    if args.method == "teal":
+        from vllm_rsparse.calibration.teal import calibrate_teal
+
+        result = calibrate_teal(model, shapes, windows, args.sparsity)
+    elif args.method == "rsparse":
+        from vllm_rsparse.calibration.rsparse import calibrate_rsparse
+
+        result = calibrate_rsparse(model, shapes, windows, args.sparsity)
+    else:
+        from vllm_rsparse.calibration.larosa import calibrate_larosa
+
+        result = calibrate_larosa(model, shapes, windows, args.sparsity)
+
+    calibration_info = {
+        "data": source,
+        "num_samples": args.num_samples,
+        "seq_len": args.seq_len,
+        "tokens": int(windows.numel()),
+        "seed": args.seed,
+        "seconds": round(time.time() - started, 1),
+        **result.info,
+    }
+    qcfg = RSparseCheckpointConfig(
+        method=args.method,
+        target_sparsity=args.sparsity,
+        modules=result.modules,
+        max_sparse_tokens=args.max_sparse_tokens,
+        rotation=result.rotation,
+        calibration=calibration_info,
+    )
+    weights = model_io.export_weights(model)
+    weights.update({k: v.to(torch.bfloat16) for k, v in result.weight_overrides.items()})
+    hf_config = {**hf_config, **result.config_overrides}
+    if hf_config.get("tie_word_embeddings") is False:
+        weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"].clone())
+    metadata.update({"calibration_data": source, "calibration_tokens": int(windows.numel())})
+    with tempfile.TemporaryDirectory() as tok_dir:
+        extra = model_io.tokenizer_files(tokenizer, Path(tok_dir))
+        return write_checkpoint(output, hf_config, qcfg, weights, result.tensors, metadata,
+                                extra_files=extra, force=args.force)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        args = CalibrationArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(CalibrationArgs)})
+        out = calibrate(args)
+    except KeyboardInterrupt:
+        print("rsparse-calibrate: interrupted; no checkpoint was written", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:
+        # Our errors are ValueError subclasses whose message names the problem: print
+        # that, not a traceback (set RSPARSE_DEBUG=1 to see one).
+        import os
+
+        if os.environ.get("RSPARSE_DEBUG"):
+            raise
+        print(f"rsparse-calibrate: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

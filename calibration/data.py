@@ -1,0 +1,82 @@
+"""Calibration and held-out text: Wikipedia articles, split deterministically.
+
+Articles are numbered in dump order; every ``HELDOUT_EVERY``-th article is held out
+for perplexity and never used for calibration, so no evaluation sees calibration text.
+This is not WikiText-2: compare methods with each other and with dense on the same
+text, never with published WikiText perplexities.
+"""
+
+from __future__ import annotations
+
+import bz2
+import re
+import xml.etree.ElementTree as ET
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+HELDOUT_EVERY = 5  # article i is held out when i % 5 == 4 (20% of the text)
+MIN_ARTICLE_CHARS = 2000  # redirects and stubs carry no useful activations
+
+
+@lru_cache(maxsize=2)
+def wiki_articles(path: str | None = None) -> tuple[str, ...]:
+    """Clean article texts of the gensim Wikipedia dump, in dump order."""
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    from vllm_rsparse.calibration.assets import wiki_dump
+
+    src = Path(path) if path else wiki_dump()
+    articles = []
+    with bz2.open(src, "rb") as f:
+        for _, elem in ET.iterparse(f):
+            if elem.tag.endswith("}text") or elem.tag == "text":
+                raw = elem.text or ""
+                if not raw.lower().startswith("#redirect"):
+                    text = filter_wiki(raw)
+                    text = re.sub(r"\n{3,}", "\n\n", text)
+                    text = re.sub(r"[ \t]+", " ", text).strip()
+                    if len(text) >= MIN_ARTICLE_CHARS:
+                        articles.append(text)
+            elem.clear()
+    return tuple(articles)
+
+
+def split_articles(articles: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    calib = [a for i, a in enumerate(articles) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
+    heldout = [a for i, a in enumerate(articles) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
+    return calib, heldout
+
+
+def calibration_text(path: str | None = None) -> str:
+    """The calibration half of the default text, or a user's text file as is."""
+    if path:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    return "\n\n".join(split_articles(wiki_articles())[0])
+
+
+def heldout_text() -> str:
+    return "\n\n".join(split_articles(wiki_articles())[1])
+
+
+class TextTooShortError(ValueError):
+    pass
+
+
+def token_windows(tokenizer, text: str, num_windows: int, window: int, source: str = "text") -> torch.Tensor:
+    """``num_windows`` consecutive non-overlapping windows of ``window`` tokens.
+
+    -> input_ids [num_windows, window]; raises TextTooShortError (naming the sizes)
+    when the text has fewer tokens than asked for.
+    """
+    if not text.strip():
+        raise TextTooShortError(f"calibration {source} is empty")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    need = num_windows * window
+    if ids.numel() < need:
+        raise TextTooShortError(
+            f"calibration {source} has {ids.numel()} tokens; {num_windows} windows of {window} "
+            f"tokens need {need} (give more text, or lower --num-samples / --seq-len)"
+        )
+    return ids[:need].reshape(num_windows, window)

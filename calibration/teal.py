@@ -1,0 +1,50 @@
+"""TEAL: one magnitude threshold per input group, from calibration histograms.
+
+m_j = 1[|x_j| > t] with t the s-quantile of |x| over calibration tokens (equivalently
+F^-1(0.5 + s/2) of x under TEAL's zero-centred symmetric assumption). q/k/v share an
+input and so one threshold, likewise gate/up. The per-group sparsity comes from
+``allocation`` (uniform by default; greedy block allocation lives in its own module).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_rsparse import architectures
+from vllm_rsparse.architectures import ModelShapes
+from vllm_rsparse.calibration.result import CalibrationResult
+from vllm_rsparse.calibration.stats import LogHistogram, run_calibration_forward
+from vllm_rsparse.checkpoint import tensor_name
+from vllm_rsparse.config import ModuleSettings
+
+
+def collect_abs_histograms(model, shapes: ModelShapes, windows: torch.Tensor) -> dict[str, LogHistogram]:
+    hists: dict[str, LogHistogram] = {}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        hists.setdefault(name, LogHistogram(x.device)).add(x.abs())
+
+    run_calibration_forward(model, windows, shapes, observe, desc="teal: |x| histograms")
+    return hists
+
+
+def threshold_result(shapes: ModelShapes, hists: dict[str, LogHistogram],
+                     allocation: dict[str, float]) -> CalibrationResult:
+    """Thresholds at each group's allocated input sparsity."""
+    modules, tensors = {}, {}
+    for group_name, group in architectures.iter_groups(shapes):
+        sparsity = allocation[group_name]
+        threshold = hists[group_name].quantile(sparsity) if sparsity > 0 else 0.0
+        modules[group_name] = ModuleSettings(selection="threshold", sparsity=sparsity, input_sparsity=sparsity)
+        base = group_name[: -len(group.merged_name)]
+        for member in group.members:
+            tensors[tensor_name(base + member, "threshold")] = torch.tensor([threshold], dtype=torch.float32)
+    return CalibrationResult(modules=modules, tensors=tensors)
+
+
+def calibrate_teal(model, shapes: ModelShapes, windows: torch.Tensor, sparsity: float) -> CalibrationResult:
+    hists = collect_abs_histograms(model, shapes, windows)
+    allocation = {name: sparsity for name, _ in architectures.iter_groups(shapes)}
+    result = threshold_result(shapes, hists, allocation)
+    result.info["allocation"] = "uniform"
+    return result

@@ -1,0 +1,118 @@
+"""The one torch custom op the LinearMethod calls: ``torch.ops.rsparse.sparse_linear``.
+
+Why a custom op: vLLM traces ``apply()`` with torch.compile and captures CUDA graphs
+per batch size. A Python ``if num_tokens <= max_sparse_tokens`` inside a traced
+apply() would be frozen at trace time for every size; inside an opaque op it runs
+each call, on shapes only (no host sync), so every captured size gets the right path.
+
+The op chooses, in this order:
+  tokens > max_sparse_tokens        -> dense F.linear (prefill and large batches)
+  CUDA tensors and a Triton kernel  -> vllm_rsparse.launchers (kernels/)
+  otherwise                         -> vllm_rsparse.reference (pure PyTorch)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vllm_rsparse import reference
+
+# A keep value that means "selection by threshold" (custom ops take no Optional[int]).
+THRESHOLD_SELECTION = -1
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Dense fallback on the stored layout. weight may be a transposed view of a
+    [K, N]-contiguous buffer: F.linear hands that to BLAS as a transposed operand."""
+    return F.linear(x, weight, bias)
+
+
+def _sparse_path(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: torch.Tensor | None,
+    keep: int,
+    channel_scale: torch.Tensor | None,
+    lowrank_up: torch.Tensor | None,
+    lowrank_down: torch.Tensor | None,
+) -> torch.Tensor:
+    if x.is_cuda:
+        from vllm_rsparse import launchers
+
+        if launchers.triton_supported(x, weight):
+            return launchers.sparse_linear(
+                x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down
+            )
+    return reference.sparse_linear(
+        x,
+        weight,
+        bias,
+        threshold=threshold if keep == THRESHOLD_SELECTION else None,
+        keep=None if keep == THRESHOLD_SELECTION else keep,
+        channel_scale=channel_scale,
+        lowrank_up=lowrank_up,
+        lowrank_down=lowrank_down,
+    )
+
+
+@torch.library.custom_op("rsparse::sparse_linear", mutates_args=())
+def sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: torch.Tensor | None,
+    keep: int,
+    channel_scale: torch.Tensor | None,
+    lowrank_up: torch.Tensor | None,
+    lowrank_down: torch.Tensor | None,
+    max_sparse_tokens: int,
+) -> torch.Tensor:
+    """x [M, K]  weight [N, K] (any strides)  bias [N]  threshold [1] f32
+    channel_scale [K]  lowrank_up [N, r]  lowrank_down [r, K]  ->  y [M, N]
+
+    keep == THRESHOLD_SELECTION selects by threshold, keep >= 0 by exact top-k.
+    """
+    if x.shape[0] > max_sparse_tokens:
+        return dense_linear(x, weight, bias)
+    return _sparse_path(x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down)
+
+
+@sparse_linear.register_fake
+def _sparse_linear_fake(
+    x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down, max_sparse_tokens
+):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def cpu_sparse_linear(
+    cpu_linear,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: torch.Tensor | None,
+    keep: int,
+    score_weight: torch.Tensor | None,
+    lowrank_up: torch.Tensor | None,
+    lowrank_down: torch.Tensor | None,
+    max_sparse_tokens: int,
+) -> torch.Tensor:
+    """The CPU path: vLLM's own CPU GEMM (``cpu_linear``, oneDNN pre-packed) on the
+    masked input, plus the low-rank term. Branch-free on the token count (the mask is
+    OR-ed with "too many tokens"), so a traced graph stays right for every size.
+
+    x [M, K]  weight [N, K]  ->  y [M, N]
+    """
+    if keep == THRESHOLD_SELECTION:
+        mask = reference.threshold_mask(x, threshold, score_weight)
+    else:
+        mask = reference.topk_mask(x, keep, score_weight)
+    too_many_tokens = torch.full((), x.shape[0], dtype=torch.int64) > max_sparse_tokens
+    mask = mask | too_many_tokens
+    kept = torch.where(mask, x, torch.zeros((), dtype=x.dtype))
+    y = cpu_linear(kept, weight, bias)
+    if lowrank_up is not None:
+        dropped = (x - kept).float()
+        y = (y.float() + (dropped @ lowrank_down.float().t()) @ lowrank_up.float().t()).to(y.dtype)
+    return y

