@@ -1,21 +1,441 @@
-"""Host launchers for the Triton kernels in kernels/ (owned by the kernels work).
+"""Host launchers for the Triton kernels in kernels/ (vllm_rsparse.kernels).
 
-Placeholder until the kernels land: no Triton path is claimed yet, so the op falls
-back to the PyTorch reference.
+Three layers are kept apart: the @triton.jit kernels (kernels/*.py); this module,
+which validates, allocates, picks a block config from the committed tables and
+launches; and the LinearMethod, which only decides. Everything here runs on
+shapes, dtypes and Python ints only: no host sync, static output shapes, no
+autotuning at call time, so the calls are CUDA-graph safe.
+
+What the LinearMethod must do:
+  * call ``prepare_weight`` on the weight (and on lowrank_down) once in
+    process_weights_after_loading; the kernels read [K, N] storage with unit
+    stride along N (a weight that is not prepared still works, but is copied
+    on every call, with a warning);
+  * pass fp16 or bf16 activations; weights and low-rank factors of the same dtype;
+  * optionally cap its max_sparse_tokens with ``crossover_tokens`` (its sparsity is
+    known to it, not to the op).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+import os
+import warnings
+from importlib import resources
+
 import torch
 
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+# Decode rows in one launch: the union kernel pads rows to this (tl.dot needs >= 16).
+MAX_ROWS = 16
+# Arrival counters of the split-K fixup, per device; one slot per (tile, row group).
+COUNTER_SLOTS = 1 << 16
+# Selections of the op (ops.THRESHOLD_SELECTION is keep == -1).
+THRESHOLD_SELECTION = -1
 
-def triton_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return False
+_CONFIG_FILE = "sparse_gemv.json"
+_DISPATCH_FILE = "dispatch.json"
+_counters: dict[torch.device, torch.Tensor] = {}
+_warned_layout = False
 
 
-def sparse_linear(x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down):
-    raise NotImplementedError("no Triton sparse kernel is available")
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1: kernels run on CPU tensors, in f32 only."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------
+# committed data: block configs and the sparse/dense crossover
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters of sparse_gemv_kernel for one (shape, token count).
+
+    rows: rows per program; 1 = one program per row ("per-row": each row reads its own
+    channels), 16 = all rows in one program ("union": a weight row is read once if any
+    row needs it). split_k: programs along K.
+    """
+
+    rows: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "GemvConfig":
+        return cls(**{f.name: int(raw[f.name]) for f in dataclasses.fields(cls)})
+
+
+@functools.lru_cache(maxsize=None)
+def _load_json(name: str) -> dict:
+    try:
+        text = resources.files("vllm_rsparse.kernels").joinpath("configs", name).read_text()
+    except (FileNotFoundError, ModuleNotFoundError):
+        return {}
+    return json.loads(text)
+
+
+def _shape_key(n: int, k: int) -> str:
+    return f"N{n}_K{k}"
+
+
+def _bucket(tokens: int, measured: list[int]) -> int:
+    """The smallest measured token count >= tokens (the largest if none)."""
+    at_least = [t for t in sorted(measured) if t >= tokens]
+    return at_least[0] if at_least else max(measured)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# Heuristic for shapes with no committed config: enough programs to keep every SM
+# busy with several tiles in flight (memory-bound GEMV), rows of >= 256 bytes.
+_DEFAULT_BLOCK_N = 128
+_DEFAULT_BLOCK_K = 64
+_PROGRAMS_PER_SM = 4
+_INTERPRETER_SMS = 4  # the interpreter runs programs one by one: split little
+
+
+def default_config(n: int, k: int, tokens: int, rank: int, device: torch.device) -> GemvConfig:
+    rows = 1 if tokens == 1 else MAX_ROWS
+    block_n = _DEFAULT_BLOCK_N
+    block_k = _DEFAULT_BLOCK_K
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else _INTERPRETER_SMS
+    tiles = triton_cdiv(n, block_n) + triton_cdiv(rank, block_n)
+    split_k = max(1, min(triton_cdiv(k, block_k), triton_cdiv(_PROGRAMS_PER_SM * sms, tiles)))
+    return GemvConfig(rows, block_n, block_k, split_k, num_warps=4, num_stages=2)
+
+
+def pick_config(n: int, k: int, tokens: int, rank: int, device: torch.device) -> GemvConfig:
+    """Committed config for (N, K) at the nearest measured token count, else the heuristic."""
+    if device.type == "cuda":
+        per_shape = _load_json(_CONFIG_FILE).get("configs", {}).get(_shape_key(n, k))
+        if per_shape:
+            bucket = _bucket(tokens, [int(t) for t in per_shape])
+            cfg = GemvConfig.from_dict(per_shape[str(bucket)])
+            if tokens > 1 or cfg.rows == 1:
+                return cfg
+    return default_config(n, k, tokens, rank, device)
+
+
+def crossover_tokens(n: int, k: int, selection: str = "threshold", sparsity: float = 0.5) -> int | None:
+    """Largest token count at which the sparse kernel beat dense cuBLAS for this shape
+    in the committed H100 benchmark (kernels/configs/dispatch.json), at the measured
+    sparsity nearest to `sparsity` not above it. None when the shape was not measured.
+    The LinearMethod knows its module's sparsity and may cap max_sparse_tokens with it."""
+    table = _load_json(_DISPATCH_FILE).get("crossover", {}).get(selection, {}).get(_shape_key(n, k))
+    if not table:
+        return None
+    levels = sorted(float(s) for s in table)
+    below = [s for s in levels if s <= sparsity + 1e-9]
+    level = below[-1] if below else levels[0]
+    return int(table[f"{level:g}"])
+
+
+def _dispatch_tokens(n: int, k: int, selection: str) -> int | None:
+    """Token limit the op applies itself: the crossover at the design sparsity of the
+    table (dispatch.json "design_sparsity"), since the op cannot see the data's."""
+    data = _load_json(_DISPATCH_FILE)
+    if not data:
+        return None
+    return crossover_tokens(n, k, selection, float(data.get("design_sparsity", 0.5)))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------
+# layout
+# ---------------------------------------------------------------------------
 
 
 def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
-    return weight
+    """The layout the kernels read: logical [N, K], stored [K, N]-contiguous.
+
+    Returns ``w_t.t()`` where w_t is a contiguous [K, N] copy: rows of input channels
+    are contiguous, so a skipped channel is a skipped contiguous row. Dense F.linear
+    on it is a plain NN GEMM for cuBLAS (measured in docs/kernels.md). Also apply it
+    to lowrank_down [r, K]. Allocates the split-K counters of the device, outside any
+    CUDA-graph capture.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"prepare_weight expects a 2-D [N, K] weight, got shape {tuple(weight.shape)}")
+    _counters_for(weight.device)
+    if _is_prepared(weight):
+        return weight
+    return weight.t().contiguous().t()
+
+
+def _is_prepared(weight: torch.Tensor) -> bool:
+    # [N, K] view of [K, N] storage: unit stride along N
+    return weight.stride(0) == 1 or weight.shape[0] == 1
+
+
+def _as_kn(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """[K, N] view with unit column stride; copies (with a one-time warning) if unprepared."""
+    global _warned_layout
+    if not _is_prepared(weight):
+        if not _warned_layout:
+            warnings.warn(
+                f"rsparse: {name} is not in the prepared [K, N] layout (strides {weight.stride()}); "
+                "it is copied on every call. Call vllm_rsparse.launchers.prepare_weight once after loading.",
+                stacklevel=3,
+            )
+            _warned_layout = True
+        weight = weight.t().contiguous().t()
+    return weight.t()
+
+
+def _counters_for(device: torch.device) -> torch.Tensor:
+    counters = _counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "rsparse: split-K counters are allocated during CUDA-graph capture; "
+                "call vllm_rsparse.launchers.prepare_weight on the weights before capture"
+            )
+        counters = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+        _counters[device] = counters
+    return counters
+
+
+# ---------------------------------------------------------------------------
+# kernel choice
+# ---------------------------------------------------------------------------
+
+
+def kernel_support(x: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
+    """(ok, reason): whether the Triton path runs for these tensors; reason lists every
+    failed condition."""
+    reasons = []
+    if not (x.is_cuda or interpreting()):
+        reasons.append(f"x is on {x.device}, the kernels need CUDA (or TRITON_INTERPRET=1)")
+    if x.device != weight.device:
+        reasons.append(f"x on {x.device} but weight on {weight.device}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"x dtype {x.dtype} not in {SUPPORTED_DTYPES}")
+    if weight.dtype != x.dtype:
+        reasons.append(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if x.dim() != 2:
+        reasons.append(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    elif x.shape[0] > MAX_ROWS:
+        reasons.append(f"{x.shape[0]} tokens > {MAX_ROWS} rows per launch")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        reasons.append("triton is not installed")
+    return (not reasons, "; ".join(reasons) if reasons else "ok")
+
+
+def triton_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Boolean form of kernel_support, what ops._sparse_path asks."""
+    return kernel_support(x, weight)[0]
+
+
+def _check_inputs(x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down) -> None:
+    ok, reason = kernel_support(x, weight)
+    if not ok:
+        raise ValueError(f"rsparse sparse_linear: {reason}")
+    m, k = x.shape
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"weight must be [N, K={k}], got shape {tuple(weight.shape)}")
+    n = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must be [N={n}], got shape {tuple(bias.shape)}")
+    if keep == THRESHOLD_SELECTION:
+        if threshold is None or threshold.numel() != 1:
+            got = None if threshold is None else tuple(threshold.shape)
+            raise ValueError(f"threshold selection needs a 1-element threshold tensor, got {got}")
+        if threshold.device != x.device:
+            raise ValueError(f"threshold on {threshold.device}, expected {x.device}")
+    elif not 0 <= keep <= k:
+        raise ValueError(f"keep must be -1 (threshold selection) or in [0, K={k}], got {keep}")
+    if channel_scale is not None and tuple(channel_scale.shape) != (k,):
+        raise ValueError(f"channel_scale must be [K={k}], got shape {tuple(channel_scale.shape)}")
+    if (lowrank_up is None) != (lowrank_down is None):
+        raise ValueError("lowrank_up and lowrank_down must be given together")
+    if lowrank_up is not None:
+        r = lowrank_up.shape[-1]
+        if lowrank_up.dim() != 2 or lowrank_up.shape[0] != n:
+            raise ValueError(f"lowrank_up must be [N={n}, r], got shape {tuple(lowrank_up.shape)}")
+        if tuple(lowrank_down.shape) != (r, k):
+            raise ValueError(f"lowrank_down must be [r={r}, K={k}], got shape {tuple(lowrank_down.shape)}")
+        for name, t in (("lowrank_up", lowrank_up), ("lowrank_down", lowrank_down)):
+            if t.dtype != x.dtype:
+                raise ValueError(f"{name} dtype {t.dtype} differs from x dtype {x.dtype}")
+
+
+# ---------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------
+
+
+def topk_thresholds(
+    x: torch.Tensor, keep: int, channel_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (threshold, tie cut) that select exactly `keep` channels.
+
+    # x [M, K]  channel_scale [K]  ->  thr [M] f32  jcut [M] i32
+    """
+    from vllm_rsparse.kernels.topk_select import topk_threshold_kernel
+
+    m, k = x.shape
+    thr = torch.empty(m, dtype=torch.float32, device=x.device)
+    jcut = torch.empty(m, dtype=torch.int32, device=x.device)
+    block_k = min(_SELECT_BLOCK_K, triton_next_power_of_2(k))
+    topk_threshold_kernel[(m,)](
+        x, channel_scale if channel_scale is not None else x, thr, jcut,
+        k, keep, x.stride(0), x.stride(1),
+        HAS_SCALE=channel_scale is not None, BLOCK_K=block_k, num_warps=_SELECT_WARPS,
+    )
+    return thr, jcut
+
+
+# One program per row walks the row 9 times; a large block keeps the loop short.
+_SELECT_BLOCK_K = 2048
+_SELECT_WARPS = 8
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def sparse_gemv(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    thr: torch.Tensor,
+    jcut: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    channel_scale: torch.Tensor | None,
+    lowrank_up: torch.Tensor | None,
+    v_t: torch.Tensor | None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """Masked GEMV (+ R-Sparse low-rank term), no validation (sparse_linear validates).
+
+    # x [M, K]  w_t [K, N] (unit stride along N)  thr [1] or [M] f32  jcut [M] i32 or None
+    # bias [N]  channel_scale [K]  lowrank_up [N, r]  v_t [K, r] (unit stride along r)
+    # -> out [M, N] in x.dtype
+    """
+    from vllm_rsparse.kernels.sparse_gemv import lowrank_up_kernel, sparse_gemv_kernel
+
+    m, k = x.shape
+    n = w_t.shape[1]
+    rank = 0 if v_t is None else v_t.shape[1]
+    has_lowrank = rank > 0
+    cfg = config or pick_config(n, k, m, rank, x.device)
+    rows = cfg.rows
+    row_groups = triton_cdiv(m, rows)
+    tiles_w = triton_cdiv(n, cfg.block_n)
+    tiles = tiles_w + (triton_cdiv(rank, cfg.block_n) if has_lowrank else 0)
+    k_per_split = triton_cdiv(triton_cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split_k = triton_cdiv(k, k_per_split)
+    if tiles * row_groups > COUNTER_SLOTS:
+        raise ValueError(f"{tiles * row_groups} output tiles exceed the {COUNTER_SLOTS} split-K counters")
+
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    dummy = out  # placeholder pointer for absent optional tensors (never dereferenced)
+    part = torch.empty((split_k, m, n + rank), dtype=torch.float32, device=x.device) if split_k > 1 else dummy
+    counters = _counters_for(x.device) if split_k > 1 else dummy
+    if has_lowrank:
+        y32 = torch.empty((m, n), dtype=torch.float32, device=x.device)
+        z = torch.empty((m, rank), dtype=torch.float32, device=x.device)
+    else:
+        y32 = z = dummy
+    dot_f32 = interpreting()
+    sparse_gemv_kernel[(tiles, split_k, row_groups)](
+        x, w_t, v_t if has_lowrank else w_t,
+        channel_scale if channel_scale is not None else dummy,
+        thr, jcut if jcut is not None else thr,
+        bias if bias is not None else dummy,
+        part, counters, out, y32, z,
+        m, n, k, rank, k_per_split, tiles_w,
+        x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0,
+        out.stride(0), out.stride(1),
+        ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
+        HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, DOT_F32=dot_f32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if has_lowrank:
+        up_rows = 1 if m == 1 else MAX_ROWS
+        lowrank_up_kernel[(triton_cdiv(n, _UP_BLOCK_N), triton_cdiv(m, up_rows))](
+            y32, z, lowrank_up, out,
+            m, n, rank, lowrank_up.stride(0), lowrank_up.stride(1), out.stride(0), out.stride(1),
+            ROWS=up_rows, BLOCK_N=_UP_BLOCK_N, BLOCK_R=_UP_BLOCK_R, DOT_F32=dot_f32,
+            num_warps=4,
+        )
+    return out
+
+
+# lowrank_up epilogue: reads u [N, r] densely; 64 outputs x 32 ranks per step keeps
+# >= 64-byte contiguous segments of u and enough programs for N >= 4096.
+_UP_BLOCK_N = 64
+_UP_BLOCK_R = 32
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: torch.Tensor | None,
+    keep: int,
+    channel_scale: torch.Tensor | None,
+    lowrank_up: torch.Tensor | None,
+    lowrank_down: torch.Tensor | None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """The Triton path of torch.ops.rsparse.sparse_linear (see vllm_rsparse/reference.py).
+
+    # x [M, K]  weight [N, K] (prepared: [K, N] storage)  bias [N]  threshold [1] f32
+    # keep: -1 = threshold selection, else exact top-k  channel_scale [K]
+    # lowrank_up [N, r]  lowrank_down [r, K] (prepared)  ->  y [M, N] in x.dtype
+    Above the committed sparse/dense crossover for this shape the result is dense F.linear.
+    """
+    _check_inputs(x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down)
+    m, k = x.shape
+    n = weight.shape[0]
+    selection = "threshold" if keep == THRESHOLD_SELECTION else "topk"
+    limit = _dispatch_tokens(n, k, selection) if x.is_cuda else None
+    if limit is not None and m > limit:
+        return torch.nn.functional.linear(x, weight, bias)
+    if lowrank_up is not None and lowrank_up.shape[-1] == 0:
+        lowrank_up = lowrank_down = None
+    w_t = _as_kn(weight, "weight")
+    v_t = _as_kn(lowrank_down, "lowrank_down") if lowrank_down is not None else None
+    if keep == THRESHOLD_SELECTION:
+        thr = threshold.reshape(1)
+        if thr.dtype != torch.float32:
+            thr = thr.float()
+        jcut = None
+    else:
+        thr, jcut = topk_thresholds(x, keep, channel_scale)
+    return sparse_gemv(x, w_t, thr, jcut, bias, channel_scale, lowrank_up, v_t, config)
+
+
+def describe_config(n: int, k: int, tokens: int, rank: int = 0, device: str = "cuda") -> dict:
+    """The config a call would use, for logs and benchmarks."""
+    return dataclasses.asdict(pick_config(n, k, tokens, rank, torch.device(device)))
+
+
+__all__ = [
+    "GemvConfig",
+    "crossover_tokens",
+    "describe_config",
+    "kernel_support",
+    "pick_config",
+    "prepare_weight",
+    "sparse_gemv",
+    "sparse_linear",
+    "topk_thresholds",
+    "triton_supported",
+]

@@ -1,0 +1,216 @@
+"""Triton kernels of the rsparse decode path (host side: vllm_rsparse/launchers.py).
+
+Decode is bound by weight bytes read, so every kernel here is organised around one
+rule: read a weight row only if some token row selected its input channel.
+
+Layouts (chosen by launchers.prepare_weight):
+    x    [M, K]   any strides, M <= 16 decode tokens
+    w_t  [K, N]   unit stride along N: the N outputs of one input channel are one
+                  contiguous row, so skipping channel k skips one contiguous row
+    v_t  [K, R]   the R-Sparse lowrank_down, stored like w_t
+    u    [N, R]   the R-Sparse lowrank_up, any strides (read densely)
+
+Selection (the contract of vllm_rsparse/reference.py), per token row m:
+    score[m, k] = |x[m, k]| * scale[k]                 (scale optional)
+    sel[m, k]   = score > thr[m]                         (threshold selection)
+                | score == thr[m] and k <= jcut[m]       (PER_ROW: exact top-k, ties by index)
+
+One launch of sparse_gemv_kernel covers a [K, N] GEMV for up to 16 rows:
+    grid = (n_tiles_w + n_tiles_v, split_k, row_groups)
+Programs split K (split-K) so that small N still fills the GPU; the last program to
+finish an output tile (an atomic arrival counter per tile) sums the partials in a
+fixed order, so the result is deterministic, and writes the output; it then resets
+the counter to 0 so the next launch (or CUDA-graph replay) finds it clean.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _select(b_x, o_k, m_k, b_thr, b_jcut, p_scale, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr):
+    # b_x [ROWS, BLOCK_K] f32  ->  sel [ROWS, BLOCK_K] (padding columns not cleared)
+    b_score = tl.abs(b_x)
+    if HAS_SCALE:
+        b_scale = tl.load(p_scale + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_score = b_score * b_scale[None, :]
+    b_sel = b_score > b_thr[:, None]
+    if PER_ROW:
+        b_sel = b_sel | ((b_score == b_thr[:, None]) & (o_k[None, :] <= b_jcut[:, None]))
+    return b_sel
+
+
+@triton.jit
+def _masked_tile(
+    p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m,
+    k_lo, k_hi, i_col, n_cols, s_xm, s_xk, s_row,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    # x [M, K] rows o_m, channels [k_lo, k_hi)  mat [K, n_cols] (unit column stride)
+    # -> acc [ROWS, BLOCK_N] f32 = sum_k sel[m, k] * x[m, k] * mat[k, col]
+    # INVERT uses the dropped channels (1 - m): the lowrank_down input (1-m)x.
+    o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < n_cols
+    if ROWS == 1:
+        # one row: pure FMAs into a [BLOCK_K, BLOCK_N] register tile, reduced once
+        # after the loop, so the loop body has no cross-thread reduction.
+        acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < k_hi
+        m_x = m_m[:, None] & m_k[None, :]
+        b_x = tl.load(p_x + o_m[:, None] * s_xm + o_k[None, :] * s_xk, mask=m_x, other=0.0).to(tl.float32)
+        b_sel = _select(b_x, o_k, m_k, b_thr, b_jcut, p_scale, HAS_SCALE, PER_ROW)
+        if INVERT:
+            b_sel = ~b_sel
+        b_sel = b_sel & m_x
+        b_xs = tl.where(b_sel, b_x, 0.0)
+        # union over the rows of this program: a weight row is fetched once if any
+        # row needs it; each row still multiplies only its own channels (b_xs).
+        m_wrow = tl.max(b_sel.to(tl.int32), axis=0) > 0
+        # predicated-off loads issue no memory request: unselected rows cost no bytes
+        b_w = tl.load(p_mat + o_k[:, None] * s_row + o_n[None, :], mask=m_wrow[:, None] & m_n[None, :], other=0.0)
+        if ROWS == 1:
+            acc2 += tl.sum(b_xs, axis=0)[:, None] * b_w.to(tl.float32)
+        else:
+            if DOT_F32:
+                # interpreter: numpy has no bf16, compute in f32
+                acc = tl.dot(b_xs, b_w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                # x values are exact in the weight dtype, products are exact in f32,
+                # tensor cores accumulate in f32
+                acc = tl.dot(b_xs.to(b_w.dtype), b_w, acc)
+    if ROWS == 1:
+        acc = tl.sum(acc2, axis=0)[None, :]
+    return acc
+
+
+@triton.jit
+def sparse_gemv_kernel(
+    p_x, p_w, p_v, p_scale, p_thr, p_jcut, p_bias,
+    p_part, p_count, p_out, p_y32, p_z,
+    M, N, K, R, k_per_split, n_tiles_w,
+    s_xm, s_xk, s_wk, s_vk, s_om, s_on,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    # x [M, K]  w_t [K, N]  v_t [K, R]  scale [K]  thr [1] or [M] f32  jcut [M] i32
+    # bias [N]  part [split_k, M, N + R] f32  count [tiles * row_groups] i32 (zeros)
+    # out [M, N] (no lowrank) | y32 [M, N] f32 and z [M, R] f32 (lowrank)
+    # grid (n_tiles_w + n_tiles_v, split_k, row_groups); tiles >= n_tiles_w are v_t tiles
+    i_n = tl.program_id(0)
+    i_k = tl.program_id(1)
+    i_g = tl.program_id(2)
+    n_split = tl.num_programs(1)
+    o_m = i_g * ROWS + tl.arange(0, ROWS)
+    m_m = o_m < M
+    if PER_ROW:
+        b_thr = tl.load(p_thr + o_m, mask=m_m, other=0.0)
+        b_jcut = tl.load(p_jcut + o_m, mask=m_m, other=-1)
+    else:
+        b_thr = tl.load(p_thr + o_m * 0)
+        b_jcut = o_m
+    k_lo = i_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+
+    # scalars of the region this tile is in (integer arithmetic instead of a branch,
+    # so both regions keep the same types)
+    is_v = (i_n >= n_tiles_w).to(tl.int32)
+    i_col = i_n - is_v * n_tiles_w
+    col0 = is_v * N
+    n_cols = N + is_v * (R - N)
+
+    if HAS_LOWRANK:
+        if i_n >= n_tiles_w:
+            acc = _masked_tile(p_x, p_v, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, i_col, n_cols,
+                               s_xm, s_xk, s_vk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, True, DOT_F32)
+        else:
+            acc = _masked_tile(p_x, p_w, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, i_col, n_cols,
+                               s_xm, s_xk, s_wk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, False, DOT_F32)
+    else:
+        acc = _masked_tile(p_x, p_w, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, i_col, n_cols,
+                           s_xm, s_xk, s_wk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, False, DOT_F32)
+
+    o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < n_cols
+    m_out = m_m[:, None] & m_n[None, :]
+    if SPLIT:
+        n_ws = N + R
+        o_ws = o_m[:, None] * n_ws + col0 + o_n[None, :]
+        tl.store(p_part + i_k * M * n_ws + o_ws, acc, mask=m_out)
+        # every thread's partial store happens-before thread 0's release below
+        tl.debug_barrier()
+        i_cnt = i_g * tl.num_programs(0) + i_n
+        n_arrived = tl.atomic_add(p_count + i_cnt, 1, sem="acq_rel", scope="gpu")
+        if n_arrived == n_split - 1:
+            acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            for i_s in range(0, n_split):
+                # .cg: read through L2, other SMs wrote these partials
+                acc += tl.load(p_part + i_s * M * n_ws + o_ws, mask=m_out, other=0.0, cache_modifier=".cg")
+            _store_result(acc, is_v, o_m, o_n, m_out, o_n < N, p_bias, p_out, p_y32, p_z,
+                          N, R, s_om, s_on, HAS_BIAS, HAS_LOWRANK)
+            tl.atomic_xchg(p_count + i_cnt, 0)
+    else:
+        _store_result(acc, is_v, o_m, o_n, m_out, o_n < N, p_bias, p_out, p_y32, p_z,
+                      N, R, s_om, s_on, HAS_BIAS, HAS_LOWRANK)
+
+
+@triton.jit
+def _store_result(acc, is_v, o_m, o_n, m_out, m_bias, p_bias, p_out, p_y32, p_z, N, R, s_om, s_on,
+                  HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr):
+    # acc [ROWS, BLOCK_N] f32 of a w_t tile (-> out or y32) or a v_t tile (-> z)
+    if HAS_LOWRANK:
+        if is_v != 0:
+            tl.store(p_z + o_m[:, None] * R + o_n[None, :], acc, mask=m_out)
+        else:
+            if HAS_BIAS:
+                acc = acc + tl.load(p_bias + o_n, mask=m_bias, other=0.0).to(tl.float32)[None, :]
+            tl.store(p_y32 + o_m[:, None] * N + o_n[None, :], acc, mask=m_out)
+    else:
+        if HAS_BIAS:
+            acc = acc + tl.load(p_bias + o_n, mask=m_bias, other=0.0).to(tl.float32)[None, :]
+        tl.store(p_out + o_m[:, None] * s_om + o_n[None, :] * s_on, acc.to(p_out.dtype.element_ty), mask=m_out)
+
+
+@triton.jit
+def lowrank_up_kernel(
+    p_y32, p_z, p_u, p_out,
+    M, N, R, s_un, s_ur, s_om, s_on,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    # y32 [M, N] f32  z [M, R] f32  u [N, R]  ->  out [M, N] = y32 + z u^T, cast once
+    # grid (cdiv(N, BLOCK_N), cdiv(M, ROWS))
+    i_n = tl.program_id(0)
+    i_g = tl.program_id(1)
+    o_m = i_g * ROWS + tl.arange(0, ROWS)
+    m_m = o_m < M
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    if ROWS == 1:
+        acc2 = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        o_r = r0 + tl.arange(0, BLOCK_R)
+        m_r = o_r < R
+        b_z = tl.load(p_z + o_m[:, None] * R + o_r[None, :], mask=m_m[:, None] & m_r[None, :], other=0.0)
+        # u^T tile [BLOCK_R, BLOCK_N]
+        b_ut = tl.load(p_u + o_r[:, None] * s_ur + o_n[None, :] * s_un,
+                       mask=m_r[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+        if ROWS == 1:
+            acc2 += tl.sum(b_z, axis=0)[:, None] * b_ut
+        else:
+            if DOT_F32:
+                acc = tl.dot(b_z, b_ut, acc, input_precision="ieee")
+            else:
+                # z is f32 (not exact in bf16): three tf32 products keep ~f32 accuracy
+                acc = tl.dot(b_z, b_ut, acc, input_precision="tf32x3")
+    if ROWS == 1:
+        acc = tl.sum(acc2, axis=0)[None, :]
+    m_out = m_m[:, None] & m_n[None, :]
+    acc += tl.load(p_y32 + o_m[:, None] * N + o_n[None, :], mask=m_out, other=0.0)
+    tl.store(p_out + o_m[:, None] * s_om + o_n[None, :] * s_on, acc.to(p_out.dtype.element_ty), mask=m_out)

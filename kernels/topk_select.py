@@ -1,0 +1,79 @@
+"""Exact per-row top-k selection on device (LaRoSA), without a host sync.
+
+Instead of index lists, each row gets a (threshold, tie cut) pair that the threshold
+GEMV (sparse_gemv_kernel with PER_ROW) turns back into exactly `keep` channels:
+    sel[k] = score[k] > thr  or  (score[k] == thr and k <= jcut)
+thr is the keep-th largest score; jcut is the index of the last tied channel that
+still fits, ties taken lowest index first. bf16 inputs tie often, so the tie cut is
+what makes the count exact.
+
+The keep-th largest score is found by a radix select on the bit pattern of the f32
+score: scores are >= 0, and for non-negative floats the int32 bit pattern orders
+like the value. 8 passes of 4 bits; each pass counts, among the channels that match
+the digits fixed so far, how many have each value of the next digit.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _score_bits(p_x, p_scale, i_m, o_k, m_k, s_xm, s_xk, HAS_SCALE: tl.constexpr):
+    # the same f32 arithmetic as sparse_gemv._select, so the bits compare exactly
+    b_score = tl.abs(tl.load(p_x + i_m * s_xm + o_k * s_xk, mask=m_k, other=0.0).to(tl.float32))
+    if HAS_SCALE:
+        b_score = b_score * tl.load(p_scale + o_k, mask=m_k, other=0.0).to(tl.float32)
+    return b_score.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def topk_threshold_kernel(
+    p_x, p_scale, p_thr, p_jcut,
+    K, keep, s_xm, s_xk,
+    HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # x [M, K]  scale [K]  ->  thr [M] f32, jcut [M] i32;  grid (M,)
+    i_m = tl.program_id(0)
+    o_d = tl.arange(0, 16)
+    prefix = tl.zeros([], dtype=tl.int32)
+    remaining = tl.zeros([], dtype=tl.int32) + keep
+    for i_pass in tl.static_range(8):
+        shift: tl.constexpr = 28 - 4 * i_pass
+        counts = tl.zeros([16], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < K
+            b_bits = _score_bits(p_x, p_scale, i_m, o_k, m_k, s_xm, s_xk, HAS_SCALE)
+            m_cand = m_k
+            if i_pass > 0:
+                # only channels whose higher digits equal the prefix found so far
+                m_cand = m_cand & ((b_bits >> (shift + 4)) == (prefix >> (shift + 4)))
+            b_digit = (b_bits >> shift) & 15
+            hit = (b_digit[None, :] == o_d[:, None]) & m_cand[None, :]
+            counts += tl.sum(hit.to(tl.int32), axis=1)
+        # at_least[d] = candidates with digit >= d; the keep-th largest has the largest
+        # digit d with at_least[d] >= remaining
+        at_least = tl.sum(tl.where(o_d[None, :] >= o_d[:, None], counts[None, :], 0), axis=1)
+        digit = tl.max(tl.where(at_least >= remaining, o_d, 0), axis=0)
+        remaining -= tl.sum(tl.where(o_d > digit, counts, 0), axis=0)
+        prefix = prefix | (digit << shift)
+
+    # `remaining` channels equal to the threshold are kept: find the remaining-th
+    # one in index order
+    jcut = tl.zeros([], dtype=tl.int32) - 1
+    seen = tl.zeros([], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_bits = _score_bits(p_x, p_scale, i_m, o_k, m_k, s_xm, s_xk, HAS_SCALE)
+        m_eq = (b_bits == prefix) & m_k
+        rank = seen + tl.cumsum(m_eq.to(tl.int32), axis=0)
+        jcut = tl.maximum(jcut, tl.max(tl.where(m_eq & (rank == remaining), o_k, -1), axis=0))
+        seen += tl.sum(m_eq.to(tl.int32), axis=0)
+
+    thr = prefix.to(tl.float32, bitcast=True)
+    # keep == 0: nothing is selected (no score exceeds +inf, no index is <= -1)
+    thr = tl.where(keep > 0, thr, float("inf"))
+    jcut = tl.where(keep > 0, jcut, -1)
+    tl.store(p_thr + i_m, thr)
+    tl.store(p_jcut + i_m, jcut)

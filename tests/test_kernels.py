@@ -1,0 +1,286 @@
+"""Triton kernels (kernels/, vllm_rsparse/launchers.py) against the PyTorch reference.
+
+Every test draws fresh random inputs (seeded from its own id, so a failure
+reproduces) and runs with ``torch.empty`` poisoned with NaN: an output element or a
+split-K partial that a kernel never writes shows up as NaN and fails the test.
+
+On a machine without CUDA the kernels run under TRITON_INTERPRET=1 (about 0.1 s a
+launch), on a small subset of the cases; with CUDA the full set runs (its log is
+committed as benchmarks/results/kernel_tests_h100.log).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # must be set before the kernel modules are imported (launchers imports them lazily)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from vllm_rsparse import launchers, reference  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# One table per dtype. Kernel and reference both accumulate in f32 and round once to
+# the output dtype; they differ only in f32 summation order, so an element can land
+# on the neighbouring representable value: 1 ulp, i.e. rtol = 2^-(mantissa bits) at
+# the bottom of a binade. atol covers f32 reordering error in outputs that cancel to
+# near zero (sums of ~10^4 terms, f32 eps 6e-8), relative to the largest |output|.
+TOLERANCE = {
+    torch.bfloat16: {"rtol": 2.0**-7, "atol": 2.0**-14, "why": "1 bf16 ulp (7 mantissa bits) + f32 reorder"},
+    torch.float16: {"rtol": 2.0**-10, "atol": 2.0**-14, "why": "1 fp16 ulp (10 mantissa bits) + f32 reorder"},
+}
+
+# (N, K) shapes: odd sizes and the model sizes. CPU: what the interpreter can afford.
+GPU_SHAPES = [(576, 896), (896, 576), (1000, 4096), (4096, 1000), (4096, 11008), (11008, 4096),
+              (14336, 4096), (4096, 14336)]
+CPU_SHAPES = [(96, 200), (576, 1000)]
+SHAPES = GPU_SHAPES if HAS_CUDA else CPU_SHAPES
+SPARSITIES = [0.0, 0.3, 0.5, 0.9, 1.0] if HAS_CUDA else [0.0, 0.5, 1.0]
+TOKENS_ALL = list(range(1, 17)) if HAS_CUDA else [1, 3, 16]
+TOKENS_FEW = [1, 4, 9, 16] if HAS_CUDA else [1, 5]
+RANKS = [96, 1] if HAS_CUDA else [37]
+
+
+def shape_id(shape):
+    return f"N{shape[0]}-K{shape[1]}"
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """torch.empty returns NaN (floats) or INT_MIN (ints): unwritten results are caught."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int32, torch.int64):
+            t.fill_(torch.iinfo(t.dtype).min)
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@pytest.fixture
+def gen(request):
+    g = torch.Generator(device=DEVICE)
+    g.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    return g
+
+
+def randn(*shape, gen, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=gen, device=DEVICE) * scale).to(dtype)
+
+
+def make_layer(n, k, dtype, gen, rank=0, bias=True, scale=False):
+    w = randn(n, k, gen=gen, dtype=dtype, scale=k**-0.5)
+    b = randn(n, gen=gen, dtype=dtype) if bias else None
+    s = (torch.rand(k, generator=gen, device=DEVICE) + 0.5) if scale else None
+    u = randn(n, rank, gen=gen, dtype=dtype, scale=rank**-0.5) if rank else None
+    v = randn(rank, k, gen=gen, dtype=dtype, scale=k**-0.5) if rank else None
+    return w, b, s, u, v
+
+
+def threshold_for(x, sparsity, scale):
+    """A threshold that drops about `sparsity` of the channels of these rows."""
+    if sparsity <= 0.0:
+        return torch.tensor([-1.0], device=x.device)
+    if sparsity >= 1.0:
+        return torch.tensor([float("inf")], device=x.device)
+    score = reference.channel_scores(x, scale).flatten()
+    return torch.quantile(score[: 1 << 20], sparsity).reshape(1)
+
+
+def topk_mask_lowest_index(x, keep, scale):
+    """Exact top-k with ties taken lowest index first (independent of the kernel)."""
+    score = reference.channel_scores(x, scale)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if keep > 0:
+        order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :keep]
+        mask.scatter_(-1, order, True)
+    return mask
+
+
+def check_close(out, ref):
+    tol = TOLERANCE[ref.dtype]
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out).all(), "non-finite output: an element was never written"
+    out32, ref32 = out.float(), ref.float()
+    scale = ref32.abs().max().clamp_min(1e-6)
+    err = (out32 - ref32).abs()
+    bound = tol["rtol"] * ref32.abs() + tol["atol"] * scale
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"max err {err.max().item():.3g} exceeds tolerance ({tol['why']}) by {worst:.3g}"
+
+
+@pytest.mark.parametrize("variant", ["teal", "rsparse-lowrank"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("sparsity", SPARSITIES, ids=[f"s{s}" for s in SPARSITIES])
+@pytest.mark.parametrize("tokens", TOKENS_ALL, ids=[f"M{m}" for m in TOKENS_ALL])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_threshold(shape, tokens, sparsity, dtype, variant, gen):
+    if variant == "rsparse-lowrank" and tokens not in TOKENS_FEW:
+        pytest.skip("low-rank runs on a token subset")
+    n, k = shape
+    dtype = DTYPES[dtype]
+    rank = RANKS[tokens % len(RANKS)] if variant == "rsparse-lowrank" else 0
+    scale = variant != "teal"
+    w, b, s, u, v = make_layer(n, k, dtype, gen, rank=rank, bias=tokens % 2 == 1, scale=scale)
+    x = randn(tokens, k, gen=gen, dtype=dtype)
+    thr = threshold_for(x, sparsity, s)
+    out = launchers.sparse_linear(
+        x, launchers.prepare_weight(w), b, thr, launchers.THRESHOLD_SELECTION, s, u,
+        launchers.prepare_weight(v) if v is not None else None,
+    )
+    ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v)
+    check_close(out, ref)
+
+
+TOPK_TOKENS = [1, 2, 5, 16] if HAS_CUDA else [1, 5]
+
+
+@pytest.mark.parametrize("lowrank", [False, True], ids=["plain", "lowrank"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("sparsity", SPARSITIES, ids=[f"s{s}" for s in SPARSITIES])
+@pytest.mark.parametrize("tokens", TOPK_TOKENS, ids=[f"M{m}" for m in TOPK_TOKENS])
+@pytest.mark.parametrize("shape", SHAPES[-1:] if not HAS_CUDA else SHAPES, ids=shape_id)
+def test_topk(shape, tokens, sparsity, dtype, lowrank, gen):
+    n, k = shape
+    dtype = DTYPES[dtype]
+    w, b, s, u, v = make_layer(n, k, dtype, gen, rank=RANKS[0] if lowrank else 0, scale=lowrank)
+    x = randn(tokens, k, gen=gen, dtype=dtype)
+    keep = round((1.0 - sparsity) * k)
+    out = launchers.sparse_linear(
+        x, launchers.prepare_weight(w), b, None, keep, s, u,
+        launchers.prepare_weight(v) if v is not None else None,
+    )
+    mask = topk_mask_lowest_index(x, keep, s)
+    check_close(out, reference.masked_linear(x, w, mask, b, u, v))
+
+
+@pytest.mark.parametrize("distinct", [3, 40, 100000], ids=lambda d: f"values{d}")
+@pytest.mark.parametrize("keep_frac", [0.0, 0.01, 0.5, 0.99, 1.0], ids=lambda f: f"keep{f}")
+def test_topk_select_exact_count(distinct, keep_frac, gen):
+    """The (threshold, tie cut) pair keeps exactly `keep` channels, also when most
+    scores tie (few distinct values): the same set as lowest-index-first top-k."""
+    m, k = (7, 1000) if not HAS_CUDA else (16, 14336)
+    x = (torch.randint(0, distinct, (m, k), generator=gen, device=DEVICE).float() - distinct / 2)
+    x = x.to(torch.bfloat16)
+    keep = round(keep_frac * k)
+    thr, jcut = launchers.topk_thresholds(x, keep, None)
+    score = reference.channel_scores(x, None)
+    o_k = torch.arange(k, device=DEVICE)
+    mask = (score > thr[:, None]) | ((score == thr[:, None]) & (o_k[None, :] <= jcut[:, None]))
+    assert (mask.sum(-1) == keep).all()
+    assert torch.equal(mask, topk_mask_lowest_index(x, keep, None))
+
+
+@pytest.mark.parametrize("rows", [1, 16], ids=["per-row", "union"])
+@pytest.mark.parametrize("split_k", [1, 3, 1000], ids=lambda s: f"split{s}")
+def test_configs_agree(rows, split_k, gen):
+    """Per-row and union programs, any split-K, give each row only its own channels."""
+    n, k, m = (200, 300, 6) if not HAS_CUDA else (4096, 11008, 6)
+    dtype = torch.bfloat16
+    w, b, s, u, v = make_layer(n, k, dtype, gen, rank=20, scale=True)
+    x = randn(m, k, gen=gen, dtype=dtype)
+    thr = threshold_for(x, 0.5, s)
+    cfg = launchers.GemvConfig(rows=rows, block_n=64, block_k=32, split_k=split_k, num_warps=4, num_stages=2)
+    w_t = launchers.prepare_weight(w).t()
+    v_t = launchers.prepare_weight(v).t()
+    out = launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u, v_t, config=cfg)
+    ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v)
+    check_close(out, ref)
+
+
+def test_unprepared_weight_warns_and_is_correct(gen):
+    n, k = 64, 96
+    w, b, _, _, _ = make_layer(n, k, torch.float16, gen)
+    x = randn(2, k, gen=gen, dtype=torch.float16)
+    thr = torch.tensor([0.5], device=DEVICE)
+    launchers._warned_layout = False
+    with pytest.warns(UserWarning, match="prepare_weight"):
+        out = launchers.sparse_linear(x, w, b, thr, -1, None, None, None)
+    check_close(out, reference.sparse_linear(x, w, b, threshold=thr))
+
+
+def test_prepare_weight_layout(gen):
+    w = randn(48, 80, gen=gen, dtype=torch.bfloat16)
+    p = launchers.prepare_weight(w)
+    assert p.shape == w.shape and p.stride() == (1, 48) and torch.equal(p, w)
+    assert launchers.prepare_weight(p) is p  # idempotent: no second copy
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("dtype", "dtype"),
+        ("k", "K=65"),
+        ("tokens", "tokens"),
+        ("keep", "keep must be"),
+        ("threshold", "1-element threshold"),
+        ("lowrank", "together"),
+        ("scale", "channel_scale"),
+    ],
+)
+def test_validation_errors(case, match, gen):
+    n, k = 32, 64
+    w = launchers.prepare_weight(randn(n, k, gen=gen, dtype=torch.bfloat16))
+    x = randn(2, k, gen=gen, dtype=torch.bfloat16)
+    thr = torch.tensor([0.1], device=DEVICE)
+    args = dict(x=x, weight=w, bias=None, threshold=thr, keep=-1, channel_scale=None,
+                lowrank_up=None, lowrank_down=None)
+    if case == "dtype":
+        args["x"] = x.float()
+    elif case == "k":
+        args["x"] = randn(2, k + 1, gen=gen, dtype=torch.bfloat16)
+    elif case == "tokens":
+        args["x"] = randn(launchers.MAX_ROWS + 1, k, gen=gen, dtype=torch.bfloat16)
+    elif case == "keep":
+        args["keep"] = k + 1
+    elif case == "threshold":
+        args["threshold"] = torch.zeros(3, device=DEVICE)
+    elif case == "lowrank":
+        args["lowrank_up"] = randn(n, 4, gen=gen, dtype=torch.bfloat16)
+    elif case == "scale":
+        args["channel_scale"] = torch.ones(k + 2, device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        launchers.sparse_linear(**args)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("selection", ["threshold", "topk"])
+@pytest.mark.parametrize("tokens", [1, 4, 16], ids=lambda m: f"M{m}")
+def test_cuda_graph_replay(selection, tokens, gen):
+    """Captured once, replayed on new inputs: right every time, counters left at zero."""
+    n, k = 4096, 4096
+    dtype = torch.bfloat16
+    w, b, s, u, v = make_layer(n, k, dtype, gen, rank=64, scale=True)
+    w_p, v_p = launchers.prepare_weight(w), launchers.prepare_weight(v)
+    keep = -1 if selection == "threshold" else k // 2
+    x_static = randn(tokens, k, gen=gen, dtype=dtype)
+    thr = threshold_for(x_static, 0.5, s)
+    run = lambda: launchers.sparse_linear(x_static, w_p, b, thr, keep, s, u, v_p)  # noqa: E731
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static = run()
+    for _ in range(3):
+        x_static.copy_(randn(tokens, k, gen=gen, dtype=dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        if selection == "threshold":
+            ref = reference.sparse_linear(x_static, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v)
+        else:
+            ref = reference.masked_linear(x_static, w, topk_mask_lowest_index(x_static, keep, s), b, u, v)
+        check_close(out_static, ref)
+    assert int(launchers._counters_for(x_static.device).abs().sum()) == 0
