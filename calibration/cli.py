@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import sys
 import tempfile
 import time
@@ -15,6 +16,13 @@ from pathlib import Path
 import torch
 
 METHODS = ("teal", "rsparse", "larosa", "dense")
+OPTION_CHOICES = {
+    "allocation": ("uniform", "greedy"),
+    "rotation": ("auto", "none", "global"),
+    "selection": ("auto", "threshold", "topk"),
+    "score": ("auto", "abs", "column_norm"),
+    "lowrank": ("auto", "on", "off"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +40,26 @@ class CalibrationArgs:
     seed: int = 0
     force: bool = False
     max_sparse_tokens: int = 16
+    # Method options and combinations ("auto" = the method's own choice).
+    allocation: str = "uniform"  # teal: uniform or greedy per-layer split
+    rotation: str = "auto"  # none | global (larosa: global)
+    selection: str = "auto"  # threshold | topk (rsparse: threshold, larosa: topk)
+    score: str = "auto"  # abs | column_norm (rsparse: column_norm, larosa: abs)
+    lowrank: str = "auto"  # on | off (rsparse: on, larosa: off)
 
     def __post_init__(self):
+        for key, allowed in OPTION_CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} is {getattr(self, key)!r}; allowed values are {list(allowed)}")
+        combo = {k: getattr(self, k) for k in ("rotation", "selection", "score", "lowrank")}
+        if self.method in ("teal", "dense") and any(v != "auto" for v in combo.values()):
+            raise ValueError(f"method {self.method!r} takes no rotation/selection/score/lowrank options "
+                             f"(got {combo}); use --method rsparse or larosa for combinations")
+        if self.method != "teal" and self.allocation != "uniform":
+            raise ValueError(f"allocation {self.allocation!r} is only implemented for --method teal")
+        if self.method == "larosa" and self.rotation == "none":
+            raise ValueError("method 'larosa' always folds a rotation; use --method rsparse "
+                             "--selection topk --score abs --lowrank off for top-k without rotation")
         if self.method not in METHODS:
             raise ValueError(f"method is {self.method!r}; allowed values are {list(METHODS)}")
         if not 0.0 <= self.sparsity < 1.0:
@@ -72,7 +98,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batches of more tokens than this run dense at serving time (prefill, large "
                         f"decode batches); override when serving with RSPARSE_MAX_SPARSE_TOKENS (default: {d.max_sparse_tokens})")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    m = p.add_argument_group("method options and combinations ('auto' = the method's own choice)")
+    m.add_argument("--allocation", choices=OPTION_CHOICES["allocation"], default=d.allocation,
+                   help="teal only: 'uniform' = every group at --sparsity; 'greedy' = TEAL's per-layer greedy "
+                        "split by parameter-weighted output error (default: uniform)")
+    m.add_argument("--rotation", choices=OPTION_CHOICES["rotation"], default=d.rotation,
+                   help="'global' folds one PCA rotation of the residual stream into the weights before "
+                        "selecting channels (larosa: always; rsparse: optional; default: auto)")
+    m.add_argument("--selection", choices=OPTION_CHOICES["selection"], default=d.selection,
+                   help="'threshold': per-group score threshold (tokens vary); 'topk': exactly k channels "
+                        "per token (rsparse: threshold, larosa: topk)")
+    m.add_argument("--score", choices=OPTION_CHOICES["score"], default=d.score,
+                   help="channel score: 'abs' = |x|, 'column_norm' = |x| * ||W[:, j]|| "
+                        "(rsparse: column_norm, larosa: abs)")
+    m.add_argument("--lowrank", choices=OPTION_CHOICES["lowrank"], default=d.lowrank,
+                   help="'on': R-Sparse low-rank term for dropped channels, sparse share searched per group "
+                        "(rsparse: on, larosa: off)")
     return p
+
+
+def method_options(args: CalibrationArgs):
+    """RSparseOptions for rsparse/larosa from the method defaults and the explicit flags."""
+    from vllm_rsparse.calibration.rsparse import RSparseOptions
+
+    default_sel, default_score, default_lowrank = (
+        ("threshold", "column_norm", "on") if args.method == "rsparse" else ("topk", "abs", "off"))
+    pick = lambda value, default: default if value == "auto" else value  # noqa: E731
+    return RSparseOptions(
+        selection=pick(args.selection, default_sel),
+        score_weight=pick(args.score, default_score) == "column_norm",
+        lowrank=pick(args.lowrank, default_lowrank) == "on",
+        seed=args.seed,
+    )
 
 
 def calibrate(args: CalibrationArgs) -> Path:
@@ -101,15 +158,17 @@ def calibrate(args: CalibrationArgs) -> Path:
     if args.method == "teal":
         from vllm_rsparse.calibration.teal import calibrate_teal
 
-        result = calibrate_teal(model, shapes, windows, args.sparsity)
-    elif args.method == "rsparse":
+        result = calibrate_teal(model, shapes, windows, args.sparsity, allocation=args.allocation)
+    elif args.method == "rsparse" and args.rotation != "global":
         from vllm_rsparse.calibration.rsparse import calibrate_rsparse
 
-        result = calibrate_rsparse(model, shapes, windows, args.sparsity)
+        result = calibrate_rsparse(model, shapes, windows, args.sparsity, method_options(args))
     else:
+        # larosa, or rsparse on the rotated model (a combination): the fold happens in
+        # place, so the weights exported below are the rotated ones.
         from vllm_rsparse.calibration.larosa import calibrate_larosa
 
-        result = calibrate_larosa(model, shapes, windows, args.sparsity)
+        result = calibrate_larosa(model, shapes, windows, args.sparsity, method_options(args))
 
     calibration_info = {
         "data": source,
@@ -118,6 +177,9 @@ def calibrate(args: CalibrationArgs) -> Path:
         "tokens": int(windows.numel()),
         "seed": args.seed,
         "seconds": round(time.time() - started, 1),
+        # Process peak RSS (includes loading the model): what a user must provision.
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "options": {k: getattr(args, k) for k in OPTION_CHOICES},
         **result.info,
     }
     qcfg = RSparseCheckpointConfig(

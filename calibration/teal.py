@@ -42,9 +42,25 @@ def threshold_result(shapes: ModelShapes, hists: dict[str, LogHistogram],
     return CalibrationResult(modules=modules, tensors=tensors)
 
 
-def calibrate_teal(model, shapes: ModelShapes, windows: torch.Tensor, sparsity: float) -> CalibrationResult:
+ALLOCATIONS = ("uniform", "greedy")
+GREEDY_WINDOWS = 2  # windows whose sub-block inputs the greedy search replays (kept in memory)
+
+
+def calibrate_teal(model, shapes: ModelShapes, windows: torch.Tensor, sparsity: float,
+                   allocation: str = "uniform") -> CalibrationResult:
+    """allocation "uniform": every group at ``sparsity``; "greedy": TEAL's per-layer
+    greedy split (``allocation.greedy_block_allocation``), every layer at ``sparsity``
+    parameter-weighted, so the model-level byte sparsity is ``sparsity`` either way."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation is {allocation!r}; allowed values are {list(ALLOCATIONS)}")
     hists = collect_abs_histograms(model, shapes, windows)
-    allocation = {name: sparsity for name, _ in architectures.iter_groups(shapes)}
-    result = threshold_result(shapes, hists, allocation)
-    result.info["allocation"] = "uniform"
+    if allocation == "greedy" and sparsity > 0:
+        from vllm_rsparse.calibration.allocation import allocation_for_target, greedy_block_allocation
+
+        paths = greedy_block_allocation(model, shapes, windows[:GREEDY_WINDOWS], hists, max_target=sparsity)
+        per_group = allocation_for_target(shapes, paths, sparsity)
+    else:
+        per_group = {name: sparsity for name, _ in architectures.iter_groups(shapes)}
+    result = threshold_result(shapes, hists, per_group)
+    result.info["allocation"] = allocation
     return result
