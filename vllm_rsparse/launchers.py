@@ -393,19 +393,21 @@ def sparse_linear(
     lowrank_up: torch.Tensor | None,
     lowrank_down: torch.Tensor | None,
     config: GemvConfig | None = None,
+    use_crossover: bool = True,
 ) -> torch.Tensor:
     """The Triton path of torch.ops.rsparse.sparse_linear (see vllm_rsparse/reference.py).
 
     # x [M, K]  weight [N, K] (prepared: [K, N] storage)  bias [N]  threshold [1] f32
     # keep: -1 = threshold selection, else exact top-k  channel_scale [K]
     # lowrank_up [N, r]  lowrank_down [r, K] (prepared)  ->  y [M, N] in x.dtype
-    Above the committed sparse/dense crossover for this shape the result is dense F.linear.
+    Above the committed sparse/dense crossover for this shape the result is dense F.linear
+    (use_crossover=False: always the kernels, as the benchmark and tests need).
     """
     _check_inputs(x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down)
     m, k = x.shape
     n = weight.shape[0]
     selection = "threshold" if keep == THRESHOLD_SELECTION else "topk"
-    limit = _dispatch_tokens(n, k, selection) if x.is_cuda else None
+    limit = _dispatch_tokens(n, k, selection) if x.is_cuda and use_crossover else None
     if limit is not None and m > limit:
         return torch.nn.functional.linear(x, weight, bias)
     if lowrank_up is not None and lowrank_up.shape[-1] == 0:

@@ -1,0 +1,427 @@
+"""H100 microbenchmark of the rsparse decode kernels against cuBLAS dense.
+
+    python benchmarks/bench_kernels.py --out DIR [--tune] [--quick]
+
+Per projection shape of Llama-2-7B and Llama-3-8B (qkv, o, gate_up, down), tokens
+1/2/4/8/16 and input-channel sparsity 0..0.9, times:
+  dense     F.linear on vLLM's default [N, K]-contiguous weight (cuBLAS, bf16)
+  teal      threshold on |x|                                   (1 launch)
+  rsparse   threshold on |x| * column norm                     (1 launch)
+  rsparse_lowrank  the same + rank-64 correction U V((1-m)x)   (2 launches)
+  larosa    exact top-k per token: select kernel + GEMV        (2 launches)
+Timing: triton.testing.do_bench median; do_bench zeroes a 256 MB buffer before every
+repetition, so weights never sit in the 50 MB L2; x rotates over several buffers.
+GB/s counts the bytes actually read: weight rows of the union of the rows' selected
+channels (+ low-rank factors), x, and the output.
+
+--tune first sweeps block configs at sparsity 0.5 (per shape and token count, both
+per-row and union programs) and benchmarks with the winners; it writes the tables
+kernels/configs/sparse_gemv.json and kernels/configs/dispatch.json into --out.
+Outputs: kernels_h100.json, kernels_h100.md, one PNG per shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from vllm_rsparse import launchers, reference
+
+MODELS = {
+    # hidden, intermediate, heads, kv heads (../shared/gpu/models/*/config.json)
+    "llama2-7b": (4096, 11008, 32, 32),
+    "llama3-8b": (4096, 14336, 32, 8),
+}
+TOKENS = [1, 2, 4, 8, 16]
+SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.9]
+METHODS = ["teal", "rsparse", "rsparse_lowrank", "larosa"]
+LOWRANK_RANK = 64
+X_BUFFERS = 4
+DTYPE = torch.bfloat16
+# RSPARSE_BENCH_DRY=1: a CPU dry run of the whole script under TRITON_INTERPRET=1 on
+# tiny shapes with fake timings, to catch script errors before spending GPU time.
+DRY_RUN = os.environ.get("RSPARSE_BENCH_DRY") == "1"
+DEVICE = "cpu" if DRY_RUN else "cuda"
+if DRY_RUN:
+    MODELS = {"tiny": (256, 320, 4, 2)}
+
+
+def projection_shapes() -> list[tuple[str, int, int]]:
+    """(name, N, K) per model projection."""
+    shapes = []
+    for model, (h, inter, heads, kv) in MODELS.items():
+        head_dim = h // heads
+        shapes += [
+            (f"{model}/qkv", h + 2 * kv * head_dim, h),
+            (f"{model}/o", h, h),
+            (f"{model}/gate_up", 2 * inter, h),
+            (f"{model}/down", h, inter),
+        ]
+    return shapes
+
+
+def bench(fn, rep_ms: float = 20.0) -> float:
+    if DRY_RUN:
+        fn()
+        return 0.01
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=5, rep=rep_ms, return_mode="median")
+
+
+def copy_bandwidth_gbs() -> float:
+    if DRY_RUN:
+        return 1.0
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), rep_ms=100)
+    return 2 * src.numel() / ms / 1e6
+
+
+class Layer:
+    """Random weights of one projection, in the kernel layout and vLLM's layout."""
+
+    def __init__(self, n: int, k: int, gen: torch.Generator):
+        self.n, self.k = n, k
+        w = torch.randn(n, k, device=DEVICE, generator=gen, dtype=torch.float32).mul_(k**-0.5).to(DTYPE)
+        self.w_dense = w  # [N, K] contiguous: what vLLM's UnquantizedLinearMethod reads
+        self.w_prep = launchers.prepare_weight(w)  # [K, N] storage
+        self.scale = w.float().norm(dim=0)  # R-Sparse column norms
+        self.u = torch.randn(n, LOWRANK_RANK, device=DEVICE, generator=gen).mul_(LOWRANK_RANK**-0.5).to(DTYPE)
+        self.v_prep = launchers.prepare_weight(
+            torch.randn(LOWRANK_RANK, k, device=DEVICE, generator=gen).mul_(k**-0.5).to(DTYPE)
+        )
+
+    def free(self):
+        del self.w_dense, self.w_prep, self.u, self.v_prep
+
+
+@dataclasses.dataclass
+class Case:
+    method: str
+    tokens: int
+    sparsity: float
+
+
+def make_inputs(layer: Layer, case: Case, gen: torch.Generator):
+    """x buffers, the op arguments and the bytes one call reads."""
+    xs = [torch.randn(case.tokens, layer.k, device=DEVICE, generator=gen).to(DTYPE) for _ in range(X_BUFFERS)]
+    scale = layer.scale if case.method.startswith("rsparse") else None
+    lowrank = case.method == "rsparse_lowrank"
+    k, n = layer.k, layer.n
+    if case.method == "larosa":
+        keep = round((1 - case.sparsity) * k)
+        thr = None
+        masks = [reference.topk_mask(x, keep, scale) for x in xs]
+    else:
+        keep = launchers.THRESHOLD_SELECTION
+        score = torch.cat([reference.channel_scores(x, scale) for x in xs]).flatten()
+        thr = (torch.quantile(score.float(), case.sparsity).reshape(1) if case.sparsity > 0
+               else torch.tensor([-1.0], device=DEVICE))
+        masks = [reference.threshold_mask(x, thr, scale) for x in xs]
+    union = sum(m.any(0).float().mean().item() for m in masks) / len(masks)
+    dropped_union = sum((~m).any(0).float().mean().item() for m in masks) / len(masks)
+    elem = 2
+    nbytes = union * k * n * elem + case.tokens * (k + n) * elem
+    if lowrank:
+        nbytes += dropped_union * k * LOWRANK_RANK * elem + n * LOWRANK_RANK * elem
+    args = dict(
+        weight=layer.w_prep, bias=None, threshold=thr, keep=keep, channel_scale=scale,
+        lowrank_up=layer.u if lowrank else None, lowrank_down=layer.v_prep if lowrank else None,
+    )
+    return xs, args, nbytes, union
+
+
+def rotating(fn_of_x, xs):
+    it = itertools.cycle(xs)
+    return lambda: fn_of_x(next(it))
+
+
+# ---------------------------------------------------------------------------
+# tuning
+# ---------------------------------------------------------------------------
+
+PER_ROW_TILES = [(128, 32), (128, 64), (256, 32), (64, 64)]
+UNION_TILES = [(64, 64), (128, 64), (64, 128), (128, 128)]
+PROGRAMS_PER_SM = [2, 4, 8]
+
+
+def candidate_configs(n: int, k: int, tokens: int, sms: int) -> list[launchers.GemvConfig]:
+    out = []
+    row_kinds = [1] if tokens == 1 else [1, launchers.MAX_ROWS]
+    for rows in row_kinds:
+        tiles_list = PER_ROW_TILES if rows == 1 else UNION_TILES
+        warps_list = [4, 8] if rows == 1 else [4]
+        stages_list = [2] if rows == 1 else [2, 4]
+        groups = tokens if rows == 1 else 1
+        for (bn, bk), warps, stages, pps in itertools.product(tiles_list, warps_list, stages_list, PROGRAMS_PER_SM):
+            tiles = launchers.triton_cdiv(n, bn) * groups
+            split = max(1, min(launchers.triton_cdiv(k, bk), launchers.triton_cdiv(pps * sms, tiles)))
+            out.append(launchers.GemvConfig(rows, bn, bk, split, warps, stages))
+    out = sorted(set(out), key=lambda c: dataclasses.astuple(c))
+    return out[::len(out) // 2] if DRY_RUN else out
+
+
+def tune(shapes, gen, log) -> tuple[dict, list]:
+    sms = 4 if DRY_RUN else torch.cuda.get_device_properties(0).multi_processor_count
+    table, union_vs_row = {}, []
+    for name, n, k in shapes:
+        key = launchers._shape_key(n, k)
+        if key in table:
+            continue
+        layer = Layer(n, k, gen)
+        table[key] = {}
+        for tokens in TOKENS:
+            xs, args, _, _ = make_inputs(layer, Case("teal", tokens, 0.5), gen)
+            best = {}
+            for cfg in candidate_configs(n, k, tokens, sms):
+                fn = rotating(lambda x: launchers.sparse_linear(x, **args, config=cfg, use_crossover=False), xs)
+                try:
+                    ms = bench(fn, rep_ms=8)
+                except Exception as exc:  # a config that does not compile is skipped, and logged
+                    log(f"  skip {cfg}: {type(exc).__name__}: {exc}")
+                    continue
+                if cfg.rows not in best or ms < best[cfg.rows][0]:
+                    best[cfg.rows] = (ms, cfg)
+            rows_best = min(best.values(), key=lambda t: t[0])
+            table[key][str(tokens)] = dataclasses.asdict(rows_best[1])
+            entry = {"shape": name, "tokens": tokens,
+                     **{("per_row_ms" if r == 1 else "union_ms"): v[0] for r, v in best.items()}}
+            union_vs_row.append(entry)
+            log(f"tune {name:18s} M={tokens:2d} best {rows_best[0] * 1e3:7.1f} us {rows_best[1]}  {entry}")
+        layer.free()
+    return table, union_vs_row
+
+
+# ---------------------------------------------------------------------------
+# benchmark
+# ---------------------------------------------------------------------------
+
+
+def unfused_lowrank(x, args, config):
+    """R-Sparse low-rank term in PyTorch ops next to the threshold kernel, for comparison."""
+    w, thr, s, u, v = args["weight"], args["threshold"], args["channel_scale"], args["lowrank_up"], args["lowrank_down"]
+    y = launchers.sparse_linear(x, w, None, thr, -1, s, None, None, config=config, use_crossover=False)
+    dropped = torch.where(x.float().abs() * s > thr, 0.0, x.float())
+    return (y.float() + (dropped @ v.float().t()) @ u.float().t()).to(x.dtype)
+
+
+def run_bench(shapes, gen, configs: dict, log, quick: bool) -> tuple[list, list, list]:
+    results, layout_rows, fusion_rows = [], [], []
+    for name, n, k in shapes:
+        layer = Layer(n, k, gen)
+        key = launchers._shape_key(n, k)
+        for tokens in TOKENS:
+            cfg_raw = configs.get(key, {}).get(str(tokens))
+            cfg = launchers.GemvConfig.from_dict(cfg_raw) if cfg_raw else None
+            xs_dense = [torch.randn(tokens, k, device=DEVICE, generator=gen).to(DTYPE) for _ in range(X_BUFFERS)]
+            dense_ms = bench(rotating(lambda x: F.linear(x, layer.w_dense), xs_dense))
+            for method, sparsity in itertools.product(METHODS, SPARSITIES):
+                if quick and method in ("rsparse", "rsparse_lowrank") and sparsity not in (0.5,):
+                    continue
+                case = Case(method, tokens, sparsity)
+                xs, args, nbytes, union = make_inputs(layer, case, gen)
+                ms = bench(rotating(lambda x: launchers.sparse_linear(x, **args, config=cfg, use_crossover=False), xs))
+                results.append({
+                    "shape": name, "n": n, "k": k, "method": method, "tokens": tokens, "sparsity": sparsity,
+                    "dense_ms": dense_ms, "sparse_ms": ms, "gbs": nbytes / ms / 1e6,
+                    "ratio": ms / dense_ms, "union_density": union, "bytes_read": nbytes,
+                })
+                if method == "rsparse_lowrank" and sparsity == 0.5 and tokens in (1, 16):
+                    un_ms = bench(rotating(lambda x: unfused_lowrank(x, args, cfg), xs))
+                    fusion_rows.append({"shape": name, "tokens": tokens, "sparsity": sparsity,
+                                        "fused_ms": ms, "unfused_ms": un_ms})
+            log(f"bench {name:18s} M={tokens:2d} dense {dense_ms * 1e3:7.1f} us  " + "  ".join(
+                f"{r['method'][:6]}@{r['sparsity']}={r['ratio']:.2f}x" for r in results
+                if r["shape"] == name and r["tokens"] == tokens and r["sparsity"] in (0.5, 0.9)))
+        # dense prefill / decode on the prepared layout vs vLLM's default layout
+        for tokens in (1, 16, 256, 2048, 8192):
+            x = torch.randn(tokens, k, device=DEVICE, generator=gen).to(DTYPE)
+            d = bench(lambda: F.linear(x, layer.w_dense))
+            p = bench(lambda: F.linear(x, layer.w_prep))
+            layout_rows.append({"shape": name, "tokens": tokens, "default_layout_ms": d, "prepared_layout_ms": p})
+        layer.free()
+        if not DRY_RUN:
+            torch.cuda.empty_cache()
+    return results, layout_rows, fusion_rows
+
+
+def crossover_table(results) -> dict:
+    """Largest token count (of those measured) up to which sparse beats dense at every
+    smaller count; 0 = never (dense even at 1 token)."""
+    table = {"threshold": {}, "topk": {}}
+    by = {}
+    for r in results:
+        sel = {"teal": "threshold", "larosa": "topk"}.get(r["method"])
+        if sel is None:
+            continue
+        by.setdefault((sel, launchers._shape_key(r["n"], r["k"]), r["sparsity"]), []).append(r)
+    for (sel, key, sp), rows in by.items():
+        limit = 0
+        for r in sorted(rows, key=lambda r: r["tokens"]):
+            if r["sparse_ms"] < r["dense_ms"]:
+                limit = r["tokens"]
+            else:
+                break
+        table[sel].setdefault(key, {})[f"{sp:g}"] = limit
+    return table
+
+
+def write_markdown(path, meta, results, union_vs_row, layout_rows, fusion_rows):
+    lines = [f"# rsparse kernels on {meta['gpu']}", "",
+             f"commit {meta['commit']}, {meta['versions']}, copy bandwidth {meta['copy_bandwidth_gbs']:.0f} GB/s "
+             "(read + write). Command: `" + meta["command"] + "`.", "",
+             "Times are do_bench medians with L2 flushed before every call; ratio = sparse / dense "
+             "(cuBLAS F.linear, bf16, vLLM's [N, K] layout); GB/s = bytes actually read / time.", ""]
+    lines += ["## 1 token", "", "| shape | method | s=0 | s=0.3 | s=0.5 | s=0.7 | s=0.9 | GB/s @0.5 | dense us |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["shape"] for r in results):
+        for method in METHODS:
+            rows = {r["sparsity"]: r for r in results if r["shape"] == name and r["method"] == method and r["tokens"] == 1}
+            if not rows:
+                continue
+            cells = [f"{rows[s]['ratio']:.2f}x" if s in rows else "" for s in SPARSITIES]
+            gbs = f"{rows[0.5]['gbs']:.0f}" if 0.5 in rows else ""
+            dense_us = next(iter(rows.values()))["dense_ms"] * 1e3
+            lines.append(f"| {name} | {method} | " + " | ".join(cells) + f" | {gbs} | {dense_us:.1f} |")
+    lines += ["", "## teal by token count (ratio sparse/dense)", "",
+              "| shape | sparsity | " + " | ".join(f"M={t}" for t in TOKENS) + " |",
+              "|---|---|" + "---|" * len(TOKENS)]
+    for name in dict.fromkeys(r["shape"] for r in results):
+        for sp in SPARSITIES:
+            rows = {r["tokens"]: r for r in results if r["shape"] == name and r["method"] == "teal" and r["sparsity"] == sp}
+            lines.append(f"| {name} | {sp} | " + " | ".join(f"{rows[t]['ratio']:.2f}x" if t in rows else "" for t in TOKENS) + " |")
+    if union_vs_row:
+        lines += ["", "## union vs per-row programs (teal, s=0.5, best config of each, us)", "",
+                  "| shape | tokens | per-row | union |", "|---|---|---|---|"]
+        for e in union_vs_row:
+            pr = f"{e['per_row_ms'] * 1e3:.1f}" if "per_row_ms" in e else ""
+            un = f"{e['union_ms'] * 1e3:.1f}" if "union_ms" in e else ""
+            lines.append(f"| {e['shape']} | {e['tokens']} | {pr} | {un} |")
+    lines += ["", "## low-rank term fused (2 launches) vs PyTorch ops (us)", "",
+              "| shape | tokens | fused | unfused |", "|---|---|---|---|"]
+    for e in fusion_rows:
+        lines.append(f"| {e['shape']} | {e['tokens']} | {e['fused_ms'] * 1e3:.1f} | {e['unfused_ms'] * 1e3:.1f} |")
+    lines += ["", "## dense F.linear: prepared [K, N] storage vs vLLM's [N, K] (us)", "",
+              "| shape | tokens | [N, K] | [K, N] | ratio |", "|---|---|---|---|---|"]
+    for e in layout_rows:
+        lines.append(f"| {e['shape']} | {e['tokens']} | {e['default_layout_ms'] * 1e3:.1f} | "
+                     f"{e['prepared_layout_ms'] * 1e3:.1f} | {e['prepared_layout_ms'] / e['default_layout_ms']:.2f} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(out_dir, results):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for name in dict.fromkeys(r["shape"] for r in results):
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=False)
+        for ax, tokens in zip(axes, (1, 4, 16)):
+            rows = [r for r in results if r["shape"] == name and r["tokens"] == tokens]
+            if not rows:
+                continue
+            dense_us = rows[0]["dense_ms"] * 1e3
+            xs = SPARSITIES
+            ax.plot(xs, [dense_us] * len(xs), "k-", label="dense cuBLAS")
+            ax.plot(xs, [dense_us * (1 - s) for s in xs], "k--", label="ideal dense*(1-s)")
+            for method in METHODS:
+                pts = sorted((r["sparsity"], r["sparse_ms"] * 1e3) for r in rows if r["method"] == method)
+                if pts:
+                    ax.plot(*zip(*pts), "o-", label=method)
+            ax.set_title(f"{name}, {tokens} token(s)")
+            ax.set_xlabel("input-channel sparsity")
+            ax.set_ylabel("us")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name.replace("/", "_") + ".png"), dpi=80)
+        plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tune", action="store_true", help="sweep block configs first and write the tables")
+    ap.add_argument("--quick", action="store_true", help="rsparse variants at s=0.5 only")
+    ap.add_argument("--shapes", default="", help="comma-separated subset of shape names")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    log_file = open(os.path.join(args.out, "bench.log"), "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    shapes = projection_shapes()
+    if args.shapes:
+        wanted = set(args.shapes.split(","))
+        shapes = [s for s in shapes if s[0] in wanted]
+    gen = torch.Generator(device=DEVICE)
+    gen.manual_seed(0)
+    import triton
+
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        commit = os.environ.get("RSPARSE_COMMIT", "unknown")
+    meta = {
+        "commit": os.environ.get("RSPARSE_COMMIT", commit),
+        "gpu": "dry-run" if DRY_RUN else torch.cuda.get_device_name(0),
+        "versions": f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}",
+        "command": "python " + " ".join(sys.argv),
+    }
+    t0 = time.time()
+    meta["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
+    log(f"{meta}")
+
+    if args.tune:
+        configs, union_vs_row = tune(shapes, gen, log)
+        with open(os.path.join(args.out, "sparse_gemv.json"), "w") as f:
+            json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "tokens": TOKENS,
+                       "note": "best of the sweep in benchmarks/bench_kernels.py --tune, teal at sparsity 0.5",
+                       "configs": configs}, f, indent=1)
+        log(f"tuning done in {time.time() - t0:.0f} s")
+    else:
+        configs, union_vs_row = launchers._load_json("sparse_gemv.json").get("configs", {}), []
+
+    results, layout_rows, fusion_rows = run_bench(shapes, gen, configs, log, args.quick)
+    meta["results"] = results
+    meta["union_vs_per_row"] = union_vs_row
+    meta["dense_layout"] = layout_rows
+    meta["lowrank_fusion"] = fusion_rows
+    with open(os.path.join(args.out, "kernels_h100.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    with open(os.path.join(args.out, "dispatch.json"), "w") as f:
+        json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5,
+                   "note": "largest measured token count where the sparse kernel beats cuBLAS dense, per "
+                           "selection, shape and sparsity (random independent masks per row: a pessimistic "
+                           "union); launchers applies the design_sparsity column",
+                   "crossover": crossover_table(results)}, f, indent=1)
+    write_markdown(os.path.join(args.out, "kernels_h100.md"), meta, results, union_vs_row, layout_rows, fusion_rows)
+    try:
+        plot(args.out, results)
+    except Exception as exc:
+        log(f"plot failed: {exc}")
+    log(f"done in {time.time() - t0:.0f} s")
+    # the key numbers last (the device tool returns the tail of the output)
+    for r in results:
+        if r["tokens"] == 1 and r["sparsity"] in (0.5, 0.9) and r["method"] in ("teal", "larosa"):
+            log(f"{r['shape']:18s} {r['method']:7s} s={r['sparsity']} {r['ratio']:.2f}x dense, "
+                f"{r['gbs']:.0f} GB/s ({r['gbs'] / meta['copy_bandwidth_gbs'] * 100:.0f}% of copy)")
+
+
+if __name__ == "__main__":
+    main()
