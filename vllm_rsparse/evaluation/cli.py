@@ -1,0 +1,68 @@
+"""``rsparse-eval``: perplexity and zero-shot accuracy of a checkpoint, through vLLM.
+
+Needs a ``if __name__ == "__main__"`` entry (vLLM may spawn processes): the console
+script provides one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vllm_rsparse.evaluation.harness import PROTOCOLS, EvalConfig
+    from vllm_rsparse.evaluation.tasks import TASKS
+
+    d = EvalConfig(checkpoint="")
+    p = argparse.ArgumentParser(
+        prog="rsparse-eval",
+        description="Held-out perplexity and zero-shot accuracy of a checkpoint (rsparse or dense), "
+                    "computed through vLLM prompt_logprobs.")
+    p.add_argument("checkpoint", help="model directory (rsparse checkpoint or plain dense export)")
+    p.add_argument("--tasks", default=",".join(d.tasks),
+                   help=f"comma-separated subset of {sorted(TASKS)}, or '' for none (default: all five)")
+    p.add_argument("--limit", type=int, default=d.limit,
+                   help=f"examples per task, a fixed seeded subset; 0 = full validation split (default: {d.limit})")
+    p.add_argument("--ppl-windows", type=int, default=d.ppl_windows,
+                   help=f"held-out perplexity windows, 0 = none (default: {d.ppl_windows})")
+    p.add_argument("--ppl-seq-len", type=int, default=d.ppl_seq_len, help=f"tokens per window (default: {d.ppl_seq_len})")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=d.protocol,
+                   help="strict: sparse path on every token incl. the prompt (default); dense-prompt: "
+                        "the checkpoint's max_sparse_tokens applies (prefill runs dense)")
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len, help=f"(default: {d.max_model_len})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"subset seed (default: {d.seed})")
+    p.add_argument("-o", "--output", help="write the JSON result here (default: stdout only)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vllm_rsparse.evaluation.harness import EvalConfig, evaluate
+
+    ns = build_parser().parse_args(argv)
+    try:
+        config = EvalConfig(
+            checkpoint=ns.checkpoint,
+            tasks=tuple(t for t in ns.tasks.split(",") if t),
+            limit=None if ns.limit == 0 else ns.limit,
+            ppl_windows=ns.ppl_windows, ppl_seq_len=ns.ppl_seq_len, protocol=ns.protocol,
+            max_model_len=ns.max_model_len, seed=ns.seed,
+        )
+        started = time.time()
+        result = evaluate(config)
+        result["seconds"] = round(time.time() - started, 1)
+    except (ValueError, OSError) as e:
+        print(f"rsparse-eval: error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=1)
+    if ns.output:
+        with open(ns.output, "w") as f:
+            f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
