@@ -150,9 +150,10 @@ def rotating(fn_of_x, xs):
 # tuning
 # ---------------------------------------------------------------------------
 
-PER_ROW_TILES = [(128, 32), (128, 64), (256, 32), (64, 64)]
+# (block_n, block_k) tiles, and K steps per program (split_k = K / (steps * block_k))
+PER_ROW_TILES = [(64, 64), (64, 128), (128, 64), (128, 128), (256, 32)]
 UNION_TILES = [(64, 64), (128, 64), (64, 128), (128, 128)]
-PROGRAMS_PER_SM = [2, 4, 8]
+STEPS_PER_PROGRAM = [1, 2, 4, 8]
 
 
 def candidate_configs(n: int, k: int, tokens: int, sms: int) -> list[launchers.GemvConfig]:
@@ -161,12 +162,9 @@ def candidate_configs(n: int, k: int, tokens: int, sms: int) -> list[launchers.G
     for rows in row_kinds:
         tiles_list = PER_ROW_TILES if rows == 1 else UNION_TILES
         warps_list = [4, 8] if rows == 1 else [4]
-        stages_list = [2] if rows == 1 else [2, 4]
-        groups = tokens if rows == 1 else 1
-        for (bn, bk), warps, stages, pps in itertools.product(tiles_list, warps_list, stages_list, PROGRAMS_PER_SM):
-            tiles = launchers.triton_cdiv(n, bn) * groups
-            split = max(1, min(launchers.triton_cdiv(k, bk), launchers.triton_cdiv(pps * sms, tiles)))
-            out.append(launchers.GemvConfig(rows, bn, bk, split, warps, stages))
+        for (bn, bk), warps, steps in itertools.product(tiles_list, warps_list, STEPS_PER_PROGRAM):
+            split = max(1, launchers.triton_cdiv(k, steps * bk))
+            out.append(launchers.GemvConfig(rows, bn, bk, split, warps, 2))
     out = sorted(set(out), key=lambda c: dataclasses.astuple(c))
     return out[::len(out) // 2] if DRY_RUN else out
 

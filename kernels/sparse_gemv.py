@@ -17,10 +17,12 @@ Selection (the contract of vllm_rsparse/reference.py), per token row m:
 
 One launch of sparse_gemv_kernel covers a [K, N] GEMV for up to 16 rows:
     grid = (n_tiles_w + n_tiles_v, split_k, row_groups)
-Programs split K (split-K) so that small N still fills the GPU; the last program to
-finish an output tile (an atomic arrival counter per tile) sums the partials in a
-fixed order, so the result is deterministic, and writes the output; it then resets
-the counter to 0 so the next launch (or CUDA-graph replay) finds it clean.
+Programs split K (split-K) so that small N still fills the GPU. Partial sums go by
+f32 atomics into a persistent zeroed accumulator; the last program to finish an
+output tile (an atomic arrival counter per tile) reads the sum, writes the output,
+and zeroes its accumulator tile and counter so the next launch (or CUDA-graph
+replay) finds them clean. f32 atomics sum in arrival order: results can differ
+between runs in the last f32 bits (at most 1 ulp of the bf16/fp16 output).
 """
 
 import triton
@@ -41,6 +43,29 @@ def _select(b_x, o_k, m_k, b_thr, b_jcut, p_scale, HAS_SCALE: tl.constexpr, PER_
 
 
 @triton.jit
+def _load_step(
+    p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m, k0, k_hi, o_n, m_n, s_xm, s_xk, s_row,
+    BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr,
+):
+    # one K step: x [ROWS, BLOCK_K] -> selected x (f32) and the weight rows it needs
+    o_k = k0 + tl.arange(0, BLOCK_K)
+    m_k = o_k < k_hi
+    m_x = m_m[:, None] & m_k[None, :]
+    b_x = tl.load(p_x + o_m[:, None] * s_xm + o_k[None, :] * s_xk, mask=m_x, other=0.0).to(tl.float32)
+    b_sel = _select(b_x, o_k, m_k, b_thr, b_jcut, p_scale, HAS_SCALE, PER_ROW)
+    if INVERT:
+        b_sel = ~b_sel
+    b_sel = b_sel & m_x
+    b_xs = tl.where(b_sel, b_x, 0.0)
+    # union over the rows of this program: a weight row is fetched once if any row
+    # needs it; each row still multiplies only its own channels (b_xs)
+    m_wrow = tl.max(b_sel.to(tl.int32), axis=0) > 0
+    # predicated-off loads issue no memory request: unselected rows cost no bytes
+    b_w = tl.load(p_mat + o_k[:, None] * s_row + o_n[None, :], mask=m_wrow[:, None] & m_n[None, :], other=0.0)
+    return b_xs, b_w
+
+
+@triton.jit
 def _masked_tile(
     p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m,
     k_lo, k_hi, i_col, n_cols, s_xm, s_xk, s_row,
@@ -50,29 +75,24 @@ def _masked_tile(
     # x [M, K] rows o_m, channels [k_lo, k_hi)  mat [K, n_cols] (unit column stride)
     # -> acc [ROWS, BLOCK_N] f32 = sum_k sel[m, k] * x[m, k] * mat[k, col]
     # INVERT uses the dropped channels (1 - m): the lowrank_down input (1-m)x.
+    # n_cols must come straight from a kernel argument: its divisibility by 16 is what
+    # lets the masked weight loads stay 16 bytes wide.
     o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < n_cols
     if ROWS == 1:
         # one row: pure FMAs into a [BLOCK_K, BLOCK_N] register tile, reduced once
-        # after the loop, so the loop body has no cross-thread reduction.
+        # after the loop, so the loop body has no cross-thread reduction
         acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < k_hi
-        m_x = m_m[:, None] & m_k[None, :]
-        b_x = tl.load(p_x + o_m[:, None] * s_xm + o_k[None, :] * s_xk, mask=m_x, other=0.0).to(tl.float32)
-        b_sel = _select(b_x, o_k, m_k, b_thr, b_jcut, p_scale, HAS_SCALE, PER_ROW)
-        if INVERT:
-            b_sel = ~b_sel
-        b_sel = b_sel & m_x
-        b_xs = tl.where(b_sel, b_x, 0.0)
-        # union over the rows of this program: a weight row is fetched once if any
-        # row needs it; each row still multiplies only its own channels (b_xs).
-        m_wrow = tl.max(b_sel.to(tl.int32), axis=0) > 0
-        # predicated-off loads issue no memory request: unselected rows cost no bytes
-        b_w = tl.load(p_mat + o_k[:, None] * s_row + o_n[None, :], mask=m_wrow[:, None] & m_n[None, :], other=0.0)
+    # software pipeline by hand: the next step's weight loads are issued before the
+    # current step's FMAs, so a program keeps a tile in flight while it computes
+    b_xs, b_w = _load_step(p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, o_n, m_n,
+                           s_xm, s_xk, s_row, BLOCK_K, HAS_SCALE, PER_ROW, INVERT)
+    for k0 in range(k_lo + BLOCK_K, k_hi + BLOCK_K, BLOCK_K):
+        # the last trip loads nothing (all rows masked off) and only computes
+        b_xs_next, b_w_next = _load_step(p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m, k0, k_hi, o_n, m_n,
+                                         s_xm, s_xk, s_row, BLOCK_K, HAS_SCALE, PER_ROW, INVERT)
         if ROWS == 1:
             acc2 += tl.sum(b_xs, axis=0)[:, None] * b_w.to(tl.float32)
         else:
@@ -83,6 +103,8 @@ def _masked_tile(
                 # x values are exact in the weight dtype, products are exact in f32,
                 # tensor cores accumulate in f32
                 acc = tl.dot(b_xs.to(b_w.dtype), b_w, acc)
+        b_xs = b_xs_next
+        b_w = b_w_next
     if ROWS == 1:
         acc = tl.sum(acc2, axis=0)[None, :]
     return acc
@@ -91,15 +113,15 @@ def _masked_tile(
 @triton.jit
 def sparse_gemv_kernel(
     p_x, p_w, p_v, p_scale, p_thr, p_jcut, p_bias,
-    p_part, p_count, p_out, p_y32, p_z,
-    M, N, K, R, k_per_split, n_tiles_w,
+    p_acc, p_count, p_out, p_y32, p_z,
+    M, N, K, R, k_per_split, n_tiles_w, ws_cols,
     s_xm, s_xk, s_wk, s_vk, s_om, s_on,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     # x [M, K]  w_t [K, N]  v_t [K, R]  scale [K]  thr [1] or [M] f32  jcut [M] i32
-    # bias [N]  part [split_k, M, N + R] f32  count [tiles * row_groups] i32 (zeros)
+    # bias [N]  acc [16, ws_cols] f32 (zeros)  count [tiles * row_groups] i32 (zeros)
     # out [M, N] (no lowrank) | y32 [M, N] f32 and z [M, R] f32 (lowrank)
     # grid (n_tiles_w + n_tiles_v, split_k, row_groups); tiles >= n_tiles_w are v_t tiles
     i_n = tl.program_id(0)
@@ -117,40 +139,41 @@ def sparse_gemv_kernel(
     k_lo = i_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
 
-    # scalars of the region this tile is in (integer arithmetic instead of a branch,
-    # so both regions keep the same types)
-    is_v = (i_n >= n_tiles_w).to(tl.int32)
-    i_col = i_n - is_v * n_tiles_w
-    col0 = is_v * N
-    n_cols = N + is_v * (R - N)
-
     if HAS_LOWRANK:
+        is_v = (i_n >= n_tiles_w).to(tl.int32)
+        i_col = i_n - is_v * n_tiles_w
+        col0 = is_v * N
         if i_n >= n_tiles_w:
-            acc = _masked_tile(p_x, p_v, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, i_col, n_cols,
+            acc = _masked_tile(p_x, p_v, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, i_col, R,
                                s_xm, s_xk, s_vk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, True, DOT_F32)
         else:
-            acc = _masked_tile(p_x, p_w, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, i_col, n_cols,
+            acc = _masked_tile(p_x, p_w, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, i_col, N,
                                s_xm, s_xk, s_wk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, False, DOT_F32)
+        m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < (N + is_v * (R - N))
     else:
-        acc = _masked_tile(p_x, p_w, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, i_col, n_cols,
+        is_v = 0
+        i_col = i_n
+        col0 = 0
+        acc = _masked_tile(p_x, p_w, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, i_col, N,
                            s_xm, s_xk, s_wk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, False, DOT_F32)
+        m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < N
 
     o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < n_cols
     m_out = m_m[:, None] & m_n[None, :]
     if SPLIT:
-        n_ws = N + R
-        o_ws = o_m[:, None] * n_ws + col0 + o_n[None, :]
-        tl.store(p_part + i_k * M * n_ws + o_ws, acc, mask=m_out)
-        # every thread's partial store happens-before thread 0's release below
+        # split-K: fire-and-forget f32 atomics into a zeroed accumulator (no latency
+        # chain, whatever split_k is); the last program of the tile reads the sum,
+        # writes the result and zeroes the tile again for the next launch
+        p_tile = p_acc + o_m[:, None] * ws_cols + col0 + o_n[None, :]
+        tl.atomic_add(p_tile, acc, mask=m_out, sem="relaxed")
+        # every thread's atomics happen-before thread 0's release below
         tl.debug_barrier()
         i_cnt = i_g * tl.num_programs(0) + i_n
         n_arrived = tl.atomic_add(p_count + i_cnt, 1, sem="acq_rel", scope="gpu")
         if n_arrived == n_split - 1:
-            acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-            for i_s in range(0, n_split):
-                # .cg: read through L2, other SMs wrote these partials
-                acc += tl.load(p_part + i_s * M * n_ws + o_ws, mask=m_out, other=0.0, cache_modifier=".cg")
+            # .cg: read through L2, where the other programs' atomics landed
+            acc = tl.load(p_tile, mask=m_out, other=0.0, cache_modifier=".cg")
+            tl.store(p_tile, tl.zeros([ROWS, BLOCK_N], dtype=tl.float32), mask=m_out)
             _store_result(acc, is_v, o_m, o_n, m_out, o_n < N, p_bias, p_out, p_y32, p_z,
                           N, R, s_om, s_on, HAS_BIAS, HAS_LOWRANK)
             tl.atomic_xchg(p_count + i_cnt, 0)

@@ -38,7 +38,7 @@ def topk_threshold_kernel(
     prefix = tl.zeros([], dtype=tl.int32)
     remaining = tl.zeros([], dtype=tl.int32) + keep
     for i_pass in tl.static_range(8):
-        shift: tl.constexpr = 28 - 4 * i_pass
+        shift = 28 - 4 * i_pass
         counts = tl.zeros([16], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             o_k = k0 + tl.arange(0, BLOCK_K)

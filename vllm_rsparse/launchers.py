@@ -30,14 +30,17 @@ import torch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # Decode rows in one launch: the union kernel pads rows to this (tl.dot needs >= 16).
 MAX_ROWS = 16
-# Arrival counters of the split-K fixup, per device; one slot per (tile, row group).
+# Split-K workspace, per device, zero between launches (the kernel re-zeroes what it
+# used): arrival counters, one per (tile, row group), and an f32 accumulator of
+# MAX_ROWS x WORKSPACE_COLS (4 MiB); N + r of a layer must fit in WORKSPACE_COLS.
 COUNTER_SLOTS = 1 << 16
+WORKSPACE_COLS = 1 << 16
 # Selections of the op (ops.THRESHOLD_SELECTION is keep == -1).
 THRESHOLD_SELECTION = -1
 
 _CONFIG_FILE = "sparse_gemv.json"
 _DISPATCH_FILE = "dispatch.json"
-_counters: dict[torch.device, torch.Tensor] = {}
+_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 _warned_layout = False
 
 
@@ -169,7 +172,7 @@ def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
     """
     if weight.dim() != 2:
         raise ValueError(f"prepare_weight expects a 2-D [N, K] weight, got shape {tuple(weight.shape)}")
-    _counters_for(weight.device)
+    _workspace_for(weight.device)
     if _is_prepared(weight):
         return weight
     return weight.t().contiguous().t()
@@ -196,16 +199,24 @@ def _as_kn(weight: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _counters_for(device: torch.device) -> torch.Tensor:
-    counters = _counters.get(device)
-    if counters is None:
+    return _workspace_for(device)[0]
+
+
+def _workspace_for(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counters [COUNTER_SLOTS] i32, accumulator [MAX_ROWS, WORKSPACE_COLS] f32), zeros."""
+    ws = _workspaces.get(device)
+    if ws is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
-                "rsparse: split-K counters are allocated during CUDA-graph capture; "
+                "rsparse: the split-K workspace would be allocated during CUDA-graph capture; "
                 "call vllm_rsparse.launchers.prepare_weight on the weights before capture"
             )
-        counters = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
-        _counters[device] = counters
-    return counters
+        ws = (
+            torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device),
+            torch.zeros((MAX_ROWS, WORKSPACE_COLS), dtype=torch.float32, device=device),
+        )
+        _workspaces[device] = ws
+    return ws
 
 
 # ---------------------------------------------------------------------------
@@ -249,6 +260,8 @@ def _check_inputs(x, weight, bias, threshold, keep, channel_scale, lowrank_up, l
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"weight must be [N, K={k}], got shape {tuple(weight.shape)}")
     n = weight.shape[0]
+    if n > WORKSPACE_COLS:
+        raise ValueError(f"N = {n} exceeds the split-K workspace of {WORKSPACE_COLS} columns")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must be [N={n}], got shape {tuple(bias.shape)}")
     if keep == THRESHOLD_SELECTION:
@@ -269,6 +282,8 @@ def _check_inputs(x, weight, bias, threshold, keep, channel_scale, lowrank_up, l
             raise ValueError(f"lowrank_up must be [N={n}, r], got shape {tuple(lowrank_up.shape)}")
         if tuple(lowrank_down.shape) != (r, k):
             raise ValueError(f"lowrank_down must be [r={r}, K={k}], got shape {tuple(lowrank_down.shape)}")
+        if n + r > WORKSPACE_COLS:
+            raise ValueError(f"N + r = {n + r} exceeds the split-K workspace of {WORKSPACE_COLS} columns")
         for name, t in (("lowrank_up", lowrank_up), ("lowrank_down", lowrank_down)):
             if t.dtype != x.dtype:
                 raise ValueError(f"{name} dtype {t.dtype} differs from x dtype {x.dtype}")
@@ -344,8 +359,7 @@ def sparse_gemv(
 
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dummy = out  # placeholder pointer for absent optional tensors (never dereferenced)
-    part = torch.empty((split_k, m, n + rank), dtype=torch.float32, device=x.device) if split_k > 1 else dummy
-    counters = _counters_for(x.device) if split_k > 1 else dummy
+    counters, acc = _workspace_for(x.device) if split_k > 1 else (dummy, dummy)
     if has_lowrank:
         y32 = torch.empty((m, n), dtype=torch.float32, device=x.device)
         z = torch.empty((m, rank), dtype=torch.float32, device=x.device)
@@ -357,8 +371,8 @@ def sparse_gemv(
         channel_scale if channel_scale is not None else dummy,
         thr, jcut if jcut is not None else thr,
         bias if bias is not None else dummy,
-        part, counters, out, y32, z,
-        m, n, k, rank, k_per_split, tiles_w,
+        acc, counters, out, y32, z,
+        m, n, k, rank, k_per_split, tiles_w, WORKSPACE_COLS,
         x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0,
         out.stride(0), out.stride(1),
         ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
