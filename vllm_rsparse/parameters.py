@@ -112,9 +112,16 @@ class RSparseParameter(BasevLLMParameter):
         shape[-1] = full
         return shape
 
-    def finalize(self) -> torch.Tensor:
-        """Check completeness/finiteness/agreement; return the tensor the kernels use."""
+    def finalize(self, dummy_weights: bool = False) -> torch.Tensor:
+        """Check completeness/finiteness/agreement; return the tensor the kernels use.
+
+        With vLLM's load_format="dummy" nothing is loaded from disk (every parameter,
+        ours included, is filled with random values): only the layout is kept, for
+        speed runs on random weights.
+        """
         num_slots = len(self.member_names)
+        if dummy_weights:
+            return self.data[0] if self.input_side else self.data
         for slot in range(num_slots):
             if slot not in self.loaded_slots:
                 raise CheckpointError(

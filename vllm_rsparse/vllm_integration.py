@@ -40,6 +40,17 @@ from vllm_rsparse.parameters import RSparseParameter
 logger = logging.getLogger("vllm_rsparse")
 
 
+def loading_dummy_weights() -> bool:
+    """True when vLLM fills weights randomly (load_format="dummy", speed runs)."""
+    try:
+        from vllm.config import get_current_vllm_config
+
+        load_format = get_current_vllm_config().load_config.load_format
+    except Exception:  # no current config (unit use outside an engine)
+        return False
+    return str(getattr(load_format, "value", load_format)).lower() == "dummy"
+
+
 @register_quantization_config(QUANT_METHOD)
 class RSparseConfig(QuantizationConfig):
     """Built from config.json's quantization_config (auto-detected by quant_method)."""
@@ -162,12 +173,14 @@ class RSparseLinearMethod(LinearMethodBase):
                 False, None)
 
     def process_weights_after_loading(self, layer) -> None:
+        dummy = loading_dummy_weights()
         for kind in ("threshold", "score_weight", "lowrank_down", "lowrank_up"):
             param = getattr(layer, f"rsparse_{kind}", None)
             if isinstance(param, RSparseParameter):
-                layer.register_parameter(
-                    f"rsparse_{kind}", torch.nn.Parameter(param.finalize().contiguous(), requires_grad=False)
-                )
+                value = param.finalize(dummy_weights=dummy).contiguous()
+                if dummy and kind == "score_weight":
+                    value = value.abs()  # random weights may be negative; scores must not be
+                layer.register_parameter(f"rsparse_{kind}", torch.nn.Parameter(value, requires_grad=False))
         for kind in ("threshold", "score_weight", "lowrank_down", "lowrank_up"):
             if not hasattr(layer, f"rsparse_{kind}"):
                 setattr(layer, f"rsparse_{kind}", None)

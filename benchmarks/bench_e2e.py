@@ -1,0 +1,305 @@
+"""End-to-end decode speed in vLLM on a GPU: dense vs rsparse, same process, one after the other.
+
+Models: Llama-2-7B / Llama-3-8B shapes (../shared/gpu/models) with load_format="dummy"
+(random weights: only speed is measured). vLLM defaults otherwise: torch.compile and
+CUDA graphs (capture sizes limited to the batch sizes measured, to save start-up time).
+
+How the rsparse tensors are made for random weights: the speed-relevant part of a
+method is how many weight rows it reads per token. Thresholds calibrated on random
+weights would give an uncontrolled sparsity, so every sparse configuration here uses
+exact per-token top-k selection (keep = (1 - s_in) * d_in, the same count on every
+token), which gives exactly the target:
+  * larosa  -- top-k on |x| (the rotation is folded into the weights offline: no runtime cost);
+  * rsparse -- top-k on |x| * column norm plus the low-rank term with the budget formula
+               (sparse share ``--sparse-share``), low-rank bytes counted as read;
+  * teal's threshold kernel is the same GEMV as top-k minus the selection step; its speed
+    is in kernels_h100.json (not run end to end here for the reason above).
+
+Per configuration: decode ms/step = (t(prompt + 256 new tokens) - t(prompt + 1 token)) / 255
+at each batch size (median of --reps runs), prefill tokens/s on prompts of --prefill-len,
+the parameter bytes of the weights and of the rsparse tensors, and a profiler count of the
+Triton kernels launched inside CUDA-graph replays (proof the sparse path runs captured).
+
+The "ideal" speedup: the dense step's time in its linear layers is measured by replaying
+the step's GEMMs (every layer's qkv/o/gate_up/down, same shapes, dtype and layout as vLLM)
+in a CUDA graph; a perfect sparse kernel at sparsity s removes s of that time:
+ideal = T_step / (T_step - s * T_linear).
+
+    python benchmarks/bench_e2e.py --models llama2-7b --out $OUT/e2e.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # apply_model + one process
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_CONFIGS = {"llama2-7b": "llama2-7b", "llama3-8b": "llama3-8b"}
+
+
+def model_config(name: str, models_dir: Path) -> dict:
+    return json.loads((models_dir / name / "config.json").read_text())
+
+
+def rsparse_settings(shapes, method: str, sparsity: float, sparse_share: float) -> tuple[dict, dict]:
+    """(modules, tensors) giving exactly `sparsity` of weight bytes not read per token."""
+    from vllm_rsparse import architectures
+    from vllm_rsparse.checkpoint import tensor_name
+    from vllm_rsparse.config import ModuleSettings
+
+    modules, tensors = {}, {}
+    for name, group in architectures.iter_groups(shapes):
+        d_out, d_in = shapes.group_shape(group)
+        if method == "larosa":
+            keep = round((1 - sparsity) * d_in)
+            modules[name] = ModuleSettings(selection="topk", sparsity=sparsity, input_sparsity=1 - keep / d_in,
+                                           keep=keep)
+            continue
+        keep = round((1 - sparsity) * sparse_share * d_in)
+        rank = int(((1 - sparsity) * d_in * d_out - keep * d_out) // (d_in + d_out))
+        modules[name] = ModuleSettings(selection="topk", sparsity=sparsity, input_sparsity=1 - keep / d_in,
+                                       keep=keep, rank=rank, score_weight=True)
+        base = name[: -len(group.merged_name)]
+        for member in group.members:
+            m_out, m_in = shapes.member_shape(member)
+            tensors[tensor_name(base + member, "score_weight")] = torch.ones(m_in)
+            if rank:
+                tensors[tensor_name(base + member, "lowrank_up")] = torch.zeros(m_out, rank, dtype=torch.bfloat16)
+                tensors[tensor_name(base + member, "lowrank_down")] = torch.zeros(rank, m_in, dtype=torch.bfloat16)
+    return modules, tensors
+
+
+def write_config_dir(root: Path, cfg: dict, method: str, sparsity: float, sparse_share: float) -> Path:
+    from safetensors.torch import save_file
+
+    from vllm_rsparse.architectures import ModelShapes
+    from vllm_rsparse.config import RSparseCheckpointConfig
+
+    out = root / f"{method}-{sparsity}"
+    out.mkdir(parents=True, exist_ok=True)
+    config = dict(cfg)
+    if method != "dense":
+        shapes = ModelShapes.from_hf_config(cfg)
+        modules, tensors = rsparse_settings(shapes, method, sparsity, sparse_share)
+        config["quantization_config"] = RSparseCheckpointConfig(
+            method=method, target_sparsity=sparsity, modules=modules,
+            calibration={"data": "none: synthetic exact top-k for speed runs on random weights"},
+        ).to_dict()
+        if tensors:
+            save_file(tensors, str(out / "rsparse.safetensors"))
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def param_bytes(model) -> dict:
+    weights = rsparse = 0
+    for name, p in model.named_parameters():
+        if ".rsparse_" in name:
+            rsparse += p.numel() * p.element_size()
+        else:
+            weights += p.numel() * p.element_size()
+    return {"weights": weights, "rsparse": rsparse}
+
+
+def count_triton_kernels(llm, prompt_ids) -> dict:
+    """Kernel names seen by the profiler during a short batch-1 decode (CUDA graphs on)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                            torch.profiler.ProfilerActivity.CPU]) as prof:
+        llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], params, use_tqdm=False)
+    counts: dict[str, int] = {}
+    for evt in prof.events():
+        if any(key in evt.name for key in ("sparse_gemv", "lowrank_up", "topk_threshold", "cudaGraphLaunch")):
+            counts[evt.name] = counts.get(evt.name, 0) + 1
+    return counts
+
+
+def measure_engine(path: Path, args, label: str) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    started = time.time()
+    llm = LLM(model=str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+              max_model_len=args.max_model_len, gpu_memory_utilization=0.88, enable_prefix_caching=False,
+              max_num_seqs=max(args.batches), seed=0,
+              compilation_config={"cudagraph_capture_sizes": sorted({1, 2, 4, 8, 16, 32, *args.batches})})
+    build_s = time.time() - started
+    gen = torch.Generator().manual_seed(0)
+    vocab = 32000
+
+    def prompts(n, length):
+        return [TokensPrompt(prompt_token_ids=torch.randint(100, vocab - 100, (length,), generator=gen).tolist())
+                for _ in range(n)]
+
+    def timed(ps, max_tokens):
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        llm.generate(ps, params, use_tqdm=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    result = {"label": label, "build_s": round(build_s, 1), "decode": [], "prefill": {}}
+    try:
+        result["bytes"] = llm.apply_model(param_bytes)[0]
+        timed(prompts(1, 32), 8)  # warm-up
+        for prompt_len in args.prompt_lens:
+            for batch in args.batches:
+                if batch * (prompt_len + args.gen) > args.max_tokens_in_flight:
+                    continue
+                ps = prompts(batch, prompt_len)
+                full, first = [], []
+                for _ in range(args.reps):
+                    full.append(timed(ps, args.gen))
+                    first.append(timed(ps, 1))
+                step_ms = (statistics.median(full) - statistics.median(first)) / (args.gen - 1) * 1e3
+                result["decode"].append({"batch": batch, "prompt_len": prompt_len, "ms_per_step": step_ms,
+                                         "tok_s": batch * 1e3 / step_ms})
+                print(f"  {label}: batch {batch:3d} prompt {prompt_len:5d}: {step_ms:.3f} ms/step", flush=True)
+        ps = prompts(args.prefill_batch, args.prefill_len)
+        times = [timed(ps, 1) for _ in range(args.reps)]
+        result["prefill"] = {"tokens": args.prefill_batch * args.prefill_len,
+                             "tok_s": args.prefill_batch * args.prefill_len / statistics.median(times)}
+        if label != "dense":
+            result["kernel_events"] = count_triton_kernels(llm, ps[0].get("prompt_token_ids")[:128])
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    return result
+
+
+def linear_time_ms(cfg: dict, batch: int) -> float:
+    """A dense decode step's GEMMs (every layer's 4 projections), replayed in a CUDA graph."""
+    from vllm_rsparse.architectures import INPUT_GROUPS, ModelShapes
+
+    shapes = ModelShapes.from_hf_config(cfg)
+    weights = []
+    for group in INPUT_GROUPS:
+        n, k = shapes.group_shape(group)
+        weights.append(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+    xs = [torch.randn(batch, w.shape[1], device="cuda", dtype=torch.bfloat16) for w in weights]
+    # One weight per group reused across layers would sit in L2 (50 MB): use one per layer.
+    layers = [[w.clone() for w in weights] for _ in range(min(shapes.num_layers, 8))]
+    repeat = shapes.num_layers / len(layers)
+
+    def step():
+        for ws in layers:
+            for x, w in zip(xs, ws):
+                torch.nn.functional.linear(x, w)
+
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    del layers
+    torch.cuda.empty_cache()
+    return statistics.median(times) * repeat
+
+
+def versions() -> dict:
+    import triton
+    import vllm
+
+    return {"vllm": vllm.__version__, "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version()}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return os.environ.get("RSPARSE_COMMIT", "unknown")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["llama2-7b"], choices=sorted(MODEL_CONFIGS))
+    p.add_argument("--models-dir", default=str(ROOT / "benchmarks" / "models"))
+    p.add_argument("--configs", nargs="+", default=["dense:0", "larosa:0.5", "rsparse:0.5", "larosa:0.4"],
+                   help="method:sparsity, dense first")
+    p.add_argument("--sparse-share", type=float, default=0.9, help="rsparse: share of the budget kept sparse")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 64])
+    p.add_argument("--prompt-lens", nargs="+", type=int, default=[128, 2048])
+    p.add_argument("--gen", type=int, default=256)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--prefill-len", type=int, default=2048)
+    p.add_argument("--prefill-batch", type=int, default=8)
+    p.add_argument("--max-model-len", type=int, default=2560)
+    p.add_argument("--max-tokens-in-flight", type=int, default=70000)
+    p.add_argument("--out", default="e2e.json")
+    args = p.parse_args()
+
+    results = {"commit": os.environ.get("RSPARSE_COMMIT") or git_commit(), "gpu": torch.cuda.get_device_name(),
+               "versions": versions(),
+               "command": "python benchmarks/bench_e2e.py " + " ".join(os.sys.argv[1:]),
+               "protocol": __doc__.strip().split("\n\n")[1], "engines": [], "results": []}
+    work = Path(tempfile.mkdtemp(prefix="rsparse-e2e-"))
+    for model in args.models:
+        cfg = model_config(MODEL_CONFIGS[model], Path(args.models_dir))
+        linear_ms = {b: linear_time_ms(cfg, b) for b in args.batches}
+        print(f"{model}: linear-layer time per step {linear_ms}", flush=True)
+        engines = {}
+        for spec in args.configs:
+            method, sparsity = spec.split(":")
+            sparsity = float(sparsity)
+            path = write_config_dir(work / model, cfg, method, sparsity, args.sparse_share)
+            engines[spec] = measure_engine(path, args, "dense" if method == "dense" else spec)
+            results["engines"].append({"model": model, "config": spec, **engines[spec]})
+            Path(args.out).write_text(json.dumps(results, indent=1))
+        dense = engines[args.configs[0]]
+        dense_steps = {(d["batch"], d["prompt_len"]): d for d in dense["decode"]}
+        for spec, eng in engines.items():
+            if spec == args.configs[0]:
+                continue
+            method, sparsity = spec.split(":")
+            sparsity = float(sparsity)
+            for d in eng["decode"]:
+                base = dense_steps.get((d["batch"], d["prompt_len"]))
+                if base is None:
+                    continue
+                ideal = base["ms_per_step"] / (base["ms_per_step"] - sparsity * linear_ms[d["batch"]])
+                speedup = base["ms_per_step"] / d["ms_per_step"]
+                results["results"].append({
+                    "model": model, "method": method, "sparsity": sparsity, "batch": d["batch"],
+                    "prompt_len": d["prompt_len"], "dense_tok_s": base["tok_s"], "sparse_tok_s": d["tok_s"],
+                    "dense_ms_per_step": base["ms_per_step"], "sparse_ms_per_step": d["ms_per_step"],
+                    "speedup": speedup, "ideal_speedup": ideal, "fraction_of_ideal": (speedup - 1) / (ideal - 1),
+                    "linear_ms_per_step": linear_ms[d["batch"]],
+                    "achieved_sparsity": sparsity, "extra_mem_bytes": eng["bytes"]["rsparse"],
+                    "weight_bytes": eng["bytes"]["weights"],
+                    "dense_prefill_tok_s": dense["prefill"]["tok_s"], "sparse_prefill_tok_s": eng["prefill"]["tok_s"],
+                })
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    print("\nmodel      method   s    batch prompt  dense ms  sparse ms  speedup  ideal")
+    for r in results["results"]:
+        print(f"{r['model']:10s} {r['method']:8s} {r['sparsity']:.2f} {r['batch']:5d} {r['prompt_len']:6d} "
+              f"{r['dense_ms_per_step']:9.3f} {r['sparse_ms_per_step']:10.3f} {r['speedup']:8.3f} {r['ideal_speedup']:6.3f}")
+
+
+if __name__ == "__main__":
+    main()
