@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_rsparse import reference
+from vllm_rsparse.config import ALL_TOKENS
 
 # A keep value that means "selection by threshold" (custom ops take no Optional[int]).
 THRESHOLD_SELECTION = -1
@@ -37,13 +38,15 @@ def _sparse_path(
     channel_scale: torch.Tensor | None,
     lowrank_up: torch.Tensor | None,
     lowrank_down: torch.Tensor | None,
+    use_crossover: bool = True,
 ) -> torch.Tensor:
     if x.is_cuda:
         from vllm_rsparse import launchers
 
         if launchers.triton_supported(x, weight):
             return launchers.sparse_linear(
-                x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down
+                x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down,
+                use_crossover=use_crossover,
             )
     return reference.sparse_linear(
         x,
@@ -76,7 +79,11 @@ def sparse_linear(
     """
     if x.shape[0] > max_sparse_tokens:
         return dense_linear(x, weight, bias)
-    return _sparse_path(x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down)
+    # "Every token sparse" (RSPARSE_MAX_SPARSE_TOKENS=all, quality evaluation) must not
+    # be undone by the kernels' own measured sparse/dense crossover.
+    use_crossover = max_sparse_tokens < ALL_TOKENS
+    return _sparse_path(x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down,
+                        use_crossover)
 
 
 @sparse_linear.register_fake

@@ -193,7 +193,12 @@ class RSparseLinearMethod(LinearMethodBase):
         else:
             from vllm_rsparse import launchers
 
+            # The kernels read [K, N] storage (a skipped input channel is a skipped
+            # contiguous row); one copy, the old layout is freed.
             layer.weight = torch.nn.Parameter(launchers.prepare_weight(layer.weight.data), requires_grad=False)
+            if layer.rsparse_lowrank_down is not None:
+                layer.rsparse_lowrank_down = torch.nn.Parameter(
+                    launchers.prepare_weight(layer.rsparse_lowrank_down.data), requires_grad=False)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         keep = ops.THRESHOLD_SELECTION if self.keep_local is None else self.keep_local
