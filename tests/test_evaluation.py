@@ -1,0 +1,87 @@
+"""rsparse-eval: task loading, the loglikelihood scorer's accounting, and the harness
+end to end through real vLLM on the tiny model (strict vs dense-prompt protocols)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from vllm_rsparse.evaluation import tasks
+from vllm_rsparse.evaluation.harness import EvalConfig, zeroshot
+
+
+@pytest.mark.parametrize("task", sorted(tasks.TASKS))
+def test_tasks_load_with_valid_labels(task):
+    full = tasks.load_task(task)
+    expected = {"arc_easy": 570, "arc_challenge": 299, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267}
+    assert len(full) == expected[task]
+    subset = tasks.load_task(task, limit=25)
+    assert len(subset) == 25 and subset == tasks.load_task(task, limit=25)  # seeded: same every time
+    for ex in subset:
+        assert 0 <= ex.label < len(ex.pairs) and len(ex.pairs) >= 2
+        for ctx, cont in ex.pairs:
+            assert ctx and cont.startswith(" ")
+
+
+def test_unknown_task_and_bad_config():
+    with pytest.raises(ValueError, match="unknown task"):
+        tasks.task_dir("mmlu")
+    with pytest.raises(ValueError, match="protocol"):
+        EvalConfig(checkpoint="x", protocol="half")
+    with pytest.raises(ValueError, match="max_model_len"):
+        EvalConfig(checkpoint="x", ppl_seq_len=2048, max_model_len=1024)
+
+
+class _FakeTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) % 97 for c in text]
+
+
+class _FakeScorer:
+    """log p = -1 per token, except tokens of the word 'right' (-0.1): the scorer must
+    sum only the continuation's tokens and pick the highest."""
+
+    tokenizer = _FakeTokenizer()
+
+    def token_logprobs(self, prompts):
+        good = set(_FakeTokenizer().encode("right"))
+        return [[-0.1 if t in good else -1.0 for t in p[1:]] for p in prompts]
+
+
+def test_zeroshot_accounting_with_a_fake_scorer():
+    ex = [tasks.Example(pairs=(("Q:", " xyz"), ("Q:", " right")), label=1),
+          tasks.Example(pairs=(("Q:", " right"), ("Q:", " no")), label=1)]
+    out = zeroshot(_FakeScorer(), ex)
+    assert out["n"] == 2 and out["acc"] == 0.5
+    assert math.isclose(out["acc_stderr"], math.sqrt(0.25 / 1))
+
+
+@pytest.mark.vllm
+def test_eval_harness_through_vllm(tiny_model_dir, calibrated_dirs, tmp_path):
+    """Strict protocol sparsifies the prompt (ppl changes); dense-prompt runs prefill dense
+    (ppl equals the dense model's). Accuracies are valid fractions. The CLI writes JSON."""
+    import gc
+
+    from vllm_rsparse.evaluation.cli import main
+    from vllm_rsparse.evaluation.harness import evaluate
+
+    small = dict(tasks=("arc_easy", "winogrande"), limit=4, ppl_windows=1, ppl_seq_len=128, max_model_len=256)
+    dense = evaluate(EvalConfig(checkpoint=str(tiny_model_dir), **small))
+    gc.collect()
+    sparse_strict = evaluate(EvalConfig(checkpoint=str(calibrated_dirs[0.5]), **small))
+    gc.collect()
+    sparse_prompt = evaluate(EvalConfig(checkpoint=str(calibrated_dirs[0.5]), protocol="dense-prompt", **small))
+    gc.collect()
+    p_dense = dense["perplexity"]["ppl"]
+    assert math.isfinite(p_dense) and 1 < p_dense < 1e4
+    assert sparse_strict["perplexity"]["ppl"] > p_dense * 1.01  # observed +8% (TEAL 0.5, 2 layers)
+    assert abs(sparse_prompt["perplexity"]["ppl"] / p_dense - 1) < 1e-3  # observed 0 (same dense prefill)
+    for result in (dense, sparse_strict):
+        for task, v in result["zeroshot"].items():
+            assert v["n"] == 4 and 0 <= v["acc"] <= 1, task
+    out = tmp_path / "eval.json"
+    assert main([str(tiny_model_dir), "--tasks", "piqa", "--limit", "2", "--ppl-windows", "0",
+                 "--max-model-len", "256", "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["zeroshot"]["piqa"]["n"] == 2
