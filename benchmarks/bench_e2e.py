@@ -134,13 +134,15 @@ def measure_engine(path: Path, args, label: str) -> dict:
     from vllm.inputs import TokensPrompt
 
     started = time.time()
+    engine_args = dict(enforce_eager=True, max_num_batched_tokens=args.max_model_len) if args.eager else dict(
+        compilation_config={"cudagraph_capture_sizes": sorted({1, 2, 4, 8, 16, 32, *args.batches})},
+        gpu_memory_utilization=0.88)
     llm = LLM(model=str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=args.max_model_len, gpu_memory_utilization=0.88, enable_prefix_caching=False,
-              max_num_seqs=max(args.batches), seed=0,
-              compilation_config={"cudagraph_capture_sizes": sorted({1, 2, 4, 8, 16, 32, *args.batches})})
+              max_model_len=args.max_model_len, enable_prefix_caching=False,
+              max_num_seqs=max(args.batches), seed=0, **engine_args)
     build_s = time.time() - started
     gen = torch.Generator().manual_seed(0)
-    vocab = 32000
+    vocab = 32000  # both benchmark shapes have >= 32000 tokens
 
     def prompts(n, length):
         return [TokensPrompt(prompt_token_ids=torch.randint(100, vocab - 100, (length,), generator=gen).tolist())
@@ -148,10 +150,10 @@ def measure_engine(path: Path, args, label: str) -> dict:
 
     def timed(ps, max_tokens):
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
-        torch.cuda.synchronize()
+        synchronize()
         t = time.perf_counter()
         llm.generate(ps, params, use_tqdm=False)
-        torch.cuda.synchronize()
+        synchronize()
         return time.perf_counter() - t
 
     result = {"label": label, "build_s": round(build_s, 1), "decode": [], "prefill": {}}
@@ -175,18 +177,26 @@ def measure_engine(path: Path, args, label: str) -> dict:
         times = [timed(ps, 1) for _ in range(args.reps)]
         result["prefill"] = {"tokens": args.prefill_batch * args.prefill_len,
                              "tok_s": args.prefill_batch * args.prefill_len / statistics.median(times)}
-        if label != "dense":
+        if label != "dense" and torch.cuda.is_available():
             result["kernel_events"] = count_triton_kernels(llm, ps[0].get("prompt_token_ids")[:128])
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return result
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def linear_time_ms(cfg: dict, batch: int) -> float:
     """A dense decode step's GEMMs (every layer's 4 projections), replayed in a CUDA graph."""
+    if not torch.cuda.is_available():
+        return 0.0  # CPU smoke runs: no ideal
     from vllm_rsparse.architectures import INPUT_GROUPS, ModelShapes
 
     shapes = ModelShapes.from_hf_config(cfg)
@@ -251,10 +261,12 @@ def main() -> None:
     p.add_argument("--prefill-batch", type=int, default=8)
     p.add_argument("--max-model-len", type=int, default=2560)
     p.add_argument("--max-tokens-in-flight", type=int, default=70000)
+    p.add_argument("--eager", action="store_true", help="no torch.compile/CUDA graphs (CPU smoke runs)")
     p.add_argument("--out", default="e2e.json")
     args = p.parse_args()
 
-    results = {"commit": os.environ.get("RSPARSE_COMMIT") or git_commit(), "gpu": torch.cuda.get_device_name(),
+    results = {"commit": os.environ.get("RSPARSE_COMMIT") or git_commit(),
+               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke run)",
                "versions": versions(),
                "command": "python benchmarks/bench_e2e.py " + " ".join(os.sys.argv[1:]),
                "protocol": __doc__.strip().split("\n\n")[1], "engines": [], "results": []}
@@ -288,7 +300,7 @@ def main() -> None:
                     "model": model, "method": method, "sparsity": sparsity, "batch": d["batch"],
                     "prompt_len": d["prompt_len"], "dense_tok_s": base["tok_s"], "sparse_tok_s": d["tok_s"],
                     "dense_ms_per_step": base["ms_per_step"], "sparse_ms_per_step": d["ms_per_step"],
-                    "speedup": speedup, "ideal_speedup": ideal, "fraction_of_ideal": (speedup - 1) / (ideal - 1),
+                    "speedup": speedup, "ideal_speedup": ideal, "fraction_of_ideal": (speedup - 1) / (ideal - 1) if ideal > 1 else None,
                     "linear_ms_per_step": linear_ms[d["batch"]],
                     "achieved_sparsity": sparsity, "extra_mem_bytes": eng["bytes"]["rsparse"],
                     "weight_bytes": eng["bytes"]["weights"],
