@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -253,6 +254,69 @@ def run_bench(shapes, gen, configs: dict, log, quick: bool) -> tuple[list, list,
     return results, layout_rows, fusion_rows
 
 
+def graph_ms(calls, reps: int = 8) -> float:
+    """Per-call GPU time of `calls` (each on its own weight copy, so consecutive calls
+    do not find their weights in L2), captured in one CUDA graph: no CPU launch cost,
+    as in vLLM's decode graphs."""
+    import triton
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for c in calls:
+                c()
+    ms = triton.testing.do_bench(graph.replay, warmup=5, rep=30, return_mode="median")
+    return ms / (reps * len(calls))
+
+
+L2_ROTATION_BYTES = 160e6  # > 3x the 50 MB L2: weights of the next call are never cached
+
+
+def graph_check(shapes, gen, configs, log) -> list:
+    """CUDA-graph timings of teal (tokens 1..16 at s=0.5, 1 token at s=0.9) and larosa
+    (1 token, s=0.5) against dense, rotating weight copies."""
+    rows, seen = [], set()
+    for name, n, k in shapes:
+        key = launchers._shape_key(n, k)
+        if key in seen:
+            continue
+        seen.add(key)
+        copies = max(3, math.ceil(L2_ROTATION_BYTES / (n * k * 2)))
+        layers = [Layer(n, k, gen) for _ in range(copies)]
+        points = [("teal", t, 0.5) for t in TOKENS] + [("teal", 1, 0.9), ("larosa", 1, 0.5), ("larosa", 1, 0.9)]
+        dense_cache = {}
+        for method, tokens, sparsity in points:
+            cfg_raw = configs.get(key, {}).get(str(tokens))
+            cfg = launchers.GemvConfig.from_dict(cfg_raw) if cfg_raw else None
+            if tokens not in dense_cache:
+                xs = [torch.randn(tokens, k, device=DEVICE, generator=gen).to(DTYPE) for _ in layers]
+                dense_cache[tokens] = graph_ms([
+                    (lambda l=l, x=x: F.linear(x, l.w_dense)) for l, x in zip(layers, xs)])
+            calls, nbytes = [], 0.0
+            for layer in layers:
+                xs, args, nb, _ = make_inputs(layer, Case(method, tokens, sparsity), gen)
+                nbytes += nb
+                calls.append(lambda x=xs[0], a=args: launchers.sparse_linear(x, **a, config=cfg, use_crossover=False))
+            ms = graph_ms(calls)
+            row = {"shape": name, "n": n, "k": k, "method": method, "tokens": tokens, "sparsity": sparsity,
+                   "dense_ms": dense_cache[tokens], "sparse_ms": ms, "ratio": ms / dense_cache[tokens],
+                   "gbs": nbytes / len(layers) / ms / 1e6, "timing": "cuda_graph"}
+            rows.append(row)
+            log(f"graph {name:18s} {method:6s} M={tokens:2d} s={sparsity} dense {row['dense_ms'] * 1e3:6.1f} us "
+                f"sparse {ms * 1e3:6.1f} us  {row['ratio']:.2f}x  {row['gbs']:.0f} GB/s")
+        for layer in layers:
+            layer.free()
+        del layers
+        torch.cuda.empty_cache()
+    return rows
+
+
 def crossover_table(results) -> dict:
     """Largest token count (of those measured) up to which sparse beats dense at every
     smaller count; 0 = never (dense even at 1 token)."""
@@ -354,6 +418,8 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="sweep block configs first and write the tables")
     ap.add_argument("--quick", action="store_true", help="rsparse variants at s=0.5 only")
     ap.add_argument("--shapes", default="", help="comma-separated subset of shape names")
+    ap.add_argument("--graph-check", action="store_true",
+                    help="only CUDA-graph timings (committed configs) of a subset; writes graph_h100.json")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     log_file = open(os.path.join(args.out, "bench.log"), "a")
@@ -384,6 +450,18 @@ def main() -> None:
     t0 = time.time()
     meta["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
     log(f"{meta}")
+
+    if args.graph_check:
+        configs = launchers._load_json("sparse_gemv.json").get("configs", {})
+        rows = graph_check(shapes, gen, configs, log)
+        meta["results"] = rows
+        with open(os.path.join(args.out, "graph_h100.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        with open(os.path.join(args.out, "dispatch.json"), "w") as f:
+            json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5,
+                       "timing": "cuda_graph", "crossover": crossover_table(rows)}, f, indent=1)
+        log(f"done in {time.time() - t0:.0f} s")
+        return
 
     if args.tune:
         configs, union_vs_row = tune(shapes, gen, log)

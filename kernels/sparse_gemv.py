@@ -85,17 +85,25 @@ def _masked_tile(
         acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    # software pipeline by hand: the next step's weight loads are issued before the
-    # current step's FMAs, so a program keeps a tile in flight while it computes
-    b_xs, b_w = _load_step(p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, o_n, m_n,
-                           s_xm, s_xk, s_row, BLOCK_K, HAS_SCALE, PER_ROW, INVERT)
-    for k0 in range(k_lo + BLOCK_K, k_hi + BLOCK_K, BLOCK_K):
-        # the last trip loads nothing (all rows masked off) and only computes
-        b_xs_next, b_w_next = _load_step(p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m, k0, k_hi, o_n, m_n,
-                                         s_xm, s_xk, s_row, BLOCK_K, HAS_SCALE, PER_ROW, INVERT)
-        if ROWS == 1:
+    if ROWS == 1:
+        # software pipeline by hand: the next step's weight loads are issued before
+        # the current step's FMAs, so a program keeps a tile in flight while it computes
+        b_xs, b_w = _load_step(p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, o_n, m_n,
+                               s_xm, s_xk, s_row, BLOCK_K, HAS_SCALE, PER_ROW, INVERT)
+        for k0 in range(k_lo + BLOCK_K, k_hi + BLOCK_K, BLOCK_K):
+            # the last trip loads nothing (all rows masked off) and only computes
+            b_xs_next, b_w_next = _load_step(p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m, k0, k_hi, o_n, m_n,
+                                             s_xm, s_xk, s_row, BLOCK_K, HAS_SCALE, PER_ROW, INVERT)
             acc2 += tl.sum(b_xs, axis=0)[:, None] * b_w.to(tl.float32)
-        else:
+            b_xs = b_xs_next
+            b_w = b_w_next
+    else:
+        # the tl.dot path is left to Triton's own pipeliner (num_stages): a hand
+        # pipelined loop that carries dot operands across iterations gave wrong
+        # results on the H100 with num_stages=2 (benchmarks/results/kernel_tests_h100.log)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            b_xs, b_w = _load_step(p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m, k0, k_hi, o_n, m_n,
+                                   s_xm, s_xk, s_row, BLOCK_K, HAS_SCALE, PER_ROW, INVERT)
             if DOT_F32:
                 # interpreter: numpy has no bf16, compute in f32
                 acc = tl.dot(b_xs, b_w.to(tl.float32), acc, input_precision="ieee")
@@ -103,8 +111,6 @@ def _masked_tile(
                 # x values are exact in the weight dtype, products are exact in f32,
                 # tensor cores accumulate in f32
                 acc = tl.dot(b_xs.to(b_w.dtype), b_w, acc)
-        b_xs = b_xs_next
-        b_w = b_w_next
     if ROWS == 1:
         acc = tl.sum(acc2, axis=0)[None, :]
     return acc
