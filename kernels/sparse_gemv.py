@@ -179,6 +179,9 @@ def sparse_gemv_kernel(
         if n_arrived == n_split - 1:
             # .cg: read through L2, where the other programs' atomics landed
             acc = tl.load(p_tile, mask=m_out, other=0.0, cache_modifier=".cg")
+            # the zeroing store may use another thread layout than the load: no thread
+            # may zero an element before every thread has read it
+            tl.debug_barrier()
             tl.store(p_tile, tl.zeros([ROWS, BLOCK_N], dtype=tl.float32), mask=m_out)
             _store_result(acc, is_v, o_m, o_n, m_out, o_n < N, p_bias, p_out, p_y32, p_z,
                           N, R, s_om, s_on, HAS_BIAS, HAS_LOWRANK)

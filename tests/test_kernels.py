@@ -203,6 +203,19 @@ def test_configs_agree(rows, split_k, gen):
     assert int(counters.abs().sum()) == 0 and float(acc.abs().sum()) == 0.0, "split-K workspace left dirty"
 
 
+@pytest.mark.xfail(HAS_CUDA, strict=False,
+                   reason="union (tl.dot) program without low-rank: wrong results on the H100 in a share "
+                          "of runs (docs/kernels.md); disabled in launchers (UNION_ROWS_ENABLED)")
+def test_union_without_lowrank(gen):
+    n, k, m = (200, 300, 6) if not HAS_CUDA else (4096, 11008, 16)
+    w, b, _, _, _ = make_layer(n, k, torch.bfloat16, gen)
+    x = randn(m, k, gen=gen, dtype=torch.bfloat16)
+    thr = threshold_for(x, 0.5, None)
+    cfg = launchers.GemvConfig(rows=16, block_n=128, block_k=64, split_k=8, num_warps=4, num_stages=2)
+    out = launchers.sparse_gemv(x, launchers.prepare_weight(w).t(), thr.float(), None, b, None, None, None, cfg)
+    check_close(out, reference.sparse_linear(x, w, b, threshold=thr))
+
+
 def test_unprepared_weight_warns_and_is_correct(gen):
     n, k = 64, 96
     w, b, _, _, _ = make_layer(n, k, torch.float16, gen)
