@@ -31,8 +31,9 @@ from vllm_rsparse.calibration.stats import LogHistogram, run_calibration_forward
 from vllm_rsparse.checkpoint import tensor_name
 from vllm_rsparse.config import ModuleSettings
 
-# Sparse shares tried per group. 1.0 = pure sparse (no low-rank), 0.0 = pure low-rank.
-DEFAULT_SHARE_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
+# Sparse shares tried per group. 1.0 = pure sparse (no low-rank); the paper's range ends at
+# 0.02 (a = 0 would skip every channel, which the config rejects as input_sparsity 1).
+DEFAULT_SHARE_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02)
 
 
 @dataclasses.dataclass(frozen=True)
