@@ -30,17 +30,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing: the serving helper
 
-WORDS = ("the river city market history science water music light energy garden people language "
-         "mountain winter ocean story science engine museum forest island village").split()
-
-
 def workload(n: int, seed: int) -> list[dict]:
-    """n distinct requests: prompts of 4..120 words, 4..48 output tokens."""
+    """n distinct requests: passages of held-out Wikipedia text of 4..150 words (never
+    calibration text), 4..48 output tokens."""
+    from vllm_rsparse.calibration import data
+
+    words = data.heldout_text().split()
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 120))]
-        out.append({"id": i, "prompt": f"Request {i}: " + " ".join(words), "max_tokens": rng.randint(4, 48)})
+        length = rng.randint(4, 150)
+        start = rng.randrange(0, len(words) - length)
+        out.append({"id": i, "prompt": " ".join(words[start:start + length]), "max_tokens": rng.randint(4, 48)})
     return out
 
 
@@ -77,6 +78,7 @@ def main() -> None:
     p.add_argument("--request-timeout-s", type=float, default=300.0)
     p.add_argument("--max-sparse-tokens", default="all",
                    help="RSPARSE_MAX_SPARSE_TOKENS for the server ('all': every batch sparse, per-row masks)")
+    p.add_argument("--prefix-caching", action="store_true", help="leave vLLM's prefix caching on")
     p.add_argument("--out", default="benchmarks/results/load_cpu.json")
     args = p.parse_args()
 
@@ -85,6 +87,10 @@ def main() -> None:
     requests = workload(args.clients * args.requests_per_client, args.seed)
     server_args = ["--enforce-eager", "--max-model-len", "1024", "--max-num-batched-tokens", "1024",
                    "--dtype", "bfloat16", "--max-num-seqs", str(args.clients)]
+    if not args.prefix_caching:
+        # A cached prefix was computed in another batch: one more source of batch-dependent
+        # rounding, and not what "the same request sent alone" means.
+        server_args.append("--no-enable-prefix-caching")
     env = {"RSPARSE_MAX_SPARSE_TOKENS": args.max_sparse_tokens}
     log = Path(args.out).with_suffix(".server.log")
     started = time.time()

@@ -30,6 +30,7 @@ from vllm_rsparse import architectures, ops
 from vllm_rsparse.architectures import ModelShapes, UnsupportedArchitectureError
 from vllm_rsparse.checkpoint import CheckpointError, validate_checkpoint
 from vllm_rsparse.config import (
+    ALL_TOKENS,
     QUANT_METHOD,
     ModuleSettings,
     RSparseCheckpointConfig,
@@ -199,6 +200,15 @@ class RSparseLinearMethod(LinearMethodBase):
             if layer.rsparse_lowrank_down is not None:
                 layer.rsparse_lowrank_down = torch.nn.Parameter(
                     launchers.prepare_weight(layer.rsparse_lowrank_down.data), requires_grad=False)
+            if self.max_sparse_tokens < ALL_TOKENS:
+                # Up to how many tokens the kernels beat dense cuBLAS for this shape at this
+                # module's sparsity (measured, kernels/configs/dispatch.json); beyond it the
+                # op runs dense. Unmeasured shapes keep the configured limit.
+                n, k = layer.weight.shape
+                selection = "threshold" if self.keep_local is None else "topk"
+                limit = launchers.crossover_tokens(n, k, selection, self.settings.input_sparsity)
+                if limit is not None:
+                    self.max_sparse_tokens = min(self.max_sparse_tokens, limit)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         keep = ops.THRESHOLD_SELECTION if self.keep_local is None else self.keep_local
