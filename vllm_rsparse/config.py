@@ -209,6 +209,11 @@ class RSparseCheckpointConfig:
         }
 
 
+def max_sparse_tokens_overridden() -> bool:
+    """Whether RSPARSE_MAX_SPARSE_TOKENS sets the limit (an explicit user decision)."""
+    return bool(os.environ.get(MAX_SPARSE_TOKENS_ENV, "").strip())
+
+
 def effective_max_sparse_tokens(configured: int) -> int:
     """max_sparse_tokens after the RSPARSE_MAX_SPARSE_TOKENS override, if set."""
     raw = os.environ.get(MAX_SPARSE_TOKENS_ENV)

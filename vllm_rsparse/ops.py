@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from vllm_rsparse import reference
-from vllm_rsparse.config import ALL_TOKENS
 
 # A keep value that means "selection by threshold" (custom ops take no Optional[int]).
 THRESHOLD_SELECTION = -1
@@ -71,24 +70,25 @@ def sparse_linear(
     lowrank_up: torch.Tensor | None,
     lowrank_down: torch.Tensor | None,
     max_sparse_tokens: int,
+    use_crossover: bool,
 ) -> torch.Tensor:
     """x [M, K]  weight [N, K] (any strides)  bias [N]  threshold [1] f32
     channel_scale [K]  lowrank_up [N, r]  lowrank_down [r, K]  ->  y [M, N]
 
     keep == THRESHOLD_SELECTION selects by threshold, keep >= 0 by exact top-k.
+    use_crossover: let the kernels fall back to dense where their measured crossover
+    says dense is faster. False when the user set the limit explicitly (e.g. "every
+    token sparse" for quality evaluation, or a speed experiment).
     """
     if x.shape[0] > max_sparse_tokens:
         return dense_linear(x, weight, bias)
-    # "Every token sparse" (RSPARSE_MAX_SPARSE_TOKENS=all, quality evaluation) must not
-    # be undone by the kernels' own measured sparse/dense crossover.
-    use_crossover = max_sparse_tokens < ALL_TOKENS
     return _sparse_path(x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down,
                         use_crossover)
 
 
 @sparse_linear.register_fake
 def _sparse_linear_fake(
-    x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down, max_sparse_tokens
+    x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down, max_sparse_tokens, use_crossover
 ):
     return x.new_empty((x.shape[0], weight.shape[0]))
 

@@ -30,11 +30,11 @@ from vllm_rsparse import architectures, ops
 from vllm_rsparse.architectures import ModelShapes, UnsupportedArchitectureError
 from vllm_rsparse.checkpoint import CheckpointError, validate_checkpoint
 from vllm_rsparse.config import (
-    ALL_TOKENS,
     QUANT_METHOD,
     ModuleSettings,
     RSparseCheckpointConfig,
     effective_max_sparse_tokens,
+    max_sparse_tokens_overridden,
 )
 from vllm_rsparse.parameters import RSparseParameter
 
@@ -127,6 +127,9 @@ class RSparseLinearMethod(LinearMethodBase):
         self.settings = settings
         self.member_names = architectures.member_names(prefix, group)
         self.max_sparse_tokens = effective_max_sparse_tokens(checkpoint_config.max_sparse_tokens)
+        # An explicit RSPARSE_MAX_SPARSE_TOKENS is obeyed as given; the checkpoint's
+        # default is refined by the kernels' measured sparse/dense crossover.
+        self.use_crossover = not max_sparse_tokens_overridden()
 
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
@@ -200,7 +203,7 @@ class RSparseLinearMethod(LinearMethodBase):
             if layer.rsparse_lowrank_down is not None:
                 layer.rsparse_lowrank_down = torch.nn.Parameter(
                     launchers.prepare_weight(layer.rsparse_lowrank_down.data), requires_grad=False)
-            if self.max_sparse_tokens < ALL_TOKENS:
+            if self.use_crossover:
                 # Up to how many tokens the kernels beat dense cuBLAS for this shape at this
                 # module's sparsity (measured, kernels/configs/dispatch.json); beyond it the
                 # op runs dense. Unmeasured shapes keep the configured limit.
@@ -224,5 +227,6 @@ class RSparseLinearMethod(LinearMethodBase):
             y = torch.ops.rsparse.sparse_linear(
                 x2, layer.weight, bias, layer.rsparse_threshold, keep, layer.rsparse_score_weight,
                 layer.rsparse_lowrank_up, layer.rsparse_lowrank_down, self.max_sparse_tokens,
+                self.use_crossover,
             )
         return y.reshape(*lead, y.shape[-1])
