@@ -261,15 +261,22 @@ def main() -> None:
     p.add_argument("--prefill-batch", type=int, default=8)
     p.add_argument("--max-model-len", type=int, default=2560)
     p.add_argument("--max-tokens-in-flight", type=int, default=70000)
+    p.add_argument("--dispatch", choices=["measured", "kernels"], default="measured",
+                   help="measured: the plugin's default (kernels only where their measured crossover says "
+                        "they beat dense); kernels: every batch <= 16 tokens through the kernels "
+                        "(RSPARSE_MAX_SPARSE_TOKENS=16), to see the kernels in situ")
     p.add_argument("--eager", action="store_true", help="no torch.compile/CUDA graphs (CPU smoke runs)")
     p.add_argument("--out", default="e2e.json")
     args = p.parse_args()
+    if args.dispatch == "kernels":
+        os.environ["RSPARSE_MAX_SPARSE_TOKENS"] = "16"
 
     results = {"commit": os.environ.get("RSPARSE_COMMIT") or git_commit(),
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke run)",
                "versions": versions(),
                "command": "python benchmarks/bench_e2e.py " + " ".join(os.sys.argv[1:]),
-               "protocol": __doc__.strip().split("\n\n")[1], "engines": [], "results": []}
+               "protocol": __doc__.strip().split("\n\n")[1], "dispatch": args.dispatch,
+               "engines": [], "results": []}
     work = Path(tempfile.mkdtemp(prefix="rsparse-e2e-"))
     for model in args.models:
         cfg = model_config(MODEL_CONFIGS[model], Path(args.models_dir))
