@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--request-timeout-s", type=float, default=300.0)
     p.add_argument("--max-sparse-tokens", default="all",
                    help="RSPARSE_MAX_SPARSE_TOKENS for the server ('all': every batch sparse, per-row masks)")
+    p.add_argument("--dtype", default="bfloat16", help="model dtype on the server (float32 isolates rounding)")
     p.add_argument("--prefix-caching", action="store_true", help="leave vLLM's prefix caching on")
     p.add_argument("--out", default="benchmarks/results/load_cpu.json")
     args = p.parse_args()
@@ -86,7 +87,7 @@ def main() -> None:
 
     requests = workload(args.clients * args.requests_per_client, args.seed)
     server_args = ["--enforce-eager", "--max-model-len", "1024", "--max-num-batched-tokens", "1024",
-                   "--dtype", "bfloat16", "--max-num-seqs", str(args.clients)]
+                   "--dtype", args.dtype, "--max-num-seqs", str(args.clients)]
     if not args.prefix_caching:
         # A cached prefix was computed in another batch: one more source of batch-dependent
         # rounding, and not what "the same request sent alone" means.
@@ -139,6 +140,7 @@ def main() -> None:
         "command": "python benchmarks/load_test.py " + " ".join(sys.argv[1:]),
         "checkpoint": str(args.checkpoint),
         "server_env": env,
+        "server_args": server_args,
         "clients": args.clients,
         "requests": sent,
         "rounds": rounds_done,
