@@ -67,6 +67,23 @@ def tree_rss_mb(pid: int) -> float:
     return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
 
 
+def markdown(r: dict) -> str:
+    return "\n".join([
+        f"# Load test: {r['checkpoint']}",
+        "",
+        f"commit {r['commit']}, {r['machine']}, " + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+        + f". Command: `{r['command']}`. Server env {r['server_env']}, args `{' '.join(r['server_args'])}`.",
+        "",
+        "| clients | requests | errors | mismatches vs alone | RSS start -> end (MB) | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|",
+        f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['mismatches']} | {r['rss_start_mb']:.0f} -> "
+        f"{r['rss_end_mb']:.0f} | {r['p50_ms']} | {r['p99_ms']} |",
+        "",
+        f"RSS after the solo pass and each round: {r['rss_per_round_mb']}",
+        "",
+    ])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint")
@@ -157,6 +174,7 @@ def main() -> None:
         "server_pid": pid,
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).with_suffix(".md").write_text(markdown(result))
     print(json.dumps({k: v for k, v in result.items() if "examples" not in k}, indent=1))
 
 
