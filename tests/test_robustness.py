@@ -93,3 +93,55 @@ def test_tensor_parallel_size_that_does_not_divide_the_shapes_is_refused(calibra
     with pytest.raises(Exception, match=r"(?s)attention heads \(9\) must be divisible by tensor parallel size \(2\)"):
         with make_llm(calibrated_dirs[0.5], tensor_parallel_size=2):
             pass
+
+
+def _stream_first_chunks(url: str, model: str, prompt: str, chunks: int) -> list[str]:
+    """Open a streaming completion and return after `chunks` SSE data lines (mid-stream)."""
+    import json
+    import urllib.request
+
+    payload = {"model": model, "prompt": prompt, "max_tokens": 200, "temperature": 0, "stream": True,
+               "ignore_eos": True}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    got = []
+    resp = urllib.request.urlopen(req, timeout=120)
+    for raw in resp:
+        line = raw.decode().strip()
+        if line.startswith("data: {"):
+            got.append(json.loads(line[6:])["choices"][0]["text"])
+            if len(got) >= chunks:
+                break
+    return got
+
+
+def _complete(url: str, model: str, prompt: str) -> str:
+    import json
+    import urllib.request
+
+    payload = {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())["choices"][0]["text"]
+
+
+@pytest.mark.vllm
+def test_server_killed_mid_stream_restarts_with_the_same_answers(calibrated_dirs, tmp_path):
+    from vllm_rsparse.serving import VLLMServer
+
+    ckpt = str(calibrated_dirs[0.5])
+    args = ["--enforce-eager", "--max-model-len", "512", "--max-num-batched-tokens", "512",
+            "--dtype", "bfloat16", "--max-num-seqs", "4", "--no-enable-prefix-caching"]
+    prompts = ["The capital of France is", "In 1850 the river", "Photosynthesis converts"]
+    server = VLLMServer(ckpt, extra_args=args, log_path=tmp_path / "first.log").start()
+    try:
+        before = [_complete(server.url, ckpt, p) for p in prompts]
+        assert len(_stream_first_chunks(server.url, ckpt, "Once upon a time", 3)) == 3
+        server.stop(sig=signal.SIGKILL)  # mid-stream: the stream above is still open
+    finally:
+        server.stop(sig=signal.SIGKILL)
+    assert server.process.returncode == -signal.SIGKILL
+    with VLLMServer(ckpt, extra_args=args, log_path=tmp_path / "second.log") as restarted:
+        after = [_complete(restarted.url, ckpt, p) for p in prompts]
+    assert after == before
