@@ -179,9 +179,21 @@ def _versions() -> dict:
     return out
 
 
+def merge_rows(rows: list[dict]) -> list[dict]:
+    """One row per (model, method, sparsity): the latest row with zero-shot results wins,
+    a perplexity-only run fills in where no zero-shot run exists."""
+    merged: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["model"], r["method"], r["sparsity"])
+        old = merged.get(key)
+        if old is None or r["zeroshot"] or not old["zeroshot"]:
+            merged[key] = r
+    return sorted(merged.values(), key=lambda r: (r["model"], r["method"], r["sparsity"]))
+
+
 def cmd_report(args) -> None:
     workdir = Path(args.workdir)
-    rows = load_results(workdir)
+    rows = merge_rows(load_results(workdir))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     sims = {p.stem: json.loads(p.read_text()) for p in workdir.glob("rotation_sim_*.json")}
     report = {
@@ -230,7 +242,7 @@ def write_markdown(report: dict, path: Path) -> None:
         lines += ["", f"Zero-shot n per task: {', '.join(n for _, n in ns)}.", ""]
     for name, sim in report.get("rotation_simulation", {}).items():
         lines += [f"## LaRoSA rotation placement ({name})", "", sim["protocol"], "",
-                  "| sparsity | no rotation (top-k) | global Q (folded, served) | per-layer Q_l (needs adapter) |",
+                  "| sparsity | no rotation (gammas folded, top-k) | global Q (folded, served) | per-layer Q_l (needs adapter) |",
                   "|---|---|---|---|"]
         for r in sim["rows"]:
             if "global" in r:
