@@ -317,6 +317,123 @@ def graph_check(shapes, gen, configs, log) -> list:
     return rows
 
 
+def graph_time_ms(calls, reps: int = 4, replays: int = 7) -> float:
+    """graph_ms with CUDA events and few replays: the same measurement (one CUDA graph of
+    reps x calls, weights rotated), cheap enough for a config sweep."""
+    if DRY_RUN:
+        for c in calls:
+            c()
+        return 0.01
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for c in calls:
+                c()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2] / (reps * len(calls))
+
+
+# compact (rows = 1) sweep: (block_n, block_k, num_warps) x K chunk
+SWEEP_TILES = [(64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 64, 4), (256, 32, 4), (256, 64, 8)]
+SWEEP_CHUNKS = [256, 512, 1024, 2048]
+SWEEP_SPARSITIES = [0.0, 0.5, 0.9]
+SWEEP_LEADERS = 4
+
+
+def sweep_configs(n: int, k: int, sms: int) -> list[launchers.GemvConfig]:
+    out = []
+    for (bn, bk, warps), chunk in itertools.product(SWEEP_TILES, SWEEP_CHUNKS):
+        split = launchers.triton_cdiv(k, chunk)
+        # fewer programs than SMs leaves bandwidth idle at 1 token
+        if launchers.triton_cdiv(n, bn) * split < sms:
+            continue
+        out.append(launchers.GemvConfig(1, bn, bk, split, warps, 1))
+    return out[:2] if DRY_RUN else out
+
+
+def graph_sweep(shapes, gen, log) -> tuple[list, dict]:
+    """Per shape and token count: every sweep config at s = 0.5 under CUDA graphs, the
+    winner then at every SWEEP_SPARSITIES level; dense in the same graphs; larosa at 1 token."""
+    sms = 4 if DRY_RUN else torch.cuda.get_device_properties(0).multi_processor_count
+    rows, table, seen = [], {}, set()
+    for name, n, k in shapes:
+        key = launchers._shape_key(n, k)
+        if key in seen:
+            continue
+        seen.add(key)
+        copies = 1 if DRY_RUN else max(3, math.ceil(L2_ROTATION_BYTES / (n * k * 2)))
+        layers = [Layer(n, k, gen) for _ in range(copies)]
+        table[key] = {}
+        for tokens in TOKENS[:2] if DRY_RUN else TOKENS:
+            xs = [torch.randn(tokens, k, device=DEVICE, generator=gen).to(DTYPE) for _ in layers]
+            dense = graph_time_ms([(lambda l=l, x=x: F.linear(x, l.w_dense)) for l, x in zip(layers, xs)])
+
+            inputs = {}
+
+            def sparse_calls(method, sparsity, cfg):
+                # the same inputs for every config of a point: configs compare on equal data
+                if (method, sparsity) not in inputs:
+                    inputs[method, sparsity] = [make_inputs(layer, Case(method, tokens, sparsity), gen)
+                                                for layer in layers]
+                calls, nbytes = [], 0.0
+                for xs_, args, nb, _ in inputs[method, sparsity]:
+                    nbytes += nb
+                    calls.append(lambda x=xs_[0], a=args: launchers.sparse_linear(
+                        x, **a, config=cfg, use_crossover=False))
+                return calls, nbytes / len(layers)
+
+            best = None
+            # every config at 1 token; more tokens re-rank the 1-token leaders (compile and
+            # device time: the sweep has to fit one short GPU call)
+            candidates = sweep_configs(n, k, sms) if tokens == 1 else leaders
+            timed = []
+            for cfg in candidates:
+                calls_cfg, _ = sparse_calls("teal", 0.5, cfg)
+                try:
+                    ms = graph_time_ms(calls_cfg)
+                except Exception as exc:
+                    log(f"  skip {cfg}: {type(exc).__name__}: {exc}")
+                    continue
+                timed.append((ms, cfg))
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            if tokens == 1:
+                leaders = [c for _, c in sorted(timed, key=lambda t: t[0])[:SWEEP_LEADERS]]
+            table[key][str(tokens)] = dataclasses.asdict(best[1])
+            points = [("teal", s) for s in SWEEP_SPARSITIES] + ([("larosa", 0.5)] if tokens == 1 else [])
+            for method, sparsity in points:
+                calls_s, nbytes = sparse_calls(method, sparsity, best[1])
+                ms = graph_time_ms(calls_s)
+                row = {"shape": name, "n": n, "k": k, "method": method, "tokens": tokens, "sparsity": sparsity,
+                       "dense_ms": dense, "sparse_ms": ms, "ratio": ms / dense, "gbs": nbytes / ms / 1e6,
+                       "ideal_ms": dense * (1 - sparsity), "config": dataclasses.asdict(best[1]),
+                       "timing": "cuda_graph"}
+                rows.append(row)
+                log(f"sweep {name:18s} {method:6s} M={tokens:2d} s={sparsity} dense {dense * 1e3:6.1f} us "
+                    f"sparse {ms * 1e3:6.1f} us {row['ratio']:.2f}x {row['gbs']:.0f} GB/s "
+                    f"bn{best[1].block_n} bk{best[1].block_k} split{best[1].split_k} w{best[1].num_warps}")
+        for layer in layers:
+            layer.free()
+        del layers
+        if not DRY_RUN:
+            torch.cuda.empty_cache()
+    return rows, table
+
+
 def crossover_table(results) -> dict:
     """Largest token count (of those measured) up to which sparse beats dense at every
     smaller count; 0 = never (dense even at 1 token)."""
@@ -420,6 +537,9 @@ def main() -> None:
     ap.add_argument("--shapes", default="", help="comma-separated subset of shape names")
     ap.add_argument("--graph-check", action="store_true",
                     help="only CUDA-graph timings (committed configs) of a subset; writes graph_h100.json")
+    ap.add_argument("--graph-sweep", action="store_true",
+                    help="CUDA-graph config sweep of the compact kernel + table; writes kernels_h100_graph.json, "
+                         "sparse_gemv.json, dispatch.json")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     log_file = open(os.path.join(args.out, "bench.log"), "a")
@@ -450,6 +570,29 @@ def main() -> None:
     t0 = time.time()
     meta["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
     log(f"{meta}")
+
+    if args.graph_sweep:
+        rows, configs = graph_sweep(shapes, gen, log)
+        meta["results"] = rows
+        with open(os.path.join(args.out, "kernels_h100_graph.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        with open(os.path.join(args.out, "sparse_gemv.json"), "w") as f:
+            json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "tokens": TOKENS, "timing": "cuda_graph",
+                       "note": "best compact (rows = 1) config of benchmarks/bench_kernels.py --graph-sweep, "
+                               "teal at sparsity 0.5", "configs": configs}, f, indent=1)
+        with open(os.path.join(args.out, "dispatch.json"), "w") as f:
+            json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5,
+                       "timing": "cuda_graph", "crossover": crossover_table(rows),
+                       "note": "largest token count (of 1,2,4,8,16) up to which the sparse kernel beat cuBLAS "
+                               "dense under CUDA graphs (--graph-sweep); 0 = dense even at 1 token; topk "
+                               "measured at 1 token only"}, f, indent=1)
+        log(f"done in {time.time() - t0:.0f} s")
+        for r in rows:
+            if r["tokens"] == 1 and r["sparsity"] in (0.5, 0.9):
+                log(f"{r['shape']:18s} {r['method']:7s} s={r['sparsity']} dense {r['dense_ms'] * 1e3:.1f} us "
+                    f"{r['sparse_ms'] * 1e3:.1f} us {r['ratio']:.2f}x, "
+                    f"{r['gbs']:.0f} GB/s ({r['gbs'] / meta['copy_bandwidth_gbs'] * 100:.0f}% of copy)")
+        return
 
     if args.graph_check:
         configs = launchers._load_json("sparse_gemv.json").get("configs", {})

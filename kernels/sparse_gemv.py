@@ -133,7 +133,6 @@ def sparse_gemv_kernel(
     i_n = tl.program_id(0)
     i_k = tl.program_id(1)
     i_g = tl.program_id(2)
-    n_split = tl.num_programs(1)
     o_m = i_g * ROWS + tl.arange(0, ROWS)
     m_m = o_m < M
     if PER_ROW:
@@ -166,6 +165,17 @@ def sparse_gemv_kernel(
 
     o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
     m_out = m_m[:, None] & m_n[None, :]
+    _finish(acc, is_v, i_n, i_g, col0, o_m, o_n, m_out, p_acc, p_count, p_bias, p_out, p_y32, p_z,
+            N, R, ws_cols, s_om, s_on, ROWS, BLOCK_N, HAS_BIAS, HAS_LOWRANK, SPLIT)
+
+
+@triton.jit
+def _finish(acc, is_v, i_n, i_g, col0, o_m, o_n, m_out, p_acc, p_count, p_bias, p_out, p_y32, p_z,
+            N, R, ws_cols, s_om, s_on,
+            ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+            HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr):
+    # acc [ROWS, BLOCK_N] f32: this program's partial sum of output tile (i_n, i_g)
+    n_split = tl.num_programs(1)
     if SPLIT:
         # split-K: fire-and-forget f32 atomics into a zeroed accumulator (no latency
         # chain, whatever split_k is); the last program of the tile reads the sum,
@@ -246,3 +256,129 @@ def lowrank_up_kernel(
     m_out = m_m[:, None] & m_n[None, :]
     acc += tl.load(p_y32 + o_m[:, None] * N + o_n[None, :], mask=m_out, other=0.0)
     tl.store(p_out + o_m[:, None] * s_om + o_n[None, :] * s_on, acc.to(p_out.dtype.element_ty), mask=m_out)
+
+
+# ---------------------------------------------------------------------------
+# one-row programs over a compact list of the selected channels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
+                  CHUNK: tl.constexpr, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr):
+    # x row i_m, channels [k_lo, k_hi) -> list[k_lo : k_lo + n_sel] = selected channel
+    # indices in ascending order; returns n_sel.
+    # One vector load of the whole chunk replaces the walk over K: the weight loop below
+    # then runs n_sel / BLOCK_K steps, not CHUNK / BLOCK_K, so time follows the bytes.
+    o_k = k_lo + tl.arange(0, CHUNK)
+    m_k = o_k < k_hi
+    b_score = tl.abs(tl.load(p_x + i_m * s_xm + o_k * s_xk, mask=m_k, other=0.0).to(tl.float32))
+    if HAS_SCALE:
+        # the same f32 arithmetic as reference.channel_scores and topk_select._score_bits
+        b_score = b_score * tl.load(p_scale + o_k, mask=m_k, other=0.0).to(tl.float32)
+    m_sel = b_score > thr
+    if PER_ROW:
+        m_sel = m_sel | ((b_score == thr) & (o_k <= jcut))
+    if INVERT:
+        m_sel = ~m_sel
+    m_sel = m_sel & m_k
+    b_rank = tl.cumsum(m_sel.to(tl.int32), axis=0)
+    n_sel = tl.sum(m_sel.to(tl.int32), axis=0)
+    # every program of this (row, chunk, w|v) writes the same values to the same slots,
+    # so concurrent writers cannot disagree; the list lives in L2 and is read back below
+    tl.store(p_list + k_lo + b_rank - 1, o_k, mask=m_sel)
+    # the loop reads slots other threads of this program wrote: block barrier (it also
+    # orders this CTA's global writes before its reads)
+    tl.debug_barrier()
+    return n_sel
+
+
+@triton.jit
+def _gather_step(p_xrow, p_mat, p_list, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K: tl.constexpr):
+    # list entries [j0, j0 + BLOCK_K) -> x values [BLOCK_K] f32 and weight rows [BLOCK_K, BLOCK_N]
+    o_j = j0 + tl.arange(0, BLOCK_K)
+    m_j = o_j < n_sel
+    b_idx = tl.load(p_list + o_j, mask=m_j, other=0)
+    b_xv = tl.load(p_xrow + b_idx * s_xk, mask=m_j, other=0.0).to(tl.float32)
+    # every unmasked row is a selected channel: each weight load is useful bytes
+    b_w = tl.load(p_mat + b_idx[:, None] * s_row + o_n[None, :], mask=m_j[:, None] & m_n[None, :], other=0.0)
+    return b_xv, b_w
+
+
+@triton.jit
+def _compact_tile(p_x, p_mat, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, i_col, n_cols, s_xm, s_xk, s_row,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr):
+    # -> acc [1, BLOCK_N] f32 = sum over selected k in [k_lo, k_hi) of x[i_m, k] * mat[k, cols]
+    n_sel = _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
+                          CHUNK, HAS_SCALE, PER_ROW, INVERT)
+    p_list_chunk = p_list + k_lo
+    p_xrow = p_x + i_m * s_xm
+    o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < n_cols
+    # [BLOCK_K, BLOCK_N] register tile of FMAs, reduced once after the loop (no
+    # cross-thread reduction in the loop body)
+    acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    # hand pipeline: the next step's gathers are issued before the current FMAs
+    b_xv, b_w = _gather_step(p_xrow, p_mat, p_list_chunk, 0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K)
+    for j0 in range(BLOCK_K, n_sel + BLOCK_K, BLOCK_K):
+        # the last trip loads nothing (every entry masked off) and only computes
+        b_xv_next, b_w_next = _gather_step(p_xrow, p_mat, p_list_chunk, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K)
+        acc2 += b_xv[:, None] * b_w.to(tl.float32)
+        b_xv = b_xv_next
+        b_w = b_w_next
+    return tl.sum(acc2, axis=0)[None, :]
+
+
+@triton.jit
+def sparse_gemv_compact_kernel(
+    p_x, p_w, p_v, p_scale, p_thr, p_jcut, p_bias, p_list,
+    p_acc, p_count, p_out, p_y32, p_z,
+    M, N, K, R, n_tiles_w, ws_cols, list_cols,
+    s_xm, s_xk, s_wk, s_vk, s_om, s_on,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr,
+):
+    # x [M, K]  w_t [K, N]  v_t [K, R]  scale [K]  thr [1] or [M] f32  jcut [M] i32  bias [N]
+    # list [2 * M, list_cols] i32 (scratch: selected | dropped channel lists per row)
+    # acc [16, ws_cols] f32 (zeros)  count [tiles * M] i32 (zeros)
+    # out [M, N] (no lowrank) | y32 [M, N] f32 and z [M, R] f32 (lowrank)
+    # grid (n_tiles_w + n_tiles_v, cdiv(K, CHUNK), M); tiles >= n_tiles_w are v_t tiles.
+    # One program = one token row x one output tile x one K chunk.
+    i_n = tl.program_id(0)
+    i_k = tl.program_id(1)
+    i_m = tl.program_id(2)
+    if PER_ROW:
+        thr = tl.load(p_thr + i_m)
+        jcut = tl.load(p_jcut + i_m)
+    else:
+        thr = tl.load(p_thr)
+        jcut = i_m
+    k_lo = i_k * CHUNK
+    k_hi = tl.minimum(k_lo + CHUNK, K)
+    o_m = i_m + tl.arange(0, 1)
+    m_m = o_m < M
+    if HAS_LOWRANK:
+        is_v = (i_n >= n_tiles_w).to(tl.int32)
+        i_col = i_n - is_v * n_tiles_w
+        col0 = is_v * N
+        if i_n >= n_tiles_w:
+            # z = V ((1 - m) x): the list of the dropped channels, in its own scratch row
+            acc = _compact_tile(p_x, p_v, p_scale, p_list + (M + i_m) * list_cols, i_m, thr, jcut, k_lo, k_hi,
+                                i_col, R, s_xm, s_xk, s_vk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, True)
+        else:
+            acc = _compact_tile(p_x, p_w, p_scale, p_list + i_m * list_cols, i_m, thr, jcut, k_lo, k_hi,
+                                i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False)
+        m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < (N + is_v * (R - N))
+    else:
+        is_v = 0
+        i_col = i_n
+        col0 = 0
+        acc = _compact_tile(p_x, p_w, p_scale, p_list + i_m * list_cols, i_m, thr, jcut, k_lo, k_hi,
+                            i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False)
+        m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < N
+    o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_out = m_m[:, None] & m_n[None, :]
+    _finish(acc, is_v, i_n, i_m, col0, o_m, o_n, m_out, p_acc, p_count, p_bias, p_out, p_y32, p_z,
+            N, R, ws_cols, s_om, s_on, 1, BLOCK_N, HAS_BIAS, HAS_LOWRANK, SPLIT)

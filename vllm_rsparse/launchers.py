@@ -41,6 +41,13 @@ UNION_ROWS_ENABLED = False
 # MAX_ROWS x WORKSPACE_COLS (4 MiB); N + r of a layer must fit in WORKSPACE_COLS.
 COUNTER_SLOTS = 1 << 16
 WORKSPACE_COLS = 1 << 16
+# Channel-list scratch of the one-row (compact) programs: per row, the selected and the
+# dropped channels' indices, int32 [2 * MAX_ROWS, WORKSPACE_COLS] (8 MiB); K <= WORKSPACE_COLS.
+LIST_ROWS = 2 * MAX_ROWS
+# K chunk of one compact program: a power of two (tl.arange); at least a few list
+# steps' worth, at most what one program holds in registers as one x vector.
+MIN_CHUNK = 16
+MAX_CHUNK = 4096
 # Selections of the op (ops.THRESHOLD_SELECTION is keep == -1).
 THRESHOLD_SELECTION = -1
 
@@ -72,7 +79,7 @@ class GemvConfig:
     rows: int
     block_n: int
     block_k: int
-    split_k: int
+    split_k: int  # rows = 1: K chunk = next_pow2(cdiv(K, split_k)) in [MIN_CHUNK, MAX_CHUNK]
     num_warps: int
     num_stages: int
 
@@ -211,8 +218,9 @@ def _counters_for(device: torch.device) -> torch.Tensor:
     return _workspace_for(device)[0]
 
 
-def _workspace_for(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(counters [COUNTER_SLOTS] i32, accumulator [MAX_ROWS, WORKSPACE_COLS] f32), zeros."""
+def _workspace_for(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(counters [COUNTER_SLOTS] i32, accumulator [MAX_ROWS, WORKSPACE_COLS] f32, zeros;
+    channel lists [LIST_ROWS, WORKSPACE_COLS] i32, scratch written before it is read)."""
     ws = _workspaces.get(device)
     if ws is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -223,6 +231,7 @@ def _workspace_for(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         ws = (
             torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device),
             torch.zeros((MAX_ROWS, WORKSPACE_COLS), dtype=torch.float32, device=device),
+            torch.zeros((LIST_ROWS, WORKSPACE_COLS), dtype=torch.int32, device=device),
         )
         _workspaces[device] = ws
     return ws
@@ -271,6 +280,8 @@ def _check_inputs(x, weight, bias, threshold, keep, channel_scale, lowrank_up, l
     n = weight.shape[0]
     if n > WORKSPACE_COLS:
         raise ValueError(f"N = {n} exceeds the split-K workspace of {WORKSPACE_COLS} columns")
+    if k > WORKSPACE_COLS:
+        raise ValueError(f"K = {k} exceeds the channel-list scratch of {WORKSPACE_COLS} columns")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must be [N={n}], got shape {tuple(bias.shape)}")
     if keep == THRESHOLD_SELECTION:
@@ -333,6 +344,12 @@ def triton_next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def compact_chunk(k: int, split_k: int) -> int:
+    """K channels per compact program for a requested split_k (a power of two, so the
+    program's x chunk is one tl.arange); the launch uses cdiv(k, chunk) programs along K."""
+    return min(MAX_CHUNK, max(MIN_CHUNK, triton_next_power_of_2(triton_cdiv(k, max(1, split_k)))))
+
+
 def sparse_gemv(
     x: torch.Tensor,
     w_t: torch.Tensor,
@@ -350,7 +367,7 @@ def sparse_gemv(
     # bias [N]  channel_scale [K]  lowrank_up [N, r]  v_t [K, r] (unit stride along r)
     # -> out [M, N] in x.dtype
     """
-    from vllm_rsparse.kernels.sparse_gemv import lowrank_up_kernel, sparse_gemv_kernel
+    from vllm_rsparse.kernels.sparse_gemv import sparse_gemv_compact_kernel, sparse_gemv_kernel
 
     m, k = x.shape
     n = w_t.shape[1]
@@ -361,40 +378,64 @@ def sparse_gemv(
     row_groups = triton_cdiv(m, rows)
     tiles_w = triton_cdiv(n, cfg.block_n)
     tiles = tiles_w + (triton_cdiv(rank, cfg.block_n) if has_lowrank else 0)
-    k_per_split = triton_cdiv(triton_cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    if rows == 1:
+        # compact programs: K chunks of a power-of-two size (one x vector per program)
+        k_per_split = compact_chunk(k, cfg.split_k)
+    else:
+        k_per_split = triton_cdiv(triton_cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split_k = triton_cdiv(k, k_per_split)
     if tiles * row_groups > COUNTER_SLOTS:
         raise ValueError(f"{tiles * row_groups} output tiles exceed the {COUNTER_SLOTS} split-K counters")
 
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dummy = out  # placeholder pointer for absent optional tensors (never dereferenced)
-    counters, acc = _workspace_for(x.device) if split_k > 1 else (dummy, dummy)
+    counters, acc, lists = _workspace_for(x.device)
     if has_lowrank:
         y32 = torch.empty((m, n), dtype=torch.float32, device=x.device)
         z = torch.empty((m, rank), dtype=torch.float32, device=x.device)
     else:
         y32 = z = dummy
-    dot_f32 = interpreting()
-    sparse_gemv_kernel[(tiles, split_k, row_groups)](
-        x, w_t, v_t if has_lowrank else w_t,
-        channel_scale if channel_scale is not None else dummy,
-        thr, jcut if jcut is not None else thr,
-        bias if bias is not None else dummy,
-        acc, counters, out, y32, z,
-        m, n, k, rank, k_per_split, tiles_w, WORKSPACE_COLS,
-        x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0,
-        out.stride(0), out.stride(1),
-        ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
-        HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, DOT_F32=dot_f32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    common = (m, n, k, rank)
+    if rows == 1:
+        # one program per (output tile, K chunk, token row); each row reads only its own
+        # channels, through a compact list of them
+        sparse_gemv_compact_kernel[(tiles, split_k, m)](
+            x, w_t, v_t if has_lowrank else w_t,
+            channel_scale if channel_scale is not None else dummy,
+            thr, jcut if jcut is not None else thr,
+            bias if bias is not None else dummy, lists,
+            acc, counters, out, y32, z,
+            *common, tiles_w, WORKSPACE_COLS, WORKSPACE_COLS,
+            x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0,
+            out.stride(0), out.stride(1),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
+            HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
+            HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    else:
+        sparse_gemv_kernel[(tiles, split_k, row_groups)](
+            x, w_t, v_t if has_lowrank else w_t,
+            channel_scale if channel_scale is not None else dummy,
+            thr, jcut if jcut is not None else thr,
+            bias if bias is not None else dummy,
+            acc, counters, out, y32, z,
+            *common, k_per_split, tiles_w, WORKSPACE_COLS,
+            x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0,
+            out.stride(0), out.stride(1),
+            ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
+            HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, DOT_F32=interpreting(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     if has_lowrank:
         up_rows = 1 if m == 1 else MAX_ROWS
+        from vllm_rsparse.kernels.sparse_gemv import lowrank_up_kernel
+
         lowrank_up_kernel[(triton_cdiv(n, _UP_BLOCK_N), triton_cdiv(m, up_rows))](
             y32, z, lowrank_up, out,
             m, n, rank, lowrank_up.stride(0), lowrank_up.stride(1), out.stride(0), out.stride(1),
-            ROWS=up_rows, BLOCK_N=_UP_BLOCK_N, BLOCK_R=_UP_BLOCK_R, DOT_F32=dot_f32,
+            ROWS=up_rows, BLOCK_N=_UP_BLOCK_N, BLOCK_R=_UP_BLOCK_R, DOT_F32=interpreting(),
             num_warps=4,
         )
     return out
