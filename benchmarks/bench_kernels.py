@@ -365,7 +365,7 @@ def sweep_configs(n: int, k: int, sms: int) -> list[launchers.GemvConfig]:
     return out[:2] if DRY_RUN else out
 
 
-def graph_sweep(shapes, gen, log) -> tuple[list, dict]:
+def graph_sweep(shapes, gen, log, out_dir: str = "") -> tuple[list, dict]:
     """Per shape and token count: every sweep config at s = 0.5 under CUDA graphs, the
     winner then at every SWEEP_SPARSITIES level; dense in the same graphs; larosa at 1 token."""
     sms = 4 if DRY_RUN else torch.cuda.get_device_properties(0).multi_processor_count
@@ -431,6 +431,10 @@ def graph_sweep(shapes, gen, log) -> tuple[list, dict]:
         del layers
         if not DRY_RUN:
             torch.cuda.empty_cache()
+        if out_dir:
+            # what is measured so far survives a time limit
+            with open(os.path.join(out_dir, "sweep_partial.json"), "w") as f:
+                json.dump({"results": rows, "configs": table}, f)
     return rows, table
 
 
@@ -572,7 +576,7 @@ def main() -> None:
     log(f"{meta}")
 
     if args.graph_sweep:
-        rows, configs = graph_sweep(shapes, gen, log)
+        rows, configs = graph_sweep(shapes, gen, log, args.out)
         meta["results"] = rows
         with open(os.path.join(args.out, "kernels_h100_graph.json"), "w") as f:
             json.dump(meta, f, indent=1)
