@@ -10,6 +10,7 @@ QuantizationConfig / LinearMethodBase / BasevLLMParameter interfaces that both h
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -50,6 +51,34 @@ def loading_dummy_weights() -> bool:
     except Exception:  # no current config (unit use outside an engine)
         return False
     return str(getattr(load_format, "value", load_format)).lower() == "dummy"
+
+
+@functools.lru_cache(maxsize=2)
+def _file_tensors(path: str, mtime_ns: int) -> dict[str, torch.Tensor]:
+    # Keyed on the modification time too: a benchmark rewrites the file between engines.
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def dummy_run_value(param: RSparseParameter, random_value: torch.Tensor) -> torch.Tensor:
+    """An rsparse tensor for a load_format="dummy" run (random weights, speed only).
+
+    Input-side tensors that the checkpoint directory's rsparse.safetensors does hold are
+    taken from it (e.g. thresholds calibrated on the same seeded random weights, so a
+    threshold method runs at a known sparsity); anything else keeps vLLM's random fill.
+    """
+    from vllm.config import get_current_vllm_config
+
+    from vllm_rsparse.checkpoint import RSPARSE_FILE
+
+    path = os.path.join(str(get_current_vllm_config().model_config.model), RSPARSE_FILE)
+    stored = _file_tensors(path, os.stat(path).st_mtime_ns).get(param.member_names[0]) if os.path.isfile(path) else None
+    if param.input_side and stored is not None and stored.numel() == random_value.numel():
+        return stored.reshape(random_value.shape).to(random_value.device, random_value.dtype)
+    if param.kind == "score_weight":
+        return random_value.abs()  # random weights may be negative; scores must not be
+    return random_value
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -182,8 +211,8 @@ class RSparseLinearMethod(LinearMethodBase):
             param = getattr(layer, f"rsparse_{kind}", None)
             if isinstance(param, RSparseParameter):
                 value = param.finalize(dummy_weights=dummy).contiguous()
-                if dummy and kind == "score_weight":
-                    value = value.abs()  # random weights may be negative; scores must not be
+                if dummy:
+                    value = dummy_run_value(param, value)
                 layer.register_parameter(f"rsparse_{kind}", torch.nn.Parameter(value, requires_grad=False))
         for kind in ("threshold", "score_weight", "lowrank_down", "lowrank_up"):
             if not hasattr(layer, f"rsparse_{kind}"):
