@@ -369,6 +369,10 @@ def graph_sweep(shapes, gen, log, out_dir: str = "") -> tuple[list, dict]:
     """Per shape and token count: every sweep config at s = 0.5 under CUDA graphs, the
     winner then at every SWEEP_SPARSITIES level; dense in the same graphs; larosa at 1 token."""
     sms = 4 if DRY_RUN else torch.cuda.get_device_properties(0).multi_processor_count
+    # the sweep measures the compact kernel (off by default in launchers until it passes
+    # the GPU tests); "teal_walk" rows time the walk kernel with the committed config
+    launchers.COMPACT_ROWS_ENABLED = True
+    committed = launchers._load_json("sparse_gemv.json").get("configs", {})
     rows, table, seen = [], {}, set()
     for name, n, k in shapes:
         key = launchers._shape_key(n, k)
@@ -415,12 +419,18 @@ def graph_sweep(shapes, gen, log, out_dir: str = "") -> tuple[list, dict]:
                 leaders = [c for _, c in sorted(timed, key=lambda t: t[0])[:SWEEP_LEADERS]]
             table[key][str(tokens)] = dataclasses.asdict(best[1])
             points = [("teal", s) for s in SWEEP_SPARSITIES] + ([("larosa", 0.5)] if tokens == 1 else [])
+            if tokens == 1 and committed.get(key, {}).get("1"):
+                points += [("teal_walk", 0.5), ("teal_walk", 0.9)]
             for method, sparsity in points:
-                calls_s, nbytes = sparse_calls(method, sparsity, best[1])
+                walk = method == "teal_walk"
+                cfg_point = launchers.GemvConfig.from_dict(committed[key]["1"]) if walk else best[1]
+                calls_s, nbytes = sparse_calls("teal" if walk else method, sparsity, cfg_point)
+                launchers.COMPACT_ROWS_ENABLED = not walk
                 ms = graph_time_ms(calls_s)
+                launchers.COMPACT_ROWS_ENABLED = True
                 row = {"shape": name, "n": n, "k": k, "method": method, "tokens": tokens, "sparsity": sparsity,
                        "dense_ms": dense, "sparse_ms": ms, "ratio": ms / dense, "gbs": nbytes / ms / 1e6,
-                       "ideal_ms": dense * (1 - sparsity), "config": dataclasses.asdict(best[1]),
+                       "ideal_ms": dense * (1 - sparsity), "config": dataclasses.asdict(cfg_point),
                        "timing": "cuda_graph"}
                 rows.append(row)
                 log(f"sweep {name:18s} {method:6s} M={tokens:2d} s={sparsity} dense {dense * 1e3:6.1f} us "

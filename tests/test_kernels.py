@@ -70,6 +70,13 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", poisoned)
 
 
+@pytest.fixture(autouse=True)
+def compact_rows(monkeypatch):
+    """Every test runs the compact one-row kernel (launchers.COMPACT_ROWS_ENABLED, off by
+    default until this file passes on the GPU); test_configs_agree also runs the walk."""
+    monkeypatch.setattr(launchers, "COMPACT_ROWS_ENABLED", True)
+
+
 @pytest.fixture
 def gen(request):
     g = torch.Generator(device=DEVICE)
@@ -184,10 +191,15 @@ def test_topk_select_exact_count(distinct, keep_frac, gen):
     assert torch.equal(mask, topk_mask_lowest_index(x, keep, None))
 
 
-@pytest.mark.parametrize("rows", [1, 16], ids=["per-row", "union"])
+@pytest.mark.parametrize("rows", ["compact", "walk", "union"])
 @pytest.mark.parametrize("split_k", [1, 3, 1000], ids=lambda s: f"split{s}")
-def test_configs_agree(rows, split_k, gen):
-    """Per-row and union programs, any split-K, give each row only its own channels."""
+def test_configs_agree(rows, split_k, gen, monkeypatch):
+    """Compact, walk and union programs, any split-K (compact: any K chunk, the last one
+    partial), give each row only its own channels."""
+    if rows == "compact" and split_k == 1000 and not HAS_CUDA:
+        pytest.skip("16-channel chunks: test_compact_chunks covers them at interpreter cost")
+    monkeypatch.setattr(launchers, "COMPACT_ROWS_ENABLED", rows == "compact")
+    rows = launchers.MAX_ROWS if rows == "union" else 1
     n, k, m = (200, 300, 6) if not HAS_CUDA else (4096, 11008, 6)
     dtype = torch.bfloat16
     w, b, s, u, v = make_layer(n, k, dtype, gen, rank=20, scale=True)
@@ -201,6 +213,21 @@ def test_configs_agree(rows, split_k, gen):
     check_close(out, ref)
     counters, acc, _ = launchers._workspace_for(x.device)
     assert int(counters.abs().sum()) == 0 and float(acc.abs().sum()) == 0.0, "split-K workspace left dirty"
+
+
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.5, 1.0], ids=lambda d: f"density{d}")
+def test_compact_chunks(density, gen):
+    """Compact lists at chunk sizes below, at and above a list step, and a selection
+    count that is no multiple of the step: the loop's first, last and empty trips."""
+    n, k, m = (32, 300, 2) if not HAS_CUDA else (4096, 14336, 3)
+    w, b, _, _, _ = make_layer(n, k, torch.bfloat16, gen)
+    x = randn(m, k, gen=gen, dtype=torch.bfloat16)
+    thr = threshold_for(x, 1.0 - density, None)
+    w_t = launchers.prepare_weight(w).t()
+    ref = reference.sparse_linear(x, w, b, threshold=thr)
+    for split_k in (1, 5, k // launchers.MIN_CHUNK):
+        cfg = launchers.GemvConfig(rows=1, block_n=32, block_k=16, split_k=split_k, num_warps=4, num_stages=1)
+        check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg), ref)
 
 
 @pytest.mark.xfail(HAS_CUDA, strict=False,

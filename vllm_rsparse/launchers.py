@@ -36,6 +36,13 @@ MAX_ROWS = 16
 # program (per-row, ROWS = 1: the path every GPU test passed on). The union path stays
 # reachable through an explicit GemvConfig for tests and benchmarks.
 UNION_ROWS_ENABLED = False
+# One-row programs over a compact list of the selected channels (sparse_gemv_compact_kernel)
+# instead of the walk over every K row (sparse_gemv_kernel, ROWS = 1). Correct under the
+# interpreter on every test; not yet run on a GPU (no device was lent to the session that
+# wrote it), so the GPU-verified walk stays the default until `pytest tests/test_kernels.py`
+# (which runs the compact path) passes on the H100 and `bench_kernels.py --graph-sweep`
+# shows it faster (docs/kernels.md).
+COMPACT_ROWS_ENABLED = False
 # Split-K workspace, per device, zero between launches (the kernel re-zeroes what it
 # used): arrival counters, one per (tile, row group), and an f32 accumulator of
 # MAX_ROWS x WORKSPACE_COLS (4 MiB); N + r of a layer must fit in WORKSPACE_COLS.
@@ -378,7 +385,8 @@ def sparse_gemv(
     row_groups = triton_cdiv(m, rows)
     tiles_w = triton_cdiv(n, cfg.block_n)
     tiles = tiles_w + (triton_cdiv(rank, cfg.block_n) if has_lowrank else 0)
-    if rows == 1:
+    compact = rows == 1 and COMPACT_ROWS_ENABLED
+    if compact:
         # compact programs: K chunks of a power-of-two size (one x vector per program)
         k_per_split = compact_chunk(k, cfg.split_k)
     else:
@@ -396,7 +404,7 @@ def sparse_gemv(
     else:
         y32 = z = dummy
     common = (m, n, k, rank)
-    if rows == 1:
+    if compact:
         # one program per (output tile, K chunk, token row); each row reads only its own
         # channels, through a compact list of them
         sparse_gemv_compact_kernel[(tiles, split_k, m)](
