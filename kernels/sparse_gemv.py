@@ -23,6 +23,10 @@ output tile (an atomic arrival counter per tile) reads the sum, writes the outpu
 and zeroes its accumulator tile and counter so the next launch (or CUDA-graph
 replay) finds them clean. f32 atomics sum in arrival order: results can differ
 between runs in the last f32 bits (at most 1 ulp of the bf16/fp16 output).
+
+sparse_gemv_compact_kernel (one row per program, launchers.COMPACT_ROWS_ENABLED) does
+the same with work proportional to the selected channels: each program compacts its
+K chunk's selected indices into a scratch list, then loads only those weight rows.
 """
 
 import triton
