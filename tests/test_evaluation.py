@@ -32,6 +32,7 @@ def test_unknown_task_and_bad_config():
         EvalConfig(checkpoint="x", protocol="half")
     with pytest.raises(ValueError, match="max_model_len"):
         EvalConfig(checkpoint="x", ppl_seq_len=2048, max_model_len=1024)
+    EvalConfig(checkpoint="x", ppl_windows=0, ppl_seq_len=2048, max_model_len=256)  # no ppl: no check
 
 
 class _FakeTokenizer:
@@ -75,9 +76,12 @@ def test_eval_harness_through_vllm(tiny_model_dir, calibrated_dirs, tmp_path):
     sparse_prompt = evaluate(EvalConfig(checkpoint=str(calibrated_dirs[0.5]), protocol="dense-prompt", **small))
     gc.collect()
     p_dense = dense["perplexity"]["ppl"]
-    assert math.isfinite(p_dense) and 1 < p_dense < 1e4
-    assert sparse_strict["perplexity"]["ppl"] > p_dense * 1.01  # observed +8% (TEAL 0.5, 2 layers)
-    assert abs(sparse_prompt["perplexity"]["ppl"] / p_dense - 1) < 1e-3  # observed 0 (same dense prefill)
+    # 2 of SmolLM2's 30 layers: a real but truncated model, so its ppl is huge (observed 3.0e7);
+    # only the comparisons between protocols mean something here.
+    assert math.isfinite(p_dense) and p_dense > 1
+    ratios = (sparse_strict["perplexity"]["ppl"] / p_dense, sparse_prompt["perplexity"]["ppl"] / p_dense)
+    assert abs(ratios[0] - 1) > 0.01, ratios  # strict sparsifies the prompt: observed x1.78
+    assert abs(ratios[1] - 1) < 1e-3, ratios  # dense-prompt: same dense prefill, observed x1.0
     for result in (dense, sparse_strict):
         for task, v in result["zeroshot"].items():
             assert v["n"] == 4 and 0 <= v["acc"] <= 1, task

@@ -44,7 +44,7 @@ class EvalConfig:
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol is {self.protocol!r}; allowed values are {list(PROTOCOLS)}")
-        if self.ppl_seq_len + 1 > self.max_model_len:
+        if self.ppl_windows > 0 and self.ppl_seq_len + 1 > self.max_model_len:
             raise ValueError(f"ppl_seq_len {self.ppl_seq_len} needs max_model_len > it, got {self.max_model_len}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
