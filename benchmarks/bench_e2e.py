@@ -31,7 +31,6 @@ ideal = T_step / (T_step - s * T_linear).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -44,6 +43,8 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # apply_model + one process
 
 import torch
+
+from vllm_rsparse.serving import shutdown_llm
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_CONFIGS = {"llama2-7b": "llama2-7b", "llama3-8b": "llama3-8b"}
@@ -153,11 +154,7 @@ def calibrate_dummy_thresholds(path: Path, args, sparsity: float) -> int:
         llm.generate(prompts, SamplingParams(max_tokens=64, ignore_eos=True, temperature=0.0), use_tqdm=False)
         thresholds = llm.apply_model(lambda m: _input_quantiles(m, sparsity))[0]
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        shutdown_llm(llm)
         if previous is None:
             os.environ.pop("RSPARSE_MAX_SPARSE_TOKENS", None)
         else:
@@ -250,11 +247,7 @@ def measure_engine(path: Path, args, label: str) -> dict:
         if label != "dense" and torch.cuda.is_available():
             result["kernel_events"] = count_triton_kernels(llm, ps[0].get("prompt_token_ids")[:128])
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        shutdown_llm(llm)
     return result
 
 

@@ -33,14 +33,14 @@ def run_vllm(checkpoint: Path, windows) -> dict:
     from vllm import SamplingParams
 
     from vllm_rsparse.evaluation.harness import VllmScorer, perplexity
+    from vllm_rsparse.serving import shutdown_llm
 
     scorer = VllmScorer(checkpoint, protocol="strict")
     try:
         outs = scorer.llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
         return {"texts": [o.outputs[0].text for o in outs], "ppl": perplexity(scorer, windows)["ppl"]}
     finally:
-        # Shut this engine down before the next one is built in the same process.
-        scorer.llm.llm_engine.engine_core.shutdown()
+        shutdown_llm(scorer.llm)  # before the next engine is built in this process
 
 
 def main() -> None:

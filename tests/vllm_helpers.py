@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import gc
+
+from vllm_rsparse.serving import shutdown_llm
 
 
 @contextlib.contextmanager
@@ -15,9 +16,4 @@ def make_llm(model_dir, **kwargs):
     try:
         yield llm
     finally:
-        # Shut the in-process engine down now: if it were left to the garbage
-        # collector, its teardown would destroy the distributed state of the NEXT
-        # LLM built in this process.
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+        shutdown_llm(llm)  # before the next engine is built in this process

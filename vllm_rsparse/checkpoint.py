@@ -24,8 +24,8 @@ from typing import Any, Iterable
 import torch
 
 from vllm_rsparse import architectures
-from vllm_rsparse.architectures import InputGroup, ModelShapes
-from vllm_rsparse.config import ModuleSettings, RSparseCheckpointConfig
+from vllm_rsparse.architectures import ModelShapes
+from vllm_rsparse.config import RSparseCheckpointConfig
 
 RSPARSE_FILE = "rsparse.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -21,6 +21,22 @@ import urllib.request
 from pathlib import Path
 
 
+def shutdown_llm(llm) -> None:
+    """Shut an in-process ``vllm.LLM`` engine down now.
+
+    Left to the garbage collector, its teardown runs at some later point and destroys
+    the distributed state of whatever engine was built in this process after it.
+    """
+    import gc
+
+    import torch
+
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
