@@ -1,6 +1,6 @@
 """The vLLM side: ``RSparseConfig`` (registered as "rsparse") and ``RSparseLinearMethod``.
 
-Layers kept apart (see docs/architecture in README): this module only decides --
+Layers kept apart (README, "Layout"): this module only decides --
 which layers are sparse, which tensors they load, and which path a call takes.
 The arithmetic lives in ``vllm_rsparse.ops`` (custom op: dense / Triton / reference).
 
