@@ -230,18 +230,20 @@ def write_markdown(report: dict, path: Path) -> None:
         dense = next((r for r in mrows if r["method"] == "dense"), None)
         tasks = sorted({t for r in mrows for t in r["zeroshot"]})
         lines += [f"## {model}", "",
-                  "| method | target s | achieved s | ppl | d ppl | " + " | ".join(tasks) + " | avg | calib s | peak MiB |",
+                  "| method | target s | achieved s | ppl | d ppl | " + "".join(f"{t} | " for t in tasks)
+                  + "avg | calib s | peak MiB |",
                   "|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|"]
         for r in mrows:
             dppl = f"{r['ppl'] - dense['ppl']:+.2f}" if dense and r["ppl"] else ""
-            accs = " | ".join(f"{r['zeroshot'][t]:.3f}" if t in r["zeroshot"] else "" for t in tasks)
+            accs = "".join((f"{r['zeroshot'][t]:.3f}" if t in r["zeroshot"] else "") + " | " for t in tasks)
             avg = f"{r['zeroshot_avg']:.3f}" if r.get("zeroshot_avg") is not None else ""
             ach = f"{r['achieved_sparsity']:.3f}" if r.get("achieved_sparsity") is not None else ""
             cal = r.get("calibration", {})
-            lines.append(f"| {r['method']} | {r['sparsity']} | {ach} | {r['ppl']:.3f} | {dppl} | {accs} | {avg} | "
+            lines.append(f"| {r['method']} | {r['sparsity']} | {ach} | {r['ppl']:.3f} | {dppl} | {accs}{avg} | "
                          f"{cal.get('calibration_s', '')} | {cal.get('peak_rss_mib', '')} |")
         ns = sorted({(r.get("limit"), json.dumps(r.get("zeroshot_n"))) for r in mrows if r["zeroshot"]})
-        lines += ["", f"Zero-shot n per task: {', '.join(n for _, n in ns)}.", ""]
+        lines += ["", f"Zero-shot n per task: {', '.join(n for _, n in ns)}." if ns else
+                  "Perplexity only for this model (no zero-shot run).", ""]
     for name, sim in report.get("rotation_simulation", {}).items():
         lines += [f"## LaRoSA rotation placement ({name})", "", sim["protocol"], "",
                   "| sparsity | no rotation (gammas folded, top-k) | global Q (folded, served) | per-layer Q_l (needs adapter) |",
