@@ -136,13 +136,11 @@ def calibrate(args: CalibrationArgs) -> Path:
     """Run one calibration end to end; returns the checkpoint directory."""
     from vllm_rsparse.architectures import ModelShapes
     from vllm_rsparse.calibration import data, model_io
-    from vllm_rsparse.checkpoint import CheckpointError, write_checkpoint
+    from vllm_rsparse.checkpoint import refuse_non_empty_output, write_checkpoint
     from vllm_rsparse.config import RSparseCheckpointConfig
 
     output = Path(args.output)
-    # Refuse before the slow part, not after it.
-    if output.exists() and any(output.iterdir()) and not args.force:
-        raise CheckpointError(f"output directory {output} exists and is not empty (use --force to replace it)")
+    refuse_non_empty_output(output, args.force)  # before the slow part, not after it
     torch.manual_seed(args.seed)
     started = time.time()
     model, tokenizer, hf_config = model_io.load_model(args.model, device=args.device)

@@ -4,7 +4,6 @@ back into the config / weights / tokenizer files of an HF checkpoint."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -119,24 +118,13 @@ def write_dense_checkpoint(model, tokenizer, config: dict[str, Any], output_dir:
     """A plain bf16 HF checkpoint (no quantization_config): the dense baseline."""
     from safetensors.torch import save_file
 
-    from vllm_rsparse.checkpoint import CheckpointError, safetensors_metadata
+    from vllm_rsparse.checkpoint import atomic_output_dir, safetensors_metadata
 
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not force:
-        raise CheckpointError(f"output directory {output_dir} exists and is not empty (use --force to replace it)")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is shared like any model dir
-    try:
+    with atomic_output_dir(output_dir, force) as tmp:
         save_file(export_weights(model), str(tmp / "model.safetensors"), metadata=safetensors_metadata(**metadata))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         with tempfile.TemporaryDirectory() as tok_dir:
             for f in tokenizer_files(tokenizer, Path(tok_dir)):
                 shutil.copy2(f, tmp / f.name)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir

@@ -13,13 +13,14 @@ checks again what actually arrived.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -196,6 +197,40 @@ def safetensors_metadata(**fields: Any) -> dict[str, str]:
     return meta
 
 
+def refuse_non_empty_output(output_dir: str | os.PathLike, force: bool) -> None:
+    """A non-empty output directory is the user's data: replaced only with --force."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not force:
+        raise CheckpointError(f"output directory {output_dir} exists and is not empty (use --force to replace it)")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output_dir: str | os.PathLike, force: bool) -> Iterator[Path]:
+    """Yield a temp dir next to output_dir; on success rename it into place.
+
+    An interrupted run leaves at most a ``.<name>.tmp-*`` directory, which has no
+    config.json at the final path and so never loads as a checkpoint.
+    """
+    output_dir = Path(output_dir)
+    refuse_non_empty_output(output_dir, force)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is shared like any model dir
+    try:
+        yield tmp
+        if output_dir.exists():
+            # Move the old directory aside first: a crash here leaves both copies.
+            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+            os.replace(output_dir, old / "replaced")
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_checkpoint(
     output_dir: str | os.PathLike,
     hf_config: dict[str, Any],
@@ -207,25 +242,15 @@ def write_checkpoint(
     force: bool = False,
     max_shard_bytes: int = 4 * 1024**3,
 ) -> Path:
-    """Write a complete checkpoint into a temp dir next to output_dir, then rename.
-
-    An interrupted run leaves at most a ``.<name>.tmp-*`` directory, which has no
-    config.json at the final path and so never loads as a checkpoint.
-    """
+    """Write a complete checkpoint atomically (see ``atomic_output_dir``)."""
     from safetensors.torch import save_file
 
-    output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not force:
-        raise CheckpointError(f"output directory {output_dir} exists and is not empty (use --force to replace it)")
     shapes = ModelShapes.from_hf_config(hf_config)
     expected = expected_tensors(shapes, qcfg)
     missing = sorted(set(expected) - set(rsparse_tensors))
     if missing:
         raise CheckpointError(f"internal: calibration produced no tensor {missing[0]!r}")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is shared like any model dir
-    try:
+    with atomic_output_dir(output_dir, force) as tmp:
         meta = safetensors_metadata(**metadata)
         weight_map: dict[str, str] = {}
         shards: list[dict[str, torch.Tensor]] = [{}]
@@ -255,15 +280,4 @@ def write_checkpoint(
         for src in extra_files:
             shutil.copy2(src, tmp / Path(src).name)
         validate_checkpoint(tmp)
-        if output_dir.exists():
-            # Move the old directory aside first: a crash here leaves both copies.
-            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            os.replace(output_dir, old / "replaced")
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output_dir
+    return Path(output_dir)
