@@ -254,12 +254,9 @@ def run_bench(shapes, gen, configs: dict, log, quick: bool) -> tuple[list, list,
     return results, layout_rows, fusion_rows
 
 
-def graph_ms(calls, reps: int = 8) -> float:
-    """Per-call GPU time of `calls` (each on its own weight copy, so consecutive calls
-    do not find their weights in L2), captured in one CUDA graph: no CPU launch cost,
-    as in vLLM's decode graphs."""
-    import triton
-
+def capture_graph(calls, reps: int):
+    """One CUDA graph of `reps` rounds of `calls`, after a warm-up on a side stream
+    (compilation and allocation stay out of the capture)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -271,6 +268,16 @@ def graph_ms(calls, reps: int = 8) -> float:
         for _ in range(reps):
             for c in calls:
                 c()
+    return graph
+
+
+def graph_ms(calls, reps: int = 8) -> float:
+    """Per-call GPU time of `calls` (each on its own weight copy, so consecutive calls
+    do not find their weights in L2), captured in one CUDA graph: no CPU launch cost,
+    as in vLLM's decode graphs."""
+    import triton
+
+    graph = capture_graph(calls, reps)
     ms = triton.testing.do_bench(graph.replay, warmup=3, rep=15, return_mode="median")
     return ms / (reps * len(calls))
 
@@ -324,17 +331,7 @@ def graph_time_ms(calls, reps: int = 4, replays: int = 7) -> float:
         for c in calls:
             c()
         return 0.01
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            for c in calls:
-                c()
+    graph = capture_graph(calls, reps)
     graph.replay()
     times = []
     for _ in range(replays):
