@@ -344,31 +344,45 @@ def graph_time_ms(calls, reps: int = 4, replays: int = 7) -> float:
     return sorted(times)[len(times) // 2] / (reps * len(calls))
 
 
-# compact (rows = 1) sweep: (block_n, block_k, num_warps) x K chunk
+# one-row sweep. compact: (block_n, block_k, num_warps) x K chunk; walk: (block_n, block_k,
+# num_warps) x K steps per program (1 step = every program issues its whole tile at once,
+# no loop-carried latency chain; more steps = fewer split-K atomics)
 SWEEP_TILES = [(64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 64, 4), (256, 32, 4), (256, 64, 8)]
 SWEEP_CHUNKS = [256, 512, 1024, 2048]
+WALK_TILES = [(64, 64, 4), (128, 32, 4), (128, 64, 4), (128, 128, 8), (256, 32, 4), (256, 64, 8)]
+WALK_STEPS = [1, 2, 4]
 SWEEP_SPARSITIES = [0.0, 0.5, 0.9]
 SWEEP_LEADERS = 4
 
 
-def sweep_configs(n: int, k: int, sms: int) -> list[launchers.GemvConfig]:
+def sweep_configs(n: int, k: int, sms: int, kernels=("walk", "compact")) -> list[launchers.GemvConfig]:
     out = []
-    for (bn, bk, warps), chunk in itertools.product(SWEEP_TILES, SWEEP_CHUNKS):
-        split = launchers.triton_cdiv(k, chunk)
-        # fewer programs than SMs leaves bandwidth idle at 1 token
-        if launchers.triton_cdiv(n, bn) * split < sms:
-            continue
-        out.append(launchers.GemvConfig(1, bn, bk, split, warps, 1))
-    return out[:2] if DRY_RUN else out
+    if "compact" in kernels:
+        for (bn, bk, warps), chunk in itertools.product(SWEEP_TILES, SWEEP_CHUNKS):
+            split = launchers.triton_cdiv(k, chunk)
+            # fewer programs than SMs leaves bandwidth idle at 1 token
+            if launchers.triton_cdiv(n, bn) * split < sms:
+                continue
+            out.append(launchers.GemvConfig(1, bn, bk, split, warps, 1, kernel="compact"))
+    if "walk" in kernels:
+        for (bn, bk, warps), steps in itertools.product(WALK_TILES, WALK_STEPS):
+            split = launchers.triton_cdiv(k, bk * steps)
+            if launchers.triton_cdiv(n, bn) * split < sms or launchers.triton_cdiv(n, bn) > launchers.COUNTER_SLOTS:
+                continue
+            out.append(launchers.GemvConfig(1, bn, bk, split, warps, 2, kernel="walk"))
+    if DRY_RUN:
+        # one of each kernel: the dry run checks the script, not the timings
+        return [next(c for c in out if c.kernel == kind) for kind in kernels if any(c.kernel == kind for c in out)]
+    return out
 
 
-def graph_sweep(shapes, gen, log, out_dir: str = "") -> tuple[list, dict]:
-    """Per shape and token count: every sweep config at s = 0.5 under CUDA graphs, the
-    winner then at every SWEEP_SPARSITIES level; dense in the same graphs; larosa at 1 token."""
+def graph_sweep(shapes, gen, log, out_dir: str = "", kernels=("walk", "compact")) -> tuple[list, dict]:
+    """Per shape and token count: every sweep config (walk and compact kernels) at s = 0.5
+    under CUDA graphs, the winner then at every SWEEP_SPARSITIES level; dense in the same
+    graphs; larosa at 1 token; "teal_walk" = the previously committed config."""
     sms = 4 if DRY_RUN else torch.cuda.get_device_properties(0).multi_processor_count
-    # the sweep measures the compact kernel (off by default in launchers until it passes
-    # the GPU tests); "teal_walk" rows time the walk kernel with the committed config
-    launchers.COMPACT_ROWS_ENABLED = True
+    # the config's `kernel` field decides walk vs compact
+    launchers.COMPACT_ROWS_ENABLED = False
     committed = launchers._load_json("sparse_gemv.json").get("configs", {})
     rows, table, seen = [], {}, set()
     for name, n, k in shapes:
@@ -400,7 +414,7 @@ def graph_sweep(shapes, gen, log, out_dir: str = "") -> tuple[list, dict]:
             best = None
             # every config at 1 token; more tokens re-rank the 1-token leaders (compile and
             # device time: the sweep has to fit one short GPU call)
-            candidates = sweep_configs(n, k, sms) if tokens == 1 else leaders
+            candidates = sweep_configs(n, k, sms, kernels) if tokens == 1 else leaders
             timed = []
             for cfg in candidates:
                 calls_cfg, _ = sparse_calls("teal", 0.5, cfg)
@@ -422,9 +436,7 @@ def graph_sweep(shapes, gen, log, out_dir: str = "") -> tuple[list, dict]:
                 walk = method == "teal_walk"
                 cfg_point = launchers.GemvConfig.from_dict(committed[key]["1"]) if walk else best[1]
                 calls_s, nbytes = sparse_calls("teal" if walk else method, sparsity, cfg_point)
-                launchers.COMPACT_ROWS_ENABLED = not walk
                 ms = graph_time_ms(calls_s)
-                launchers.COMPACT_ROWS_ENABLED = True
                 row = {"shape": name, "n": n, "k": k, "method": method, "tokens": tokens, "sparsity": sparsity,
                        "dense_ms": dense, "sparse_ms": ms, "ratio": ms / dense, "gbs": nbytes / ms / 1e6,
                        "ideal_ms": dense * (1 - sparsity), "config": dataclasses.asdict(cfg_point),
@@ -432,7 +444,8 @@ def graph_sweep(shapes, gen, log, out_dir: str = "") -> tuple[list, dict]:
                 rows.append(row)
                 log(f"sweep {name:18s} {method:6s} M={tokens:2d} s={sparsity} dense {dense * 1e3:6.1f} us "
                     f"sparse {ms * 1e3:6.1f} us {row['ratio']:.2f}x {row['gbs']:.0f} GB/s "
-                    f"bn{best[1].block_n} bk{best[1].block_k} split{best[1].split_k} w{best[1].num_warps}")
+                    f"{cfg_point.kernel} bn{cfg_point.block_n} bk{cfg_point.block_k} split{cfg_point.split_k} "
+                    f"w{cfg_point.num_warps}")
         for layer in layers:
             layer.free()
         del layers
@@ -548,6 +561,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="", help="comma-separated subset of shape names")
     ap.add_argument("--graph-check", action="store_true",
                     help="only CUDA-graph timings (committed configs) of a subset; writes graph_h100.json")
+    ap.add_argument("--kernels", default="walk,compact",
+                    help="one-row kernels the --graph-sweep tries (comma-separated: walk, compact)")
     ap.add_argument("--graph-sweep", action="store_true",
                     help="CUDA-graph config sweep of the compact kernel + table; writes kernels_h100_graph.json, "
                          "sparse_gemv.json, dispatch.json")
@@ -583,13 +598,13 @@ def main() -> None:
     log(f"{meta}")
 
     if args.graph_sweep:
-        rows, configs = graph_sweep(shapes, gen, log, args.out)
+        rows, configs = graph_sweep(shapes, gen, log, args.out, tuple(args.kernels.split(",")))
         meta["results"] = rows
         with open(os.path.join(args.out, "kernels_h100_graph.json"), "w") as f:
             json.dump(meta, f, indent=1)
         with open(os.path.join(args.out, "sparse_gemv.json"), "w") as f:
             json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "tokens": TOKENS, "timing": "cuda_graph",
-                       "note": "best compact (rows = 1) config of benchmarks/bench_kernels.py --graph-sweep, "
+                       "note": "best one-row config (walk or compact kernel) of benchmarks/bench_kernels.py --graph-sweep, "
                                "teal at sparsity 0.5", "configs": configs}, f, indent=1)
         with open(os.path.join(args.out, "dispatch.json"), "w") as f:
             json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5,

@@ -36,12 +36,11 @@ MAX_ROWS = 16
 # program (per-row, ROWS = 1: the path every GPU test passed on). The union path stays
 # reachable through an explicit GemvConfig for tests and benchmarks.
 UNION_ROWS_ENABLED = False
-# One-row programs over a compact list of the selected channels (sparse_gemv_compact_kernel)
-# instead of the walk over every K row (sparse_gemv_kernel, ROWS = 1). Correct under the
-# interpreter on every test; not yet run on a GPU (no device was lent to the session that
-# wrote it), so the GPU-verified walk stays the default until `pytest tests/test_kernels.py`
-# (which runs the compact path) passes on the H100 and `bench_kernels.py --graph-sweep`
-# shows it faster (docs/kernels.md).
+# One-row programs come in two kernels: the walk over every K row of a split
+# (sparse_gemv_kernel, ROWS = 1) and the compact list of the selected channels
+# (sparse_gemv_compact_kernel). Which one a shape uses is part of its committed config
+# (GemvConfig.kernel, chosen by `bench_kernels.py --graph-sweep`); shapes without one get
+# the walk. True forces the compact kernel for every one-row launch (tests).
 COMPACT_ROWS_ENABLED = False
 # Split-K workspace, per device, zero between launches (the kernel re-zeroes what it
 # used): arrival counters, one per (tile, row group), and an f32 accumulator of
@@ -74,6 +73,9 @@ def interpreting() -> bool:
 # ---------------------------------------------------------------------------
 
 
+KERNELS = ("walk", "compact")
+
+
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
     """Launch parameters of sparse_gemv_kernel for one (shape, token count).
@@ -86,13 +88,19 @@ class GemvConfig:
     rows: int
     block_n: int
     block_k: int
-    split_k: int  # rows = 1: K chunk = next_pow2(cdiv(K, split_k)) in [MIN_CHUNK, MAX_CHUNK]
+    split_k: int  # compact: K chunk = next_pow2(cdiv(K, split_k)) in [MIN_CHUNK, MAX_CHUNK]
     num_warps: int
     num_stages: int
+    kernel: str = "walk"  # rows = 1 only: "walk" (every K row) or "compact" (selected rows)
+
+    def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"GemvConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
 
     @classmethod
     def from_dict(cls, raw: dict) -> "GemvConfig":
-        return cls(**{f.name: int(raw[f.name]) for f in dataclasses.fields(cls)})
+        ints = {f.name: int(raw[f.name]) for f in dataclasses.fields(cls) if f.type in ("int", int)}
+        return cls(**ints, kernel=str(raw.get("kernel", "walk")))
 
 
 @functools.lru_cache(maxsize=None)
@@ -385,7 +393,7 @@ def sparse_gemv(
     row_groups = triton_cdiv(m, rows)
     tiles_w = triton_cdiv(n, cfg.block_n)
     tiles = tiles_w + (triton_cdiv(rank, cfg.block_n) if has_lowrank else 0)
-    compact = rows == 1 and COMPACT_ROWS_ENABLED
+    compact = rows == 1 and (COMPACT_ROWS_ENABLED or cfg.kernel == "compact")
     if compact:
         # compact programs: K chunks of a power-of-two size (one x vector per program)
         k_per_split = compact_chunk(k, cfg.split_k)
