@@ -350,7 +350,7 @@ def graph_time_ms(calls, reps: int = 4, replays: int = 7) -> float:
 SWEEP_TILES = [(64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 64, 4), (256, 32, 4), (256, 64, 8)]
 SWEEP_CHUNKS = [256, 512, 1024, 2048]
 WALK_TILES = [(64, 64, 4), (128, 32, 4), (128, 64, 4), (128, 128, 8), (256, 32, 4), (256, 64, 8)]
-WALK_STEPS = [1, 2, 4]
+WALK_STEPS = [2, 4, 8, 16]
 SWEEP_SPARSITIES = [0.0, 0.5, 0.9]
 SWEEP_LEADERS = 4
 

@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 kernels=walk,compact
 # an illegal address in an untested kernel would kill the sweep's CUDA context: the
 # compact kernel enters the sweep only if its GPU smoke test passes
-if ! timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+if ! timeout 120 python3 -P -m pytest -q -p no:cacheprovider tests/test_kernels.py \
     -k "compact_chunks or (test_threshold and N4096-K11008 and bf16)" >"$OUT/smoke.log" 2>&1; then
   kernels=walk
   echo "compact smoke FAILED: sweeping walk only"; tail -20 "$OUT/smoke.log"
