@@ -150,6 +150,7 @@ def test_threshold(shape, tokens, sparsity, dtype, variant, gen):
     out = launchers.sparse_linear(
         x, launchers.prepare_weight(w), b, thr, launchers.THRESHOLD_SELECTION, s, u,
         launchers.prepare_weight(v) if v is not None else None,
+        use_crossover=False,  # the kernels, not the dispatch table (model shapes -> dense above it)
     )
     ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v)
     check_close(out, ref)
@@ -172,6 +173,7 @@ def test_topk(shape, tokens, sparsity, dtype, lowrank, gen):
     out = launchers.sparse_linear(
         x, launchers.prepare_weight(w), b, None, keep, s, u,
         launchers.prepare_weight(v) if v is not None else None,
+        use_crossover=False,  # the kernels, not the dispatch table (model shapes -> dense above it)
     )
     mask = topk_mask_lowest_index(x, keep, s)
     check_close(out, reference.masked_linear(x, w, mask, b, u, v))
@@ -329,7 +331,7 @@ def test_cuda_graph_replay(selection, tokens, gen):
     keep = -1 if selection == "threshold" else k // 2
     x_static = randn(tokens, k, gen=gen, dtype=dtype)
     thr = threshold_for(x_static, 0.5, s)
-    run = lambda: launchers.sparse_linear(x_static, w_p, b, thr, keep, s, u, v_p)  # noqa: E731
+    run = lambda: launchers.sparse_linear(x_static, w_p, b, thr, keep, s, u, v_p, use_crossover=False)  # noqa: E731
     run()  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
