@@ -4,7 +4,7 @@
 # Usage on the device machine:  RSPARSE_COMMIT=<sha> bash benchmarks/gpu/kernels_sweep.sh
 set -u
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . || exit 1
+python3 -m pip install -q --upgrade --no-deps --no-build-isolation --target /tmp/site . || exit 1
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 kernels=walk,compact
