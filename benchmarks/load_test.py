@@ -119,6 +119,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline-s", type=float, default=1500.0, help="stop sending after this long")
     p.add_argument("--request-timeout-s", type=float, default=300.0)
+    p.add_argument("--start-timeout-s", type=float, default=900.0, help="server start (slow on a busy machine)")
     p.add_argument("--max-sparse-tokens", default="all",
                    help="RSPARSE_MAX_SPARSE_TOKENS for the server ('all': every batch sparse, per-row masks)")
     p.add_argument("--dtype", default="bfloat16", help="model dtype on the server (float32 isolates rounding)")
@@ -148,7 +149,8 @@ def main() -> None:
         env["LD_PRELOAD"] = find_tcmalloc()
     log = Path(args.out).with_suffix(".server.log")
     started = time.time()
-    with VLLMServer(args.checkpoint, extra_args=server_args, env=env, log_path=log) as server:
+    with VLLMServer(args.checkpoint, extra_args=server_args, env=env, log_path=log,
+                    start_timeout=args.start_timeout_s) as server:
         model = str(args.checkpoint)
         rss = [tree_rss_mb(server.pid)]
         alone = {}
