@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # load_test's rss_verdict
 
 ROW_KEYS = ("requests", "rounds", "errors", "mismatches", "rss_start_mb", "rss_end_mb", "p50_ms", "p99_ms")
 
 
 def row(label: str, r: dict) -> str:
     flat = r.get("rss_flat") or {}
-    growth = flat.get("growth_pct")
-    verdict = "" if growth is None else f"{growth:+.2f}% ({'flat' if flat.get('flat') else 'not flat'})"
+    growth, spread = flat.get("growth_pct"), flat.get("range_pct")
+    verdict = ("" if growth is None else
+               f"{growth:+.2f}% (range {spread:.2f}%: {'flat' if flat.get('flat') else 'not flat'})")
     return (f"| {label} | {r['requests']} | {r['errors']} | {r['mismatches']} | {r['rss_start_mb']:.0f} -> "
             f"{r['rss_end_mb']:.0f} | {verdict} | {r['p50_ms']} | {r['p99_ms']} |")
 
@@ -32,10 +36,18 @@ def main() -> None:
     p.add_argument("--label", action="append", required=True, help="one per run, in order")
     p.add_argument("--analysis-file", required=True)
     p.add_argument("--out", default="benchmarks/results/load_cpu.json")
+    p.add_argument("--rss-warmup-rounds", type=int, default=3)
+    p.add_argument("--rss-flat-pct", type=float, default=1.0)
     args = p.parse_args()
     if len(args.label) != len(args.runs):
         raise SystemExit(f"{len(args.runs)} runs but {len(args.label)} labels")
     runs = [json.loads(Path(f).read_text()) for f in args.runs]
+    from load_test import rss_verdict
+
+    for r in runs:  # one definition for every run, also those taken before it changed
+        flat = r.get("rss_flat") or {}
+        r["rss_flat"] = rss_verdict(r["rss_per_round_mb"][2:], args.rss_warmup_rounds,
+                                    flat.get("limit_pct", args.rss_flat_pct))
     analysis = Path(args.analysis_file).read_text().strip()
     main_run = dict(runs[0])
     main_run["label"] = args.label[0]
@@ -47,8 +59,8 @@ def main() -> None:
     main_run["analysis"] = analysis
     Path(args.out).write_text(json.dumps(main_run, indent=1))
 
-    header = ("| run | requests | errors | mismatches vs alone | RSS start -> end (MB) | RSS growth after "
-              "warm-up (flat?) | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|---|")
+    header = ("| run | requests | errors | mismatches vs alone | RSS start -> end (MB) | RSS last vs first "
+              "after warm-up (range: flat?) | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|---|")
     lines = [
         f"# Load test: {main_run['checkpoint']}",
         "",

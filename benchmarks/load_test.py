@@ -10,9 +10,9 @@ Starts the server as a subprocess on 127.0.0.1 (nothing else is ever contacted),
 
     python benchmarks/load_test.py CKPT --batch-invariant --out benchmarks/results/load_cpu.json
 
-RSS "flat": after --rss-warmup-rounds rounds, the growth from the first to the last
-sampled round, relative to the RSS at that first round, is below --rss-flat-pct
-(the JSON holds every sample, the growth and the verdict).
+RSS "flat": after --rss-warmup-rounds rounds, every per-round sample lies within
+--rss-flat-pct of the first kept one (max - min, relative; the JSON holds every
+sample, the growth, the range and the verdict).
 """
 
 from __future__ import annotations
@@ -75,13 +75,16 @@ def find_tcmalloc() -> str:
 
 
 def rss_verdict(rss_rounds: list[float], warmup: int, flat_pct: float) -> dict:
-    """Growth over the rounds after the warm-up ones (rss_rounds: one sample per round)."""
+    """Flat = after the warm-up rounds, every per-round sample lies within flat_pct of
+    the first kept one (max - min over the kept rounds, relative): a drop counts against
+    flatness as much as a rise. rss_rounds: one sample after each round."""
     kept = rss_rounds[warmup:]
     if len(kept) < 2:
-        return {"rounds_checked": len(kept), "growth_pct": None, "flat": None}
-    growth = 100.0 * (kept[-1] - kept[0]) / kept[0]
+        return {"rounds_checked": len(kept), "range_pct": None, "flat": None}
+    range_pct = 100.0 * (max(kept) - min(kept)) / kept[0]
     return {"rounds_checked": len(kept), "first_mb": round(kept[0], 1), "last_mb": round(kept[-1], 1),
-            "growth_pct": round(growth, 2), "limit_pct": flat_pct, "flat": growth < flat_pct}
+            "growth_pct": round(100.0 * (kept[-1] - kept[0]) / kept[0], 2), "range_pct": round(range_pct, 2),
+            "limit_pct": flat_pct, "flat": range_pct < flat_pct}
 
 
 def tree_rss_mb(pid: int) -> float:
