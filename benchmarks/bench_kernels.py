@@ -524,7 +524,56 @@ def write_markdown(path, meta, results, union_vs_row, layout_rows, fusion_rows):
         f.write("\n".join(lines) + "\n")
 
 
-def plot(out_dir, results):
+GRAPH_METHODS = ["teal", "teal_walk", "larosa"]
+
+
+def write_graph_markdown(path, meta, rows, dobench_name: str = "kernels_h100_dobench.md"):
+    """Tables of a --graph-sweep result (CUDA-graph timings: what vLLM's decode graphs see)."""
+    copy = meta["copy_bandwidth_gbs"]
+    lines = [f"# rsparse kernels on {meta['gpu']} (CUDA-graph timings)", "",
+             f"commit {meta['commit']}, {meta['versions']}, copy bandwidth {copy:.0f} GB/s (read + write). "
+             "Command: `" + meta["command"] + "`.", "",
+             "Each time is one CUDA graph of 4 rounds over >= 160 MB of weight copies (the next call never "
+             "finds its weights in L2), median of 7 replays: no CPU launch cost, as in vLLM's decode graphs. "
+             "Dense = cuBLAS F.linear on vLLM's [N, K] layout, bf16, same graph method. ratio = sparse / dense; "
+             "GB/s = bytes the sparse call actually reads / its time. teal = best one-row config of the sweep "
+             "(walk or compact kernel, chosen at s = 0.5, committed in kernels/configs/sparse_gemv.json); "
+             "teal_walk = the walk kernel with the configs committed before this sweep; larosa = exact top-k "
+             "(select kernel + GEMV).", "",
+             "## 1 token", "",
+             "| shape | dense us | teal s=0 | teal s=0.5 | GB/s @0.5 (% copy) | teal s=0.9 | teal_walk s=0.5 | "
+             "teal_walk s=0.9 | larosa s=0.5 | kernel |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["shape"] for r in rows):
+        one = {(r["method"], r["sparsity"]): r for r in rows if r["shape"] == name and r["tokens"] == 1}
+        cell = lambda m, sp: f"{one[m, sp]['ratio']:.2f}x" if (m, sp) in one else ""  # noqa: E731
+        half = one.get(("teal", 0.5))
+        gbs = f"{half['gbs']:.0f} ({half['gbs'] / copy * 100:.0f}%)" if half else ""
+        cfg = half["config"] if half else {}
+        kernel = (f"{cfg.get('kernel', 'walk')} bn{cfg['block_n']} bk{cfg['block_k']} split{cfg['split_k']} "
+                  f"w{cfg['num_warps']}") if cfg else ""
+        dense_us = next(iter(one.values()))["dense_ms"] * 1e3
+        lines.append(f"| {name} | {dense_us:.1f} | {cell('teal', 0.0)} | {cell('teal', 0.5)} | {gbs} | "
+                     f"{cell('teal', 0.9)} | {cell('teal_walk', 0.5)} | {cell('teal_walk', 0.9)} | "
+                     f"{cell('larosa', 0.5)} | {kernel} |")
+    tokens = sorted({r["tokens"] for r in rows})
+    lines += ["", "## teal by token count (ratio sparse/dense; M > 1 = one program per row)", "",
+              "| shape | sparsity | " + " | ".join(f"M={t}" for t in tokens) + " |",
+              "|---|---|" + "---|" * len(tokens)]
+    for name in dict.fromkeys(r["shape"] for r in rows):
+        for sp in sorted({r["sparsity"] for r in rows if r["method"] == "teal"}):
+            by_t = {r["tokens"]: r for r in rows if r["shape"] == name and r["method"] == "teal" and r["sparsity"] == sp}
+            lines.append(f"| {name} | {sp} | " + " | ".join(
+                f"{by_t[t]['ratio']:.2f}x" if t in by_t else "" for t in tokens) + " |")
+    lines += ["", "## sparse/dense crossover (largest token count where sparse beat dense; the dispatch table)",
+              "", "```", json.dumps(crossover_table(rows), indent=1), "```", "",
+              f"All methods and sparsities 0-0.9 with do_bench timing (includes the sparse side's Python launch "
+              f"cost, older kernels and configs): {dobench_name}."]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(out_dir, results, methods=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -540,7 +589,7 @@ def plot(out_dir, results):
             xs = SPARSITIES
             ax.plot(xs, [dense_us] * len(xs), "k-", label="dense cuBLAS")
             ax.plot(xs, [dense_us * (1 - s) for s in xs], "k--", label="ideal dense*(1-s)")
-            for method in METHODS:
+            for method in methods or METHODS:
                 pts = sorted((r["sparsity"], r["sparse_ms"] * 1e3) for r in rows if r["method"] == method)
                 if pts:
                     ax.plot(*zip(*pts), "o-", label=method)
@@ -562,6 +611,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="", help="comma-separated subset of shape names")
     ap.add_argument("--graph-check", action="store_true",
                     help="only CUDA-graph timings (committed configs) of a subset; writes graph_h100.json")
+    ap.add_argument("--report", default="",
+                    help="only render a --graph-sweep JSON (kernels_h100.json) to kernels_h100.md + PNGs in --out")
     ap.add_argument("--kernels", default="walk,compact",
                     help="one-row kernels the --graph-sweep tries (comma-separated: walk, compact)")
     ap.add_argument("--graph-sweep", action="store_true",
@@ -569,6 +620,12 @@ def main() -> None:
                          "sparse_gemv.json, dispatch.json")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.report:
+        with open(args.report) as f:
+            meta = json.load(f)
+        write_graph_markdown(os.path.join(args.out, "kernels_h100.md"), meta, meta["results"])
+        plot(args.out, meta["results"], GRAPH_METHODS)
+        return
     log_file = open(os.path.join(args.out, "bench.log"), "a")
 
     def log(msg):
