@@ -463,21 +463,35 @@ def crossover_table(results) -> dict:
     """Largest token count (of those measured) up to which sparse beats dense at every
     smaller count; 0 = never (dense even at 1 token)."""
     table = {"threshold": {}, "topk": {}}
+    for (sel, key, sp), by_tokens in _ratios(results).items():
+        limit = 0
+        for tokens in sorted(by_tokens):
+            if by_tokens[tokens] < 1.0:
+                limit = tokens
+            else:
+                break
+        table[sel].setdefault(key, {})[f"{sp:g}"] = limit
+    return table
+
+
+def ratio_table(results) -> dict:
+    """{selection: {shape: {sparsity: {tokens: sparse/dense}}}}: what launchers.crossover_tokens
+    interpolates between sparsity levels."""
+    table = {"threshold": {}, "topk": {}}
+    for (sel, key, sp), by_tokens in _ratios(results).items():
+        table[sel].setdefault(key, {})[f"{sp:g}"] = {str(t): round(r, 4) for t, r in sorted(by_tokens.items())}
+    return table
+
+
+def _ratios(results) -> dict:
     by = {}
     for r in results:
         sel = {"teal": "threshold", "larosa": "topk"}.get(r["method"])
         if sel is None:
             continue
-        by.setdefault((sel, launchers._shape_key(r["n"], r["k"]), r["sparsity"]), []).append(r)
-    for (sel, key, sp), rows in by.items():
-        limit = 0
-        for r in sorted(rows, key=lambda r: r["tokens"]):
-            if r["sparse_ms"] < r["dense_ms"]:
-                limit = r["tokens"]
-            else:
-                break
-        table[sel].setdefault(key, {})[f"{sp:g}"] = limit
-    return table
+        by.setdefault((sel, launchers._shape_key(r["n"], r["k"]), r["sparsity"]), {})[r["tokens"]] = (
+            r["sparse_ms"] / r["dense_ms"])
+    return by
 
 
 def write_markdown(path, meta, results, union_vs_row, layout_rows, fusion_rows):
@@ -613,6 +627,8 @@ def main() -> None:
                     help="only CUDA-graph timings (committed configs) of a subset; writes graph_h100.json")
     ap.add_argument("--report", default="",
                     help="only render a --graph-sweep JSON (kernels_h100.json) to kernels_h100.md + PNGs in --out")
+    ap.add_argument("--dispatch-from-report", action="store_true",
+                    help="with --report: also write dispatch.json (crossover + ratios) from that JSON")
     ap.add_argument("--kernels", default="walk,compact",
                     help="one-row kernels the --graph-sweep tries (comma-separated: walk, compact)")
     ap.add_argument("--graph-sweep", action="store_true",
@@ -623,6 +639,15 @@ def main() -> None:
     if args.report:
         with open(args.report) as f:
             meta = json.load(f)
+        if args.dispatch_from_report:
+            # the dispatch table of a committed sweep result (e.g. after a change of its format)
+            with open(os.path.join(args.out, "dispatch.json"), "w") as f:
+                json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5,
+                           "timing": "cuda_graph", "crossover": crossover_table(meta["results"]),
+                           "ratios": ratio_table(meta["results"]),
+                           "note": "from " + os.path.basename(args.report) + " (--graph-sweep): crossover = largest "
+                                   "token count up to which sparse beat cuBLAS; ratios = sparse/dense per sparsity "
+                                   "and token count, interpolated by launchers.crossover_tokens"}, f, indent=1)
         write_graph_markdown(os.path.join(args.out, "kernels_h100.md"), meta, meta["results"])
         plot(args.out, meta["results"], GRAPH_METHODS)
         return
@@ -666,7 +691,7 @@ def main() -> None:
                                "teal at sparsity 0.5", "configs": configs}, f, indent=1)
         with open(os.path.join(args.out, "dispatch.json"), "w") as f:
             json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5,
-                       "timing": "cuda_graph", "crossover": crossover_table(rows),
+                       "timing": "cuda_graph", "crossover": crossover_table(rows), "ratios": ratio_table(rows),
                        "note": "largest token count (of 1,2,4,8,16) up to which the sparse kernel beat cuBLAS "
                                "dense under CUDA graphs (--graph-sweep); 0 = dense even at 1 token; topk "
                                "measured at 1 token only"}, f, indent=1)

@@ -348,3 +348,19 @@ def test_cuda_graph_replay(selection, tokens, gen):
         check_close(out_static, ref)
     counters, acc, _ = launchers._workspace_for(x_static.device)
     assert int(counters.abs().sum()) == 0 and float(acc.abs().sum()) == 0.0
+
+
+def test_crossover_interpolates_between_measured_sparsities():
+    """A module between two measured sparsity levels gets the crossover of the interpolated
+    sparse/dense ratio; sparse must win by launchers.DISPATCH_MAX_RATIO."""
+    ratios = {"0": {"1": 1.05, "2": 1.6}, "0.5": {"1": 0.70, "2": 0.99}, "0.9": {"1": 0.45, "2": 0.5}}
+    assert launchers._interpolated_crossover(ratios, 0.0) == 0
+    assert launchers._interpolated_crossover(ratios, 0.4) == 1  # 1.05 + 0.8 * (0.70 - 1.05) = 0.77
+    assert launchers._interpolated_crossover(ratios, 0.5) == 1  # 0.99 at 2 tokens: inside the margin
+    assert launchers._interpolated_crossover(ratios, 0.9) == 2
+    assert launchers._interpolated_crossover(ratios, 0.95) == 2  # above the last level: its ratios
+    # the committed H100 table: Llama-2 qkv at 0.4 runs the kernel at 1 token (an s = 0 column
+    # alone would send it to dense), and no shape runs sparse at s = 0
+    assert launchers.crossover_tokens(12288, 4096, "threshold", 0.4) == 1
+    assert launchers.crossover_tokens(12288, 4096, "threshold", 0.0) == 0
+    assert launchers.crossover_tokens(123, 456, "threshold", 0.5) is None
