@@ -347,7 +347,6 @@ def graph_time_ms(calls, reps: int = 4, replays: int = 7) -> float:
 # one-row sweep. compact: (block_n, block_k, num_warps) x K chunk; walk: (block_n, block_k,
 # num_warps) x K steps per program (1 step = every program issues its whole tile at once,
 # no loop-carried latency chain; more steps = fewer split-K atomics)
-# (compact: BLOCK_K <= 64; 128 gave wrong results on the H100, test_compact_wide_block)
 SWEEP_TILES = [(64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 64, 4), (256, 32, 4), (256, 64, 8)]
 SWEEP_CHUNKS = [256, 512, 1024, 2048]
 WALK_TILES = [(64, 64, 4), (128, 32, 4), (128, 64, 4), (128, 128, 8), (256, 32, 4), (256, 64, 8)]

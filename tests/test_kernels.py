@@ -235,12 +235,9 @@ def test_compact_chunks(density, gen):
         check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg), ref)
 
 
-@pytest.mark.xfail(HAS_CUDA, strict=False,
-                   reason="compact kernel with BLOCK_K = 128: wrong results on the H100 at K = 11008 and 14336 "
-                          "at f5b5b95 (benchmarks/results/kernel_tests_h100.log of that commit, docs/kernels.md); "
-                          "no committed config uses it")
 @pytest.mark.parametrize("block_n,warps", [(128, 8), (64, 4)])
 def test_compact_wide_block(block_n, warps, gen):
+    """The compact kernel with 128-row list steps (the widest the sweep could pick)."""
     n, k, m = (64, 300, 2) if not HAS_CUDA else (4096, 11008, 1)
     w, b, _, _, _ = make_layer(n, k, torch.bfloat16, gen)
     x = randn(m, k, gen=gen, dtype=torch.bfloat16)
