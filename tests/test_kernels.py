@@ -73,7 +73,7 @@ def poison_empty(monkeypatch):
 @pytest.fixture(autouse=True)
 def compact_rows(monkeypatch):
     """On the CPU every test also runs the compact one-row kernel (COMPACT_ROWS_ENABLED);
-    on the GPU the tests run the configs the launcher picks (the committed ones: walk),
+    on the GPU the tests run the configs the launcher picks (the committed ones: walk or compact per shape),
     and the compact kernel has its own tests (test_configs_agree, test_compact_chunks,
     test_compact_wide_block)."""
     if not HAS_CUDA:
