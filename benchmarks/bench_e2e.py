@@ -13,7 +13,11 @@ method is how many weight rows it reads per token.
   * teal    -- thresholds calibrated like TEAL on the engine's own seeded random weights: a
                dense eager engine records every layer's input for 4 x (128 + 64) tokens and each
                threshold is put at the target quantile of |x| (achieved sparsity ~ target, not
-               exact: the sparse model's activations drift from the dense ones).
+               exact: the sparse model's activations drift from the dense ones);
+  * rsparse-thr -- what rsparse-calibrate exports for R-Sparse: threshold selection (calibrated
+               as for teal, at the input sparsity 1 - (1 - s) * sparse_share) plus the low-rank
+               term with the budget rank; score weights of 1 (column norms of random weights are
+               all alike, so they change which channels, not how many).
 
 Per configuration: decode ms/step = (t(prompt + 256 new tokens) - t(prompt + 1 token)) / 255
 at each batch size (median of --reps runs), prefill tokens/s on prompts of --prefill-len,
@@ -69,6 +73,20 @@ def rsparse_settings(shapes, method: str, sparsity: float, sparse_share: float) 
             for member in group.members:  # placeholder: calibrate_dummy_thresholds fills it in
                 tensors[tensor_name(base + member, "threshold")] = torch.zeros(1)
             continue
+        if method == "rsparse-thr":
+            keep = round((1 - sparsity) * sparse_share * d_in)
+            rank = int(((1 - sparsity) * d_in * d_out - keep * d_out) // (d_in + d_out))
+            modules[name] = ModuleSettings(selection="threshold", sparsity=sparsity, input_sparsity=1 - keep / d_in,
+                                           rank=rank, score_weight=True)
+            base = name[: -len(group.merged_name)]
+            for member in group.members:
+                m_out, m_in = shapes.member_shape(member)
+                tensors[tensor_name(base + member, "threshold")] = torch.zeros(1)
+                tensors[tensor_name(base + member, "score_weight")] = torch.ones(m_in)
+                if rank:
+                    tensors[tensor_name(base + member, "lowrank_up")] = torch.zeros(m_out, rank, dtype=torch.bfloat16)
+                    tensors[tensor_name(base + member, "lowrank_down")] = torch.zeros(rank, m_in, dtype=torch.bfloat16)
+            continue
         if method == "larosa":
             keep = round((1 - sparsity) * d_in)
             modules[name] = ModuleSettings(selection="topk", sparsity=sparsity, input_sparsity=1 - keep / d_in,
@@ -101,7 +119,7 @@ def write_config_dir(root: Path, cfg: dict, method: str, sparsity: float, sparse
         shapes = ModelShapes.from_hf_config(cfg)
         modules, tensors = rsparse_settings(shapes, method, sparsity, sparse_share)
         config["quantization_config"] = RSparseCheckpointConfig(
-            method=method, target_sparsity=sparsity, modules=modules,
+            method="rsparse" if method == "rsparse-thr" else method, target_sparsity=sparsity, modules=modules,
             calibration={"data": "none: synthetic exact top-k for speed runs on random weights"},
         ).to_dict()
         if tensors:
@@ -350,9 +368,11 @@ def main() -> None:
             method, sparsity = spec.split(":")
             sparsity = float(sparsity)
             path = write_config_dir(work / model, cfg, method, sparsity, args.sparse_share)
-            if method == "teal":
-                print(f"  teal:{sparsity}: calibrated {calibrate_dummy_thresholds(path, args, sparsity)} layers",
-                      flush=True)
+            if method in ("teal", "rsparse-thr"):
+                # the quantile of |x| to drop: all of s for teal; R-Sparse keeps (1 - s) * share of
+                # the channels sparse and spends the rest of the budget on the low-rank term
+                level = sparsity if method == "teal" else 1 - (1 - sparsity) * args.sparse_share
+                print(f"  {spec}: calibrated {calibrate_dummy_thresholds(path, args, level)} layers", flush=True)
             engines[spec] = measure_engine(path, args, "dense" if method == "dense" else spec)
             results["engines"].append({"model": model, "config": spec, **engines[spec]})
             Path(args.out).write_text(json.dumps(results, indent=1))
@@ -376,7 +396,7 @@ def main() -> None:
                     "speedup": speedup, "ideal_speedup": ideal, "fraction_of_ideal": (speedup - 1) / (ideal - 1) if ideal > 1 else None,
                     "linear_ms_per_step": linear_ms[d["batch"]],
                     # top-k: exact; teal: thresholds at the target quantile of dense activations
-                    "achieved_sparsity": sparsity if method != "teal" else None, "extra_mem_bytes": eng["bytes"]["rsparse"],
+                    "achieved_sparsity": sparsity if method not in ("teal", "rsparse-thr") else None, "extra_mem_bytes": eng["bytes"]["rsparse"],
                     "weight_bytes": eng["bytes"]["weights"],
                     "dense_prefill_tok_s": dense["prefill"]["tok_s"], "sparse_prefill_tok_s": eng["prefill"]["tok_s"],
                 })
