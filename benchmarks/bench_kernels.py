@@ -429,14 +429,21 @@ def graph_sweep(shapes, gen, log, out_dir: str = "", kernels=("walk", "compact")
             if tokens == 1:
                 leaders = [c for _, c in sorted(timed, key=lambda t: t[0])[:SWEEP_LEADERS]]
             table[key][str(tokens)] = dataclasses.asdict(best[1])
-            points = [("teal", s) for s in SWEEP_SPARSITIES] + ([("larosa", 0.5)] if tokens == 1 else [])
+            points = [("teal", s) for s in SWEEP_SPARSITIES] + (
+                [("larosa", 0.5), ("larosa_hist", 0.5)] if tokens == 1 else [])
             if tokens == 1 and committed.get(key, {}).get("1"):
                 points += [("teal_walk", 0.5), ("teal_walk", 0.9)]
             for method, sparsity in points:
                 walk = method == "teal_walk"
                 cfg_point = launchers.GemvConfig.from_dict(committed[key]["1"]) if walk else best[1]
-                calls_s, nbytes = sparse_calls("teal" if walk else method, sparsity, cfg_point)
-                ms = graph_time_ms(calls_s)
+                base_method = {"teal_walk": "teal", "larosa_hist": "larosa"}.get(method, method)
+                calls_s, nbytes = sparse_calls(base_method, sparsity, cfg_point)
+                # the select kernel is chosen when the graph is captured
+                launchers.TOPK_HISTOGRAM_ENABLED = method == "larosa_hist"
+                try:
+                    ms = graph_time_ms(calls_s)
+                finally:
+                    launchers.TOPK_HISTOGRAM_ENABLED = False
                 row = {"shape": name, "n": n, "k": k, "method": method, "tokens": tokens, "sparsity": sparsity,
                        "dense_ms": dense, "sparse_ms": ms, "ratio": ms / dense, "gbs": nbytes / ms / 1e6,
                        "ideal_ms": dense * (1 - sparsity), "config": dataclasses.asdict(cfg_point),
@@ -537,7 +544,7 @@ def write_markdown(path, meta, results, union_vs_row, layout_rows, fusion_rows):
         f.write("\n".join(lines) + "\n")
 
 
-GRAPH_METHODS = ["teal", "teal_walk", "larosa"]
+GRAPH_METHODS = ["teal", "teal_walk", "larosa", "larosa_hist"]
 
 
 def write_graph_markdown(path, meta, rows, dobench_name: str = "kernels_h100_dobench.md"):
@@ -552,11 +559,11 @@ def write_graph_markdown(path, meta, rows, dobench_name: str = "kernels_h100_dob
              "GB/s = bytes the sparse call actually reads / its time. teal = best one-row config of the sweep "
              "(walk or compact kernel, chosen at s = 0.5, committed in kernels/configs/sparse_gemv.json); "
              "teal_walk = the walk kernel with the configs committed before this sweep; larosa = exact top-k "
-             "(select kernel + GEMV).", "",
+             "(select kernel + GEMV); larosa_hist = the same with the histogram select kernel.", "",
              "## 1 token", "",
              "| shape | dense us | teal s=0 | teal s=0.5 | GB/s @0.5 (% copy) | teal s=0.9 | teal_walk s=0.5 | "
-             "teal_walk s=0.9 | larosa s=0.5 | kernel |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "teal_walk s=0.9 | larosa s=0.5 | larosa_hist s=0.5 | kernel |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["shape"] for r in rows):
         one = {(r["method"], r["sparsity"]): r for r in rows if r["shape"] == name and r["tokens"] == 1}
         cell = lambda m, sp: f"{one[m, sp]['ratio']:.2f}x" if (m, sp) in one else ""  # noqa: E731
@@ -568,7 +575,7 @@ def write_graph_markdown(path, meta, rows, dobench_name: str = "kernels_h100_dob
         dense_us = next(iter(one.values()))["dense_ms"] * 1e3
         lines.append(f"| {name} | {dense_us:.1f} | {cell('teal', 0.0)} | {cell('teal', 0.5)} | {gbs} | "
                      f"{cell('teal', 0.9)} | {cell('teal_walk', 0.5)} | {cell('teal_walk', 0.9)} | "
-                     f"{cell('larosa', 0.5)} | {kernel} |")
+                     f"{cell('larosa', 0.5)} | {cell('larosa_hist', 0.5)} | {kernel} |")
     tokens = sorted({r["tokens"] for r in rows})
     lines += ["", "## teal by token count (ratio sparse/dense; M > 1 = one program per row)", "",
               "| shape | sparsity | " + " | ".join(f"M={t}" for t in tokens) + " |",
