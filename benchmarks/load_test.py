@@ -8,7 +8,11 @@ Starts the server as a subprocess on 127.0.0.1 (nothing else is ever contacted),
      samples the server's resident memory (process tree) after each round, and reports
      p50/p99 latency. Bounded in count and time (--deadline-s); it stops by itself.
 
-    python benchmarks/load_test.py CKPT --out benchmarks/results/load_cpu.json
+    python benchmarks/load_test.py CKPT --batch-invariant --out benchmarks/results/load_cpu.json
+
+RSS "flat": after --rss-warmup-rounds rounds, every per-round sample lies within
+--rss-flat-pct of the first kept one (max - min, relative; the JSON holds every
+sample, the growth, the range and the verdict).
 """
 
 from __future__ import annotations
@@ -59,6 +63,30 @@ def complete(url: str, model: str, req: dict, timeout: float) -> tuple[str | Non
         return None, time.perf_counter() - start, repr(e)
 
 
+def find_tcmalloc() -> str:
+    import glob
+
+    for pattern in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
+                    "/usr/lib64/libtcmalloc*.so*", "/usr/lib/libtcmalloc*.so*"):
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    raise SystemExit("--allocator tcmalloc: no libtcmalloc found (apt-get install libtcmalloc-minimal4)")
+
+
+def rss_verdict(rss_rounds: list[float], warmup: int, flat_pct: float) -> dict:
+    """Flat = after the warm-up rounds, every per-round sample lies within flat_pct of
+    the first kept one (max - min over the kept rounds, relative): a drop counts against
+    flatness as much as a rise. rss_rounds: one sample after each round."""
+    kept = rss_rounds[warmup:]
+    if len(kept) < 2:
+        return {"rounds_checked": len(kept), "range_pct": None, "flat": None}
+    range_pct = 100.0 * (max(kept) - min(kept)) / kept[0]
+    return {"rounds_checked": len(kept), "first_mb": round(kept[0], 1), "last_mb": round(kept[-1], 1),
+            "growth_pct": round(100.0 * (kept[-1] - kept[0]) / kept[0], 2), "range_pct": round(range_pct, 2),
+            "limit_pct": flat_pct, "flat": range_pct < flat_pct}
+
+
 def tree_rss_mb(pid: int) -> float:
     import psutil
 
@@ -79,7 +107,8 @@ def markdown(r: dict) -> str:
         f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['mismatches']} | {r['rss_start_mb']:.0f} -> "
         f"{r['rss_end_mb']:.0f} | {r['p50_ms']} | {r['p99_ms']} |",
         "",
-        f"RSS after the solo pass and each round: {r['rss_per_round_mb']}",
+        f"RSS at start, after the solo pass and after each round: {r['rss_per_round_mb']}",
+        f"RSS flatness (after {r['rss_flat']['rounds_checked']} rounds past warm-up): {r['rss_flat']}",
         "",
     ])
 
@@ -93,10 +122,17 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline-s", type=float, default=1500.0, help="stop sending after this long")
     p.add_argument("--request-timeout-s", type=float, default=300.0)
+    p.add_argument("--start-timeout-s", type=float, default=900.0, help="server start (slow on a busy machine)")
     p.add_argument("--max-sparse-tokens", default="all",
                    help="RSPARSE_MAX_SPARSE_TOKENS for the server ('all': every batch sparse, per-row masks)")
     p.add_argument("--dtype", default="bfloat16", help="model dtype on the server (float32 isolates rounding)")
     p.add_argument("--prefix-caching", action="store_true", help="leave vLLM's prefix caching on")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="serve with RSPARSE_BATCH_INVARIANT=1 (docs/batch-invariance.md)")
+    p.add_argument("--allocator", choices=["glibc", "tcmalloc"], default="glibc",
+                   help="tcmalloc: LD_PRELOAD libtcmalloc_minimal (vLLM-CPU's recommendation)")
+    p.add_argument("--rss-warmup-rounds", type=int, default=3, help="rounds left out of the RSS flatness check")
+    p.add_argument("--rss-flat-pct", type=float, default=1.0, help="max RSS growth after warm-up, in percent")
     p.add_argument("--out", default="benchmarks/results/load_cpu.json")
     args = p.parse_args()
 
@@ -110,9 +146,14 @@ def main() -> None:
         # rounding, and not what "the same request sent alone" means.
         server_args.append("--no-enable-prefix-caching")
     env = {"RSPARSE_MAX_SPARSE_TOKENS": args.max_sparse_tokens}
+    if args.batch_invariant:
+        env["RSPARSE_BATCH_INVARIANT"] = "1"
+    if args.allocator == "tcmalloc":
+        env["LD_PRELOAD"] = find_tcmalloc()
     log = Path(args.out).with_suffix(".server.log")
     started = time.time()
-    with VLLMServer(args.checkpoint, extra_args=server_args, env=env, log_path=log) as server:
+    with VLLMServer(args.checkpoint, extra_args=server_args, env=env, log_path=log,
+                    start_timeout=args.start_timeout_s) as server:
         model = str(args.checkpoint)
         rss = [tree_rss_mb(server.pid)]
         alone = {}
@@ -168,6 +209,8 @@ def main() -> None:
         "rss_start_mb": round(rss[1], 1),
         "rss_end_mb": round(rss[-1], 1),
         "rss_per_round_mb": [round(x, 1) for x in rss],
+        "rss_flat": rss_verdict(rss[2:], args.rss_warmup_rounds, args.rss_flat_pct),
+        "allocator": args.allocator,
         "p50_ms": round(1e3 * statistics.median(lat), 1) if lat else None,
         "p99_ms": round(1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1) if lat else None,
         "wall_s": round(time.time() - started, 1),

@@ -17,6 +17,7 @@ def register() -> None:
     if _registered:
         return
     # Importing the module registers RSparseConfig and the custom op.
-    from vllm_rsparse import ops, vllm_integration  # noqa: F401
+    from vllm_rsparse import batch_invariant, ops, vllm_integration  # noqa: F401
 
+    batch_invariant.sync_attention_backend()
     _registered = True

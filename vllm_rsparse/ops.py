@@ -104,10 +104,15 @@ def cpu_sparse_linear(
     lowrank_up: torch.Tensor | None,
     lowrank_down: torch.Tensor | None,
     max_sparse_tokens: int,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """The CPU path: vLLM's own CPU GEMM (``cpu_linear``, oneDNN pre-packed) on the
     masked input, plus the low-rank term. Branch-free on the token count (the mask is
     OR-ed with "too many tokens"), so a traced graph stays right for every size.
+
+    batch_invariant (RSPARSE_BATCH_INVARIANT=1): every token is masked whatever the
+    batch size, and both GEMMs run in fixed blocks of rows, so a row's result does not
+    depend on the rows it is batched with (vllm_rsparse.batch_invariant).
 
     x [M, K]  weight [N, K]  ->  y [M, N]
     """
@@ -115,11 +120,22 @@ def cpu_sparse_linear(
         mask = reference.threshold_mask(x, threshold, score_weight)
     else:
         mask = reference.topk_mask(x, keep, score_weight)
-    too_many_tokens = torch.full((), x.shape[0], dtype=torch.int64) > max_sparse_tokens
-    mask = mask | too_many_tokens
+    if not batch_invariant:
+        too_many_tokens = torch.full((), x.shape[0], dtype=torch.int64) > max_sparse_tokens
+        mask = mask | too_many_tokens
     kept = torch.where(mask, x, torch.zeros((), dtype=x.dtype))
-    y = cpu_linear(kept, weight, bias)
+    if batch_invariant:
+        from vllm_rsparse.batch_invariant import blocked_linear
+
+        y = blocked_linear(cpu_linear, kept, weight, bias)
+    else:
+        y = cpu_linear(kept, weight, bias)
     if lowrank_up is not None:
         dropped = (x - kept).float()
-        y = (y.float() + (dropped @ lowrank_down.float().t()) @ lowrank_up.float().t()).to(y.dtype)
+        if batch_invariant:
+            inner = blocked_linear(torch.nn.functional.linear, dropped, lowrank_down.float(), None)
+            low = blocked_linear(torch.nn.functional.linear, inner, lowrank_up.float(), None)
+        else:
+            low = (dropped @ lowrank_down.float().t()) @ lowrank_up.float().t()
+        y = (y.float() + low).to(y.dtype)
     return y

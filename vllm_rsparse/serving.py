@@ -45,7 +45,8 @@ def free_port() -> int:
 
 class VLLMServer:
     def __init__(self, model_dir: str | Path, port: int | None = None, extra_args: list[str] = (),
-                 env: dict[str, str] | None = None, log_path: str | Path | None = None):
+                 env: dict[str, str] | None = None, log_path: str | Path | None = None,
+                 start_timeout: float = 300.0):
         self.model_dir = str(model_dir)
         self.port = port or free_port()
         self.extra_args = list(extra_args)
@@ -54,6 +55,7 @@ class VLLMServer:
         self.env.setdefault("HF_HUB_OFFLINE", "1")
         self.log_path = Path(log_path) if log_path else None
         self.process: subprocess.Popen | None = None
+        self.start_timeout = start_timeout
 
     @property
     def url(self) -> str:
@@ -97,7 +99,7 @@ class VLLMServer:
             pass
 
     def __enter__(self):
-        return self.start()
+        return self.start(self.start_timeout)
 
     def __exit__(self, *exc):
         self.stop()

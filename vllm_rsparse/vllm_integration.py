@@ -24,10 +24,11 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.parameter import ModelWeightParameter
 from vllm.model_executor.utils import set_weight_attrs
 
-from vllm_rsparse import architectures, ops
+from vllm_rsparse import architectures, batch_invariant, ops
 from vllm_rsparse.architectures import ModelShapes, UnsupportedArchitectureError
 from vllm_rsparse.checkpoint import CheckpointError, validate_checkpoint
 from vllm_rsparse.config import (
@@ -122,12 +123,17 @@ class RSparseConfig(QuantizationConfig):
             validate_checkpoint(model_name, hf_config=hf_config, qcfg=self.checkpoint_config)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        invariant = batch_invariant.enabled()
+        # Before the model's Attention layers pick their backend (they are built after
+        # the projections of the same decoder layer).
+        batch_invariant.sync_attention_backend()
+        dense_linear = batch_invariant.BatchInvariantLinearMethod if invariant else UnquantizedLinearMethod
         if isinstance(layer, LinearBase):
             group = architectures.group_for_prefix(prefix)
             if group is None:
                 # A linear layer outside the seven projections (none in the supported
                 # architectures): served dense, never guessed at.
-                return UnquantizedLinearMethod()
+                return dense_linear()
             settings = self.checkpoint_config.modules.get(prefix)
             if settings is None:
                 raise CheckpointError(
@@ -135,8 +141,11 @@ class RSparseConfig(QuantizationConfig):
                     "does not match this model"
                 )
             if settings.selection == "dense":
-                return UnquantizedLinearMethod()
+                return dense_linear()
             return RSparseLinearMethod(self.checkpoint_config, prefix, group, settings)
+        if invariant and isinstance(layer, VocabParallelEmbedding):
+            # The lm_head (tied or not) is a GEMM over the sampled rows: blocked too.
+            return batch_invariant.BatchInvariantEmbeddingMethod()
         if "MoE" in type(layer).__name__ or "Expert" in type(layer).__name__:
             raise UnsupportedArchitectureError(
                 f"{prefix}: {type(layer).__name__} (mixture-of-experts) is not supported by rsparse"
@@ -159,6 +168,8 @@ class RSparseLinearMethod(LinearMethodBase):
         # An explicit RSPARSE_MAX_SPARSE_TOKENS is obeyed as given; the checkpoint's
         # default is refined by the kernels' measured sparse/dense crossover.
         self.use_crossover = not max_sparse_tokens_overridden()
+        # RSPARSE_BATCH_INVARIANT=1: mask every token, fixed-shape GEMMs (CPU only).
+        self.batch_invariant = batch_invariant.enabled()
 
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
@@ -217,6 +228,8 @@ class RSparseLinearMethod(LinearMethodBase):
         for kind in ("threshold", "score_weight", "lowrank_down", "lowrank_up"):
             if not hasattr(layer, f"rsparse_{kind}"):
                 setattr(layer, f"rsparse_{kind}", None)
+        if self.batch_invariant:
+            batch_invariant.refuse_non_cpu(self.prefix, layer.weight.device)
         if layer.weight.device.type == "cpu":
             # vLLM's own CPU GEMM (oneDNN, pre-packed): the sparse path multiplies the
             # masked input with it, so at sparsity 0 the result is bitwise dense.
@@ -250,7 +263,7 @@ class RSparseLinearMethod(LinearMethodBase):
             y = ops.cpu_sparse_linear(
                 layer.cpu_linear, x2, layer.weight, bias, layer.rsparse_threshold, keep,
                 layer.rsparse_score_weight, layer.rsparse_lowrank_up, layer.rsparse_lowrank_down,
-                self.max_sparse_tokens,
+                self.max_sparse_tokens, batch_invariant=self.batch_invariant,
             )
         else:
             y = torch.ops.rsparse.sparse_linear(
