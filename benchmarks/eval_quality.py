@@ -30,6 +30,8 @@ METHODS = {
     "dense": None,
     "teal": ["--method", "teal"],
     "teal-greedy": ["--method", "teal", "--allocation", "greedy"],
+    # per-layer levels searched against the model loss (coarse greedy, calibration windows)
+    "teal-layer": ["--method", "teal", "--allocation", "layer-search"],
     "rsparse": ["--method", "rsparse"],
     "larosa": ["--method", "larosa"],
     # combinations
@@ -92,6 +94,8 @@ def run_point(args, model: str, method: str, sparsity: float) -> dict:
         "zeroshot_n": {t: v["n"] for t, v in ev.get("zeroshot", {}).items()},
         "zeroshot_stderr": {t: round(v["acc_stderr"], 4) for t, v in ev.get("zeroshot", {}).items()},
         "zeroshot_avg": ev.get("zeroshot_avg"),
+        # 0/1 per example (same seeded subset for every checkpoint): paired differences vs dense
+        "zeroshot_correct": {t: v["correct"] for t, v in ev.get("zeroshot", {}).items() if "correct" in v},
         "achieved_sparsity": achieved,
         "calibration": calib,
         "eval_seconds": ev.get("seconds"),
