@@ -256,6 +256,11 @@ def cmd_report(args) -> None:
             "users' tests sharing 2 cores: compare orders of magnitude only. Discussion: docs/methods-report.md."),
         "command": args.command_text or "see benchmarks/eval_quality.py docstring",
         "results": rows,
+        # dense's zero-shot on every subset size run (results keeps only the latest dense row)
+        "dense_zeroshot": [{"model": r["model"], "limit": r.get("limit"), "zeroshot": r["zeroshot"],
+                            "zeroshot_avg": r["zeroshot_avg"]}
+                           for r in {(r["model"], r.get("limit")): r for r in load_results(workdir)
+                                     if r["method"] == "dense" and r["zeroshot"]}.values()],
         "rotation_simulation": sims,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -292,6 +297,12 @@ def write_markdown(report: dict, path: Path) -> None:
         ns = sorted({(r.get("limit"), json.dumps(r.get("zeroshot_n"))) for r in mrows if r["zeroshot"]})
         lines += ["", f"Zero-shot n per task: {', '.join(n for _, n in ns)}." if ns else
                   "Perplexity only for this model (no zero-shot run).", ""]
+        # Rows of different n are different subsets: compare each with dense on its own subset.
+        dense_by_n = {d.get("limit"): d["zeroshot_avg"] for d in report.get("dense_zeroshot", [])
+                      if d["model"] == model}
+        if len(dense_by_n) > 1:
+            lines += ["Dense zero-shot avg on each subset size (compare rows with the same n/task): "
+                      + ", ".join(f"n = {n}: {v:.3f}" for n, v in sorted(dense_by_n.items())) + ".", ""]
     for name, sim in report.get("rotation_simulation", {}).items():
         lines += [f"## LaRoSA rotation placement ({name})", "", sim["protocol"], "",
                   "| sparsity | no rotation (gammas folded, top-k) | global Q (folded, served) | per-layer Q_l (needs adapter) |",
