@@ -13,7 +13,11 @@ method is how many weight rows it reads per token.
   * teal    -- thresholds calibrated like TEAL on the engine's own seeded random weights: a
                dense eager engine records every layer's input for 4 x (128 + 64) tokens and each
                threshold is put at the target quantile of |x| (achieved sparsity ~ target, not
-               exact: the sparse model's activations drift from the dense ones).
+               exact: the sparse model's activations drift from the dense ones);
+  * rsparse-thr -- what rsparse-calibrate exports for R-Sparse: threshold selection (calibrated
+               as for teal, at the input sparsity 1 - (1 - s) * sparse_share) plus the low-rank
+               term with the budget rank; score weights of 1 (column norms of random weights are
+               all alike, so they change which channels, not how many).
 
 Per configuration: decode ms/step = (t(prompt + 256 new tokens) - t(prompt + 1 token)) / 255
 at each batch size (median of --reps runs), prefill tokens/s on prompts of --prefill-len,
@@ -69,6 +73,20 @@ def rsparse_settings(shapes, method: str, sparsity: float, sparse_share: float) 
             for member in group.members:  # placeholder: calibrate_dummy_thresholds fills it in
                 tensors[tensor_name(base + member, "threshold")] = torch.zeros(1)
             continue
+        if method == "rsparse-thr":
+            keep = round((1 - sparsity) * sparse_share * d_in)
+            rank = int(((1 - sparsity) * d_in * d_out - keep * d_out) // (d_in + d_out))
+            modules[name] = ModuleSettings(selection="threshold", sparsity=sparsity, input_sparsity=1 - keep / d_in,
+                                           rank=rank, score_weight=True)
+            base = name[: -len(group.merged_name)]
+            for member in group.members:
+                m_out, m_in = shapes.member_shape(member)
+                tensors[tensor_name(base + member, "threshold")] = torch.zeros(1)
+                tensors[tensor_name(base + member, "score_weight")] = torch.ones(m_in)
+                if rank:
+                    tensors[tensor_name(base + member, "lowrank_up")] = torch.zeros(m_out, rank, dtype=torch.bfloat16)
+                    tensors[tensor_name(base + member, "lowrank_down")] = torch.zeros(rank, m_in, dtype=torch.bfloat16)
+            continue
         if method == "larosa":
             keep = round((1 - sparsity) * d_in)
             modules[name] = ModuleSettings(selection="topk", sparsity=sparsity, input_sparsity=1 - keep / d_in,
@@ -101,7 +119,7 @@ def write_config_dir(root: Path, cfg: dict, method: str, sparsity: float, sparse
         shapes = ModelShapes.from_hf_config(cfg)
         modules, tensors = rsparse_settings(shapes, method, sparsity, sparse_share)
         config["quantization_config"] = RSparseCheckpointConfig(
-            method=method, target_sparsity=sparsity, modules=modules,
+            method="rsparse" if method == "rsparse-thr" else method, target_sparsity=sparsity, modules=modules,
             calibration={"data": "none: synthetic exact top-k for speed runs on random weights"},
         ).to_dict()
         if tensors:
@@ -168,6 +186,71 @@ def calibrate_dummy_thresholds(path: Path, args, sparsity: float) -> int:
             tensors[f"{member}.rsparse_threshold"] = torch.tensor([value], dtype=torch.float32)
     save_file(tensors, str(path / "rsparse.safetensors"))
     return layers
+
+
+def _install_drop_counters(model) -> int:
+    """Forward pre-hooks that count, on decode-sized calls (<= 16 rows), the input channels a
+    threshold layer drops: score = |x| * score_weight <= threshold (eager engines only)."""
+    count = 0
+    for module in model.modules():
+        thr = getattr(module, "rsparse_threshold", None)
+        if thr is None:
+            continue
+        module._rsparse_drop = [0.0, 0]
+
+        def hook(mod, args):
+            x = args[0].detach().float()
+            x = x.reshape(-1, x.shape[-1])
+            if x.shape[0] > 16:
+                return
+            score = x.abs()
+            if mod.rsparse_score_weight is not None:
+                score = score * mod.rsparse_score_weight.float()
+            mod._rsparse_drop[0] += float((score <= mod.rsparse_threshold.float().reshape(-1)[0]).sum())
+            mod._rsparse_drop[1] += score.numel()
+
+        module._rsparse_drop_hook = module.register_forward_pre_hook(hook)
+        count += 1
+    return count
+
+
+def _byte_sparsity(model) -> float:
+    """Fraction of the rsparse layers' weight bytes not read per decode token, the low-rank
+    factors' bytes counted as read (the model-level sparsity of the quality report)."""
+    dense = read = 0.0
+    for module in model.modules():
+        if not hasattr(module, "_rsparse_drop"):
+            continue
+        module._rsparse_drop_hook.remove()
+        dropped, seen = module._rsparse_drop
+        n, k = module.weight.shape
+        dense += n * k
+        read += (1 - dropped / max(seen, 1)) * n * k
+        if getattr(module, "rsparse_lowrank_up", None) is not None:
+            read += module.rsparse_lowrank_up.numel() + module.rsparse_lowrank_down.numel()
+        del module._rsparse_drop, module._rsparse_drop_hook
+    return 1 - read / dense if dense else 0.0
+
+
+def measure_achieved_sparsity(path: Path, args) -> float:
+    """Achieved model-level sparsity of a threshold checkpoint on dummy weights: an eager
+    engine of the sparse checkpoint decodes 4 x 64 tokens after 128-token prompts, and every
+    rsparse layer counts the channels its threshold drops on the decode calls."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+              max_model_len=args.max_model_len, enforce_eager=True, enable_prefix_caching=False, seed=0,
+              gpu_memory_utilization=0.88)
+    try:
+        llm.apply_model(_install_drop_counters)
+        gen = torch.Generator().manual_seed(2)  # other prompts than the calibration's
+        prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, 31900, (128,), generator=gen).tolist())
+                   for _ in range(4)]
+        llm.generate(prompts, SamplingParams(max_tokens=64, ignore_eos=True, temperature=0.0), use_tqdm=False)
+        return llm.apply_model(_byte_sparsity)[0]
+    finally:
+        shutdown_llm(llm)
 
 
 def param_bytes(model) -> dict:
@@ -329,6 +412,9 @@ def main() -> None:
                         "they beat dense); kernels: every batch <= 16 tokens through the kernels "
                         "(RSPARSE_MAX_SPARSE_TOKENS=16), to see the kernels in situ")
     p.add_argument("--eager", action="store_true", help="no torch.compile/CUDA graphs (CPU smoke runs)")
+    p.add_argument("--measure-achieved", action="store_true",
+                   help="threshold methods: one more eager engine per config counts the channels dropped "
+                        "on decode calls (achieved_sparsity; about 30 s of GPU time each)")
     p.add_argument("--out", default="e2e.json")
     args = p.parse_args()
     if args.dispatch == "kernels":
@@ -345,14 +431,19 @@ def main() -> None:
         cfg = model_config(MODEL_CONFIGS[model], Path(args.models_dir))
         linear_ms = {b: linear_time_ms(cfg, b) for b in args.batches}
         print(f"{model}: linear-layer time per step {linear_ms}", flush=True)
-        engines = {}
+        engines, achieved = {}, {}
         for spec in args.configs:
             method, sparsity = spec.split(":")
             sparsity = float(sparsity)
             path = write_config_dir(work / model, cfg, method, sparsity, args.sparse_share)
-            if method == "teal":
-                print(f"  teal:{sparsity}: calibrated {calibrate_dummy_thresholds(path, args, sparsity)} layers",
-                      flush=True)
+            if method in ("teal", "rsparse-thr"):
+                # the quantile of |x| to drop: all of s for teal; R-Sparse keeps (1 - s) * share of
+                # the channels sparse and spends the rest of the budget on the low-rank term
+                level = sparsity if method == "teal" else 1 - (1 - sparsity) * args.sparse_share
+                print(f"  {spec}: calibrated {calibrate_dummy_thresholds(path, args, level)} layers", flush=True)
+                if args.measure_achieved:
+                    achieved[spec] = measure_achieved_sparsity(path, args)
+                    print(f"  {spec}: achieved sparsity {achieved[spec]:.3f}", flush=True)
             engines[spec] = measure_engine(path, args, "dense" if method == "dense" else spec)
             results["engines"].append({"model": model, "config": spec, **engines[spec]})
             Path(args.out).write_text(json.dumps(results, indent=1))
@@ -375,8 +466,8 @@ def main() -> None:
                     "dense_ms_per_step": base["ms_per_step"], "sparse_ms_per_step": d["ms_per_step"],
                     "speedup": speedup, "ideal_speedup": ideal, "fraction_of_ideal": (speedup - 1) / (ideal - 1) if ideal > 1 else None,
                     "linear_ms_per_step": linear_ms[d["batch"]],
-                    # top-k: exact; teal: thresholds at the target quantile of dense activations
-                    "achieved_sparsity": sparsity if method != "teal" else None, "extra_mem_bytes": eng["bytes"]["rsparse"],
+                    # top-k: exact; thresholds: measured with --measure-achieved (decode calls), else None
+                    "achieved_sparsity": sparsity if method not in ("teal", "rsparse-thr") else achieved.get(spec), "extra_mem_bytes": eng["bytes"]["rsparse"],
                     "weight_bytes": eng["bytes"]["weights"],
                     "dense_prefill_tok_s": dense["prefill"]["tok_s"], "sparse_prefill_tok_s": eng["prefill"]["tok_s"],
                 })

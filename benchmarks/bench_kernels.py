@@ -347,7 +347,6 @@ def graph_time_ms(calls, reps: int = 4, replays: int = 7) -> float:
 # one-row sweep. compact: (block_n, block_k, num_warps) x K chunk; walk: (block_n, block_k,
 # num_warps) x K steps per program (1 step = every program issues its whole tile at once,
 # no loop-carried latency chain; more steps = fewer split-K atomics)
-# (compact: BLOCK_K <= 64; 128 gave wrong results on the H100, test_compact_wide_block)
 SWEEP_TILES = [(64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 64, 4), (256, 32, 4), (256, 64, 8)]
 SWEEP_CHUNKS = [256, 512, 1024, 2048]
 WALK_TILES = [(64, 64, 4), (128, 32, 4), (128, 64, 4), (128, 128, 8), (256, 32, 4), (256, 64, 8)]
@@ -430,14 +429,21 @@ def graph_sweep(shapes, gen, log, out_dir: str = "", kernels=("walk", "compact")
             if tokens == 1:
                 leaders = [c for _, c in sorted(timed, key=lambda t: t[0])[:SWEEP_LEADERS]]
             table[key][str(tokens)] = dataclasses.asdict(best[1])
-            points = [("teal", s) for s in SWEEP_SPARSITIES] + ([("larosa", 0.5)] if tokens == 1 else [])
+            points = [("teal", s) for s in SWEEP_SPARSITIES] + (
+                [("larosa", 0.5), ("larosa_hist", 0.5)] if tokens == 1 else [])
             if tokens == 1 and committed.get(key, {}).get("1"):
                 points += [("teal_walk", 0.5), ("teal_walk", 0.9)]
             for method, sparsity in points:
                 walk = method == "teal_walk"
                 cfg_point = launchers.GemvConfig.from_dict(committed[key]["1"]) if walk else best[1]
-                calls_s, nbytes = sparse_calls("teal" if walk else method, sparsity, cfg_point)
-                ms = graph_time_ms(calls_s)
+                base_method = {"teal_walk": "teal", "larosa_hist": "larosa"}.get(method, method)
+                calls_s, nbytes = sparse_calls(base_method, sparsity, cfg_point)
+                # the select kernel is chosen when the graph is captured
+                launchers.TOPK_HISTOGRAM_ENABLED = method == "larosa_hist"
+                try:
+                    ms = graph_time_ms(calls_s)
+                finally:
+                    launchers.TOPK_HISTOGRAM_ENABLED = False
                 row = {"shape": name, "n": n, "k": k, "method": method, "tokens": tokens, "sparsity": sparsity,
                        "dense_ms": dense, "sparse_ms": ms, "ratio": ms / dense, "gbs": nbytes / ms / 1e6,
                        "ideal_ms": dense * (1 - sparsity), "config": dataclasses.asdict(cfg_point),
@@ -463,21 +469,35 @@ def crossover_table(results) -> dict:
     """Largest token count (of those measured) up to which sparse beats dense at every
     smaller count; 0 = never (dense even at 1 token)."""
     table = {"threshold": {}, "topk": {}}
+    for (sel, key, sp), by_tokens in _ratios(results).items():
+        limit = 0
+        for tokens in sorted(by_tokens):
+            if by_tokens[tokens] < 1.0:
+                limit = tokens
+            else:
+                break
+        table[sel].setdefault(key, {})[f"{sp:g}"] = limit
+    return table
+
+
+def ratio_table(results) -> dict:
+    """{selection: {shape: {sparsity: {tokens: sparse/dense}}}}: what launchers.crossover_tokens
+    interpolates between sparsity levels."""
+    table = {"threshold": {}, "topk": {}}
+    for (sel, key, sp), by_tokens in _ratios(results).items():
+        table[sel].setdefault(key, {})[f"{sp:g}"] = {str(t): round(r, 4) for t, r in sorted(by_tokens.items())}
+    return table
+
+
+def _ratios(results) -> dict:
     by = {}
     for r in results:
         sel = {"teal": "threshold", "larosa": "topk"}.get(r["method"])
         if sel is None:
             continue
-        by.setdefault((sel, launchers._shape_key(r["n"], r["k"]), r["sparsity"]), []).append(r)
-    for (sel, key, sp), rows in by.items():
-        limit = 0
-        for r in sorted(rows, key=lambda r: r["tokens"]):
-            if r["sparse_ms"] < r["dense_ms"]:
-                limit = r["tokens"]
-            else:
-                break
-        table[sel].setdefault(key, {})[f"{sp:g}"] = limit
-    return table
+        by.setdefault((sel, launchers._shape_key(r["n"], r["k"]), r["sparsity"]), {})[r["tokens"]] = (
+            r["sparse_ms"] / r["dense_ms"])
+    return by
 
 
 def write_markdown(path, meta, results, union_vs_row, layout_rows, fusion_rows):
@@ -524,7 +544,56 @@ def write_markdown(path, meta, results, union_vs_row, layout_rows, fusion_rows):
         f.write("\n".join(lines) + "\n")
 
 
-def plot(out_dir, results):
+GRAPH_METHODS = ["teal", "teal_walk", "larosa", "larosa_hist"]
+
+
+def write_graph_markdown(path, meta, rows, dobench_name: str = "kernels_h100_dobench.md"):
+    """Tables of a --graph-sweep result (CUDA-graph timings: what vLLM's decode graphs see)."""
+    copy = meta["copy_bandwidth_gbs"]
+    lines = [f"# rsparse kernels on {meta['gpu']} (CUDA-graph timings)", "",
+             f"commit {meta['commit']}, {meta['versions']}, copy bandwidth {copy:.0f} GB/s (read + write). "
+             "Command: `" + meta["command"] + "`.", "",
+             "Each time is one CUDA graph of 4 rounds over >= 160 MB of weight copies (the next call never "
+             "finds its weights in L2), median of 7 replays: no CPU launch cost, as in vLLM's decode graphs. "
+             "Dense = cuBLAS F.linear on vLLM's [N, K] layout, bf16, same graph method. ratio = sparse / dense; "
+             "GB/s = bytes the sparse call actually reads / its time. teal = best one-row config of the sweep "
+             "(walk or compact kernel, chosen at s = 0.5, committed in kernels/configs/sparse_gemv.json); "
+             "teal_walk = the walk kernel with the configs committed before this sweep; larosa = exact top-k "
+             "(select kernel + GEMV); larosa_hist = the same with the histogram select kernel.", "",
+             "## 1 token", "",
+             "| shape | dense us | teal s=0 | teal s=0.5 | GB/s @0.5 (% copy) | teal s=0.9 | teal_walk s=0.5 | "
+             "teal_walk s=0.9 | larosa s=0.5 | larosa_hist s=0.5 | kernel |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["shape"] for r in rows):
+        one = {(r["method"], r["sparsity"]): r for r in rows if r["shape"] == name and r["tokens"] == 1}
+        cell = lambda m, sp: f"{one[m, sp]['ratio']:.2f}x" if (m, sp) in one else ""  # noqa: E731
+        half = one.get(("teal", 0.5))
+        gbs = f"{half['gbs']:.0f} ({half['gbs'] / copy * 100:.0f}%)" if half else ""
+        cfg = half["config"] if half else {}
+        kernel = (f"{cfg.get('kernel', 'walk')} bn{cfg['block_n']} bk{cfg['block_k']} split{cfg['split_k']} "
+                  f"w{cfg['num_warps']}") if cfg else ""
+        dense_us = next(iter(one.values()))["dense_ms"] * 1e3
+        lines.append(f"| {name} | {dense_us:.1f} | {cell('teal', 0.0)} | {cell('teal', 0.5)} | {gbs} | "
+                     f"{cell('teal', 0.9)} | {cell('teal_walk', 0.5)} | {cell('teal_walk', 0.9)} | "
+                     f"{cell('larosa', 0.5)} | {cell('larosa_hist', 0.5)} | {kernel} |")
+    tokens = sorted({r["tokens"] for r in rows})
+    lines += ["", "## teal by token count (ratio sparse/dense; M > 1 = one program per row)", "",
+              "| shape | sparsity | " + " | ".join(f"M={t}" for t in tokens) + " |",
+              "|---|---|" + "---|" * len(tokens)]
+    for name in dict.fromkeys(r["shape"] for r in rows):
+        for sp in sorted({r["sparsity"] for r in rows if r["method"] == "teal"}):
+            by_t = {r["tokens"]: r for r in rows if r["shape"] == name and r["method"] == "teal" and r["sparsity"] == sp}
+            lines.append(f"| {name} | {sp} | " + " | ".join(
+                f"{by_t[t]['ratio']:.2f}x" if t in by_t else "" for t in tokens) + " |")
+    lines += ["", "## sparse/dense crossover (largest token count where sparse beat dense; the dispatch table)",
+              "", "```", json.dumps(crossover_table(rows), indent=1), "```", "",
+              f"All methods and sparsities 0-0.9 with do_bench timing (includes the sparse side's Python launch "
+              f"cost, older kernels and configs): {dobench_name}."]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(out_dir, results, methods=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -540,7 +609,7 @@ def plot(out_dir, results):
             xs = SPARSITIES
             ax.plot(xs, [dense_us] * len(xs), "k-", label="dense cuBLAS")
             ax.plot(xs, [dense_us * (1 - s) for s in xs], "k--", label="ideal dense*(1-s)")
-            for method in METHODS:
+            for method in methods or METHODS:
                 pts = sorted((r["sparsity"], r["sparse_ms"] * 1e3) for r in rows if r["method"] == method)
                 if pts:
                     ax.plot(*zip(*pts), "o-", label=method)
@@ -562,6 +631,10 @@ def main() -> None:
     ap.add_argument("--shapes", default="", help="comma-separated subset of shape names")
     ap.add_argument("--graph-check", action="store_true",
                     help="only CUDA-graph timings (committed configs) of a subset; writes graph_h100.json")
+    ap.add_argument("--report", default="",
+                    help="only render a --graph-sweep JSON (kernels_h100.json) to kernels_h100.md + PNGs in --out")
+    ap.add_argument("--dispatch-from-report", action="store_true",
+                    help="with --report: also write dispatch.json (crossover + ratios) from that JSON")
     ap.add_argument("--kernels", default="walk,compact",
                     help="one-row kernels the --graph-sweep tries (comma-separated: walk, compact)")
     ap.add_argument("--graph-sweep", action="store_true",
@@ -569,6 +642,21 @@ def main() -> None:
                          "sparse_gemv.json, dispatch.json")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.report:
+        with open(args.report) as f:
+            meta = json.load(f)
+        if args.dispatch_from_report:
+            # the dispatch table of a committed sweep result (e.g. after a change of its format)
+            with open(os.path.join(args.out, "dispatch.json"), "w") as f:
+                json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5,
+                           "timing": "cuda_graph", "crossover": crossover_table(meta["results"]),
+                           "ratios": ratio_table(meta["results"]),
+                           "note": "from " + os.path.basename(args.report) + " (--graph-sweep): crossover = largest "
+                                   "token count up to which sparse beat cuBLAS; ratios = sparse/dense per sparsity "
+                                   "and token count, interpolated by launchers.crossover_tokens"}, f, indent=1)
+        write_graph_markdown(os.path.join(args.out, "kernels_h100.md"), meta, meta["results"])
+        plot(args.out, meta["results"], GRAPH_METHODS)
+        return
     log_file = open(os.path.join(args.out, "bench.log"), "a")
 
     def log(msg):
@@ -609,7 +697,7 @@ def main() -> None:
                                "teal at sparsity 0.5", "configs": configs}, f, indent=1)
         with open(os.path.join(args.out, "dispatch.json"), "w") as f:
             json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5,
-                       "timing": "cuda_graph", "crossover": crossover_table(rows),
+                       "timing": "cuda_graph", "crossover": crossover_table(rows), "ratios": ratio_table(rows),
                        "note": "largest token count (of 1,2,4,8,16) up to which the sparse kernel beat cuBLAS "
                                "dense under CUDA graphs (--graph-sweep); 0 = dense even at 1 token; topk "
                                "measured at 1 token only"}, f, indent=1)

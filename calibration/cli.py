@@ -17,7 +17,7 @@ import torch
 
 METHODS = ("teal", "rsparse", "larosa", "dense")
 OPTION_CHOICES = {
-    "allocation": ("uniform", "greedy"),
+    "allocation": ("uniform", "greedy", "layer-search"),
     "rotation": ("auto", "none", "global"),
     "selection": ("auto", "threshold", "topk"),
     "score": ("auto", "abs", "column_norm"),
@@ -41,7 +41,7 @@ class CalibrationArgs:
     force: bool = False
     max_sparse_tokens: int = 16
     # Method options and combinations ("auto" = the method's own choice).
-    allocation: str = "uniform"  # teal: uniform or greedy per-layer split
+    allocation: str = "uniform"  # teal: uniform, greedy per-layer split, or layer-search
     rotation: str = "auto"  # none | global (larosa: global)
     selection: str = "auto"  # threshold | topk (rsparse: threshold, larosa: topk)
     score: str = "auto"  # abs | column_norm (rsparse: column_norm, larosa: abs)
@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("method options and combinations ('auto' = the method's own choice)")
     m.add_argument("--allocation", choices=OPTION_CHOICES["allocation"], default=d.allocation,
                    help="teal only: 'uniform' = every group at --sparsity; 'greedy' = TEAL's per-layer greedy "
-                        "split by parameter-weighted output error (default: uniform)")
+                        "split by parameter-weighted output error; 'layer-search' = per-layer levels (mean --sparsity) "
+                        "searched greedily against the model loss on calibration windows (default: uniform)")
     m.add_argument("--rotation", choices=OPTION_CHOICES["rotation"], default=d.rotation,
                    help="'global' folds one PCA rotation of the residual stream into the weights before "
                         "selecting channels (larosa: always; rsparse: optional; default: auto)")

@@ -42,7 +42,7 @@ def threshold_result(shapes: ModelShapes, hists: dict[str, LogHistogram],
     return CalibrationResult(modules=modules, tensors=tensors)
 
 
-ALLOCATIONS = ("uniform", "greedy")
+ALLOCATIONS = ("uniform", "greedy", "layer-search")
 GREEDY_WINDOWS = 2  # windows whose sub-block inputs the greedy search replays (kept in memory)
 
 
@@ -50,7 +50,9 @@ def calibrate_teal(model, shapes: ModelShapes, windows: torch.Tensor, sparsity: 
                    allocation: str = "uniform") -> CalibrationResult:
     """allocation "uniform": every group at ``sparsity``; "greedy": TEAL's per-layer
     greedy split (``allocation.greedy_block_allocation``), every layer at ``sparsity``
-    parameter-weighted, so the model-level byte sparsity is ``sparsity`` either way."""
+    parameter-weighted; "layer-search": per-layer levels (uniform inside a layer) with
+    mean ``sparsity``, searched against the model loss (``allocation.layer_loss_allocation``).
+    The model-level byte sparsity is ``sparsity`` in every case."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation is {allocation!r}; allowed values are {list(ALLOCATIONS)}")
     hists = collect_abs_histograms(model, shapes, windows)
@@ -59,8 +61,18 @@ def calibrate_teal(model, shapes: ModelShapes, windows: torch.Tensor, sparsity: 
 
         paths = greedy_block_allocation(model, shapes, windows[:GREEDY_WINDOWS], hists, max_target=sparsity)
         per_group = allocation_for_target(shapes, paths, sparsity)
+    elif allocation == "layer-search" and sparsity > 0:
+        from vllm_rsparse.calibration.allocation import layer_loss_allocation
+
+        found = layer_loss_allocation(model, shapes, windows, hists, sparsity)
+        per_group = {architectures.layer_group_name(l, g): found.levels[l]
+                     for l in range(shapes.num_layers) for g in architectures.INPUT_GROUPS}
+        search_info = {"layer_sparsity": found.levels, "search_loss_uniform": round(found.loss_uniform, 5),
+                       "search_loss": round(found.loss, 5), "search_evaluations": found.evaluations}
     else:
         per_group = {name: sparsity for name, _ in architectures.iter_groups(shapes)}
     result = threshold_result(shapes, hists, per_group)
     result.info["allocation"] = allocation
+    if allocation == "layer-search" and sparsity > 0:
+        result.info.update(search_info)
     return result

@@ -57,6 +57,25 @@ def test_zeroshot_accounting_with_a_fake_scorer():
     out = zeroshot(_FakeScorer(), ex)
     assert out["n"] == 2 and out["acc"] == 0.5
     assert math.isclose(out["acc_stderr"], math.sqrt(0.25 / 1))
+    assert out["correct"] == [1, 0]  # per example, in order (paired comparisons)
+
+
+def test_report_paired_delta():
+    """The report's zero-shot delta vs dense pairs examples: mean of per-example
+    differences, se from their spread (here task a: +1 on 1 of 4, task b: 0)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "eval_quality.py"
+    spec = importlib.util.spec_from_file_location("eval_quality", path)
+    eq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eq)
+    dense = {"limit": 4, "zeroshot_correct": {"a": [1, 0, 0, 1], "b": [1, 1, 0, 0]}}
+    row = {"limit": 4, "zeroshot_correct": {"a": [1, 1, 0, 1], "b": [1, 1, 0, 0]}}
+    delta, se = eq.paired_delta(row, dense)
+    assert math.isclose(delta, (0.25 + 0.0) / 2)
+    assert math.isclose(se, math.sqrt(0.25 / 4) / 2)  # var of [0,1,0,0] = 0.25 (n-1), / n
+    assert eq.paired_delta({**row, "limit": 8}, dense) is None  # different subsets: not paired
 
 
 @pytest.mark.vllm

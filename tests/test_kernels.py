@@ -73,7 +73,7 @@ def poison_empty(monkeypatch):
 @pytest.fixture(autouse=True)
 def compact_rows(monkeypatch):
     """On the CPU every test also runs the compact one-row kernel (COMPACT_ROWS_ENABLED);
-    on the GPU the tests run the configs the launcher picks (the committed ones: walk),
+    on the GPU the tests run the configs the launcher picks (the committed ones: walk or compact per shape),
     and the compact kernel has its own tests (test_configs_agree, test_compact_chunks,
     test_compact_wide_block)."""
     if not HAS_CUDA:
@@ -181,9 +181,12 @@ def test_topk(shape, tokens, sparsity, dtype, lowrank, gen):
 
 @pytest.mark.parametrize("distinct", [3, 40, 100000], ids=lambda d: f"values{d}")
 @pytest.mark.parametrize("keep_frac", [0.0, 0.01, 0.5, 0.99, 1.0], ids=lambda f: f"keep{f}")
-def test_topk_select_exact_count(distinct, keep_frac, gen):
+@pytest.mark.parametrize("select", ["radix16", "histogram"])
+def test_topk_select_exact_count(distinct, keep_frac, select, gen, monkeypatch):
     """The (threshold, tie cut) pair keeps exactly `keep` channels, also when most
-    scores tie (few distinct values): the same set as lowest-index-first top-k."""
+    scores tie (few distinct values): the same set as lowest-index-first top-k. Both
+    select kernels: 8 passes of 16-way counts, and 4 histogram passes of one block."""
+    monkeypatch.setattr(launchers, "TOPK_HISTOGRAM_ENABLED", select == "histogram")
     m, k = (7, 1000) if not HAS_CUDA else (16, 14336)
     x = (torch.randint(0, distinct, (m, k), generator=gen, device=DEVICE).float() - distinct / 2)
     x = x.to(torch.bfloat16)
@@ -235,12 +238,9 @@ def test_compact_chunks(density, gen):
         check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg), ref)
 
 
-@pytest.mark.xfail(HAS_CUDA, strict=False,
-                   reason="compact kernel with BLOCK_K = 128: wrong results on the H100 at K = 11008 and 14336 "
-                          "at f5b5b95 (benchmarks/results/kernel_tests_h100.log of that commit, docs/kernels.md); "
-                          "no committed config uses it")
 @pytest.mark.parametrize("block_n,warps", [(128, 8), (64, 4)])
 def test_compact_wide_block(block_n, warps, gen):
+    """The compact kernel with 128-row list steps (the widest the sweep could pick)."""
     n, k, m = (64, 300, 2) if not HAS_CUDA else (4096, 11008, 1)
     w, b, _, _, _ = make_layer(n, k, torch.bfloat16, gen)
     x = randn(m, k, gen=gen, dtype=torch.bfloat16)
@@ -348,3 +348,19 @@ def test_cuda_graph_replay(selection, tokens, gen):
         check_close(out_static, ref)
     counters, acc, _ = launchers._workspace_for(x_static.device)
     assert int(counters.abs().sum()) == 0 and float(acc.abs().sum()) == 0.0
+
+
+def test_crossover_interpolates_between_measured_sparsities():
+    """A module between two measured sparsity levels gets the crossover of the interpolated
+    sparse/dense ratio; sparse must win by launchers.DISPATCH_MAX_RATIO."""
+    ratios = {"0": {"1": 1.05, "2": 1.6}, "0.5": {"1": 0.70, "2": 0.99}, "0.9": {"1": 0.45, "2": 0.5}}
+    assert launchers._interpolated_crossover(ratios, 0.0) == 0
+    assert launchers._interpolated_crossover(ratios, 0.4) == 1  # 1.05 + 0.8 * (0.70 - 1.05) = 0.77
+    assert launchers._interpolated_crossover(ratios, 0.5) == 1  # 0.99 at 2 tokens: inside the margin
+    assert launchers._interpolated_crossover(ratios, 0.9) == 2
+    assert launchers._interpolated_crossover(ratios, 0.95) == 2  # above the last level: its ratios
+    # the committed H100 table: Llama-2 qkv at 0.4 runs the kernel at 1 token (an s = 0 column
+    # alone would send it to dense), and no shape runs sparse at s = 0
+    assert launchers.crossover_tokens(12288, 4096, "threshold", 0.4) == 1
+    assert launchers.crossover_tokens(12288, 4096, "threshold", 0.0) == 0
+    assert launchers.crossover_tokens(123, 456, "threshold", 0.5) is None

@@ -206,6 +206,31 @@ def test_teal_greedy_allocation_hits_each_layer_target(tiny):
         paths[0].at(0.9)
 
 
+def test_layer_search_keeps_the_mean_and_never_loses(tiny):
+    """Per-layer levels searched on the model loss: pairs of +-step moves, so the mean
+    (= model-level byte sparsity, every layer has the same weights) stays the target,
+    and a move is only taken when the measured loss improves."""
+    from vllm_rsparse.calibration.allocation import LayerSearchOptions, layer_loss_allocation
+    from vllm_rsparse.calibration.teal import calibrate_teal, collect_abs_histograms
+
+    model, _, _, shapes, windows = tiny
+    hists = collect_abs_histograms(model, shapes, windows)
+    options = LayerSearchOptions(step=0.1, windows=1, rounds=2)
+    found = layer_loss_allocation(model, shapes, windows, hists, 0.5, options)
+    assert len(found.levels) == shapes.num_layers
+    assert abs(sum(found.levels) / shapes.num_layers - 0.5) < 1e-9
+    assert all(abs(round((x - 0.5) / 0.1) * 0.1 - (x - 0.5)) < 1e-9 for x in found.levels)
+    assert found.loss <= found.loss_uniform
+    assert found.evaluations >= 1 + 2 * shapes.num_layers
+    result = calibrate_teal(model, shapes, windows, 0.5, allocation="layer-search")
+    assert len(result.info["layer_sparsity"]) == shapes.num_layers
+    for l, level in enumerate(result.info["layer_sparsity"]):
+        for g in architectures.INPUT_GROUPS:
+            assert result.modules[architectures.layer_group_name(l, g)].sparsity == level
+    with pytest.raises(ValueError, match="step"):
+        LayerSearchOptions(step=0.0)
+
+
 def test_cli_rejects_bad_combinations():
     from vllm_rsparse.calibration.cli import CalibrationArgs
 
@@ -213,6 +238,8 @@ def test_cli_rejects_bad_combinations():
         CalibrationArgs(model="m", output="o", method="teal", rotation="global")
     with pytest.raises(ValueError, match="only implemented for --method teal"):
         CalibrationArgs(model="m", output="o", method="rsparse", allocation="greedy")
+    with pytest.raises(ValueError, match="only implemented for --method teal"):
+        CalibrationArgs(model="m", output="o", method="larosa", allocation="layer-search")
     with pytest.raises(ValueError, match="allowed values"):
         CalibrationArgs(model="m", output="o", method="rsparse", selection="random")
 

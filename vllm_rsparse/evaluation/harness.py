@@ -102,7 +102,8 @@ def perplexity(scorer: VllmScorer, windows) -> dict:
 
 
 def zeroshot(scorer: VllmScorer, examples: list[Example]) -> dict:
-    """-> {"acc", "acc_norm", "n", "acc_stderr"} over the examples."""
+    """-> {"acc", "acc_norm", "n", "acc_stderr", "correct"} over the examples ("correct":
+    0/1 per example in order, for paired comparisons between checkpoints)."""
     tok = scorer.tokenizer
     prompts, spans = [], []
     for ex in examples:
@@ -113,6 +114,7 @@ def zeroshot(scorer: VllmScorer, examples: list[Example]) -> dict:
             spans.append(len(cont_ids))
     lps = scorer.token_logprobs(prompts)
     correct = correct_norm = 0
+    hits = []  # per example 0/1, in order: lets a report pair two runs on the same examples
     i = 0
     for ex in examples:
         scores, norms = [], []
@@ -121,12 +123,14 @@ def zeroshot(scorer: VllmScorer, examples: list[Example]) -> dict:
             scores.append(ll)
             norms.append(ll / max(len(cont), 1))
             i += 1
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == ex.label)
+        hit = int(max(range(len(scores)), key=scores.__getitem__) == ex.label)
+        hits.append(hit)
+        correct += hit
         correct_norm += int(max(range(len(norms)), key=norms.__getitem__) == ex.label)
     n = len(examples)
     acc = correct / n
     return {"acc": acc, "acc_norm": correct_norm / n, "n": n,
-            "acc_stderr": math.sqrt(acc * (1 - acc) / max(n - 1, 1))}
+            "acc_stderr": math.sqrt(acc * (1 - acc) / max(n - 1, 1)), "correct": hits}
 
 
 def evaluate(config: EvalConfig) -> dict:

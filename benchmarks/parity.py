@@ -1,0 +1,120 @@
+"""Same answers on the GPU as on the CPU (issue 5, item 5): one script for both machines.
+
+    # CPU (here): fixed token inputs from the held-out text, then the CPU reference
+    python benchmarks/parity.py prepare CKPT_DENSE --out parity_inputs.json
+    python benchmarks/parity.py run CKPT --inputs parity_inputs.json --out cpu_<label>.json
+    # GPU (vLLM 0.26, same checkpoint files): the same command, gpu_<label>.json
+    python benchmarks/parity.py compare cpu_dense.json gpu_dense.json cpu_teal.json gpu_teal.json \
+        --out benchmarks/results/parity_smollm2.json
+
+The inputs are token ids, not text, so both machines score exactly the same tokens whatever
+their tokenizer or text-data packages. `run` uses the evaluation harness's VllmScorer with the
+strict protocol (sparse path on every token): held-out perplexity over the windows, and greedy
+continuations of the prompts. `compare` checks: at sparsity 0 the GPU's greedy tokens equal the
+CPU's; at 0.5 the GPU perplexity is within 1% of the CPU's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PPL_WINDOWS = 4
+PPL_SEQ_LEN = 512
+PROMPTS = 8
+PROMPT_LEN = 32
+GEN_TOKENS = 32
+PPL_TOLERANCE = 0.01
+
+
+def prepare(args) -> None:
+    from transformers import AutoTokenizer
+
+    from vllm_rsparse.calibration import data
+
+    tok = AutoTokenizer.from_pretrained(args.checkpoint)
+    windows = data.token_windows(tok, data.heldout_text(), PPL_WINDOWS + PROMPTS, PPL_SEQ_LEN,
+                                 source="held-out text")
+    inputs = {"source": "held-out Wikipedia articles (gensim test data), tokenized by " + str(args.checkpoint),
+              "windows": windows[:PPL_WINDOWS].tolist(),
+              # prompts from windows the perplexity does not use
+              "prompts": [w[:PROMPT_LEN].tolist() for w in windows[PPL_WINDOWS:]]}
+    Path(args.out).write_text(json.dumps(inputs))
+    print(f"wrote {args.out}: {PPL_WINDOWS} x {PPL_SEQ_LEN} windows, {PROMPTS} prompts of {PROMPT_LEN} tokens")
+
+
+def run(args) -> None:
+    import torch
+    import vllm
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_rsparse.evaluation.harness import VllmScorer, perplexity
+    from vllm_rsparse.serving import shutdown_llm
+
+    inputs = json.loads(Path(args.inputs).read_text())
+    scorer = VllmScorer(args.checkpoint, "strict", max_model_len=PPL_SEQ_LEN + GEN_TOKENS + 64)
+    try:
+        ppl = perplexity(scorer, torch.tensor(inputs["windows"]))
+        params = SamplingParams(max_tokens=GEN_TOKENS, temperature=0.0, ignore_eos=True)
+        outs = scorer.llm.generate([TokensPrompt(prompt_token_ids=p) for p in inputs["prompts"]], params,
+                                   use_tqdm=False)
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+    finally:
+        shutdown_llm(scorer.llm)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
+    result = {"checkpoint": str(args.checkpoint), "device": device, "vllm": vllm.__version__,
+              "torch": torch.__version__, "protocol": "strict (RSPARSE_MAX_SPARSE_TOKENS=all)",
+              "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"], "greedy_tokens": tokens}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"{args.checkpoint} on {device}: ppl {ppl['ppl']:.4f}")
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+def compare(args) -> None:
+    pairs = [json.loads(Path(p).read_text()) for p in args.results]
+    if len(pairs) % 2:
+        sys.exit("compare takes CPU/GPU result files in pairs")
+    rows = []
+    for cpu, gpu in zip(pairs[::2], pairs[1::2]):
+        diffs = [first_difference(a, b) for a, b in zip(cpu["greedy_tokens"], gpu["greedy_tokens"])]
+        rel = abs(gpu["ppl"] - cpu["ppl"]) / cpu["ppl"]
+        rows.append({"checkpoint": cpu["checkpoint"], "cpu": cpu["device"], "gpu": gpu["device"],
+                     "cpu_ppl": cpu["ppl"], "gpu_ppl": gpu["ppl"], "ppl_rel_diff": rel,
+                     "ppl_within_1pct": rel <= PPL_TOLERANCE,
+                     "prompts_identical": sum(d is None for d in diffs), "prompts": len(diffs),
+                     "first_difference": diffs})
+    out = {"command": "python benchmarks/parity.py compare " + " ".join(args.results), "rows": rows,
+           "versions": {"cpu": pairs[0]["vllm"], "gpu": pairs[1]["vllm"]}}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    for r in rows:
+        print(f"{r['checkpoint']}: ppl cpu {r['cpu_ppl']:.4f} gpu {r['gpu_ppl']:.4f} ({r['ppl_rel_diff'] * 100:.2f}%), "
+              f"greedy identical {r['prompts_identical']}/{r['prompts']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("checkpoint")
+    p.add_argument("--inputs", required=True)
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("compare")
+    p.add_argument("results", nargs="+", help="cpu.json gpu.json [cpu.json gpu.json ...]")
+    p.add_argument("--out", required=True)
+    args = ap.parse_args()
+    {"prepare": prepare, "run": run, "compare": compare}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
