@@ -107,30 +107,24 @@ def _define():
         _vllm_classes()
     from vllm import _custom_ops as vllm_ops
 
-    class BatchInvariantLinearMethod(UnquantizedLinearMethod):
+    class _FixedRowBlocks:
+        """CPU only; the GEMM in fixed row blocks (shared by the two methods below)."""
+
+        def process_weights_after_loading(self, layer) -> None:
+            refuse_non_cpu(type(layer).__name__, layer.weight.device)
+            super().process_weights_after_loading(layer)
+
+        def apply(self, layer, x, bias=None):
+            x2 = x.reshape(-1, x.shape[-1])
+            y = blocked_linear(layer.cpu_linear, x2, layer.weight, bias)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    class BatchInvariantLinearMethod(_FixedRowBlocks, UnquantizedLinearMethod):
         """vLLM's dense CPU linear, in fixed row blocks (dense-selected projections)."""
 
-        def process_weights_after_loading(self, layer) -> None:
-            refuse_non_cpu(type(layer).__name__, layer.weight.device)
-            super().process_weights_after_loading(layer)
-
-        def apply(self, layer, x, bias=None):
-            x2 = x.reshape(-1, x.shape[-1])
-            y = blocked_linear(layer.cpu_linear, x2, layer.weight, bias)
-            return y.reshape(*x.shape[:-1], y.shape[-1])
-
-    class BatchInvariantEmbeddingMethod(UnquantizedEmbeddingMethod):
+    class BatchInvariantEmbeddingMethod(_FixedRowBlocks, UnquantizedEmbeddingMethod):
         """Embedding lookup unchanged (a gather is exact); the lm_head GEMM (logits of
         the sampled rows, as many as sequences in the batch) in fixed row blocks."""
-
-        def process_weights_after_loading(self, layer) -> None:
-            refuse_non_cpu(type(layer).__name__, layer.weight.device)
-            super().process_weights_after_loading(layer)
-
-        def apply(self, layer, x, bias=None):
-            x2 = x.reshape(-1, x.shape[-1])
-            y = blocked_linear(layer.cpu_linear, x2, layer.weight, bias)
-            return y.reshape(*x.shape[:-1], y.shape[-1])
 
     class BatchInvariantCPUAttentionImpl(CPUAttentionBackendImpl):
         """vLLM's CPU attention kernel, called once per request with the scheduler
