@@ -480,6 +480,15 @@ def crossover_table(results) -> dict:
     return table
 
 
+def write_graph_dispatch(path: str, meta: dict, rows: list, note: str) -> None:
+    """kernels/configs/dispatch.json from CUDA-graph results: crossover counts and the
+    ratios launchers.crossover_tokens interpolates."""
+    with open(path, "w") as f:
+        json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5,
+                   "timing": "cuda_graph", "crossover": crossover_table(rows), "ratios": ratio_table(rows),
+                   "note": note}, f, indent=1)
+
+
 def ratio_table(results) -> dict:
     """{selection: {shape: {sparsity: {tokens: sparse/dense}}}}: what launchers.crossover_tokens
     interpolates between sparsity levels."""
@@ -647,13 +656,10 @@ def main() -> None:
             meta = json.load(f)
         if args.dispatch_from_report:
             # the dispatch table of a committed sweep result (e.g. after a change of its format)
-            with open(os.path.join(args.out, "dispatch.json"), "w") as f:
-                json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5,
-                           "timing": "cuda_graph", "crossover": crossover_table(meta["results"]),
-                           "ratios": ratio_table(meta["results"]),
-                           "note": "from " + os.path.basename(args.report) + " (--graph-sweep): crossover = largest "
-                                   "token count up to which sparse beat cuBLAS; ratios = sparse/dense per sparsity "
-                                   "and token count, interpolated by launchers.crossover_tokens"}, f, indent=1)
+            write_graph_dispatch(os.path.join(args.out, "dispatch.json"), meta, meta["results"],
+                                 "from " + os.path.basename(args.report) + " (--graph-sweep): crossover = largest "
+                                 "token count up to which sparse beat cuBLAS; ratios = sparse/dense per sparsity "
+                                 "and token count, interpolated by launchers.crossover_tokens")
         write_graph_markdown(os.path.join(args.out, "kernels_h100.md"), meta, meta["results"])
         plot(args.out, meta["results"], GRAPH_METHODS)
         return
@@ -695,12 +701,10 @@ def main() -> None:
             json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "tokens": TOKENS, "timing": "cuda_graph",
                        "note": "best one-row config (walk or compact kernel) of benchmarks/bench_kernels.py --graph-sweep, "
                                "teal at sparsity 0.5", "configs": configs}, f, indent=1)
-        with open(os.path.join(args.out, "dispatch.json"), "w") as f:
-            json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5,
-                       "timing": "cuda_graph", "crossover": crossover_table(rows), "ratios": ratio_table(rows),
-                       "note": "largest token count (of 1,2,4,8,16) up to which the sparse kernel beat cuBLAS "
-                               "dense under CUDA graphs (--graph-sweep); 0 = dense even at 1 token; topk "
-                               "measured at 1 token only"}, f, indent=1)
+        write_graph_dispatch(os.path.join(args.out, "dispatch.json"), meta, rows,
+                             "largest token count (of 1,2,4,8,16) up to which the sparse kernel beat cuBLAS "
+                             "dense under CUDA graphs (--graph-sweep); 0 = dense even at 1 token; topk "
+                             "measured at 1 token only")
         log(f"done in {time.time() - t0:.0f} s")
         for r in rows:
             if r["tokens"] == 1 and r["sparsity"] in (0.5, 0.9):
