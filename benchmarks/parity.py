@@ -31,6 +31,29 @@ GEN_TOKENS = 32
 PPL_TOLERANCE = 0.01
 
 
+def provenance() -> dict:
+    """commit, machine, versions and command of this measurement."""
+    import os
+    import subprocess
+
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    try:
+        import vllm
+
+        vllm_version = vllm.__version__
+    except ImportError:
+        vllm_version = None
+    return {"commit": commit or os.environ.get("RSPARSE_COMMIT", "unknown"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+            "versions": {"vllm": vllm_version, "torch": torch.__version__, "python": platform.python_version()},
+            "command": "python benchmarks/parity.py " + " ".join(sys.argv[1:])}
+
+
 def prepare(args) -> None:
     from transformers import AutoTokenizer
 
@@ -39,7 +62,7 @@ def prepare(args) -> None:
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
     windows = data.token_windows(tok, data.heldout_text(), PPL_WINDOWS + PROMPTS, PPL_SEQ_LEN,
                                  source="held-out text")
-    inputs = {"source": "held-out Wikipedia articles (gensim test data), tokenized by " + str(args.checkpoint),
+    inputs = {**provenance(), "source": "held-out Wikipedia articles (gensim test data), tokenized by " + str(args.checkpoint),
               "windows": windows[:PPL_WINDOWS].tolist(),
               # prompts from windows the perplexity does not use
               "prompts": [w[:PROMPT_LEN].tolist() for w in windows[PPL_WINDOWS:]]}
@@ -67,7 +90,7 @@ def run(args) -> None:
     finally:
         shutdown_llm(scorer.llm)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
-    result = {"checkpoint": str(args.checkpoint), "device": device, "vllm": vllm.__version__,
+    result = {**provenance(), "checkpoint": str(args.checkpoint), "device": device, "vllm": vllm.__version__,
               "torch": torch.__version__, "protocol": "strict (RSPARSE_MAX_SPARSE_TOKENS=all)",
               "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"], "greedy_tokens": tokens}
     Path(args.out).write_text(json.dumps(result, indent=1))
@@ -91,7 +114,7 @@ def compare(args) -> None:
                      "ppl_within_1pct": rel <= PPL_TOLERANCE,
                      "prompts_identical": sum(d is None for d in diffs), "prompts": len(diffs),
                      "first_difference": diffs})
-    out = {"command": "python benchmarks/parity.py compare " + " ".join(args.results), "rows": rows,
+    out = {**provenance(), "rows": rows,
            "versions": {"cpu": pairs[0]["vllm"], "gpu": pairs[1]["vllm"]}}
     Path(args.out).write_text(json.dumps(out, indent=1))
     for r in rows:
