@@ -10,10 +10,12 @@ method is how many weight rows it reads per token.
                (the rotation is folded into the weights offline: no runtime cost);
   * rsparse -- top-k on |x| * column norm plus the low-rank term with the budget formula
                (sparse share ``--sparse-share``), low-rank bytes counted as read: exact;
-  * teal    -- thresholds calibrated like TEAL on the engine's own seeded random weights: a
-               dense eager engine records every layer's input for 4 x (128 + 64) tokens and each
-               threshold is put at the target quantile of |x| (achieved sparsity ~ target, not
-               exact: the sparse model's activations drift from the dense ones);
+  * teal    -- thresholds calibrated like TEAL on the engine's own seeded random weights: one
+               dense eager engine per model records every layer's input for 4 x (128 + 64) tokens
+               and each threshold is put at the target quantile of |x|, for every threshold
+               configuration of the run at once. achieved_sparsity = the bytes-not-read fraction
+               on the decode inputs of 4 other prompts (held out; dense activations: the sparse
+               model's own activations drift a little from them);
   * rsparse-thr -- what rsparse-calibrate exports for R-Sparse: threshold selection (calibrated
                as for teal, at the input sparsity 1 - (1 - s) * sparse_share) plus the low-rank
                term with the budget rank; score weights of 1 (column norms of random weights are
@@ -129,48 +131,80 @@ def write_config_dir(root: Path, cfg: dict, method: str, sparsity: float, sparse
 
 
 def _install_input_recorders(model) -> int:
-    """Forward pre-hooks that keep |x| of every rsparse layer's input (eager engines only)."""
+    """Forward pre-hooks that keep |x| of every rsparse layer's input (eager engines only):
+    all rows in the "calib" bucket, decode-sized calls (<= 16 rows) in the "heldout" bucket
+    -- _select_bucket below says which one is open."""
     count = 0
     for module in model.modules():
         if hasattr(module, "rsparse_threshold"):
-            module._rsparse_seen = []
-            module._rsparse_hook = module.register_forward_pre_hook(
-                lambda mod, args: mod._rsparse_seen.append(args[0].detach().float().abs().reshape(-1)))
+            module._rsparse_seen = {"calib": [], "heldout": []}
+            module._rsparse_bucket = "calib"
+
+            def hook(mod, args):
+                x = args[0].detach().float().abs()
+                x = x.reshape(-1, x.shape[-1])
+                if mod._rsparse_bucket == "calib" or x.shape[0] <= 16:
+                    mod._rsparse_seen[mod._rsparse_bucket].append(x)
+
+            module._rsparse_hook = module.register_forward_pre_hook(hook)
             count += 1
     return count
 
 
-def _input_quantiles(model, sparsity: float) -> dict:
-    out = {}
-    for name, module in model.named_modules():
+def _select_bucket(model, bucket: str) -> None:
+    for module in model.modules():
         if hasattr(module, "_rsparse_seen"):
-            module._rsparse_hook.remove()
-            seen = torch.cat(module._rsparse_seen)
-            out[name] = float(torch.quantile(seen[:: max(1, seen.numel() // 4_000_000)], sparsity))
-            del module._rsparse_seen, module._rsparse_hook
+            module._rsparse_bucket = bucket
+
+
+def _quantiles_and_drops(model, levels: list[float]) -> dict:
+    """{layer: {"shape": (n, k), "thresholds": [per level], "dropped": [per level]}}: each
+    threshold at its level's quantile of the calibration |x| (TEAL), and the fraction of
+    held-out decode inputs it drops."""
+    out = {}
+    q = torch.tensor(levels, dtype=torch.float32)
+    for name, module in model.named_modules():
+        if not hasattr(module, "_rsparse_seen"):
+            continue
+        module._rsparse_hook.remove()
+        seen = torch.cat([x.reshape(-1) for x in module._rsparse_seen["calib"]])
+        # torch.quantile takes at most 2**24 elements: an even subsample keeps every token's share
+        thresholds = torch.quantile(seen[:: max(1, seen.numel() // 4_000_000)], q.to(seen.device)).tolist()
+        held = torch.cat(module._rsparse_seen["heldout"]) if module._rsparse_seen["heldout"] else seen[:0]
+        dropped = [float((held <= t).float().mean()) if held.numel() else None for t in thresholds]
+        out[name] = {"shape": tuple(module.weight.shape), "thresholds": thresholds, "dropped": dropped}
+        del module._rsparse_seen, module._rsparse_hook, module._rsparse_bucket
     return out
 
 
-def calibrate_dummy_thresholds(path: Path, args, sparsity: float) -> int:
-    """TEAL's calibration on the engine's own seeded random weights: run them dense and
-    eager, record every rsparse layer's input, put each threshold at the target quantile
-    into rsparse.safetensors (the plugin reads it in dummy-weight runs). -> layers."""
+def calibrate_dummy_thresholds(record_path: Path, targets: list[tuple[Path, float]], args) -> dict:
+    """TEAL's calibration on the engine's own seeded random weights, for every threshold
+    configuration at once: one dense eager engine (of any threshold checkpoint: the layers
+    and the seeded weights are the same) records every rsparse layer's input on 4 prompts of
+    128 tokens + 64 generated (calibration) and the decode calls of 4 other prompts (held
+    out). Each target (checkpoint, level) gets its thresholds at the level's quantile in its
+    rsparse.safetensors (the plugin reads them in dummy-weight runs).
+    -> {level: {layer: fraction of held-out decode inputs dropped}} and the layer shapes."""
     from safetensors.torch import load_file, save_file
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    levels = sorted({level for _, level in targets})
     previous = os.environ.get("RSPARSE_MAX_SPARSE_TOKENS")
     os.environ["RSPARSE_MAX_SPARSE_TOKENS"] = "0"  # dense: thresholds come from dense activations
-    llm = LLM(model=str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+    llm = LLM(model=str(record_path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=args.max_model_len, enforce_eager=True, enable_prefix_caching=False, seed=0,
-              gpu_memory_utilization=0.88)
+              gpu_memory_utilization=0.80)
     try:
-        layers = llm.apply_model(_install_input_recorders)[0]
-        gen = torch.Generator().manual_seed(1)
-        prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, 31900, (128,), generator=gen).tolist())
-                   for _ in range(4)]
-        llm.generate(prompts, SamplingParams(max_tokens=64, ignore_eos=True, temperature=0.0), use_tqdm=False)
-        thresholds = llm.apply_model(lambda m: _input_quantiles(m, sparsity))[0]
+        llm.apply_model(_install_input_recorders)
+        params = SamplingParams(max_tokens=64, ignore_eos=True, temperature=0.0)
+        for bucket, seed in (("calib", 1), ("heldout", 2)):
+            gen = torch.Generator().manual_seed(seed)
+            prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, 31900, (128,), generator=gen).tolist())
+                       for _ in range(4)]
+            llm.apply_model(lambda m, b=bucket: _select_bucket(m, b))
+            llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.apply_model(lambda m: _quantiles_and_drops(m, levels))[0]
     finally:
         shutdown_llm(llm)
         if previous is None:
@@ -179,78 +213,30 @@ def calibrate_dummy_thresholds(path: Path, args, sparsity: float) -> int:
             os.environ["RSPARSE_MAX_SPARSE_TOKENS"] = previous
     from vllm_rsparse import architectures
 
-    tensors = load_file(str(path / "rsparse.safetensors"))
-    for name, value in thresholds.items():
-        group = architectures.group_for_prefix(name)
-        for member in architectures.member_names(name, group):
-            tensors[f"{member}.rsparse_threshold"] = torch.tensor([value], dtype=torch.float32)
-    save_file(tensors, str(path / "rsparse.safetensors"))
-    return layers
+    for path, level in targets:
+        tensors = load_file(str(path / "rsparse.safetensors"))
+        for name, st in stats.items():
+            group = architectures.group_for_prefix(name)
+            for member in architectures.member_names(name, group):
+                value = st["thresholds"][levels.index(level)]
+                tensors[f"{member}.rsparse_threshold"] = torch.tensor([value], dtype=torch.float32)
+        save_file(tensors, str(path / "rsparse.safetensors"))
+    return {"levels": levels, "layers": stats}
 
 
-def _install_drop_counters(model) -> int:
-    """Forward pre-hooks that count, on decode-sized calls (<= 16 rows), the input channels a
-    threshold layer drops: score = |x| * score_weight <= threshold (eager engines only)."""
-    count = 0
-    for module in model.modules():
-        thr = getattr(module, "rsparse_threshold", None)
-        if thr is None:
-            continue
-        module._rsparse_drop = [0.0, 0]
-
-        def hook(mod, args):
-            x = args[0].detach().float()
-            x = x.reshape(-1, x.shape[-1])
-            if x.shape[0] > 16:
-                return
-            score = x.abs()
-            if mod.rsparse_score_weight is not None:
-                score = score * mod.rsparse_score_weight.float()
-            mod._rsparse_drop[0] += float((score <= mod.rsparse_threshold.float().reshape(-1)[0]).sum())
-            mod._rsparse_drop[1] += score.numel()
-
-        module._rsparse_drop_hook = module.register_forward_pre_hook(hook)
-        count += 1
-    return count
-
-
-def _byte_sparsity(model) -> float:
-    """Fraction of the rsparse layers' weight bytes not read per decode token, the low-rank
-    factors' bytes counted as read (the model-level sparsity of the quality report)."""
+def achieved_byte_sparsity(calibration: dict, level: float, lowrank_bytes: dict) -> float | None:
+    """Model-level sparsity on the held-out decode inputs: the fraction of the rsparse
+    layers' weight bytes not read per token, the low-rank factors' bytes counted as read
+    (lowrank_bytes: layer -> element count of its factors; the quality report's definition)."""
+    i = calibration["levels"].index(level)
     dense = read = 0.0
-    for module in model.modules():
-        if not hasattr(module, "_rsparse_drop"):
-            continue
-        module._rsparse_drop_hook.remove()
-        dropped, seen = module._rsparse_drop
-        n, k = module.weight.shape
+    for name, st in calibration["layers"].items():
+        n, k = st["shape"]
+        if st["dropped"][i] is None:
+            return None
         dense += n * k
-        read += (1 - dropped / max(seen, 1)) * n * k
-        if getattr(module, "rsparse_lowrank_up", None) is not None:
-            read += module.rsparse_lowrank_up.numel() + module.rsparse_lowrank_down.numel()
-        del module._rsparse_drop, module._rsparse_drop_hook
-    return 1 - read / dense if dense else 0.0
-
-
-def measure_achieved_sparsity(path: Path, args) -> float:
-    """Achieved model-level sparsity of a threshold checkpoint on dummy weights: an eager
-    engine of the sparse checkpoint decodes 4 x 64 tokens after 128-token prompts, and every
-    rsparse layer counts the channels its threshold drops on the decode calls."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    llm = LLM(model=str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=args.max_model_len, enforce_eager=True, enable_prefix_caching=False, seed=0,
-              gpu_memory_utilization=0.88)
-    try:
-        llm.apply_model(_install_drop_counters)
-        gen = torch.Generator().manual_seed(2)  # other prompts than the calibration's
-        prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, 31900, (128,), generator=gen).tolist())
-                   for _ in range(4)]
-        llm.generate(prompts, SamplingParams(max_tokens=64, ignore_eos=True, temperature=0.0), use_tqdm=False)
-        return llm.apply_model(_byte_sparsity)[0]
-    finally:
-        shutdown_llm(llm)
+        read += (1 - st["dropped"][i]) * n * k + lowrank_bytes.get(name, 0)
+    return 1 - read / dense if dense else None
 
 
 def param_bytes(model) -> dict:
@@ -279,13 +265,14 @@ def count_triton_kernels(llm, prompt_ids) -> dict:
     return counts
 
 
-def measure_engine(path: Path, args, label: str) -> dict:
+def measure_engine(path: Path, args, label: str, prompt_lens: list[int]) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     started = time.time()
     engine_args = dict(enforce_eager=True, max_num_batched_tokens=args.max_model_len) if args.eager else dict(
-        compilation_config={"cudagraph_capture_sizes": sorted({1, 2, 4, 8, 16, 32, *args.batches})},
+        # capture exactly the measured batch sizes (each capture size costs start-up time)
+        compilation_config={"cudagraph_capture_sizes": sorted(set(args.batches))},
         gpu_memory_utilization=0.88)
     llm = LLM(model=str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=args.max_model_len, enable_prefix_caching=False,
@@ -310,13 +297,13 @@ def measure_engine(path: Path, args, label: str) -> dict:
     try:
         result["bytes"] = llm.apply_model(param_bytes)[0]
         timed(prompts(1, 32), 8)  # warm-up
-        for prompt_len in args.prompt_lens:
+        for prompt_len in prompt_lens:
             for batch in args.batches:
                 if batch * (prompt_len + args.gen) > args.max_tokens_in_flight:
                     continue
                 ps = prompts(batch, prompt_len)
                 full, first = [], []
-                for _ in range(args.reps):
+                for _ in range(args.reps if batch <= 4 else args.reps_large):
                     full.append(timed(ps, args.gen))
                     first.append(timed(ps, 1))
                 step_ms = (statistics.median(full) - statistics.median(first)) / (args.gen - 1) * 1e3
@@ -392,17 +379,70 @@ def git_commit() -> str:
         return os.environ.get("RSPARSE_COMMIT", "unknown")
 
 
+def lowrank_elements(shapes, method: str, sparsity: float, sparse_share: float) -> dict:
+    """layer -> element count of its low-rank factors (rsparse-thr), as rsparse_settings sizes them."""
+    from vllm_rsparse import architectures
+
+    if method != "rsparse-thr":
+        return {}
+    out = {}
+    for name, group in architectures.iter_groups(shapes):
+        d_out, d_in = shapes.group_shape(group)
+        keep = round((1 - sparsity) * sparse_share * d_in)
+        rank = int(((1 - sparsity) * d_in * d_out - keep * d_out) // (d_in + d_out))
+        out[name] = rank * (d_in + d_out)
+    return out
+
+
+def result_rows(model: str, configs: list[str], engines: dict, achieved: dict, linear_ms: dict) -> list[dict]:
+    """One row per (sparse config, batch, prompt length) against the dense engine of the same run."""
+    dense = engines.get(configs[0])
+    if dense is None:
+        return []
+    dense_steps = {(d["batch"], d["prompt_len"]): d for d in dense["decode"]}
+    rows = []
+    for spec, eng in engines.items():
+        if spec == configs[0]:
+            continue
+        method, sparsity = spec.split(":")
+        sparsity = float(sparsity)
+        for d in eng["decode"]:
+            base = dense_steps.get((d["batch"], d["prompt_len"]))
+            if base is None:
+                continue
+            lin = linear_ms[d["batch"]]
+            ideal = base["ms_per_step"] / (base["ms_per_step"] - sparsity * lin) if lin else None
+            speedup = base["ms_per_step"] / d["ms_per_step"]
+            rows.append({
+                "model": model, "method": method, "sparsity": sparsity, "batch": d["batch"],
+                "prompt_len": d["prompt_len"], "dense_tok_s": base["tok_s"], "sparse_tok_s": d["tok_s"],
+                "dense_ms_per_step": base["ms_per_step"], "sparse_ms_per_step": d["ms_per_step"],
+                "speedup": speedup, "ideal_speedup": ideal,
+                "fraction_of_ideal": (speedup - 1) / (ideal - 1) if ideal and ideal > 1 else None,
+                "linear_ms_per_step": lin,
+                # top-k: exact by construction; thresholds: held-out decode inputs (calibrate_dummy_thresholds)
+                "achieved_sparsity": achieved.get(spec, sparsity),
+                "extra_mem_bytes": eng["bytes"]["rsparse"], "weight_bytes": eng["bytes"]["weights"],
+                "dense_prefill_tok_s": dense["prefill"]["tok_s"], "sparse_prefill_tok_s": eng["prefill"]["tok_s"],
+            })
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["llama2-7b"], choices=sorted(MODEL_CONFIGS))
     p.add_argument("--models-dir", default=str(ROOT / "benchmarks" / "models"))
-    p.add_argument("--configs", nargs="+", default=["dense:0", "larosa:0.5", "rsparse:0.5", "larosa:0.4"],
+    p.add_argument("--configs", nargs="+", default=["dense:0", "teal:0.5", "rsparse-thr:0.5", "larosa:0.5"],
                    help="method:sparsity, dense first")
+    p.add_argument("--short-configs", nargs="*", default=[],
+                   help="configs (of --configs) measured at the first --prompt-lens only (the 0.6/0.7 curve points)")
     p.add_argument("--sparse-share", type=float, default=0.9, help="rsparse: share of the budget kept sparse")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 64])
     p.add_argument("--prompt-lens", nargs="+", type=int, default=[128, 2048])
     p.add_argument("--gen", type=int, default=256)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=2, help="timed runs per point at batch <= 4 (median)")
+    p.add_argument("--reps-large", type=int, default=1,
+                   help="timed runs per point at batch > 4 (each runs 256 steps of a large batch)")
     p.add_argument("--prefill-len", type=int, default=2048)
     p.add_argument("--prefill-batch", type=int, default=8)
     p.add_argument("--max-model-len", type=int, default=2560)
@@ -412,70 +452,71 @@ def main() -> None:
                         "they beat dense); kernels: every batch <= 16 tokens through the kernels "
                         "(RSPARSE_MAX_SPARSE_TOKENS=16), to see the kernels in situ")
     p.add_argument("--eager", action="store_true", help="no torch.compile/CUDA graphs (CPU smoke runs)")
-    p.add_argument("--measure-achieved", action="store_true",
-                   help="threshold methods: one more eager engine per config counts the channels dropped "
-                        "on decode calls (achieved_sparsity; about 30 s of GPU time each)")
     p.add_argument("--out", default="e2e.json")
     args = p.parse_args()
     if args.dispatch == "kernels":
         os.environ["RSPARSE_MAX_SPARSE_TOKENS"] = "16"
+    unknown = set(args.short_configs) - set(args.configs)
+    if unknown:
+        p.error(f"--short-configs not in --configs: {sorted(unknown)}")
 
     results = {"commit": os.environ.get("RSPARSE_COMMIT") or git_commit(),
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke run)",
                "versions": versions(),
                "command": "python benchmarks/bench_e2e.py " + " ".join(os.sys.argv[1:]),
                "protocol": __doc__.strip().split("\n\n")[1], "dispatch": args.dispatch,
-               "engines": [], "results": []}
+               "engines": [], "calibration": [], "results": []}
     work = Path(tempfile.mkdtemp(prefix="rsparse-e2e-"))
+    from vllm_rsparse.architectures import ModelShapes
+
+    def save():
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
     for model in args.models:
         cfg = model_config(MODEL_CONFIGS[model], Path(args.models_dir))
+        shapes = ModelShapes.from_hf_config(cfg)
         linear_ms = {b: linear_time_ms(cfg, b) for b in args.batches}
         print(f"{model}: linear-layer time per step {linear_ms}", flush=True)
-        engines, achieved = {}, {}
+        paths, targets = {}, []
         for spec in args.configs:
             method, sparsity = spec.split(":")
-            sparsity = float(sparsity)
-            path = write_config_dir(work / model, cfg, method, sparsity, args.sparse_share)
+            paths[spec] = write_config_dir(work / model, cfg, method, float(sparsity), args.sparse_share)
             if method in ("teal", "rsparse-thr"):
                 # the quantile of |x| to drop: all of s for teal; R-Sparse keeps (1 - s) * share of
                 # the channels sparse and spends the rest of the budget on the low-rank term
-                level = sparsity if method == "teal" else 1 - (1 - sparsity) * args.sparse_share
-                print(f"  {spec}: calibrated {calibrate_dummy_thresholds(path, args, level)} layers", flush=True)
-                if args.measure_achieved:
-                    achieved[spec] = measure_achieved_sparsity(path, args)
-                    print(f"  {spec}: achieved sparsity {achieved[spec]:.3f}", flush=True)
-            engines[spec] = measure_engine(path, args, "dense" if method == "dense" else spec)
+                level = float(sparsity) if method == "teal" else round(1 - (1 - float(sparsity)) * args.sparse_share, 6)
+                targets.append((spec, paths[spec], level))
+        achieved = {}
+        if targets:
+            t0 = time.time()
+            # the recording engine must have no low-rank factors: a teal checkpoint if there is one
+            record = next((path for spec, path, _ in targets if spec.startswith("teal:")), targets[0][1])
+            calibration = calibrate_dummy_thresholds(record, [(path, level) for _, path, level in targets], args)
+            for spec, _, level in targets:
+                method, sparsity = spec.split(":")
+                achieved[spec] = achieved_byte_sparsity(
+                    calibration, level, lowrank_elements(shapes, method, float(sparsity), args.sparse_share))
+            results["calibration"].append({
+                "model": model, "seconds": round(time.time() - t0, 1), "levels": calibration["levels"],
+                "achieved_sparsity": achieved,
+                "thresholds": {name: st["thresholds"] for name, st in list(calibration["layers"].items())[:8]}})
+            print(f"  calibrated {len(calibration['layers'])} layers at {calibration['levels']} in "
+                  f"{time.time() - t0:.0f} s; achieved {achieved}", flush=True)
+            save()
+        engines = {}
+        for spec in args.configs:
+            method = spec.split(":")[0]
+            lens = args.prompt_lens[:1] if spec in args.short_configs else args.prompt_lens
+            engines[spec] = measure_engine(paths[spec], args, "dense" if method == "dense" else spec, lens)
             results["engines"].append({"model": model, "config": spec, **engines[spec]})
-            Path(args.out).write_text(json.dumps(results, indent=1))
-        dense = engines[args.configs[0]]
-        dense_steps = {(d["batch"], d["prompt_len"]): d for d in dense["decode"]}
-        for spec, eng in engines.items():
-            if spec == args.configs[0]:
-                continue
-            method, sparsity = spec.split(":")
-            sparsity = float(sparsity)
-            for d in eng["decode"]:
-                base = dense_steps.get((d["batch"], d["prompt_len"]))
-                if base is None:
-                    continue
-                ideal = base["ms_per_step"] / (base["ms_per_step"] - sparsity * linear_ms[d["batch"]])
-                speedup = base["ms_per_step"] / d["ms_per_step"]
-                results["results"].append({
-                    "model": model, "method": method, "sparsity": sparsity, "batch": d["batch"],
-                    "prompt_len": d["prompt_len"], "dense_tok_s": base["tok_s"], "sparse_tok_s": d["tok_s"],
-                    "dense_ms_per_step": base["ms_per_step"], "sparse_ms_per_step": d["ms_per_step"],
-                    "speedup": speedup, "ideal_speedup": ideal, "fraction_of_ideal": (speedup - 1) / (ideal - 1) if ideal > 1 else None,
-                    "linear_ms_per_step": linear_ms[d["batch"]],
-                    # top-k: exact; thresholds: measured with --measure-achieved (decode calls), else None
-                    "achieved_sparsity": sparsity if method not in ("teal", "rsparse-thr") else achieved.get(spec), "extra_mem_bytes": eng["bytes"]["rsparse"],
-                    "weight_bytes": eng["bytes"]["weights"],
-                    "dense_prefill_tok_s": dense["prefill"]["tok_s"], "sparse_prefill_tok_s": eng["prefill"]["tok_s"],
-                })
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    print("\nmodel      method   s    batch prompt  dense ms  sparse ms  speedup  ideal")
+            results["results"] = [r for r in results["results"] if r["model"] != model] + \
+                result_rows(model, args.configs, engines, achieved, linear_ms)
+            save()
+    print("\nmodel      method      s    batch prompt  dense ms  sparse ms  speedup  ideal")
     for r in results["results"]:
-        print(f"{r['model']:10s} {r['method']:8s} {r['sparsity']:.2f} {r['batch']:5d} {r['prompt_len']:6d} "
-              f"{r['dense_ms_per_step']:9.3f} {r['sparse_ms_per_step']:10.3f} {r['speedup']:8.3f} {r['ideal_speedup']:6.3f}")
+        ideal = f"{r['ideal_speedup']:6.3f}" if r["ideal_speedup"] else "     -"
+        print(f"{r['model']:10s} {r['method']:11s} {r['sparsity']:.2f} {r['batch']:5d} {r['prompt_len']:6d} "
+              f"{r['dense_ms_per_step']:9.3f} {r['sparse_ms_per_step']:10.3f} {r['speedup']:8.3f} {ideal}")
 
 
 if __name__ == "__main__":

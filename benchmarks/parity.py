@@ -122,6 +122,32 @@ def compare(args) -> None:
               f"greedy identical {r['prompts_identical']}/{r['prompts']}")
 
 
+def tensor_digest(path: str) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: equal for two
+    model.safetensors holding the same weights whatever metadata their headers carry (the
+    GPU re-exports the checkpoint from the GGUF, and the export stamps commit and time)."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(path, "pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def digest(args) -> None:
+    value = tensor_digest(args.safetensors)
+    if args.expect is not None and value != args.expect:
+        sys.exit(f"{args.safetensors}: tensor digest {value} differs from the CPU checkpoint's {args.expect}: "
+                 "the weights differ, parity would compare two different models")
+    print(value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -135,8 +161,11 @@ def main() -> None:
     p = sub.add_parser("compare")
     p.add_argument("results", nargs="+", help="cpu.json gpu.json [cpu.json gpu.json ...]")
     p.add_argument("--out", required=True)
+    p = sub.add_parser("digest", help="tensor digest of a model.safetensors (--expect: fail unless equal)")
+    p.add_argument("safetensors")
+    p.add_argument("--expect", default=None)
     args = ap.parse_args()
-    {"prepare": prepare, "run": run, "compare": compare}[args.cmd](args)
+    {"prepare": prepare, "run": run, "compare": compare, "digest": digest}[args.cmd](args)
 
 
 if __name__ == "__main__":

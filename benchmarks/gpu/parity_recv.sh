@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Device side: keep one carried part of the parity weights (and the meta files) on the machine.
+# Device side: keep one carried folder of the parity inputs (.gpu/pg1 or .gpu/pg2) on the machine.
 set -euo pipefail
 mkdir -p /root/parity
-cp .gpu/parity/"$1"/* /root/parity/
-[ -d .gpu/parity/meta ] && cp -r .gpu/parity/meta/. /root/parity/
+cp -r .gpu/"$1"/. /root/parity/
 ls -la /root/parity | tail -n +2
