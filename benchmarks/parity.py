@@ -38,17 +38,21 @@ def provenance() -> dict:
 
     import torch
 
+    # RSPARSE_COMMIT first: the device machine gets a copy of the work tree whose .git may
+    # not be the commit that was sent
+    commit = os.environ.get("RSPARSE_COMMIT", "")
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        commit = commit or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                          text=True).stdout.strip()
     except OSError:
-        commit = ""
+        pass
     try:
         import vllm
 
         vllm_version = vllm.__version__
     except ImportError:
         vllm_version = None
-    return {"commit": commit or os.environ.get("RSPARSE_COMMIT", "unknown"),
+    return {"commit": commit or "unknown",
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
             "versions": {"vllm": vllm_version, "torch": torch.__version__, "python": platform.python_version()},
             "command": "python benchmarks/parity.py " + " ".join(sys.argv[1:])}
@@ -122,6 +126,47 @@ def compare(args) -> None:
               f"greedy identical {r['prompts_identical']}/{r['prompts']}")
 
 
+def margins(args) -> None:
+    """Where a GPU greedy continuation leaves the CPU's, how close the CPU's own choice was:
+    the CPU model scores the common prefix and gives the log-probabilities of its token and
+    of the GPU's token at the first differing position (a gap of a few hundredths of a nat is
+    a near tie that bf16 rounding differences between two GEMM implementations can flip)."""
+    import vllm
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_rsparse.evaluation.harness import VllmScorer
+    from vllm_rsparse.serving import shutdown_llm
+
+    inputs = json.loads(Path(args.inputs).read_text())
+    cpu, gpu = (json.loads(Path(p).read_text()) for p in (args.cpu, args.gpu))
+    cases = []
+    for i, (a, b) in enumerate(zip(cpu["greedy_tokens"], gpu["greedy_tokens"])):
+        at = first_difference(a, b)
+        if at is not None and at < min(len(a), len(b)):
+            cases.append((i, at, inputs["prompts"][i] + a[:at], a[at], b[at]))
+    scorer = VllmScorer(args.checkpoint, "strict", max_model_len=PPL_SEQ_LEN + GEN_TOKENS + 64)
+    rows = []
+    try:
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
+        outs = scorer.llm.generate([TokensPrompt(prompt_token_ids=c[2]) for c in cases], params, use_tqdm=False)
+        for (i, at, _, tok_cpu, tok_gpu), out in zip(cases, outs):
+            lp = out.outputs[0].logprobs[0]
+            cpu_lp = lp[tok_cpu].logprob if tok_cpu in lp else None
+            gpu_lp = lp[tok_gpu].logprob if tok_gpu in lp else None
+            rows.append({"prompt": i, "position": at, "cpu_token": tok_cpu, "gpu_token": tok_gpu,
+                         "cpu_logprob_of_cpu_token": cpu_lp, "cpu_logprob_of_gpu_token": gpu_lp,
+                         "gap_nats": None if cpu_lp is None or gpu_lp is None else cpu_lp - gpu_lp,
+                         "gpu_token_rank_on_cpu": next((r for r, (t, _) in enumerate(
+                             sorted(lp.items(), key=lambda kv: -kv[1].logprob)) if t == tok_gpu), None)})
+    finally:
+        shutdown_llm(scorer.llm)
+    out = {**provenance(), "vllm": vllm.__version__, "checkpoint": str(args.checkpoint), "rows": rows}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    for r in rows:
+        print(r)
+
+
 def tensor_digest(path: str) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in name order: equal for two
     model.safetensors holding the same weights whatever metadata their headers carry (the
@@ -161,11 +206,17 @@ def main() -> None:
     p = sub.add_parser("compare")
     p.add_argument("results", nargs="+", help="cpu.json gpu.json [cpu.json gpu.json ...]")
     p.add_argument("--out", required=True)
+    p = sub.add_parser("margins", help="CPU log-probabilities at the first CPU/GPU greedy difference")
+    p.add_argument("checkpoint")
+    p.add_argument("--inputs", required=True)
+    p.add_argument("--cpu", required=True)
+    p.add_argument("--gpu", required=True)
+    p.add_argument("--out", required=True)
     p = sub.add_parser("digest", help="tensor digest of a model.safetensors (--expect: fail unless equal)")
     p.add_argument("safetensors")
     p.add_argument("--expect", default=None)
     args = ap.parse_args()
-    {"prepare": prepare, "run": run, "compare": compare, "digest": digest}[args.cmd](args)
+    {"prepare": prepare, "run": run, "compare": compare, "digest": digest, "margins": margins}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -364,3 +364,36 @@ def test_crossover_interpolates_between_measured_sparsities():
     assert launchers.crossover_tokens(12288, 4096, "threshold", 0.4) == 1
     assert launchers.crossover_tokens(12288, 4096, "threshold", 0.0) == 0
     assert launchers.crossover_tokens(123, 456, "threshold", 0.5) is None
+
+
+def test_crossover_lowrank_table():
+    """Modules with R-Sparse's low-rank term are dispatched by their own measured table:
+    Llama o_proj loses to dense with it (1.05x), qkv wins (0.82x); shapes the low-rank
+    sweep did not measure fall back to the plain threshold table."""
+    assert launchers.crossover_tokens(4096, 4096, "threshold", 0.55, lowrank=True) == 0
+    assert launchers.crossover_tokens(4096, 4096, "threshold", 0.55) >= 1
+    assert launchers.crossover_tokens(12288, 4096, "threshold", 0.55, lowrank=True) == 1
+    assert launchers.crossover_tokens(123, 456, "threshold", 0.5, lowrank=True) is None
+
+
+@pytest.mark.parametrize("rank", [1, 13, 16, 40])
+def test_prepare_lowrank_pads_exactly(rank, gen):
+    """The rank is zero-padded to LOWRANK_RANK_MULTIPLE for the kernels' aligned row loads;
+    the result equals the unpadded factors' (padded ranks add exact zeros)."""
+    n, k, m = (96, 200, 3) if not HAS_CUDA else (4096, 4096, 3)
+    dtype = torch.bfloat16
+    w, b, s, u, v = make_layer(n, k, dtype, gen, rank=rank, scale=True)
+    x = randn(m, k, gen=gen, dtype=dtype)
+    thr = threshold_for(x, 0.5, s)
+    up, down = launchers.prepare_lowrank(u, v)
+    padded = -(-rank // launchers.LOWRANK_RANK_MULTIPLE) * launchers.LOWRANK_RANK_MULTIPLE
+    assert up.shape == (n, padded) and up.is_contiguous()
+    assert down.shape == (padded, k) and down.stride(0) == 1  # [K, r'] storage
+    assert torch.equal(up[:, :rank], u) and torch.equal(down[:rank], v)
+    assert not up[:, rank:].any() and not down[rank:].any()
+    w_p = launchers.prepare_weight(w)
+    out = launchers.sparse_linear(x, w_p, b, thr, -1, s, up, down, use_crossover=False)
+    mask = reference.threshold_mask(x, thr, s)
+    check_close(out, reference.masked_linear(x, w, mask, b, u, v))
+    with pytest.raises(ValueError, match="do not match"):
+        launchers.prepare_lowrank(u, v[:, :-1].t())

@@ -160,11 +160,16 @@ def pick_config(n: int, k: int, tokens: int, rank: int, device: torch.device) ->
     return default_config(n, k, tokens, rank, device)
 
 
-def crossover_tokens(n: int, k: int, selection: str = "threshold", sparsity: float = 0.5) -> int | None:
+def crossover_tokens(n: int, k: int, selection: str = "threshold", sparsity: float = 0.5,
+                     lowrank: bool = False) -> int | None:
     """Largest token count up to which the sparse kernel beats dense cuBLAS for this shape
     at this sparsity, from the committed H100 benchmark (kernels/configs/dispatch.json).
     None when the shape was not measured. The LinearMethod knows its module's sparsity and
     caps max_sparse_tokens with it.
+
+    lowrank: the module also runs R-Sparse's low-rank term, which costs a second kernel and
+    the factor reads; its own measured table (selection + "_lowrank") decides where one
+    exists for the shape, else the plain table.
 
     With measured ratios (sparse/dense time per sparsity level and token count), the ratio
     at `sparsity` is interpolated linearly between the two measured levels around it (the
@@ -172,6 +177,8 @@ def crossover_tokens(n: int, k: int, selection: str = "threshold", sparsity: flo
     levels 0 and 0.5 is not sent to dense just because s = 0 loses. Without ratios: the
     crossover of the nearest measured level not above `sparsity`."""
     data = _load_json(_DISPATCH_FILE)
+    if lowrank and _shape_key(n, k) in data.get("ratios", {}).get(selection + "_lowrank", {}):
+        selection = selection + "_lowrank"
     ratios = data.get("ratios", {}).get(selection, {}).get(_shape_key(n, k))
     if ratios:
         return _interpolated_crossover(ratios, sparsity)
@@ -241,6 +248,34 @@ def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
     if _is_prepared(weight):
         return weight
     return weight.t().contiguous().t()
+
+
+# Rank granularity of the low-rank factors the kernels read. Triton vectorises a row load
+# to 16 bytes only when it can prove the row stride divisible by 16 elements; a rank from
+# the budget formula (153, 102, 172...) leaves every v_t / u row misaligned, and the
+# low-rank term then cost more than the sparsity saved (H100, one token, s = 0.5:
+# llama2 qkv 48 us at r = 153 against 30 us zero-padded to 160, dense 37 us;
+# benchmarks/results/lowrank_h100.json).
+LOWRANK_RANK_MULTIPLE = 16
+
+
+def prepare_lowrank(lowrank_up: torch.Tensor, lowrank_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The R-Sparse factors in the layout the kernels read: the rank zero-padded to a
+    multiple of LOWRANK_RANK_MULTIPLE (exact: padded ranks add 0 in f32), lowrank_up
+    [N, r'] contiguous, lowrank_down [r', K] prepared like a weight ([K, r'] storage).
+    One copy each; the unpadded tensors can be freed."""
+    if lowrank_up.dim() != 2 or lowrank_down.dim() != 2 or lowrank_up.shape[1] != lowrank_down.shape[0]:
+        raise ValueError(f"lowrank_up [N, r] and lowrank_down [r, K] do not match: shapes "
+                         f"{tuple(lowrank_up.shape)} and {tuple(lowrank_down.shape)}")
+    r = lowrank_up.shape[1]
+    padded = triton_cdiv(r, LOWRANK_RANK_MULTIPLE) * LOWRANK_RANK_MULTIPLE
+    if padded != r:
+        up = lowrank_up.new_zeros(lowrank_up.shape[0], padded)
+        up[:, :r] = lowrank_up
+        down = lowrank_down.new_zeros(padded, lowrank_down.shape[1])
+        down[:r] = lowrank_down
+        lowrank_up, lowrank_down = up, down
+    return lowrank_up.contiguous(), prepare_weight(lowrank_down)
 
 
 def _is_prepared(weight: torch.Tensor) -> bool:
@@ -392,10 +427,12 @@ def topk_thresholds(
     return thr, jcut
 
 
-# The histogram select (one block per row) is exact under the interpreter's tests but not yet
-# timed or tested on a GPU (no device time left in the session that wrote it): off until
-# tests/test_kernels.py passes on the H100 with it on and bench_kernels shows it faster.
-TOPK_HISTOGRAM_ENABLED = False
+# The histogram select (one block per row): on the H100 (576f7cf) it gives the radix select's
+# (threshold, tie cut) exactly (tests/test_kernels.py exact-count tests, 16 x 14336 rows with
+# heavy ties) and takes 16 / 55 / 55 us against 25 / 67 / 78 us at K = 4096 / 11008 / 14336
+# (benchmarks/results/topk_select_h100.json). Both still cost more than half a dense GEMV of
+# those shapes, so the dispatch keeps LaRoSA's exact top-k on dense (kernels_h100.md).
+TOPK_HISTOGRAM_ENABLED = True
 _HIST_MAX_K = 16384
 _HIST_WARPS = 8
 # One program per row walks the row 9 times; a large block keeps the loop short.
@@ -558,11 +595,13 @@ def describe_config(n: int, k: int, tokens: int, rank: int = 0, device: str = "c
 
 
 __all__ = [
+    "LOWRANK_RANK_MULTIPLE",
     "GemvConfig",
     "crossover_tokens",
     "describe_config",
     "kernel_support",
     "pick_config",
+    "prepare_lowrank",
     "prepare_weight",
     "sparse_gemv",
     "sparse_linear",

@@ -243,15 +243,18 @@ class RSparseLinearMethod(LinearMethodBase):
             # contiguous row); one copy, the old layout is freed.
             layer.weight = torch.nn.Parameter(launchers.prepare_weight(layer.weight.data), requires_grad=False)
             if layer.rsparse_lowrank_down is not None:
-                layer.rsparse_lowrank_down = torch.nn.Parameter(
-                    launchers.prepare_weight(layer.rsparse_lowrank_down.data), requires_grad=False)
+                # rank zero-padded to the kernels' row alignment (exact; LOWRANK_RANK_MULTIPLE)
+                up, down = launchers.prepare_lowrank(layer.rsparse_lowrank_up.data, layer.rsparse_lowrank_down.data)
+                layer.rsparse_lowrank_up = torch.nn.Parameter(up, requires_grad=False)
+                layer.rsparse_lowrank_down = torch.nn.Parameter(down, requires_grad=False)
             if self.use_crossover:
                 # Up to how many tokens the kernels beat dense cuBLAS for this shape at this
                 # module's sparsity (measured, kernels/configs/dispatch.json); beyond it the
                 # op runs dense. Unmeasured shapes keep the configured limit.
                 n, k = layer.weight.shape
                 selection = "threshold" if self.keep_local is None else "topk"
-                limit = launchers.crossover_tokens(n, k, selection, self.settings.input_sparsity)
+                limit = launchers.crossover_tokens(n, k, selection, self.settings.input_sparsity,
+                                                   lowrank=layer.rsparse_lowrank_down is not None)
                 if limit is not None:
                     self.max_sparse_tokens = min(self.max_sparse_tokens, limit)
 

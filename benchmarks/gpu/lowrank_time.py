@@ -1,0 +1,151 @@
+"""Why R-Sparse's threshold path is slower than dense end to end (e2e_h100: 0.93-0.96x at
+batch 1, all 128 modules on the kernels): one token, CUDA graphs, weights rotated through
+>= 160 MB of copies (never in L2), per projection shape:
+  dense      F.linear on vLLM's [N, K] layout
+  teal       the threshold kernel alone at R-Sparse's input sparsity 1 - (1 - s) * share
+  lowrank    the same plus the low-rank term at the budget rank (R-Sparse as exported)
+  lowrank16 / lowrank64  the same with the rank zero-padded to a multiple of 16 / 64
+             (rows of v_t of a width the kernels' 16-byte loads need)
+  up_only    the lowrank_up epilogue kernel alone
+
+    python3 -P benchmarks/gpu/lowrank_time.py --out $OUT/lowrank_h100.json
+    # here: the padded timings become the dispatch table of modules with a low-rank term
+    python benchmarks/gpu/lowrank_time.py --merge benchmarks/results/lowrank_h100.json \
+        --into kernels/configs/dispatch.json
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+
+import torch
+
+from vllm_rsparse import launchers
+
+SHAPES = {"llama2-7b/qkv": (12288, 4096), "llama2-7b/o": (4096, 4096), "llama2-7b/gate_up": (22016, 4096),
+          "llama2-7b/down": (4096, 11008), "llama3-8b/qkv": (6144, 4096), "llama3-8b/gate_up": (28672, 4096),
+          "llama3-8b/down": (4096, 14336)}
+
+
+def graph_us(calls, reps: int = 4) -> float:
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for c in calls:
+                c()
+    graph.replay()
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times) * 1e3 / (reps * len(calls))
+
+
+def pad_rank(u: torch.Tensor, v: torch.Tensor, multiple: int):
+    r = u.shape[1]
+    rp = -(-r // multiple) * multiple
+    if rp == r:
+        return u, v
+    u2 = torch.zeros(u.shape[0], rp, dtype=u.dtype, device=u.device)
+    u2[:, :r] = u
+    v2 = torch.zeros(rp, v.shape[1], dtype=v.dtype, device=v.device)
+    v2[:r] = v
+    return u2, v2
+
+
+def merge_dispatch(result_path: str, dispatch_path: str) -> None:
+    """ratios["threshold_lowrank"][shape][input sparsity][1 token] = padded low-rank time /
+    dense time (the runtime pads the rank: launchers.prepare_lowrank)."""
+    result = json.load(open(result_path))
+    dispatch = json.load(open(dispatch_path))
+    table = dispatch.setdefault("ratios", {}).setdefault("threshold_lowrank", {})
+    for row in result["rows"]:
+        level = f"{round(row['input_sparsity'], 4):g}"
+        table.setdefault(f"N{row['n']}_K{row['k']}", {})[level] = {"1": round(row["lowrank16_us"] / row["dense_us"], 4)}
+    dispatch["lowrank_note"] = (
+        f"threshold_lowrank: R-Sparse (threshold + low-rank term, rank padded to 16) at one token, "
+        f"model sparsity {result['sparsity']}, sparse share {result['share']}, from {result_path} "
+        f"({result.get('commit', '?')}, {result['gpu']}); one measured level: other sparsities use it "
+        "as measured (launchers._interpolated_crossover clamps), more tokens are not measured (dense).")
+    with open(dispatch_path, "w") as f:
+        json.dump(dispatch, f, indent=1)
+        f.write("\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--merge", help="a lowrank_h100.json to merge into --into (no GPU needed)")
+    ap.add_argument("--into", default="kernels/configs/dispatch.json")
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--share", type=float, default=0.9)
+    args = ap.parse_args()
+    if args.merge:
+        merge_dispatch(args.merge, args.into)
+        return
+    if not args.out:
+        ap.error("--out is required to measure")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        keep = round((1 - args.sparsity) * args.share * k)
+        rank = int(((1 - args.sparsity) * k * n - keep * n) // (k + n))
+        copies = max(2, math.ceil(160e6 / (n * k * 2)))
+        layers = []
+        for _ in range(copies):
+            w = (torch.randn(n, k, device="cuda", generator=gen) * k**-0.5).to(torch.bfloat16)
+            u = (torch.randn(n, rank, device="cuda", generator=gen) * rank**-0.5).to(torch.bfloat16)
+            v = (torch.randn(rank, k, device="cuda", generator=gen) * k**-0.5).to(torch.bfloat16)
+            layers.append((w, launchers.prepare_weight(w), u, v))
+        x = torch.randn(1, k, device="cuda", generator=gen).to(torch.bfloat16)
+        thr = torch.quantile(x.float().abs().flatten(), 1 - keep / k).reshape(1)
+        row = {"shape": name, "n": n, "k": k, "rank": rank, "input_sparsity": 1 - keep / k}
+        row["dense_us"] = graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w, _, _, _ in layers])
+        row["teal_us"] = graph_us([lambda wp=wp: launchers.sparse_linear(x, wp, None, thr, -1, None, None, None,
+                                                                         use_crossover=False)
+                                   for _, wp, _, _ in layers])
+        for label, multiple in (("lowrank", 1), ("lowrank16", 16), ("lowrank64", 64)):
+            calls = []
+            for _, wp, u, v in layers:
+                up, vp = pad_rank(u, v, multiple)
+                vp = launchers.prepare_weight(vp)
+                calls.append(lambda wp=wp, up=up, vp=vp: launchers.sparse_linear(
+                    x, wp, None, thr, -1, None, up, vp, use_crossover=False))
+            row[f"{label}_us"] = graph_us(calls)
+            out = calls[0]().float()
+            if multiple == 1:
+                reference_out = out
+            else:  # zero-padded ranks change nothing but the summation's length
+                row[f"{label}_max_diff"] = float((out - reference_out).abs().max())
+        # the epilogue alone: y32 + z u^T
+        from vllm_rsparse.kernels.sparse_gemv import lowrank_up_kernel
+
+        y32 = torch.zeros(1, n, device="cuda")
+        z = torch.randn(1, rank, device="cuda")
+        outb = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+        row["up_only_us"] = graph_us([lambda u=u: lowrank_up_kernel[(launchers.triton_cdiv(n, launchers._UP_BLOCK_N), 1)](
+            y32, z, u, outb, 1, n, rank, u.stride(0), u.stride(1), outb.stride(0), outb.stride(1),
+            ROWS=1, BLOCK_N=launchers._UP_BLOCK_N, BLOCK_R=launchers._UP_BLOCK_R, DOT_F32=False, num_warps=4)
+            for _, _, u, _ in layers])
+        row["config"] = launchers.describe_config(n, k, 1, rank)
+        rows.append(row)
+        print({key: (round(val, 2) if isinstance(val, float) else val) for key, val in row.items()}, flush=True)
+        del layers
+        torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump({"commit": os.environ.get("RSPARSE_COMMIT", "unknown"), "gpu": torch.cuda.get_device_name(),
+                   "torch": torch.__version__, "sparsity": args.sparsity,
+                   "share": args.share, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
