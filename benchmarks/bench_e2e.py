@@ -18,7 +18,8 @@ method is how many weight rows it reads per token.
                model's own activations drift a little from them);
   * rsparse-thr -- what rsparse-calibrate exports for R-Sparse: threshold selection (calibrated
                as for teal, at the input sparsity 1 - (1 - s) * sparse_share) plus the low-rank
-               term with the budget rank; score weights of 1 (column norms of random weights are
+               term with the budget rank, rounded down to a multiple of 16 with the freed bytes
+               given back to the channels as the calibration does; score weights of 1 (column norms of random weights are
                all alike, so they change which channels, not how many).
 
 Per configuration: decode ms/step = (t(prompt + 256 new tokens) - t(prompt + 1 token)) / 255
@@ -63,6 +64,7 @@ def model_config(name: str, models_dir: Path) -> dict:
 def rsparse_settings(shapes, method: str, sparsity: float, sparse_share: float) -> tuple[dict, dict]:
     """(modules, tensors) giving exactly `sparsity` of weight bytes not read per token."""
     from vllm_rsparse import architectures
+    from vllm_rsparse.calibration.allocation import aligned_budget
     from vllm_rsparse.checkpoint import tensor_name
     from vllm_rsparse.config import ModuleSettings
 
@@ -76,9 +78,9 @@ def rsparse_settings(shapes, method: str, sparsity: float, sparse_share: float) 
                 tensors[tensor_name(base + member, "threshold")] = torch.zeros(1)
             continue
         if method == "rsparse-thr":
-            keep = round((1 - sparsity) * sparse_share * d_in)
-            rank = int(((1 - sparsity) * d_in * d_out - keep * d_out) // (d_in + d_out))
-            modules[name] = ModuleSettings(selection="threshold", sparsity=sparsity, input_sparsity=1 - keep / d_in,
+            # the calibration's split: budget rank rounded down to the kernels' multiple of 16
+            keep_fraction, rank = aligned_budget(d_out, d_in, sparsity, (1 - sparsity) * sparse_share)
+            modules[name] = ModuleSettings(selection="threshold", sparsity=sparsity, input_sparsity=1 - keep_fraction,
                                            rank=rank, score_weight=True)
             base = name[: -len(group.merged_name)]
             for member in group.members:
@@ -94,8 +96,8 @@ def rsparse_settings(shapes, method: str, sparsity: float, sparse_share: float) 
             modules[name] = ModuleSettings(selection="topk", sparsity=sparsity, input_sparsity=1 - keep / d_in,
                                            keep=keep)
             continue
-        keep = round((1 - sparsity) * sparse_share * d_in)
-        rank = int(((1 - sparsity) * d_in * d_out - keep * d_out) // (d_in + d_out))
+        keep_fraction, rank = aligned_budget(d_out, d_in, sparsity, (1 - sparsity) * sparse_share)
+        keep = round(keep_fraction * d_in)
         modules[name] = ModuleSettings(selection="topk", sparsity=sparsity, input_sparsity=1 - keep / d_in,
                                        keep=keep, rank=rank, score_weight=True)
         base = name[: -len(group.merged_name)]
@@ -182,14 +184,14 @@ def calibrate_dummy_thresholds(record_path: Path, targets: list[tuple[Path, floa
     configuration at once: one dense eager engine (of any threshold checkpoint: the layers
     and the seeded weights are the same) records every rsparse layer's input on 4 prompts of
     128 tokens + 64 generated (calibration) and the decode calls of 4 other prompts (held
-    out). Each target (checkpoint, level) gets its thresholds at the level's quantile in its
-    rsparse.safetensors (the plugin reads them in dummy-weight runs).
+    out). Each target (checkpoint, {group kind: level}) gets its thresholds at the level's
+    quantile in its rsparse.safetensors (the plugin reads them in dummy-weight runs).
     -> {level: {layer: fraction of held-out decode inputs dropped}} and the layer shapes."""
     from safetensors.torch import load_file, save_file
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    levels = sorted({level for _, level in targets})
+    levels = sorted({level for _, per_kind in targets for level in per_kind.values()})
     previous = os.environ.get("RSPARSE_MAX_SPARSE_TOKENS")
     os.environ["RSPARSE_MAX_SPARSE_TOKENS"] = "0"  # dense: thresholds come from dense activations
     llm = LLM(model=str(record_path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
@@ -213,24 +215,26 @@ def calibrate_dummy_thresholds(record_path: Path, targets: list[tuple[Path, floa
             os.environ["RSPARSE_MAX_SPARSE_TOKENS"] = previous
     from vllm_rsparse import architectures
 
-    for path, level in targets:
+    for path, per_kind in targets:
         tensors = load_file(str(path / "rsparse.safetensors"))
         for name, st in stats.items():
             group = architectures.group_for_prefix(name)
             for member in architectures.member_names(name, group):
-                value = st["thresholds"][levels.index(level)]
+                value = st["thresholds"][levels.index(per_kind[group.kind])]
                 tensors[f"{member}.rsparse_threshold"] = torch.tensor([value], dtype=torch.float32)
         save_file(tensors, str(path / "rsparse.safetensors"))
     return {"levels": levels, "layers": stats}
 
 
-def achieved_byte_sparsity(calibration: dict, level: float, lowrank_bytes: dict) -> float | None:
+def achieved_byte_sparsity(calibration: dict, per_kind: dict, lowrank_bytes: dict) -> float | None:
     """Model-level sparsity on the held-out decode inputs: the fraction of the rsparse
     layers' weight bytes not read per token, the low-rank factors' bytes counted as read
     (lowrank_bytes: layer -> element count of its factors; the quality report's definition)."""
-    i = calibration["levels"].index(level)
+    from vllm_rsparse import architectures
+
     dense = read = 0.0
     for name, st in calibration["layers"].items():
+        i = calibration["levels"].index(per_kind[architectures.group_for_prefix(name).kind])
         n, k = st["shape"]
         if st["dropped"][i] is None:
             return None
@@ -379,17 +383,36 @@ def git_commit() -> str:
         return os.environ.get("RSPARSE_COMMIT", "unknown")
 
 
+def threshold_levels(shapes, method: str, sparsity: float, sparse_share: float) -> dict:
+    """group kind -> the quantile of |x| its threshold drops: all of s for teal; R-Sparse keeps
+    (1 - s) * share of the channels sparse (plus the channels bought back by rounding the rank
+    down to the kernels' multiple, calibration.allocation.aligned_budget) and spends the rest
+    of the budget on the low-rank term."""
+    from vllm_rsparse.architectures import INPUT_GROUPS
+    from vllm_rsparse.calibration.allocation import aligned_budget
+
+    if method == "teal":
+        return {g.kind: sparsity for g in INPUT_GROUPS}
+    out = {}
+    for group in INPUT_GROUPS:
+        d_out, d_in = shapes.group_shape(group)
+        keep_fraction, _ = aligned_budget(d_out, d_in, sparsity, (1 - sparsity) * sparse_share)
+        out[group.kind] = round(1 - keep_fraction, 6)
+    return out
+
+
 def lowrank_elements(shapes, method: str, sparsity: float, sparse_share: float) -> dict:
     """layer -> element count of its low-rank factors (rsparse-thr), as rsparse_settings sizes them."""
     from vllm_rsparse import architectures
 
     if method != "rsparse-thr":
         return {}
+    from vllm_rsparse.calibration.allocation import aligned_budget
+
     out = {}
     for name, group in architectures.iter_groups(shapes):
         d_out, d_in = shapes.group_shape(group)
-        keep = round((1 - sparsity) * sparse_share * d_in)
-        rank = int(((1 - sparsity) * d_in * d_out - keep * d_out) // (d_in + d_out))
+        _, rank = aligned_budget(d_out, d_in, sparsity, (1 - sparsity) * sparse_share)
         out[name] = rank * (d_in + d_out)
     return out
 
@@ -482,20 +505,17 @@ def main() -> None:
             method, sparsity = spec.split(":")
             paths[spec] = write_config_dir(work / model, cfg, method, float(sparsity), args.sparse_share)
             if method in ("teal", "rsparse-thr"):
-                # the quantile of |x| to drop: all of s for teal; R-Sparse keeps (1 - s) * share of
-                # the channels sparse and spends the rest of the budget on the low-rank term
-                level = float(sparsity) if method == "teal" else round(1 - (1 - float(sparsity)) * args.sparse_share, 6)
-                targets.append((spec, paths[spec], level))
+                targets.append((spec, paths[spec], threshold_levels(shapes, method, float(sparsity), args.sparse_share)))
         achieved = {}
         if targets:
             t0 = time.time()
             # the recording engine must have no low-rank factors: a teal checkpoint if there is one
             record = next((path for spec, path, _ in targets if spec.startswith("teal:")), targets[0][1])
-            calibration = calibrate_dummy_thresholds(record, [(path, level) for _, path, level in targets], args)
-            for spec, _, level in targets:
+            calibration = calibrate_dummy_thresholds(record, [(path, per_kind) for _, path, per_kind in targets], args)
+            for spec, _, per_kind in targets:
                 method, sparsity = spec.split(":")
                 achieved[spec] = achieved_byte_sparsity(
-                    calibration, level, lowrank_elements(shapes, method, float(sparsity), args.sparse_share))
+                    calibration, per_kind, lowrank_elements(shapes, method, float(sparsity), args.sparse_share))
             results["calibration"].append({
                 "model": model, "seconds": round(time.time() - t0, 1), "levels": calibration["levels"],
                 "achieved_sparsity": achieved,

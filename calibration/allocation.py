@@ -36,6 +36,7 @@ import torch
 from vllm_rsparse import architectures
 from vllm_rsparse.architectures import ModelShapes
 from vllm_rsparse.calibration.stats import LogHistogram
+from vllm_rsparse.launchers import LOWRANK_RANK_MULTIPLE
 
 NEVER = float(torch.finfo(torch.float32).max)  # a finite threshold no score exceeds (a = 0)
 SHARE_TIE = 1e-3  # prefer the larger sparse share when within 0.1% error: less low-rank work
@@ -60,6 +61,24 @@ def budget_rank(d_out: int, d_in: int, sparsity: float, kept: float) -> int:
     return max(0, min(r, d_in, d_out))
 
 
+# The decode kernels read the low-rank factors in rows of `rank` elements and need that
+# to be a multiple of 16 for 16-byte loads (the plugin pads other ranks at load time,
+# costing memory). Calibration rounds the budget rank down to it and gives the freed bytes
+# back to the sparse part, so the byte budget holds.
+RANK_MULTIPLE = LOWRANK_RANK_MULTIPLE
+
+
+def aligned_budget(d_out: int, d_in: int, sparsity: float, keep_fraction: float) -> tuple[float, int]:
+    """(keep fraction, rank) for a group at byte sparsity s: the budget rank of
+    ``keep_fraction`` rounded down to a multiple of RANK_MULTIPLE (ranks below it are kept
+    as they are), the dropped ranks' (d_in + d_out) bytes each turned into kept channels."""
+    rank = budget_rank(d_out, d_in, sparsity, keep_fraction * d_in)
+    if rank < RANK_MULTIPLE:
+        return keep_fraction, rank
+    aligned = rank - rank % RANK_MULTIPLE
+    return keep_fraction + (rank - aligned) * (d_in + d_out) / (d_out * d_in), aligned
+
+
 def search_sparse_share(*, weight: torch.Tensor, svd, samples: torch.Tensor, hist: LogHistogram,
                         scale: torch.Tensor | None, sparsity: float, grid: tuple[float, ...],
                         selection: str) -> ShareChoice:
@@ -81,17 +100,18 @@ def search_sparse_share(*, weight: torch.Tensor, svd, samples: torch.Tensor, his
     best: ShareChoice | None = None
     for share in sorted(set(grid), reverse=True):
         keep_fraction = (1.0 - sparsity) * share
+        rank = 0
+        if svd is not None:
+            keep_fraction, rank = aligned_budget(d_out, d_in, sparsity, keep_fraction)
         keep = round(keep_fraction * d_in)
         if selection == "topk":
             mask = torch.zeros_like(score, dtype=torch.bool)
             if keep > 0:
                 mask.scatter_(-1, torch.topk(score, keep, dim=-1).indices, True)
-            threshold, kept = 0.0, float(keep)
+            threshold = 0.0
         else:
             threshold = hist.quantile(1.0 - keep_fraction) if keep_fraction > 0 else NEVER
             mask = score > threshold
-            kept = keep_fraction * d_in
-        rank = budget_rank(d_out, d_in, sparsity, kept) if svd is not None else 0
         dropped = torch.where(mask, 0.0, samples)
         if svd is not None:
             # ||(W - W_r) d||^2 per token: energy in the singular directions past r

@@ -105,6 +105,21 @@ def test_budget_rank_formula():
     assert budget_rank(d_out, d_in, s, (1 - s) * d_in) == 0  # a = 1: all budget on channels
 
 
+@pytest.mark.parametrize("d_out,d_in,s,a", [(12288, 4096, 0.5, 0.9), (4096, 11008, 0.4, 0.9), (960, 576, 0.5, 0.6),
+                                            (1536, 576, 0.7, 0.98)])
+def test_aligned_budget_keeps_the_byte_budget(d_out, d_in, s, a):
+    """The rank is rounded down to the kernels' multiple of 16 (ranks below 16 stay) and the
+    freed bytes become kept channels: bytes read = (1 - s) * d_in * d_out, up to the floor."""
+    from vllm_rsparse.calibration.allocation import RANK_MULTIPLE, aligned_budget, budget_rank
+
+    keep_fraction, rank = aligned_budget(d_out, d_in, s, (1 - s) * a)
+    raw = budget_rank(d_out, d_in, s, (1 - s) * a * d_in)
+    assert rank == raw if raw < RANK_MULTIPLE else (rank % RANK_MULTIPLE == 0 and raw - RANK_MULTIPLE < rank <= raw)
+    read = keep_fraction * d_in * d_out + rank * (d_in + d_out)
+    budget = (1 - s) * d_in * d_out
+    assert budget - (d_in + d_out) < read <= budget + 1e-6  # under by less than one rank's bytes
+
+
 # ---------------------------------------------------------------- LaRoSA rotation
 
 
