@@ -351,21 +351,12 @@ def linear_time_ms(cfg: dict, batch: int) -> float:
             for x, w in zip(xs, ws):
                 torch.nn.functional.linear(x, w)
 
-    step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    del layers
+    from vllm_rsparse.cuda_timing import graph_replay_ms
+
+    ms = graph_replay_ms(step, replays=20)
+    layers.clear()  # free the copies before the engines start
     torch.cuda.empty_cache()
-    return statistics.median(times) * repeat
+    return ms * repeat
 
 
 def versions() -> dict:

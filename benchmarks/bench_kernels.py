@@ -331,17 +331,9 @@ def graph_time_ms(calls, reps: int = 4, replays: int = 7) -> float:
         for c in calls:
             c()
         return 0.01
-    graph = capture_graph(calls, reps)
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2] / (reps * len(calls))
+    from vllm_rsparse.cuda_timing import replay_ms
+
+    return replay_ms(capture_graph(calls, reps), replays) / (reps * len(calls))
 
 
 # one-row sweep. compact: (block_n, block_k, num_warps) x K chunk; walk: (block_n, block_k,

@@ -18,11 +18,11 @@ import argparse
 import json
 import math
 import os
-import statistics
 
 import torch
 
 from vllm_rsparse import launchers
+from vllm_rsparse.cuda_timing import graph_replay_ms
 
 SHAPES = {"llama2-7b/qkv": (12288, 4096), "llama2-7b/o": (4096, 4096), "llama2-7b/gate_up": (22016, 4096),
           "llama2-7b/down": (4096, 11008), "llama3-8b/qkv": (6144, 4096), "llama3-8b/gate_up": (28672, 4096),
@@ -30,24 +30,13 @@ SHAPES = {"llama2-7b/qkv": (12288, 4096), "llama2-7b/o": (4096, 4096), "llama2-7
 
 
 def graph_us(calls, reps: int = 4) -> float:
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    """Per-call microseconds of `calls` (one per weight copy), `reps` rounds in one CUDA graph."""
+    def rounds():
         for _ in range(reps):
             for c in calls:
                 c()
-    graph.replay()
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times) * 1e3 / (reps * len(calls))
+
+    return graph_replay_ms(rounds) * 1e3 / (reps * len(calls))
 
 
 def pad_rank(u: torch.Tensor, v: torch.Tensor, multiple: int):

@@ -6,29 +6,20 @@ GPU, 1..16 rows, the LaRoSA input widths, inside CUDA graphs (as in vLLM's decod
 
 import argparse
 import json
-import statistics
 
 import torch
 
 from vllm_rsparse import launchers
+from vllm_rsparse.cuda_timing import graph_replay_ms
 
 
 def graph_us(fn, calls: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    """Per-call microseconds of `fn`, `calls` times in one CUDA graph."""
+    def rounds():
         for _ in range(calls):
             fn()
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
+
+    return graph_replay_ms(rounds) * 1e3 / calls
 
 
 def main() -> None:
