@@ -317,7 +317,13 @@ def write_markdown(report: dict, path: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        # quality.json/.md are already written; only the figure needs the optional extra
+        raise SystemExit(f"eval_quality report: {path.name} needs matplotlib, which is not installed "
+                         f"(pip install -e '.[bench]' or pip install matplotlib); "
+                         f"quality.json and quality.md were written") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
