@@ -40,6 +40,8 @@ METHODS = {
     "larosa-threshold": ["--method", "larosa", "--selection", "threshold"],
     "rsparse+rotation": ["--method", "rsparse", "--rotation", "global"],
     "rsparse-topk": ["--method", "rsparse", "--selection", "topk"],
+    # global rotation + threshold selection + TEAL's greedy per-layer split, searched on the rotated model
+    "larosa-threshold-greedy": ["--method", "larosa", "--selection", "threshold", "--allocation", "greedy"],
 }
 
 
