@@ -55,7 +55,11 @@ class CalibrationArgs:
         if self.method in ("teal", "dense") and any(v != "auto" for v in combo.values()):
             raise ValueError(f"method {self.method!r} takes no rotation/selection/score/lowrank options "
                              f"(got {combo}); use --method rsparse or larosa for combinations")
-        if self.method != "teal" and self.allocation != "uniform":
+        # greedy is a per-group split any group-wise selection can take; layer-search
+        # re-derives |x| thresholds inside its loss loop, which only TEAL's selection matches.
+        if self.method == "dense" and self.allocation != "uniform":
+            raise ValueError(f"allocation {self.allocation!r} needs a sparse method, not 'dense'")
+        if self.method != "teal" and self.allocation == "layer-search":
             raise ValueError(f"allocation {self.allocation!r} is only implemented for --method teal")
         if self.method == "larosa" and self.rotation == "none":
             raise ValueError("method 'larosa' always folds a rotation; use --method rsparse "
@@ -100,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     m = p.add_argument_group("method options and combinations ('auto' = the method's own choice)")
     m.add_argument("--allocation", choices=OPTION_CHOICES["allocation"], default=d.allocation,
-                   help="teal only: 'uniform' = every group at --sparsity; 'greedy' = TEAL's per-layer greedy "
-                        "split by parameter-weighted output error; 'layer-search' = per-layer levels (mean --sparsity) "
+                   help="'uniform' = every group at --sparsity; 'greedy' = TEAL's per-layer greedy "
+                        "split by parameter-weighted output error (teal, or rsparse/larosa combinations: searched "
+                        "after any rotation, each group's budget then goes to the method's selection); "
+                        "'layer-search' (teal only) = per-layer levels (mean --sparsity) "
                         "searched greedily against the model loss on calibration windows (default: uniform)")
     m.add_argument("--rotation", choices=OPTION_CHOICES["rotation"], default=d.rotation,
                    help="'global' folds one PCA rotation of the residual stream into the weights before "
@@ -161,13 +167,19 @@ def calibrate(args: CalibrationArgs) -> Path:
     elif args.method == "rsparse" and args.rotation != "global":
         from vllm_rsparse.calibration.rsparse import calibrate_rsparse
 
-        result = calibrate_rsparse(model, shapes, windows, args.sparsity, method_options(args))
+        per_group = None
+        if args.allocation == "greedy" and args.sparsity > 0:
+            from vllm_rsparse.calibration.teal import greedy_group_sparsity
+
+            per_group = greedy_group_sparsity(model, shapes, windows, args.sparsity)
+        result = calibrate_rsparse(model, shapes, windows, args.sparsity, method_options(args), allocation=per_group)
+        result.info["allocation"] = args.allocation
     else:
         # larosa, or rsparse on the rotated model (a combination): the fold happens in
         # place, so the weights exported below are the rotated ones.
         from vllm_rsparse.calibration.larosa import calibrate_larosa
 
-        result = calibrate_larosa(model, shapes, windows, args.sparsity, method_options(args))
+        result = calibrate_larosa(model, shapes, windows, args.sparsity, method_options(args), args.allocation)
 
     calibration_info = {
         "data": source,

@@ -33,13 +33,21 @@ def _mark_rotated(result: CalibrationResult, info: dict) -> None:
 
 
 def calibrate_larosa(model, shapes: ModelShapes, windows: torch.Tensor, sparsity: float,
-                     options: RSparseOptions | None = None) -> CalibrationResult:
+                     options: RSparseOptions | None = None, allocation: str = "uniform") -> CalibrationResult:
     """Fold the global rotation into ``model`` (in place), then calibrate the selection.
 
+    allocation "greedy" (a combination): TEAL's per-layer greedy split, searched on the
+    rotated model, so it sees the inputs the selection will see.
     The caller exports the model's (now rotated) weights; lm_head is untied by the fold.
     """
     options = options or LAROSA_OPTIONS
     rotation = fold_global_rotation(model, shapes, windows)
-    result = calibrate_rsparse(model, shapes, windows, sparsity, options)
+    per_group = None
+    if allocation == "greedy" and sparsity > 0:
+        from vllm_rsparse.calibration.teal import greedy_group_sparsity
+
+        per_group = greedy_group_sparsity(model, shapes, windows, sparsity)
+    result = calibrate_rsparse(model, shapes, windows, sparsity, options, allocation=per_group)
     _mark_rotated(result, rotation.info)
+    result.info["allocation"] = allocation
     return result

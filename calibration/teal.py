@@ -46,6 +46,21 @@ ALLOCATIONS = ("uniform", "greedy", "layer-search")
 GREEDY_WINDOWS = 2  # windows whose sub-block inputs the greedy search replays (kept in memory)
 
 
+def greedy_group_sparsity(model, shapes: ModelShapes, windows: torch.Tensor, sparsity: float,
+                          hists: dict[str, LogHistogram] | None = None) -> dict[str, float]:
+    """Per-group sparsity from TEAL's greedy path, every layer at ``sparsity`` (weighted).
+
+    Also used by the rsparse/larosa combinations (``--allocation greedy``): there the
+    model may be rotated already, and the greedy then scores |x| thresholds on the
+    rotated inputs, which is what a threshold selection on that model will apply.
+    """
+    from vllm_rsparse.calibration.allocation import allocation_for_target, greedy_block_allocation
+
+    hists = hists if hists is not None else collect_abs_histograms(model, shapes, windows)
+    paths = greedy_block_allocation(model, shapes, windows[:GREEDY_WINDOWS], hists, max_target=sparsity)
+    return allocation_for_target(shapes, paths, sparsity)
+
+
 def calibrate_teal(model, shapes: ModelShapes, windows: torch.Tensor, sparsity: float,
                    allocation: str = "uniform") -> CalibrationResult:
     """allocation "uniform": every group at ``sparsity``; "greedy": TEAL's per-layer
@@ -57,10 +72,7 @@ def calibrate_teal(model, shapes: ModelShapes, windows: torch.Tensor, sparsity: 
         raise ValueError(f"allocation is {allocation!r}; allowed values are {list(ALLOCATIONS)}")
     hists = collect_abs_histograms(model, shapes, windows)
     if allocation == "greedy" and sparsity > 0:
-        from vllm_rsparse.calibration.allocation import allocation_for_target, greedy_block_allocation
-
-        paths = greedy_block_allocation(model, shapes, windows[:GREEDY_WINDOWS], hists, max_target=sparsity)
-        per_group = allocation_for_target(shapes, paths, sparsity)
+        per_group = greedy_group_sparsity(model, shapes, windows, sparsity, hists)
     elif allocation == "layer-search" and sparsity > 0:
         from vllm_rsparse.calibration.allocation import layer_loss_allocation
 

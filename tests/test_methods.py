@@ -221,6 +221,29 @@ def test_teal_greedy_allocation_hits_each_layer_target(tiny):
         paths[0].at(0.9)
 
 
+def test_rotation_threshold_greedy_combination_keeps_each_layer_at_target(tiny, tiny_model_dir):
+    """larosa --selection threshold --allocation greedy: the greedy split is searched on the
+    rotated model and each group's thresholds sit at its allocated sparsity, so every
+    layer's parameter-weighted sparsity is the target (the model-level byte sparsity)."""
+    from vllm_rsparse.calibration.larosa import calibrate_larosa
+    from vllm_rsparse.calibration.rsparse import RSparseOptions
+
+    _, _, _, shapes, windows = tiny
+    model = _fresh(tiny_model_dir)  # the fold is in place; the fixture's model is shared
+    options = RSparseOptions(selection="threshold", score_weight=False, lowrank=False)
+    result = calibrate_larosa(model, shapes, windows, 0.5, options, allocation="greedy")
+    assert result.rotation == "global" and result.info["allocation"] == "greedy"
+    sizes = {g.kind: math.prod(shapes.group_shape(g)) for g in architectures.INPUT_GROUPS}
+    levels = set()
+    for layer in range(shapes.num_layers):
+        mods = {g.kind: result.modules[architectures.layer_group_name(layer, g)] for g in architectures.INPUT_GROUPS}
+        weighted = sum(mods[k].sparsity * sizes[k] for k in mods) / sum(sizes.values())
+        assert abs(weighted - 0.5) < 1e-9, (layer, weighted)
+        assert all(m.selection == "threshold" and m.rank == 0 for m in mods.values())
+        levels |= {round(m.sparsity, 6) for m in mods.values()}
+    assert len(levels) > 1  # not uniform: the greedy moved budget between groups
+
+
 def test_layer_search_keeps_the_mean_and_never_loses(tiny):
     """Per-layer levels searched on the model loss: pairs of +-step moves, so the mean
     (= model-level byte sparsity, every layer has the same weights) stays the target,
@@ -252,7 +275,10 @@ def test_cli_rejects_bad_combinations():
     with pytest.raises(ValueError, match="takes no rotation"):
         CalibrationArgs(model="m", output="o", method="teal", rotation="global")
     with pytest.raises(ValueError, match="only implemented for --method teal"):
-        CalibrationArgs(model="m", output="o", method="rsparse", allocation="greedy")
+        CalibrationArgs(model="m", output="o", method="rsparse", allocation="layer-search")
+    with pytest.raises(ValueError, match="needs a sparse method"):
+        CalibrationArgs(model="m", output="o", method="dense", allocation="greedy")
+    CalibrationArgs(model="m", output="o", method="larosa", selection="threshold", allocation="greedy")  # a combination
     with pytest.raises(ValueError, match="only implemented for --method teal"):
         CalibrationArgs(model="m", output="o", method="larosa", allocation="layer-search")
     with pytest.raises(ValueError, match="allowed values"):
