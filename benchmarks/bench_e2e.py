@@ -72,45 +72,36 @@ def rsparse_settings(shapes, method: str, sparsity: float, sparse_share: float) 
     for name, group in architectures.iter_groups(shapes):
         d_out, d_in = shapes.group_shape(group)
         if method == "teal":
-            modules[name] = ModuleSettings(selection="threshold", sparsity=sparsity, input_sparsity=sparsity)
-            base = name[: -len(group.merged_name)]
-            for member in group.members:  # placeholder: calibrate_dummy_thresholds fills it in
-                tensors[tensor_name(base + member, "threshold")] = torch.zeros(1)
-            continue
-        if method == "rsparse-thr":
+            settings = ModuleSettings(selection="threshold", sparsity=sparsity, input_sparsity=sparsity)
+        elif method == "larosa":
+            keep = round((1 - sparsity) * d_in)
+            settings = ModuleSettings(selection="topk", sparsity=sparsity, input_sparsity=1 - keep / d_in, keep=keep)
+        else:
             # the calibration's split: budget rank rounded down to the kernels' multiple of 16
             keep_fraction, rank = aligned_budget(d_out, d_in, sparsity, (1 - sparsity) * sparse_share)
-            modules[name] = ModuleSettings(selection="threshold", sparsity=sparsity, input_sparsity=1 - keep_fraction,
-                                           rank=rank, score_weight=True)
-            base = name[: -len(group.merged_name)]
-            for member in group.members:
-                m_out, m_in = shapes.member_shape(member)
-                tensors[tensor_name(base + member, "threshold")] = torch.zeros(1)
-                tensors[tensor_name(base + member, "score_weight")] = torch.ones(m_in)
-                if rank:
-                    tensors[tensor_name(base + member, "lowrank_up")] = torch.zeros(m_out, rank, dtype=torch.bfloat16)
-                    tensors[tensor_name(base + member, "lowrank_down")] = torch.zeros(rank, m_in, dtype=torch.bfloat16)
-            continue
-        if method == "larosa":
-            keep = round((1 - sparsity) * d_in)
-            modules[name] = ModuleSettings(selection="topk", sparsity=sparsity, input_sparsity=1 - keep / d_in,
-                                           keep=keep)
-            continue
-        keep_fraction, rank = aligned_budget(d_out, d_in, sparsity, (1 - sparsity) * sparse_share)
-        keep = round(keep_fraction * d_in)
-        modules[name] = ModuleSettings(selection="topk", sparsity=sparsity, input_sparsity=1 - keep / d_in,
-                                       keep=keep, rank=rank, score_weight=True)
+            if method == "rsparse-thr":
+                settings = ModuleSettings(selection="threshold", sparsity=sparsity, input_sparsity=1 - keep_fraction,
+                                          rank=rank, score_weight=True)
+            else:
+                keep = round(keep_fraction * d_in)
+                settings = ModuleSettings(selection="topk", sparsity=sparsity, input_sparsity=1 - keep / d_in,
+                                          keep=keep, rank=rank, score_weight=True)
+        modules[name] = settings
         base = name[: -len(group.merged_name)]
         for member in group.members:
             m_out, m_in = shapes.member_shape(member)
-            tensors[tensor_name(base + member, "score_weight")] = torch.ones(m_in)
-            if rank:
-                tensors[tensor_name(base + member, "lowrank_up")] = torch.zeros(m_out, rank, dtype=torch.bfloat16)
-                tensors[tensor_name(base + member, "lowrank_down")] = torch.zeros(rank, m_in, dtype=torch.bfloat16)
+            if settings.selection == "threshold":  # placeholder: calibrate_dummy_thresholds fills it in
+                tensors[tensor_name(base + member, "threshold")] = torch.zeros(1)
+            if settings.score_weight:
+                tensors[tensor_name(base + member, "score_weight")] = torch.ones(m_in)
+            if settings.rank:
+                tensors[tensor_name(base + member, "lowrank_up")] = torch.zeros(m_out, settings.rank, dtype=torch.bfloat16)
+                tensors[tensor_name(base + member, "lowrank_down")] = torch.zeros(settings.rank, m_in, dtype=torch.bfloat16)
     return modules, tensors
 
 
-def write_config_dir(root: Path, cfg: dict, method: str, sparsity: float, sparse_share: float) -> Path:
+def write_config_dir(root: Path, cfg: dict, method: str, sparsity: float, sparse_share: float) -> tuple[Path, dict]:
+    """-> (checkpoint directory, its per-group ModuleSettings; {} for dense)."""
     from safetensors.torch import save_file
 
     from vllm_rsparse.architectures import ModelShapes
@@ -119,6 +110,7 @@ def write_config_dir(root: Path, cfg: dict, method: str, sparsity: float, sparse
     out = root / f"{method}-{sparsity}"
     out.mkdir(parents=True, exist_ok=True)
     config = dict(cfg)
+    modules = {}
     if method != "dense":
         shapes = ModelShapes.from_hf_config(cfg)
         modules, tensors = rsparse_settings(shapes, method, sparsity, sparse_share)
@@ -129,7 +121,7 @@ def write_config_dir(root: Path, cfg: dict, method: str, sparsity: float, sparse
         if tensors:
             save_file(tensors, str(out / "rsparse.safetensors"))
     (out / "config.json").write_text(json.dumps(config))
-    return out
+    return out, modules
 
 
 def _install_input_recorders(model) -> int:
@@ -179,19 +171,20 @@ def _quantiles_and_drops(model, levels: list[float]) -> dict:
     return out
 
 
-def calibrate_dummy_thresholds(record_path: Path, targets: list[tuple[Path, float]], args) -> dict:
+def calibrate_dummy_thresholds(record_path: Path, targets: list[tuple[Path, dict]], args) -> dict:
     """TEAL's calibration on the engine's own seeded random weights, for every threshold
     configuration at once: one dense eager engine (of any threshold checkpoint: the layers
     and the seeded weights are the same) records every rsparse layer's input on 4 prompts of
     128 tokens + 64 generated (calibration) and the decode calls of 4 other prompts (held
-    out). Each target (checkpoint, {group kind: level}) gets its thresholds at the level's
-    quantile in its rsparse.safetensors (the plugin reads them in dummy-weight runs).
-    -> {level: {layer: fraction of held-out decode inputs dropped}} and the layer shapes."""
+    out). Each target (checkpoint, its ModuleSettings) gets every group's threshold at the
+    quantile of its input_sparsity in its rsparse.safetensors (the plugin reads them in
+    dummy-weight runs). -> {"levels", "layers": {layer: shape, thresholds and held-out
+    drop fractions per level}}."""
     from safetensors.torch import load_file, save_file
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    levels = sorted({level for _, per_kind in targets for level in per_kind.values()})
+    levels = sorted({m.input_sparsity for _, modules in targets for m in modules.values()})
     previous = os.environ.get("RSPARSE_MAX_SPARSE_TOKENS")
     os.environ["RSPARSE_MAX_SPARSE_TOKENS"] = "0"  # dense: thresholds come from dense activations
     llm = LLM(model=str(record_path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
@@ -215,31 +208,28 @@ def calibrate_dummy_thresholds(record_path: Path, targets: list[tuple[Path, floa
             os.environ["RSPARSE_MAX_SPARSE_TOKENS"] = previous
     from vllm_rsparse import architectures
 
-    for path, per_kind in targets:
+    for path, modules in targets:
         tensors = load_file(str(path / "rsparse.safetensors"))
         for name, st in stats.items():
-            group = architectures.group_for_prefix(name)
-            for member in architectures.member_names(name, group):
-                value = st["thresholds"][levels.index(per_kind[group.kind])]
+            value = st["thresholds"][levels.index(modules[name].input_sparsity)]
+            for member in architectures.member_names(name, architectures.group_for_prefix(name)):
                 tensors[f"{member}.rsparse_threshold"] = torch.tensor([value], dtype=torch.float32)
         save_file(tensors, str(path / "rsparse.safetensors"))
     return {"levels": levels, "layers": stats}
 
 
-def achieved_byte_sparsity(calibration: dict, per_kind: dict, lowrank_bytes: dict) -> float | None:
+def achieved_byte_sparsity(calibration: dict, modules: dict) -> float | None:
     """Model-level sparsity on the held-out decode inputs: the fraction of the rsparse
-    layers' weight bytes not read per token, the low-rank factors' bytes counted as read
-    (lowrank_bytes: layer -> element count of its factors; the quality report's definition)."""
-    from vllm_rsparse import architectures
-
+    layers' weight bytes not read per token, the low-rank factors' bytes (rank x (n + k)
+    elements per group) counted as read -- the quality report's definition."""
     dense = read = 0.0
     for name, st in calibration["layers"].items():
-        i = calibration["levels"].index(per_kind[architectures.group_for_prefix(name).kind])
+        i = calibration["levels"].index(modules[name].input_sparsity)
         n, k = st["shape"]
         if st["dropped"][i] is None:
             return None
         dense += n * k
-        read += (1 - st["dropped"][i]) * n * k + lowrank_bytes.get(name, 0)
+        read += (1 - st["dropped"][i]) * n * k + modules[name].rank * (n + k)
     return 1 - read / dense if dense else None
 
 
@@ -374,40 +364,6 @@ def git_commit() -> str:
         return os.environ.get("RSPARSE_COMMIT", "unknown")
 
 
-def threshold_levels(shapes, method: str, sparsity: float, sparse_share: float) -> dict:
-    """group kind -> the quantile of |x| its threshold drops: all of s for teal; R-Sparse keeps
-    (1 - s) * share of the channels sparse (plus the channels bought back by rounding the rank
-    down to the kernels' multiple, calibration.allocation.aligned_budget) and spends the rest
-    of the budget on the low-rank term."""
-    from vllm_rsparse.architectures import INPUT_GROUPS
-    from vllm_rsparse.calibration.allocation import aligned_budget
-
-    if method == "teal":
-        return {g.kind: sparsity for g in INPUT_GROUPS}
-    out = {}
-    for group in INPUT_GROUPS:
-        d_out, d_in = shapes.group_shape(group)
-        keep_fraction, _ = aligned_budget(d_out, d_in, sparsity, (1 - sparsity) * sparse_share)
-        out[group.kind] = round(1 - keep_fraction, 6)
-    return out
-
-
-def lowrank_elements(shapes, method: str, sparsity: float, sparse_share: float) -> dict:
-    """layer -> element count of its low-rank factors (rsparse-thr), as rsparse_settings sizes them."""
-    from vllm_rsparse import architectures
-
-    if method != "rsparse-thr":
-        return {}
-    from vllm_rsparse.calibration.allocation import aligned_budget
-
-    out = {}
-    for name, group in architectures.iter_groups(shapes):
-        d_out, d_in = shapes.group_shape(group)
-        _, rank = aligned_budget(d_out, d_in, sparsity, (1 - sparsity) * sparse_share)
-        out[name] = rank * (d_in + d_out)
-    return out
-
-
 def result_rows(model: str, configs: list[str], engines: dict, achieved: dict, linear_ms: dict) -> list[dict]:
     """One row per (sparse config, batch, prompt length) against the dense engine of the same run."""
     dense = engines.get(configs[0])
@@ -481,32 +437,28 @@ def main() -> None:
                "protocol": __doc__.strip().split("\n\n")[1], "dispatch": args.dispatch,
                "engines": [], "calibration": [], "results": []}
     work = Path(tempfile.mkdtemp(prefix="rsparse-e2e-"))
-    from vllm_rsparse.architectures import ModelShapes
 
     def save():
         Path(args.out).write_text(json.dumps(results, indent=1))
 
     for model in args.models:
         cfg = model_config(MODEL_CONFIGS[model], Path(args.models_dir))
-        shapes = ModelShapes.from_hf_config(cfg)
         linear_ms = {b: linear_time_ms(cfg, b) for b in args.batches}
         print(f"{model}: linear-layer time per step {linear_ms}", flush=True)
         paths, targets = {}, []
         for spec in args.configs:
             method, sparsity = spec.split(":")
-            paths[spec] = write_config_dir(work / model, cfg, method, float(sparsity), args.sparse_share)
+            paths[spec], modules = write_config_dir(work / model, cfg, method, float(sparsity), args.sparse_share)
             if method in ("teal", "rsparse-thr"):
-                targets.append((spec, paths[spec], threshold_levels(shapes, method, float(sparsity), args.sparse_share)))
+                targets.append((spec, paths[spec], modules))
         achieved = {}
         if targets:
             t0 = time.time()
             # the recording engine must have no low-rank factors: a teal checkpoint if there is one
             record = next((path for spec, path, _ in targets if spec.startswith("teal:")), targets[0][1])
-            calibration = calibrate_dummy_thresholds(record, [(path, per_kind) for _, path, per_kind in targets], args)
-            for spec, _, per_kind in targets:
-                method, sparsity = spec.split(":")
-                achieved[spec] = achieved_byte_sparsity(
-                    calibration, per_kind, lowrank_elements(shapes, method, float(sparsity), args.sparse_share))
+            calibration = calibrate_dummy_thresholds(record, [(path, modules) for _, path, modules in targets], args)
+            for spec, _, modules in targets:
+                achieved[spec] = achieved_byte_sparsity(calibration, modules)
             results["calibration"].append({
                 "model": model, "seconds": round(time.time() - t0, 1), "levels": calibration["levels"],
                 "achieved_sparsity": achieved,
