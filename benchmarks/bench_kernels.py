@@ -472,13 +472,26 @@ def crossover_table(results) -> dict:
     return table
 
 
-def write_graph_dispatch(path: str, meta: dict, rows: list, note: str) -> None:
-    """kernels/configs/dispatch.json from CUDA-graph results: crossover counts and the
-    ratios launchers.crossover_tokens interpolates."""
+def write_dispatch(path: str, meta: dict, rows: list, note: str, ratios: bool = False,
+                   timing: str | None = None) -> None:
+    """A dispatch.json (the candidate for kernels/configs/) from benchmark rows: crossover
+    counts, and with ``ratios`` the sparse/dense ratios launchers.crossover_tokens
+    interpolates. The low-rank tables this benchmark does not measure (ratios
+    "<selection>_lowrank" and their note, from benchmarks/gpu/lowrank_time.py --merge) are
+    carried over from the committed file, so copying the output over it loses none."""
+    committed = launchers._load_json(launchers._DISPATCH_FILE)
+    out = {"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5}
+    if timing:
+        out["timing"] = timing
+    out["crossover"] = crossover_table(rows)
+    carried = {sel: t for sel, t in committed.get("ratios", {}).items() if sel.endswith("_lowrank")}
+    if ratios or carried:
+        out["ratios"] = {**(ratio_table(rows) if ratios else {}), **carried}
+    out["note"] = note
+    if "lowrank_note" in committed:
+        out["lowrank_note"] = committed["lowrank_note"]
     with open(path, "w") as f:
-        json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5,
-                   "timing": "cuda_graph", "crossover": crossover_table(rows), "ratios": ratio_table(rows),
-                   "note": note}, f, indent=1)
+        json.dump(out, f, indent=1)
 
 
 def ratio_table(results) -> dict:
@@ -648,10 +661,11 @@ def main() -> None:
             meta = json.load(f)
         if args.dispatch_from_report:
             # the dispatch table of a committed sweep result (e.g. after a change of its format)
-            write_graph_dispatch(os.path.join(args.out, "dispatch.json"), meta, meta["results"],
-                                 "from " + os.path.basename(args.report) + " (--graph-sweep): crossover = largest "
-                                 "token count up to which sparse beat cuBLAS; ratios = sparse/dense per sparsity "
-                                 "and token count, interpolated by launchers.crossover_tokens")
+            write_dispatch(os.path.join(args.out, "dispatch.json"), meta, meta["results"],
+                           "from " + os.path.basename(args.report) + " (--graph-sweep): crossover = largest "
+                           "token count up to which sparse beat cuBLAS; ratios = sparse/dense per sparsity "
+                           "and token count, interpolated by launchers.crossover_tokens",
+                           ratios=True, timing="cuda_graph")
         write_graph_markdown(os.path.join(args.out, "kernels_h100.md"), meta, meta["results"])
         plot(args.out, meta["results"], GRAPH_METHODS)
         return
@@ -693,10 +707,10 @@ def main() -> None:
             json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "tokens": TOKENS, "timing": "cuda_graph",
                        "note": "best one-row config (walk or compact kernel) of benchmarks/bench_kernels.py --graph-sweep, "
                                "teal at sparsity 0.5", "configs": configs}, f, indent=1)
-        write_graph_dispatch(os.path.join(args.out, "dispatch.json"), meta, rows,
-                             "largest token count (of 1,2,4,8,16) up to which the sparse kernel beat cuBLAS "
-                             "dense under CUDA graphs (--graph-sweep); 0 = dense even at 1 token; topk "
-                             "measured at 1 token only")
+        write_dispatch(os.path.join(args.out, "dispatch.json"), meta, rows,
+                       "largest token count (of 1,2,4,8,16) up to which the sparse kernel beat cuBLAS "
+                       "dense under CUDA graphs (--graph-sweep); 0 = dense even at 1 token; topk "
+                       "measured at 1 token only", ratios=True, timing="cuda_graph")
         log(f"done in {time.time() - t0:.0f} s")
         for r in rows:
             if r["tokens"] == 1 and r["sparsity"] in (0.5, 0.9):
@@ -711,9 +725,9 @@ def main() -> None:
         meta["results"] = rows
         with open(os.path.join(args.out, "graph_h100.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        with open(os.path.join(args.out, "dispatch.json"), "w") as f:
-            json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5,
-                       "timing": "cuda_graph", "crossover": crossover_table(rows)}, f, indent=1)
+        write_dispatch(os.path.join(args.out, "dispatch.json"), meta, rows,
+                       "largest token count where the sparse kernel beat cuBLAS dense under CUDA graphs "
+                       "(--graph-check)", timing="cuda_graph")
         log(f"done in {time.time() - t0:.0f} s")
         return
 
@@ -734,12 +748,10 @@ def main() -> None:
     meta["lowrank_fusion"] = fusion_rows
     with open(os.path.join(args.out, "kernels_h100.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    with open(os.path.join(args.out, "dispatch.json"), "w") as f:
-        json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5,
-                   "note": "largest measured token count where the sparse kernel beats cuBLAS dense, per "
-                           "selection, shape and sparsity (random independent masks per row: a pessimistic "
-                           "union); launchers applies the design_sparsity column",
-                   "crossover": crossover_table(results)}, f, indent=1)
+    write_dispatch(os.path.join(args.out, "dispatch.json"), meta, results,
+                   "largest measured token count where the sparse kernel beats cuBLAS dense, per "
+                   "selection, shape and sparsity (random independent masks per row: a pessimistic "
+                   "union); launchers applies the design_sparsity column")
     write_markdown(os.path.join(args.out, "kernels_h100.md"), meta, results, union_vs_row, layout_rows, fusion_rows)
     try:
         plot(args.out, results)
