@@ -259,16 +259,17 @@ def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
 LOWRANK_RANK_MULTIPLE = 16
 
 
-def prepare_lowrank(lowrank_up: torch.Tensor, lowrank_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_lowrank(lowrank_up: torch.Tensor, lowrank_down: torch.Tensor,
+                    multiple: int = LOWRANK_RANK_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor]:
     """The R-Sparse factors in the layout the kernels read: the rank zero-padded to a
-    multiple of LOWRANK_RANK_MULTIPLE (exact: padded ranks add 0 in f32), lowrank_up
-    [N, r'] contiguous, lowrank_down [r', K] prepared like a weight ([K, r'] storage).
-    One copy each; the unpadded tensors can be freed."""
+    multiple of ``multiple`` (exact: padded ranks add 0 in f32), lowrank_up [N, r']
+    contiguous, lowrank_down [r', K] prepared like a weight ([K, r'] storage). One copy
+    each; the unpadded tensors can be freed. (Other multiples: benchmarks only.)"""
     if lowrank_up.dim() != 2 or lowrank_down.dim() != 2 or lowrank_up.shape[1] != lowrank_down.shape[0]:
         raise ValueError(f"lowrank_up [N, r] and lowrank_down [r, K] do not match: shapes "
                          f"{tuple(lowrank_up.shape)} and {tuple(lowrank_down.shape)}")
     r = lowrank_up.shape[1]
-    padded = triton_cdiv(r, LOWRANK_RANK_MULTIPLE) * LOWRANK_RANK_MULTIPLE
+    padded = triton_cdiv(r, multiple) * multiple
     if padded != r:
         up = lowrank_up.new_zeros(lowrank_up.shape[0], padded)
         up[:, :r] = lowrank_up

@@ -39,18 +39,6 @@ def graph_us(calls, reps: int = 4) -> float:
     return graph_replay_ms(rounds) * 1e3 / (reps * len(calls))
 
 
-def pad_rank(u: torch.Tensor, v: torch.Tensor, multiple: int):
-    r = u.shape[1]
-    rp = -(-r // multiple) * multiple
-    if rp == r:
-        return u, v
-    u2 = torch.zeros(u.shape[0], rp, dtype=u.dtype, device=u.device)
-    u2[:, :r] = u
-    v2 = torch.zeros(rp, v.shape[1], dtype=v.dtype, device=v.device)
-    v2[:r] = v
-    return u2, v2
-
-
 def merge_dispatch(result_path: str, dispatch_path: str) -> None:
     """ratios["threshold_lowrank"][shape][input sparsity][1 token] = padded low-rank time /
     dense time (the runtime pads the rank: launchers.prepare_lowrank)."""
@@ -105,8 +93,7 @@ def main() -> None:
         for label, multiple in (("lowrank", 1), ("lowrank16", 16), ("lowrank64", 64)):
             calls = []
             for _, wp, u, v in layers:
-                up, vp = pad_rank(u, v, multiple)
-                vp = launchers.prepare_weight(vp)
+                up, vp = launchers.prepare_lowrank(u, v, multiple)
                 calls.append(lambda wp=wp, up=up, vp=vp: launchers.sparse_linear(
                     x, wp, None, thr, -1, None, up, vp, use_crossover=False))
             row[f"{label}_us"] = graph_us(calls)
