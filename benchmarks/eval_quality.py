@@ -270,7 +270,7 @@ def cmd_report(args) -> None:
         # dense's zero-shot on every subset size run (results keeps only the latest dense row)
         "dense_zeroshot": [{"model": r["model"], "limit": r.get("limit"), "zeroshot": r["zeroshot"],
                             "zeroshot_avg": r["zeroshot_avg"]}
-                           for r in {(r["model"], r.get("limit")): r for r in load_results(workdir)
+                           for r in {(r["model"], r.get("limit")): r for r in all_rows
                                      if r["method"] == "dense" and r["zeroshot"]}.values()],
         "rotation_simulation": sims,
     }
