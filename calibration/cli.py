@@ -166,12 +166,9 @@ def calibrate(args: CalibrationArgs) -> Path:
         result = calibrate_teal(model, shapes, windows, args.sparsity, allocation=args.allocation)
     elif args.method == "rsparse" and args.rotation != "global":
         from vllm_rsparse.calibration.rsparse import calibrate_rsparse
+        from vllm_rsparse.calibration.teal import greedy_split_or_none
 
-        per_group = None
-        if args.allocation == "greedy" and args.sparsity > 0:
-            from vllm_rsparse.calibration.teal import greedy_group_sparsity
-
-            per_group = greedy_group_sparsity(model, shapes, windows, args.sparsity)
+        per_group = greedy_split_or_none(args.allocation, model, shapes, windows, args.sparsity)
         result = calibrate_rsparse(model, shapes, windows, args.sparsity, method_options(args), allocation=per_group)
         result.info["allocation"] = args.allocation
     else:

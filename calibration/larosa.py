@@ -42,11 +42,9 @@ def calibrate_larosa(model, shapes: ModelShapes, windows: torch.Tensor, sparsity
     """
     options = options or LAROSA_OPTIONS
     rotation = fold_global_rotation(model, shapes, windows)
-    per_group = None
-    if allocation == "greedy" and sparsity > 0:
-        from vllm_rsparse.calibration.teal import greedy_group_sparsity
+    from vllm_rsparse.calibration.teal import greedy_split_or_none
 
-        per_group = greedy_group_sparsity(model, shapes, windows, sparsity)
+    per_group = greedy_split_or_none(allocation, model, shapes, windows, sparsity)
     result = calibrate_rsparse(model, shapes, windows, sparsity, options, allocation=per_group)
     _mark_rotated(result, rotation.info)
     result.info["allocation"] = allocation

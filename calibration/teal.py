@@ -61,6 +61,16 @@ def greedy_group_sparsity(model, shapes: ModelShapes, windows: torch.Tensor, spa
     return allocation_for_target(shapes, paths, sparsity)
 
 
+def greedy_split_or_none(allocation: str, model, shapes: ModelShapes, windows: torch.Tensor,
+                         sparsity: float) -> dict[str, float] | None:
+    """The per-group split the rsparse/larosa combinations pass to calibrate_rsparse for an
+    --allocation choice: TEAL's greedy split for "greedy", None (every group at
+    ``sparsity``) for "uniform" or at sparsity 0."""
+    if allocation == "greedy" and sparsity > 0:
+        return greedy_group_sparsity(model, shapes, windows, sparsity)
+    return None
+
+
 def calibrate_teal(model, shapes: ModelShapes, windows: torch.Tensor, sparsity: float,
                    allocation: str = "uniform") -> CalibrationResult:
     """allocation "uniform": every group at ``sparsity``; "greedy": TEAL's per-layer
