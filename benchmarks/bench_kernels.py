@@ -344,6 +344,8 @@ SWEEP_CHUNKS = [256, 512, 1024, 2048]
 WALK_TILES = [(64, 64, 4), (128, 32, 4), (128, 64, 4), (128, 128, 8), (256, 32, 4), (256, 64, 8)]
 WALK_STEPS = [2, 4, 8, 16]
 SWEEP_SPARSITIES = [0.0, 0.5, 0.9]
+# the second ranking of the sweep: configs for modules at launchers.HIGH_SPARSITY_FROM and above
+HIGH_SPARSITY = 0.9
 SWEEP_LEADERS = 4
 
 
@@ -376,7 +378,7 @@ def graph_sweep(shapes, gen, log, out_dir: str = "", kernels=("walk", "compact")
     # the config's `kernel` field decides walk vs compact
     launchers.COMPACT_ROWS_ENABLED = False
     committed = launchers._load_json("sparse_gemv.json").get("configs", {})
-    rows, table, seen = [], {}, set()
+    rows, table, table_high, seen = [], {}, {}, set()
     for name, n, k in shapes:
         key = launchers._shape_key(n, k)
         if key in seen:
@@ -403,39 +405,52 @@ def graph_sweep(shapes, gen, log, out_dir: str = "", kernels=("walk", "compact")
                         x, **a, config=cfg, use_crossover=False))
                 return calls, nbytes / len(layers)
 
-            best = None
-            # every config at 1 token; more tokens re-rank the 1-token leaders (compile and
-            # device time: the sweep has to fit one short GPU call)
-            candidates = sweep_configs(n, k, sms, kernels) if tokens == 1 else leaders
-            timed = []
-            for cfg in candidates:
-                calls_cfg, _ = sparse_calls("teal", 0.5, cfg)
-                try:
-                    ms = graph_time_ms(calls_cfg)
-                except Exception as exc:
-                    log(f"  skip {cfg}: {type(exc).__name__}: {exc}")
-                    continue
-                timed.append((ms, cfg))
-                if best is None or ms < best[0]:
-                    best = (ms, cfg)
+            def rank(candidates, sparsity):
+                # -> [(ms, cfg)] fastest first; a config that fails to compile is skipped
+                timed = []
+                for cfg in candidates:
+                    calls_cfg, _ = sparse_calls("teal", sparsity, cfg)
+                    try:
+                        timed.append((graph_time_ms(calls_cfg), cfg))
+                    except Exception as exc:
+                        log(f"  skip {cfg}: {type(exc).__name__}: {exc}")
+                return sorted(timed, key=lambda t: t[0])
+
+            # every config at 1 token, at the design sparsity 0.5 and again at 0.9 (the
+            # launcher picks per sparsity band: launchers.pick_config); more tokens re-rank
+            # the 1-token leaders (compile and device time: the sweep has to fit one short
+            # GPU call; the 0.9 ranking compiles nothing new)
             if tokens == 1:
-                leaders = [c for _, c in sorted(timed, key=lambda t: t[0])[:SWEEP_LEADERS]]
-            table[key][str(tokens)] = dataclasses.asdict(best[1])
+                every = sweep_configs(n, k, sms, kernels)
+                timed, timed_high = rank(every, 0.5), rank(every, HIGH_SPARSITY)
+                leaders = [c for _, c in timed[:SWEEP_LEADERS]]
+                leaders_high = [c for _, c in timed_high[:SWEEP_LEADERS]]
+            else:
+                timed, timed_high = rank(leaders, 0.5), rank(leaders_high, HIGH_SPARSITY)
+            best, best_high = timed[0][1], timed_high[0][1]
+            table[key][str(tokens)] = dataclasses.asdict(best)
+            table_high.setdefault(key, {})[str(tokens)] = dataclasses.asdict(best_high)
             points = [("teal", s) for s in SWEEP_SPARSITIES] + (
-                [("larosa", 0.5), ("larosa_hist", 0.5)] if tokens == 1 else [])
+                [("larosa", 0.5), ("larosa_hist", 0.5), ("teal_one_ahead", 0.5), ("teal_one_ahead", HIGH_SPARSITY)]
+                if tokens == 1 else [])
             if tokens == 1 and committed.get(key, {}).get("1"):
                 points += [("teal_walk", 0.5), ("teal_walk", 0.9)]
             for method, sparsity in points:
-                walk = method == "teal_walk"
-                cfg_point = launchers.GemvConfig.from_dict(committed[key]["1"]) if walk else best[1]
-                base_method = {"teal_walk": "teal", "larosa_hist": "larosa"}.get(method, method)
+                if method == "teal_walk":
+                    cfg_point = launchers.GemvConfig.from_dict(committed[key]["1"])
+                else:
+                    cfg_point = best_high if sparsity >= launchers.HIGH_SPARSITY_FROM else best
+                base_method = {"teal_walk": "teal", "larosa_hist": "larosa", "teal_one_ahead": "teal"}.get(
+                    method, method)
                 calls_s, nbytes = sparse_calls(base_method, sparsity, cfg_point)
-                # the select kernel is chosen when the graph is captured
+                # the select kernel and the loop variant are chosen when the graph is captured
                 launchers.TOPK_HISTOGRAM_ENABLED = method == "larosa_hist"
+                launchers.LOAD_AHEAD_ENABLED = method != "teal_one_ahead"
                 try:
                     ms = graph_time_ms(calls_s)
                 finally:
                     launchers.TOPK_HISTOGRAM_ENABLED = False
+                    launchers.LOAD_AHEAD_ENABLED = True
                 row = {"shape": name, "n": n, "k": k, "method": method, "tokens": tokens, "sparsity": sparsity,
                        "dense_ms": dense, "sparse_ms": ms, "ratio": ms / dense, "gbs": nbytes / ms / 1e6,
                        "ideal_ms": dense * (1 - sparsity), "config": dataclasses.asdict(cfg_point),
@@ -453,8 +468,8 @@ def graph_sweep(shapes, gen, log, out_dir: str = "", kernels=("walk", "compact")
         if out_dir:
             # what is measured so far survives a time limit
             with open(os.path.join(out_dir, "sweep_partial.json"), "w") as f:
-                json.dump({"results": rows, "configs": table}, f)
-    return rows, table
+                json.dump({"results": rows, "configs": table, "configs_high": table_high}, f)
+    return rows, {"configs": table, "configs_high": table_high}
 
 
 def crossover_table(results) -> dict:
@@ -699,14 +714,15 @@ def main() -> None:
     log(f"{meta}")
 
     if args.graph_sweep:
-        rows, configs = graph_sweep(shapes, gen, log, args.out, tuple(args.kernels.split(",")))
+        rows, tables = graph_sweep(shapes, gen, log, args.out, tuple(args.kernels.split(",")))
         meta["results"] = rows
         with open(os.path.join(args.out, "kernels_h100_graph.json"), "w") as f:
             json.dump(meta, f, indent=1)
         with open(os.path.join(args.out, "sparse_gemv.json"), "w") as f:
             json.dump({"gpu": meta["gpu"], "commit": meta["commit"], "tokens": TOKENS, "timing": "cuda_graph",
                        "note": "best one-row config (walk or compact kernel) of benchmarks/bench_kernels.py --graph-sweep, "
-                               "teal at sparsity 0.5", "configs": configs}, f, indent=1)
+                               f"teal at sparsity 0.5 (configs) and {HIGH_SPARSITY} (configs_high: modules at "
+                               f"sparsity >= {launchers.HIGH_SPARSITY_FROM})", **tables}, f, indent=1)
         write_dispatch(os.path.join(args.out, "dispatch.json"), meta, rows,
                        "largest token count (of 1,2,4,8,16) up to which the sparse kernel beat cuBLAS "
                        "dense under CUDA graphs (--graph-sweep); 0 = dense even at 1 token; topk "

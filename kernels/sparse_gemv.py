@@ -47,15 +47,22 @@ def _select(b_x, o_k, m_k, b_thr, b_jcut, p_scale, HAS_SCALE: tl.constexpr, PER_
 
 
 @triton.jit
-def _load_step(
-    p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m, k0, k_hi, o_n, m_n, s_xm, s_xk, s_row,
+def _load_x(p_x, o_m, m_m, k0, k_hi, s_xm, s_xk, BLOCK_K: tl.constexpr):
+    # x [ROWS, BLOCK_K] of the K step at k0, f32 (columns >= k_hi read as 0)
+    o_k = k0 + tl.arange(0, BLOCK_K)
+    m_x = m_m[:, None] & (o_k < k_hi)[None, :]
+    return tl.load(p_x + o_m[:, None] * s_xm + o_k[None, :] * s_xk, mask=m_x, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _select_rows(
+    b_x, p_mat, p_scale, b_thr, b_jcut, m_m, k0, k_hi, o_n, m_n, s_row,
     BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr,
 ):
     # one K step: x [ROWS, BLOCK_K] -> selected x (f32) and the weight rows it needs
     o_k = k0 + tl.arange(0, BLOCK_K)
     m_k = o_k < k_hi
     m_x = m_m[:, None] & m_k[None, :]
-    b_x = tl.load(p_x + o_m[:, None] * s_xm + o_k[None, :] * s_xk, mask=m_x, other=0.0).to(tl.float32)
     b_sel = _select(b_x, o_k, m_k, b_thr, b_jcut, p_scale, HAS_SCALE, PER_ROW)
     if INVERT:
         b_sel = ~b_sel
@@ -70,11 +77,22 @@ def _load_step(
 
 
 @triton.jit
+def _load_step(
+    p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m, k0, k_hi, o_n, m_n, s_xm, s_xk, s_row,
+    BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr,
+):
+    b_x = _load_x(p_x, o_m, m_m, k0, k_hi, s_xm, s_xk, BLOCK_K)
+    return _select_rows(b_x, p_mat, p_scale, b_thr, b_jcut, m_m, k0, k_hi, o_n, m_n, s_row,
+                        BLOCK_K, HAS_SCALE, PER_ROW, INVERT)
+
+
+@triton.jit
 def _masked_tile(
     p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m,
     k_lo, k_hi, i_col, n_cols, s_xm, s_xk, s_row,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr, DOT_F32: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
     # x [M, K] rows o_m, channels [k_lo, k_hi)  mat [K, n_cols] (unit column stride)
     # -> acc [ROWS, BLOCK_N] f32 = sum_k sel[m, k] * x[m, k] * mat[k, col]
@@ -92,12 +110,22 @@ def _masked_tile(
     if ROWS == 1:
         # software pipeline by hand: the next step's weight loads are issued before
         # the current step's FMAs, so a program keeps a tile in flight while it computes
-        b_xs, b_w = _load_step(p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, o_n, m_n,
-                               s_xm, s_xk, s_row, BLOCK_K, HAS_SCALE, PER_ROW, INVERT)
+        # AHEAD: x is loaded one step earlier still, so a step's predicated row loads
+        # issue at once instead of waiting for their own x load (x -> rows was a
+        # dependent chain of two memory latencies per step; now only the rows' remains)
+        b_x = _load_x(p_x, o_m, m_m, k_lo, k_hi, s_xm, s_xk, BLOCK_K)
+        b_xs, b_w = _select_rows(b_x, p_mat, p_scale, b_thr, b_jcut, m_m, k_lo, k_hi, o_n, m_n, s_row,
+                                 BLOCK_K, HAS_SCALE, PER_ROW, INVERT)
+        if AHEAD:
+            b_x = _load_x(p_x, o_m, m_m, k_lo + BLOCK_K, k_hi, s_xm, s_xk, BLOCK_K)
         for k0 in range(k_lo + BLOCK_K, k_hi + BLOCK_K, BLOCK_K):
             # the last trip loads nothing (all rows masked off) and only computes
-            b_xs_next, b_w_next = _load_step(p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m, k0, k_hi, o_n, m_n,
-                                             s_xm, s_xk, s_row, BLOCK_K, HAS_SCALE, PER_ROW, INVERT)
+            if not AHEAD:
+                b_x = _load_x(p_x, o_m, m_m, k0, k_hi, s_xm, s_xk, BLOCK_K)
+            b_xs_next, b_w_next = _select_rows(b_x, p_mat, p_scale, b_thr, b_jcut, m_m, k0, k_hi, o_n, m_n,
+                                               s_row, BLOCK_K, HAS_SCALE, PER_ROW, INVERT)
+            if AHEAD:
+                b_x = _load_x(p_x, o_m, m_m, k0 + BLOCK_K, k_hi, s_xm, s_xk, BLOCK_K)
             acc2 += tl.sum(b_xs, axis=0)[:, None] * b_w.to(tl.float32)
             b_xs = b_xs_next
             b_w = b_w_next
@@ -128,7 +156,7 @@ def sparse_gemv_kernel(
     s_xm, s_xk, s_wk, s_vk, s_om, s_on,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, AHEAD: tl.constexpr,
 ):
     # x [M, K]  w_t [K, N]  v_t [K, R]  scale [K]  thr [1] or [M] f32  jcut [M] i32
     # bias [N]  acc [16, ws_cols] f32 (zeros)  count [tiles * row_groups] i32 (zeros)
@@ -154,17 +182,17 @@ def sparse_gemv_kernel(
         col0 = is_v * N
         if i_n >= n_tiles_w:
             acc = _masked_tile(p_x, p_v, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, i_col, R,
-                               s_xm, s_xk, s_vk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, True, DOT_F32)
+                               s_xm, s_xk, s_vk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, True, DOT_F32, AHEAD)
         else:
             acc = _masked_tile(p_x, p_w, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, i_col, N,
-                               s_xm, s_xk, s_wk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, False, DOT_F32)
+                               s_xm, s_xk, s_wk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, False, DOT_F32, AHEAD)
         m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < (N + is_v * (R - N))
     else:
         is_v = 0
         i_col = i_n
         col0 = 0
         acc = _masked_tile(p_x, p_w, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, i_col, N,
-                           s_xm, s_xk, s_wk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, False, DOT_F32)
+                           s_xm, s_xk, s_wk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, False, DOT_F32, AHEAD)
         m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < N
 
     o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -298,11 +326,17 @@ def _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
 
 
 @triton.jit
-def _gather_step(p_xrow, p_mat, p_list, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K: tl.constexpr):
-    # list entries [j0, j0 + BLOCK_K) -> x values [BLOCK_K] f32 and weight rows [BLOCK_K, BLOCK_N]
+def _load_list(p_list, j0, n_sel, BLOCK_K: tl.constexpr):
+    # list entries [j0, j0 + BLOCK_K) -> channel indices (0 past n_sel)
     o_j = j0 + tl.arange(0, BLOCK_K)
-    m_j = o_j < n_sel
-    b_idx = tl.load(p_list + o_j, mask=m_j, other=0)
+    return tl.load(p_list + o_j, mask=o_j < n_sel, other=0)
+
+
+@triton.jit
+def _gather_rows(p_xrow, p_mat, b_idx, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K: tl.constexpr):
+    # channel indices of list entries [j0, j0 + BLOCK_K) -> x values [BLOCK_K] f32 and
+    # weight rows [BLOCK_K, BLOCK_N]
+    m_j = (j0 + tl.arange(0, BLOCK_K)) < n_sel
     b_xv = tl.load(p_xrow + b_idx * s_xk, mask=m_j, other=0.0).to(tl.float32)
     # every unmasked row is a selected channel: each weight load is useful bytes
     b_w = tl.load(p_mat + b_idx[:, None] * s_row + o_n[None, :], mask=m_j[:, None] & m_n[None, :], other=0.0)
@@ -312,7 +346,7 @@ def _gather_step(p_xrow, p_mat, p_list, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_
 @triton.jit
 def _compact_tile(p_x, p_mat, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, i_col, n_cols, s_xm, s_xk, s_row,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr):
+                  HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr, AHEAD: tl.constexpr):
     # -> acc [1, BLOCK_N] f32 = sum over selected k in [k_lo, k_hi) of x[i_m, k] * mat[k, cols]
     n_sel = _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
                           CHUNK, HAS_SCALE, PER_ROW, INVERT)
@@ -323,11 +357,21 @@ def _compact_tile(p_x, p_mat, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, i_col
     # [BLOCK_K, BLOCK_N] register tile of FMAs, reduced once after the loop (no
     # cross-thread reduction in the loop body)
     acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    # hand pipeline: the next step's gathers are issued before the current FMAs
-    b_xv, b_w = _gather_step(p_xrow, p_mat, p_list_chunk, 0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K)
+    # hand pipeline: the next step's gathers are issued before the current FMAs.
+    # AHEAD: the list entries are loaded one step earlier still, so a step's gathers
+    # issue at once instead of waiting for their own list load (list -> rows was a
+    # dependent chain of two memory latencies per step)
+    b_idx = _load_list(p_list_chunk, 0, n_sel, BLOCK_K)
+    b_xv, b_w = _gather_rows(p_xrow, p_mat, b_idx, 0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K)
+    if AHEAD:
+        b_idx = _load_list(p_list_chunk, BLOCK_K, n_sel, BLOCK_K)
     for j0 in range(BLOCK_K, n_sel + BLOCK_K, BLOCK_K):
         # the last trip loads nothing (every entry masked off) and only computes
-        b_xv_next, b_w_next = _gather_step(p_xrow, p_mat, p_list_chunk, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K)
+        if not AHEAD:
+            b_idx = _load_list(p_list_chunk, j0, n_sel, BLOCK_K)
+        b_xv_next, b_w_next = _gather_rows(p_xrow, p_mat, b_idx, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K)
+        if AHEAD:
+            b_idx = _load_list(p_list_chunk, j0 + BLOCK_K, n_sel, BLOCK_K)
         acc2 += b_xv[:, None] * b_w.to(tl.float32)
         b_xv = b_xv_next
         b_w = b_w_next
@@ -342,7 +386,7 @@ def sparse_gemv_compact_kernel(
     s_xm, s_xk, s_wk, s_vk, s_om, s_on,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, AHEAD: tl.constexpr,
 ):
     # x [M, K]  w_t [K, N]  v_t [K, R]  scale [K]  thr [1] or [M] f32  jcut [M] i32  bias [N]
     # list [2 * M, list_cols] i32 (scratch: selected | dropped channel lists per row)
@@ -370,17 +414,17 @@ def sparse_gemv_compact_kernel(
         if i_n >= n_tiles_w:
             # z = V ((1 - m) x): the list of the dropped channels, in its own scratch row
             acc = _compact_tile(p_x, p_v, p_scale, p_list + (M + i_m) * list_cols, i_m, thr, jcut, k_lo, k_hi,
-                                i_col, R, s_xm, s_xk, s_vk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, True)
+                                i_col, R, s_xm, s_xk, s_vk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, True, AHEAD)
         else:
             acc = _compact_tile(p_x, p_w, p_scale, p_list + i_m * list_cols, i_m, thr, jcut, k_lo, k_hi,
-                                i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False)
+                                i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD)
         m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < (N + is_v * (R - N))
     else:
         is_v = 0
         i_col = i_n
         col0 = 0
         acc = _compact_tile(p_x, p_w, p_scale, p_list + i_m * list_cols, i_m, thr, jcut, k_lo, k_hi,
-                            i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False)
+                            i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD)
         m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < N
     o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
     m_out = m_m[:, None] & m_n[None, :]

@@ -199,14 +199,18 @@ def test_topk_select_exact_count(distinct, keep_frac, select, gen, monkeypatch):
     assert torch.equal(mask, topk_mask_lowest_index(x, keep, None))
 
 
+@pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "one_ahead"])
 @pytest.mark.parametrize("rows", ["compact", "walk", "union"])
 @pytest.mark.parametrize("split_k", [1, 3, 1000], ids=lambda s: f"split{s}")
-def test_configs_agree(rows, split_k, gen, monkeypatch):
+def test_configs_agree(rows, split_k, ahead, gen, monkeypatch):
     """Compact, walk and union programs, any split-K (compact: any K chunk, the last one
-    partial), give each row only its own channels."""
+    partial), with and without the loads two steps ahead, give each row only its own channels."""
     if rows == "compact" and split_k == 1000 and not HAS_CUDA:
         pytest.skip("16-channel chunks: test_compact_chunks covers them at interpreter cost")
+    if rows == "union" and not ahead:
+        pytest.skip("the union (tl.dot) loop has no hand pipeline")
     monkeypatch.setattr(launchers, "COMPACT_ROWS_ENABLED", rows == "compact")
+    monkeypatch.setattr(launchers, "LOAD_AHEAD_ENABLED", ahead)
     rows = launchers.MAX_ROWS if rows == "union" else 1
     n, k, m = (200, 300, 6) if not HAS_CUDA else (4096, 11008, 6)
     dtype = torch.bfloat16
@@ -223,10 +227,12 @@ def test_configs_agree(rows, split_k, gen, monkeypatch):
     assert int(counters.abs().sum()) == 0 and float(acc.abs().sum()) == 0.0, "split-K workspace left dirty"
 
 
+@pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "one_ahead"])
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.5, 1.0], ids=lambda d: f"density{d}")
-def test_compact_chunks(density, gen):
+def test_compact_chunks(density, ahead, gen, monkeypatch):
     """Compact lists at chunk sizes below, at and above a list step, and a selection
     count that is no multiple of the step: the loop's first, last and empty trips."""
+    monkeypatch.setattr(launchers, "LOAD_AHEAD_ENABLED", ahead)
     n, k, m = (32, 300, 2) if not HAS_CUDA else (4096, 14336, 3)
     w, b, _, _, _ = make_layer(n, k, torch.bfloat16, gen)
     x = randn(m, k, gen=gen, dtype=torch.bfloat16)
@@ -234,7 +240,8 @@ def test_compact_chunks(density, gen):
     w_t = launchers.prepare_weight(w).t()
     ref = reference.sparse_linear(x, w, b, threshold=thr)
     for split_k in (1, 5, k // launchers.MIN_CHUNK):
-        cfg = launchers.GemvConfig(rows=1, block_n=32, block_k=16, split_k=split_k, num_warps=4, num_stages=1)
+        cfg = launchers.GemvConfig(rows=1, block_n=32, block_k=16, split_k=split_k, num_warps=4, num_stages=1,
+                                   kernel="compact")
         check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg), ref)
 
 

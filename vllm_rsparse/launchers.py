@@ -42,6 +42,11 @@ UNION_ROWS_ENABLED = False
 # (GemvConfig.kernel, chosen by `bench_kernels.py --graph-sweep`); shapes without one get
 # the walk. True forces the compact kernel for every one-row launch (tests).
 COMPACT_ROWS_ENABLED = False
+# One-row loops load the next-but-one step's x (walk) or list entries (compact) before
+# the current step's FMAs, so each step's weight-row loads issue without waiting for the
+# load they are predicated or indexed on. False: the previous one-step-ahead loop (kept
+# so `bench_kernels.py --graph-sweep` times both in one run; tests run both).
+LOAD_AHEAD_ENABLED = True
 # Split-K workspace, per device, zero between launches (the kernel re-zeroes what it
 # used): arrival counters, one per (tile, row group), and an f32 accumulator of
 # MAX_ROWS x WORKSPACE_COLS (4 MiB); N + r of a layer must fit in WORKSPACE_COLS.
@@ -145,10 +150,20 @@ def default_config(n: int, k: int, tokens: int, rank: int, device: torch.device)
     return GemvConfig(rows, block_n, block_k, split_k, num_warps=4, num_stages=2)
 
 
-def pick_config(n: int, k: int, tokens: int, rank: int, device: torch.device) -> GemvConfig:
-    """Committed config for (N, K) at the nearest measured token count, else the heuristic."""
+# Modules calibrated at this input sparsity or above run the configs tuned at s = 0.9
+# ("configs_high" of sparse_gemv.json): with a tenth of the rows selected the best tiling
+# differs (more, shorter programs); below it the configs tuned at the design sparsity 0.5.
+HIGH_SPARSITY_FROM = 0.7
+
+
+def pick_config(n: int, k: int, tokens: int, rank: int, device: torch.device,
+                sparsity: float | None = None) -> GemvConfig:
+    """Committed config for (N, K) at the nearest measured token count and the module's
+    sparsity band (None: the design band), else the heuristic."""
     if device.type == "cuda":
-        per_shape = _load_json(_CONFIG_FILE).get("configs", {}).get(_shape_key(n, k))
+        table = _load_json(_CONFIG_FILE)
+        band = "configs_high" if sparsity is not None and sparsity >= HIGH_SPARSITY_FROM else "configs"
+        per_shape = table.get(band, {}).get(_shape_key(n, k)) or table.get("configs", {}).get(_shape_key(n, k))
         if per_shape:
             bucket = _bucket(tokens, [int(t) for t in per_shape])
             cfg = GemvConfig.from_dict(per_shape[str(bucket)])
@@ -461,8 +476,10 @@ def sparse_gemv(
     lowrank_up: torch.Tensor | None,
     v_t: torch.Tensor | None,
     config: GemvConfig | None = None,
+    sparsity: float | None = None,
 ) -> torch.Tensor:
     """Masked GEMV (+ R-Sparse low-rank term), no validation (sparse_linear validates).
+    sparsity: the module's input sparsity, for the config band (pick_config).
 
     # x [M, K]  w_t [K, N] (unit stride along N)  thr [1] or [M] f32  jcut [M] i32 or None
     # bias [N]  channel_scale [K]  lowrank_up [N, r]  v_t [K, r] (unit stride along r)
@@ -474,7 +491,7 @@ def sparse_gemv(
     n = w_t.shape[1]
     rank = 0 if v_t is None else v_t.shape[1]
     has_lowrank = rank > 0
-    cfg = config or pick_config(n, k, m, rank, x.device)
+    cfg = config or pick_config(n, k, m, rank, x.device, sparsity)
     rows = cfg.rows
     row_groups = triton_cdiv(m, rows)
     tiles_w = triton_cdiv(n, cfg.block_n)
@@ -512,7 +529,7 @@ def sparse_gemv(
             out.stride(0), out.stride(1),
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
             HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
-            HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1,
+            HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, AHEAD=LOAD_AHEAD_ENABLED,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
@@ -527,7 +544,7 @@ def sparse_gemv(
             out.stride(0), out.stride(1),
             ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
-            HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, DOT_F32=interpreting(),
+            HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, DOT_F32=interpreting(), AHEAD=LOAD_AHEAD_ENABLED,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if has_lowrank:
@@ -560,6 +577,7 @@ def sparse_linear(
     lowrank_down: torch.Tensor | None,
     config: GemvConfig | None = None,
     use_crossover: bool = True,
+    sparsity: float | None = None,
 ) -> torch.Tensor:
     """The Triton path of torch.ops.rsparse.sparse_linear (see vllm_rsparse/reference.py).
 
@@ -568,6 +586,8 @@ def sparse_linear(
     # lowrank_up [N, r]  lowrank_down [r, K] (prepared)  ->  y [M, N] in x.dtype
     Above the committed sparse/dense crossover for this shape the result is dense F.linear
     (use_crossover=False: always the kernels, as the benchmark and tests need).
+    sparsity: the module's calibrated input sparsity, which picks the kernel config band
+    (pick_config); exact top-k knows its own (1 - keep / K).
     """
     _check_inputs(x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down)
     m, k = x.shape
@@ -587,12 +607,14 @@ def sparse_linear(
         jcut = None
     else:
         thr, jcut = topk_thresholds(x, keep, channel_scale)
-    return sparse_gemv(x, w_t, thr, jcut, bias, channel_scale, lowrank_up, v_t, config)
+        sparsity = 1.0 - keep / k
+    return sparse_gemv(x, w_t, thr, jcut, bias, channel_scale, lowrank_up, v_t, config, sparsity)
 
 
-def describe_config(n: int, k: int, tokens: int, rank: int = 0, device: str = "cuda") -> dict:
+def describe_config(n: int, k: int, tokens: int, rank: int = 0, device: str = "cuda",
+                    sparsity: float | None = None) -> dict:
     """The config a call would use, for logs and benchmarks."""
-    return dataclasses.asdict(pick_config(n, k, tokens, rank, torch.device(device)))
+    return dataclasses.asdict(pick_config(n, k, tokens, rank, torch.device(device), sparsity))
 
 
 __all__ = [

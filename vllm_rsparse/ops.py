@@ -38,6 +38,7 @@ def _sparse_path(
     lowrank_up: torch.Tensor | None,
     lowrank_down: torch.Tensor | None,
     use_crossover: bool = True,
+    sparsity: float = -1.0,
 ) -> torch.Tensor:
     if x.is_cuda:
         from vllm_rsparse import launchers
@@ -45,7 +46,7 @@ def _sparse_path(
         if launchers.triton_supported(x, weight):
             return launchers.sparse_linear(
                 x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down,
-                use_crossover=use_crossover,
+                use_crossover=use_crossover, sparsity=None if sparsity < 0 else sparsity,
             )
     return reference.sparse_linear(
         x,
@@ -71,6 +72,7 @@ def sparse_linear(
     lowrank_down: torch.Tensor | None,
     max_sparse_tokens: int,
     use_crossover: bool,
+    sparsity: float = -1.0,
 ) -> torch.Tensor:
     """x [M, K]  weight [N, K] (any strides)  bias [N]  threshold [1] f32
     channel_scale [K]  lowrank_up [N, r]  lowrank_down [r, K]  ->  y [M, N]
@@ -79,16 +81,19 @@ def sparse_linear(
     use_crossover: let the kernels fall back to dense where their measured crossover
     says dense is faster. False when the user set the limit explicitly (e.g. "every
     token sparse" for quality evaluation, or a speed experiment).
+    sparsity: the module's calibrated input sparsity (-1: unknown); it picks the kernel
+    config tuned for that sparsity band (launchers.pick_config), never the selection.
     """
     if x.shape[0] > max_sparse_tokens:
         return dense_linear(x, weight, bias)
     return _sparse_path(x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down,
-                        use_crossover)
+                        use_crossover, sparsity)
 
 
 @sparse_linear.register_fake
 def _sparse_linear_fake(
-    x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down, max_sparse_tokens, use_crossover
+    x, weight, bias, threshold, keep, channel_scale, lowrank_up, lowrank_down, max_sparse_tokens, use_crossover,
+    sparsity=-1.0,
 ):
     return x.new_empty((x.shape[0], weight.shape[0]))
 

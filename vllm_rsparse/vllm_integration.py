@@ -272,6 +272,6 @@ class RSparseLinearMethod(LinearMethodBase):
             y = torch.ops.rsparse.sparse_linear(
                 x2, layer.weight, bias, layer.rsparse_threshold, keep, layer.rsparse_score_weight,
                 layer.rsparse_lowrank_up, layer.rsparse_lowrank_down, self.max_sparse_tokens,
-                self.use_crossover,
+                self.use_crossover, float(self.settings.input_sparsity),
             )
         return y.reshape(*lead, y.shape[-1])

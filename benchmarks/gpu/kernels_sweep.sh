@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call (no vLLM needed): install the package, smoke-test the compact kernel
-# on the GPU, CUDA-graph config sweep of both one-row kernels. Results under $OUT.
+# One device call (no vLLM needed): install the package, run the full GPU set of
+# tests/test_kernels.py (log: $OUT/kernel_tests_h100.log), then the CUDA-graph config
+# sweep of both one-row kernels (results under $OUT).
 # Usage on the device machine:  RSPARSE_COMMIT=<sha> bash benchmarks/gpu/kernels_sweep.sh
 set -u
 export PYTHONUNBUFFERED=1
@@ -8,13 +9,16 @@ python3 -m pip install -q --upgrade --no-deps --no-build-isolation --target /tmp
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 kernels=walk,compact
-# an illegal address in an untested kernel would kill the sweep's CUDA context: the
-# compact kernel enters the sweep only if its GPU smoke test passes
-if ! timeout 120 python3 -P -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-    -k "compact_chunks or (test_threshold and N4096-K11008 and bf16)" >"$OUT/smoke.log" 2>&1; then
+# the full test set first: a sweep of kernels that give wrong results would be worthless
+{ echo "# H100 run of tests/test_kernels.py at commit ${RSPARSE_COMMIT:-?} (full GPU set)"
+  timeout "${TEST_TIMEOUT:-150}" python3 -P -m pytest -q -p no:cacheprovider -rf tests/test_kernels.py 2>&1; } \
+  >"$OUT/kernel_tests_h100.log"
+tail -3 "$OUT/kernel_tests_h100.log"
+# an illegal address in a broken kernel would kill the sweep's CUDA context: the
+# compact kernel enters the sweep only if its tests passed
+if grep -q "^FAILED.*compact" "$OUT/kernel_tests_h100.log"; then
   kernels=walk
-  echo "compact smoke FAILED: sweeping walk only"; tail -20 "$OUT/smoke.log"
+  echo "compact tests FAILED: sweeping walk only"; grep "^FAILED" "$OUT/kernel_tests_h100.log" | head -20
 fi
-tail -2 "$OUT/smoke.log"
-timeout "${SWEEP_TIMEOUT:-360}" python3 benchmarks/bench_kernels.py --out "$OUT" --graph-sweep --kernels "$kernels"
+timeout "${SWEEP_TIMEOUT:-400}" python3 benchmarks/bench_kernels.py --out "$OUT" --graph-sweep --kernels "$kernels"
 echo "sweep rc=$?"
