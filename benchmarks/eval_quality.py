@@ -314,6 +314,12 @@ def write_markdown(report: dict, path: Path) -> None:
         if len(dense_by_n) > 1:
             lines += ["Dense zero-shot avg on each subset size (compare rows with the same n/task): "
                       + ", ".join(f"n = {n}: {v:.3f}" for n, v in sorted(dense_by_n.items())) + ".", ""]
+        # rows re-measured after a calibration change carry the superseded values
+        redone = [r for r in mrows if r.get("before_rank_alignment")]
+        if redone:
+            lines += ["Re-measured after the R-Sparse rank alignment (8dd37c8: rank rounded down to a multiple "
+                      "of 16, freed bytes to kept channels); the values before it: "
+                      + "; ".join(_before_text(r) for r in redone) + ".", ""]
     for name, sim in report.get("rotation_simulation", {}).items():
         lines += [f"## LaRoSA rotation placement ({name})", "", sim["protocol"], "",
                   "| sparsity | no rotation (gammas folded, top-k) | global Q (folded, served) | per-layer Q_l (needs adapter) |",
@@ -325,6 +331,19 @@ def write_markdown(report: dict, path: Path) -> None:
                 lines.append(f"| 0 (dense fp32) | {r['ppl_dense_fp32']:.3f} | | |")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _before_text(row: dict) -> str:
+    old = row["before_rank_alignment"]
+    text = f"{label(row['method'])} {row['sparsity']}: ppl {old['ppl']:.3f}"
+    if old.get("achieved_sparsity") is not None:
+        text += f" (achieved {old['achieved_sparsity']:.3f})"
+    if old.get("zeroshot_avg") is not None:
+        text += f", zero-shot avg {old['zeroshot_avg']:.3f} (n = {old.get('limit')}"
+        if old.get("zeroshot_avg_delta") is not None:
+            text += f", d {100 * old['zeroshot_avg_delta']:+.1f} ({100 * old['zeroshot_avg_delta_se']:.1f})"
+        text += ")"
+    return text
 
 
 def plot(rows: list[dict], path: Path) -> None:

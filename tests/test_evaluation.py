@@ -78,6 +78,28 @@ def test_report_paired_delta():
     assert eq.paired_delta({**row, "limit": 8}, dense) is None  # different subsets: not paired
 
 
+def test_report_markdown_lists_superseded_values(tmp_path):
+    """A row re-measured after a calibration change keeps its old numbers in
+    'before_rank_alignment'; quality.md prints them under the model's table."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "eval_quality.py"
+    spec = importlib.util.spec_from_file_location("eval_quality", path)
+    eq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eq)
+    base = {"model": "m", "zeroshot": {}, "zeroshot_n": {}, "zeroshot_avg": None, "calibration": {}}
+    rows = [{**base, "method": "dense", "sparsity": 0.0, "ppl": 10.0, "achieved_sparsity": None},
+            {**base, "method": "rsparse", "sparsity": 0.4, "ppl": 12.0, "achieved_sparsity": 0.39,
+             "before_rank_alignment": {"ppl": 12.5, "achieved_sparsity": 0.395, "zeroshot_avg": 0.437,
+                                       "limit": 200, "zeroshot_avg_delta": -0.024, "zeroshot_avg_delta_se": 0.0122}}]
+    report = {"commit": "0" * 40, "machine": "test", "protocol": "p", "protocol_details": "d", "results": rows}
+    eq.write_markdown(report, tmp_path / "q.md")
+    text = (tmp_path / "q.md").read_text()
+    assert "| rsparse | 0.4 | 0.390 | 12.000 | +2.00 |" in text
+    assert "rsparse 0.4: ppl 12.500 (achieved 0.395), zero-shot avg 0.437 (n = 200, d -2.4 (1.2))" in text
+
+
 @pytest.mark.vllm
 def test_eval_harness_through_vllm(tiny_model_dir, calibrated_dirs, tmp_path):
     """Strict protocol sparsifies the prompt (ppl changes); dense-prompt runs prefill dense
