@@ -10,7 +10,7 @@ export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 kernels=walk,compact
 # the full test set first: a sweep of kernels that give wrong results would be worthless
-{ echo "# H100 run of tests/test_kernels.py at commit ${RSPARSE_COMMIT:-?} (full GPU set)"
+{ echo "# $(nvidia-smi --query-gpu=name --format=csv,noheader) run of tests/test_kernels.py at commit ${RSPARSE_COMMIT:-?} (full GPU set)"
   timeout "${TEST_TIMEOUT:-150}" python3 -P -m pytest -q -p no:cacheprovider -rf tests/test_kernels.py 2>&1; } \
   >"$OUT/kernel_tests_h100.log"
 tail -3 "$OUT/kernel_tests_h100.log"
@@ -22,3 +22,5 @@ if grep -q "^FAILED.*compact" "$OUT/kernel_tests_h100.log"; then
 fi
 timeout "${SWEEP_TIMEOUT:-400}" python3 benchmarks/bench_kernels.py --out "$OUT" --graph-sweep --kernels "$kernels"
 echo "sweep rc=$?"
+# keep the new tables on the machine for a following call of the same lease (e2e with them)
+mkdir -p /root/cfg && cp "$OUT"/sparse_gemv.json "$OUT"/dispatch.json /root/cfg/ 2>/dev/null; ls /root/cfg
