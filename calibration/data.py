@@ -20,10 +20,53 @@ HELDOUT_EVERY = 5  # article i is held out when i % 5 == 4 (20% of the text)
 MIN_ARTICLE_CHARS = 2000  # redirects and stubs carry no useful activations
 
 
+# The cleaned articles as JSON, in the cache folder: what a machine without gensim (the
+# GPU image) reads instead of the dump (benchmarks/gpu/quality_pack.sh writes it).
+ARTICLES_FILE = "wiki_articles.json"
+
+
+def write_articles_file(target: str | Path) -> Path:
+    """Write ``wiki_articles()`` (cleaned here, with gensim) to ``target`` as JSON."""
+    import hashlib
+    import json
+
+    articles = wiki_articles()
+    digest = hashlib.sha256("\n\n".join(articles).encode()).hexdigest()
+    target = Path(target)
+    target.write_text(json.dumps({"source": "gensim filter_wiki of the gensim test-data dump",
+                                  "sha256": digest, "articles": list(articles)}))
+    return target
+
+
+def _articles_from_file() -> tuple[str, ...] | None:
+    import hashlib
+    import json
+
+    from vllm_rsparse.calibration.assets import cache_dir
+
+    src = cache_dir() / ARTICLES_FILE
+    if not src.is_file():
+        return None
+    saved = json.loads(src.read_text())
+    articles = tuple(saved["articles"])
+    if hashlib.sha256("\n\n".join(articles).encode()).hexdigest() != saved["sha256"]:
+        raise RuntimeError(f"{src}: articles do not match their sha256; rewrite it with write_articles_file")
+    return articles
+
+
 @lru_cache(maxsize=2)
 def wiki_articles(path: str | None = None) -> tuple[str, ...]:
-    """Clean article texts of the gensim Wikipedia dump, in dump order."""
-    from gensim.corpora.wikicorpus import filter_wiki
+    """Clean article texts of the gensim Wikipedia dump, in dump order.
+
+    Without gensim, the default dump's articles come from ``$RSPARSE_CACHE/wiki_articles.json``
+    when it exists (the same texts, cleaned where gensim is installed)."""
+    try:
+        from gensim.corpora.wikicorpus import filter_wiki
+    except ImportError:
+        cached = None if path else _articles_from_file()
+        if cached is not None:
+            return cached
+        raise
 
     from vllm_rsparse.calibration.assets import wiki_dump
 

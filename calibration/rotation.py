@@ -127,7 +127,7 @@ def pca_rotation(moment: torch.Tensor, damping: float = DAMPING) -> torch.Tensor
 @torch.no_grad()
 def rotate_residual_stream(model, q: torch.Tensor) -> None:
     """Apply h~ = h Q to the (gamma-folded) model in place. q [d, d] float64 orthogonal."""
-    q = q.double()
+    q = q.double().to(model.model.embed_tokens.weight.device)  # the moments are summed on the CPU
 
     def right(lin):  # W [d_out, d] reads the stream: W Q
         lin.weight.copy_((lin.weight.double() @ q).to(lin.weight.dtype))

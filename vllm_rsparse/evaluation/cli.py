@@ -34,12 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "the checkpoint's max_sparse_tokens applies (prefill runs dense)")
     p.add_argument("--max-model-len", type=int, default=d.max_model_len, help=f"(default: {d.max_model_len})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"subset seed (default: {d.seed})")
+    g = p.add_argument_group("engine (batching and memory only; the scores do not depend on them)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per vLLM step (default: --max-model-len; e.g. 16384 on a GPU)")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per vLLM step (default: vLLM's)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None, help="(default: vLLM's)")
+    g.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="fixed KV cache size in GiB, no memory profiling (several evaluations on one GPU)")
     p.add_argument("-o", "--output", help="write the JSON result here (default: stdout only)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vllm_rsparse.evaluation.harness import EvalConfig, evaluate
+    from vllm_rsparse.evaluation.harness import EngineOptions, EvalConfig, evaluate
 
     ns = build_parser().parse_args(argv)
     try:
@@ -49,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             limit=None if ns.limit == 0 else ns.limit,
             ppl_windows=ns.ppl_windows, ppl_seq_len=ns.ppl_seq_len, protocol=ns.protocol,
             max_model_len=ns.max_model_len, seed=ns.seed,
+            engine=EngineOptions(max_num_batched_tokens=ns.max_num_batched_tokens, max_num_seqs=ns.max_num_seqs,
+                                 gpu_memory_utilization=ns.gpu_memory_utilization, kv_cache_gib=ns.kv_cache_gib),
         )
         started = time.time()
         result = evaluate(config)

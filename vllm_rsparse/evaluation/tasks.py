@@ -112,11 +112,44 @@ def _examples(task: str, rows) -> list[Example]:
     return out
 
 
+class _ArrowRows:
+    """The rows of a ``save_to_disk`` folder read with pyarrow alone, for machines without
+    the ``datasets`` package (the GPU image): same rows, same order, same Python values as
+    ``datasets.load_from_disk(folder)[i]`` (tests/test_evaluation.py compares them)."""
+
+    def __init__(self, folder: Path):
+        import json
+
+        import pyarrow as pa
+
+        state = json.loads((folder / "state.json").read_text())
+        if state.get("_indices_data_files"):
+            raise RuntimeError(f"{folder} has an indices mapping; read it with the datasets package")
+        tables = []
+        for entry in state["_data_files"]:
+            with pa.memory_map(str(folder / entry["filename"])) as src:
+                tables.append(pa.ipc.open_stream(src).read_all())
+        self._rows = pa.concat_tables(tables).to_pylist() if len(tables) > 1 else tables[0].to_pylist()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self._rows[i]
+
+
+def load_rows(folder: Path):
+    """``datasets.load_from_disk(folder)`` where ``datasets`` is installed, else _ArrowRows."""
+    try:
+        from datasets import load_from_disk
+    except ImportError:
+        return _ArrowRows(Path(folder))
+    return load_from_disk(str(folder))
+
+
 def load_task(task: str, limit: int | None = None, seed: int = 1234) -> list[Example]:
     """The task's validation examples; ``limit`` takes a fixed seeded random subset."""
-    from datasets import load_from_disk
-
-    rows = load_from_disk(str(task_dir(task)))
+    rows = load_rows(task_dir(task))
     index = list(range(len(rows)))
     if limit is not None and limit < len(index):
         index = sorted(random.Random(f"{seed}-{task}").sample(index, limit))
