@@ -588,11 +588,13 @@ def write_graph_markdown(path, meta, rows, dobench_name: str = "kernels_h100_dob
              "GB/s = bytes the sparse call actually reads / its time. teal = best one-row config of the sweep "
              "(walk or compact kernel, chosen at s = 0.5, committed in kernels/configs/sparse_gemv.json); "
              "teal_walk = the walk kernel with the configs committed before this sweep; larosa = exact top-k "
-             "(select kernel + GEMV); larosa_hist = the same with the histogram select kernel.", "",
+             "(select kernel + GEMV); larosa_hist = the same with the histogram select kernel; one_ahead = "
+             "the teal config with the one-step-ahead loop (launchers.LOAD_AHEAD_ENABLED = False; teal itself "
+             "loads x / list entries two steps ahead). s = 0.9 runs the configs ranked at 0.9 (configs_high).", "",
              "## 1 token", "",
              "| shape | dense us | teal s=0 | teal s=0.5 | GB/s @0.5 (% copy) | teal s=0.9 | teal_walk s=0.5 | "
-             "teal_walk s=0.9 | larosa s=0.5 | larosa_hist s=0.5 | kernel |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "teal_walk s=0.9 | one_ahead s=0.5 | one_ahead s=0.9 | larosa s=0.5 | larosa_hist s=0.5 | kernel |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["shape"] for r in rows):
         one = {(r["method"], r["sparsity"]): r for r in rows if r["shape"] == name and r["tokens"] == 1}
         cell = lambda m, sp: f"{one[m, sp]['ratio']:.2f}x" if (m, sp) in one else ""  # noqa: E731
@@ -604,6 +606,7 @@ def write_graph_markdown(path, meta, rows, dobench_name: str = "kernels_h100_dob
         dense_us = next(iter(one.values()))["dense_ms"] * 1e3
         lines.append(f"| {name} | {dense_us:.1f} | {cell('teal', 0.0)} | {cell('teal', 0.5)} | {gbs} | "
                      f"{cell('teal', 0.9)} | {cell('teal_walk', 0.5)} | {cell('teal_walk', 0.9)} | "
+                     f"{cell('teal_one_ahead', 0.5)} | {cell('teal_one_ahead', 0.9)} | "
                      f"{cell('larosa', 0.5)} | {cell('larosa_hist', 0.5)} | {kernel} |")
     tokens = sorted({r["tokens"] for r in rows})
     lines += ["", "## teal by token count (ratio sparse/dense; M > 1 = one program per row)", "",

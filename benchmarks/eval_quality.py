@@ -164,7 +164,10 @@ def machine_text() -> str:
 
 
 def commit_text() -> str:
-    """HEAD of the checkout (+ '-dirty' with uncommitted changes), else $RSPARSE_COMMIT."""
+    """$RSPARSE_COMMIT when set (the device machine's copy of the tree carries a stale .git:
+    its HEAD is not the code that runs), else HEAD of the checkout (+ '-dirty')."""
+    if os.environ.get("RSPARSE_COMMIT"):
+        return os.environ["RSPARSE_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
     except OSError:  # no git on the machine
