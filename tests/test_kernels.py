@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import zlib
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -374,13 +376,37 @@ def test_crossover_interpolates_between_measured_sparsities():
 
 
 def test_crossover_lowrank_table():
-    """Modules with R-Sparse's low-rank term are dispatched by their own measured table:
-    Llama o_proj loses to dense with it (1.05x), qkv wins (0.82x); shapes the low-rank
-    sweep did not measure fall back to the plain threshold table."""
+    """Modules with R-Sparse's low-rank term are dispatched by their own table: Llama o_proj
+    loses to dense with it, Llama-2 qkv wins (0.94x); on the H200 every Llama-3 module at
+    R-Sparse 0.4 (input sparsity 0.46) loses (e2e_h200: 0.94x end to end when they ran the
+    kernels) and goes dense; shapes without a low-rank entry use the plain threshold table."""
     assert launchers.crossover_tokens(4096, 4096, "threshold", 0.55, lowrank=True) == 0
     assert launchers.crossover_tokens(4096, 4096, "threshold", 0.55) >= 1
     assert launchers.crossover_tokens(12288, 4096, "threshold", 0.55, lowrank=True) == 1
+    for n, k in [(6144, 4096), (28672, 4096), (4096, 14336)]:
+        assert launchers.crossover_tokens(n, k, "threshold", 0.46, lowrank=True) == 0
+        assert launchers.crossover_tokens(n, k, "threshold", 0.46) == 1
     assert launchers.crossover_tokens(123, 456, "threshold", 0.5, lowrank=True) is None
+
+
+def test_lowrank_ratios_transferred_to_another_gpu():
+    """benchmarks/gpu/lowrank_time.transferred_ratios: the low-rank term's extra time measured
+    on one GPU is added, in microseconds, to another GPU's measured threshold ratios."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "lowrank_time.py"
+    spec = importlib.util.spec_from_file_location("lowrank_time", path)
+    lowrank_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lowrank_time)
+    measured = [{"n": 64, "k": 32, "input_sparsity": 0.55, "dense_us": 20.0, "teal_us": 12.0, "lowrank16_us": 16.0}]
+    sweep = [{"method": "teal", "tokens": 1, "n": 64, "k": 32, "sparsity": s, "dense_ms": 0.010, "sparse_ms": ms}
+             for s, ms in [(0.0, 0.011), (0.5, 0.008), (0.9, 0.004)]]
+    sweep += [{"method": "teal", "tokens": 2, "n": 64, "k": 32, "sparsity": 0.5, "dense_ms": 0.010, "sparse_ms": 0.02},
+              {"method": "larosa", "tokens": 1, "n": 64, "k": 32, "sparsity": 0.5, "dense_ms": 0.010, "sparse_ms": 0.03}]
+    table = lowrank_time.transferred_ratios(measured, sweep)
+    # 4 us extra on a 10 us dense GEMV: +0.4 at every level; 0.55 interpolated between 0.5 and 0.9
+    assert table == {"N64_K32": {"0": {"1": 1.5}, "0.5": {"1": 1.2}, "0.55": {"1": 1.15}, "0.9": {"1": 0.8}}}
+    assert lowrank_time.transferred_ratios(measured, []) == {}
 
 
 @pytest.mark.parametrize("rank", [1, 13, 16, 40])

@@ -12,6 +12,9 @@ batch 1, all 128 modules on the kernels): one token, CUDA graphs, weights rotate
     # here: the padded timings become the dispatch table of modules with a low-rank term
     python benchmarks/gpu/lowrank_time.py --merge benchmarks/results/lowrank_h100.json \
         --into kernels/configs/dispatch.json
+    # the same table for a GPU it was not measured on, from that GPU's kernel sweep:
+    python benchmarks/gpu/lowrank_time.py --merge benchmarks/results/lowrank_h100.json \
+        --transfer-to benchmarks/results/kernels_h200.json --into kernels/configs/dispatch.json
 """
 
 import argparse
@@ -58,14 +61,76 @@ def merge_dispatch(result_path: str, dispatch_path: str) -> None:
         f.write("\n")
 
 
+def transferred_ratios(lowrank_rows: list[dict], sweep_rows: list[dict]) -> dict:
+    """threshold_lowrank ratios for the GPU of a --graph-sweep (sweep_rows) from low-rank
+    timings made on another GPU (lowrank_rows): {shape_key: {level: {"1": ratio}}}.
+
+    Model: the low-rank term adds a fixed time per module (its second launch, the f32 partial
+    round trip, the factor reads), measured there as lowrank16_us - teal_us, and taken over
+    unchanged in microseconds -- not as a share of dense, which on a GPU with faster memory is
+    smaller while the fixed cost is not. ratio(s) = (threshold ratio of this GPU at s) +
+    overhead_us / (dense_us of this GPU), at every sparsity level the sweep measured (plus the
+    low-rank run's own input sparsity), one token. Checked against e2e_h200 (R-Sparse steps
+    predicted 4.14 / 5.13 ms from the kernels, 4.21 / 5.15 ms measured on Llama-2 0.5 / Llama-3 0.4)."""
+    from vllm_rsparse.launchers import _shape_key
+
+    teal = {}
+    for r in sweep_rows:
+        if r["method"] == "teal" and r["tokens"] == 1:
+            teal.setdefault(_shape_key(r["n"], r["k"]), {})[float(r["sparsity"])] = (r["sparse_ms"] / r["dense_ms"],
+                                                                                     r["dense_ms"] * 1e3)
+
+    def threshold_ratio(levels: dict, s: float) -> float:
+        xs = sorted(levels)
+        lo = max([x for x in xs if x <= s + 1e-9], default=xs[0])
+        hi = min([x for x in xs if x >= s - 1e-9], default=xs[-1])
+        w = 0.0 if hi == lo else (s - lo) / (hi - lo)
+        return (1 - w) * levels[lo][0] + w * levels[hi][0]
+
+    table = {}
+    for row in lowrank_rows:
+        key = _shape_key(row["n"], row["k"])
+        if key not in teal:
+            continue
+        overhead_us = max(row["lowrank16_us"] - row["teal_us"], 0.0)
+        dense_us = teal[key][min(teal[key])][1]
+        levels = sorted({*teal[key], round(row["input_sparsity"], 4)})
+        table[key] = {f"{s:g}": {"1": round(threshold_ratio(teal[key], s) + overhead_us / dense_us, 4)}
+                      for s in levels}
+    return table
+
+
+def transfer_dispatch(result_path: str, sweep_path: str, dispatch_path: str) -> None:
+    """merge_dispatch for a GPU the low-rank timings were not made on (transferred_ratios)."""
+    result = json.load(open(result_path))
+    sweep = json.load(open(sweep_path))
+    dispatch = json.load(open(dispatch_path))
+    dispatch.setdefault("ratios", {})["threshold_lowrank"] = transferred_ratios(result["rows"], sweep["results"])
+    dispatch["lowrank_note"] = (
+        f"threshold_lowrank: R-Sparse (threshold + low-rank term, rank padded to 16) at one token, ESTIMATED "
+        f"for {sweep['gpu']}: the threshold ratios of {os.path.basename(sweep_path)} ({sweep['commit']}) plus the "
+        f"low-rank term's extra time per module measured on {result['gpu']} ({os.path.basename(result_path)}, "
+        f"model sparsity {result['sparsity']}, sparse share {result['share']}), kept in microseconds "
+        "(benchmarks/gpu/lowrank_time.py transferred_ratios); more tokens are not measured (dense). "
+        f"Replace by a measurement on {sweep['gpu']}: lowrank_time.py --out, then --merge.")
+    with open(dispatch_path, "w") as f:
+        json.dump(dispatch, f, indent=1)
+        f.write("\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--merge", help="a lowrank_h100.json to merge into --into (no GPU needed)")
     ap.add_argument("--into", default="kernels/configs/dispatch.json")
+    ap.add_argument("--transfer-to", default="",
+                    help="with --merge: a --graph-sweep JSON of another GPU; estimate the table for that GPU")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--share", type=float, default=0.9)
     args = ap.parse_args()
+    if args.merge and args.transfer_to:
+        transfer_dispatch(args.merge, args.transfer_to, args.into)
+        return
     if args.merge:
         merge_dispatch(args.merge, args.into)
         return
