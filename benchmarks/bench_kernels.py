@@ -343,7 +343,9 @@ SWEEP_TILES = [(64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 64, 4), (256, 32, 4
 SWEEP_CHUNKS = [256, 512, 1024, 2048]
 WALK_TILES = [(64, 64, 4), (128, 32, 4), (128, 64, 4), (128, 128, 8), (256, 32, 4), (256, 64, 8)]
 WALK_STEPS = [2, 4, 8, 16]
-SWEEP_SPARSITIES = [0.0, 0.5, 0.9]
+# 0.7: where launchers.HIGH_SPARSITY_FROM switches to the configs ranked at 0.9; the sweep
+# times both bands' winners there ("teal" = the band's, "teal_design" = the 0.5-ranked one)
+SWEEP_SPARSITIES = [0.0, 0.5, 0.7, 0.9]
 # the second ranking of the sweep: configs for modules at launchers.HIGH_SPARSITY_FROM and above
 HIGH_SPARSITY = 0.9
 SWEEP_LEADERS = 4
@@ -431,16 +433,20 @@ def graph_sweep(shapes, gen, log, out_dir: str = "", kernels=("walk", "compact")
             table[key][str(tokens)] = dataclasses.asdict(best)
             table_high.setdefault(key, {})[str(tokens)] = dataclasses.asdict(best_high)
             points = [("teal", s) for s in SWEEP_SPARSITIES] + (
-                [("larosa", 0.5), ("larosa_hist", 0.5), ("teal_one_ahead", 0.5), ("teal_one_ahead", HIGH_SPARSITY)]
+                [("larosa", 0.5), ("larosa_hist", 0.5), ("teal_one_ahead", 0.5), ("teal_one_ahead", HIGH_SPARSITY),
+                 ("teal_design", 0.7)]
                 if tokens == 1 else [])
             if tokens == 1 and committed.get(key, {}).get("1"):
                 points += [("teal_walk", 0.5), ("teal_walk", 0.9)]
             for method, sparsity in points:
                 if method == "teal_walk":
                     cfg_point = launchers.GemvConfig.from_dict(committed[key]["1"])
+                elif method == "teal_design":
+                    cfg_point = best
                 else:
                     cfg_point = best_high if sparsity >= launchers.HIGH_SPARSITY_FROM else best
-                base_method = {"teal_walk": "teal", "larosa_hist": "larosa", "teal_one_ahead": "teal"}.get(
+                base_method = {"teal_walk": "teal", "larosa_hist": "larosa", "teal_one_ahead": "teal",
+                               "teal_design": "teal"}.get(
                     method, method)
                 calls_s, nbytes = sparse_calls(base_method, sparsity, cfg_point)
                 # the select kernel and the loop variant are chosen when the graph is captured
@@ -590,11 +596,13 @@ def write_graph_markdown(path, meta, rows, dobench_name: str = "kernels_h100_dob
              "teal_walk = the walk kernel with the configs committed before this sweep; larosa = exact top-k "
              "(select kernel + GEMV); larosa_hist = the same with the histogram select kernel; one_ahead = "
              "the teal config with the one-step-ahead loop (launchers.LOAD_AHEAD_ENABLED = False; teal itself "
-             "loads x / list entries two steps ahead). s = 0.9 runs the configs ranked at 0.9 (configs_high).", "",
+             "loads x / list entries two steps ahead). s >= launchers.HIGH_SPARSITY_FROM runs the configs ranked "
+             "at 0.9 (configs_high); design cfg s=0.7 = the 0.5-ranked config at 0.7, for placing that boundary.", "",
              "## 1 token", "",
              "| shape | dense us | teal s=0 | teal s=0.5 | GB/s @0.5 (% copy) | teal s=0.9 | teal_walk s=0.5 | "
-             "teal_walk s=0.9 | one_ahead s=0.5 | one_ahead s=0.9 | larosa s=0.5 | larosa_hist s=0.5 | kernel |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "teal_walk s=0.9 | one_ahead s=0.5 | one_ahead s=0.9 | teal s=0.7 | design cfg s=0.7 | larosa s=0.5 | "
+             "larosa_hist s=0.5 | kernel |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["shape"] for r in rows):
         one = {(r["method"], r["sparsity"]): r for r in rows if r["shape"] == name and r["tokens"] == 1}
         cell = lambda m, sp: f"{one[m, sp]['ratio']:.2f}x" if (m, sp) in one else ""  # noqa: E731
@@ -607,6 +615,7 @@ def write_graph_markdown(path, meta, rows, dobench_name: str = "kernels_h100_dob
         lines.append(f"| {name} | {dense_us:.1f} | {cell('teal', 0.0)} | {cell('teal', 0.5)} | {gbs} | "
                      f"{cell('teal', 0.9)} | {cell('teal_walk', 0.5)} | {cell('teal_walk', 0.9)} | "
                      f"{cell('teal_one_ahead', 0.5)} | {cell('teal_one_ahead', 0.9)} | "
+                     f"{cell('teal', 0.7)} | {cell('teal_design', 0.7)} | "
                      f"{cell('larosa', 0.5)} | {cell('larosa_hist', 0.5)} | {kernel} |")
     tokens = sorted({r["tokens"] for r in rows})
     lines += ["", "## teal by token count (ratio sparse/dense; M > 1 = one program per row)", "",

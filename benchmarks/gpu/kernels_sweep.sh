@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 kernels=walk,compact
 # the full test set first: a sweep of kernels that give wrong results would be worthless
 { echo "# $(nvidia-smi --query-gpu=name --format=csv,noheader) run of tests/test_kernels.py at commit ${RSPARSE_COMMIT:-?} (full GPU set)"
-  timeout "${TEST_TIMEOUT:-150}" python3 -P -m pytest -q -p no:cacheprovider -rf tests/test_kernels.py 2>&1; } \
+  timeout "${TEST_TIMEOUT:-300}" python3 -P -m pytest -q -p no:cacheprovider -rf tests/test_kernels.py 2>&1; } \
   >"$OUT/kernel_tests_h100.log"
 tail -3 "$OUT/kernel_tests_h100.log"
 # an illegal address in a broken kernel would kill the sweep's CUDA context: the
