@@ -4,7 +4,7 @@
     python benchmarks/eval_quality.py run --model smollm2 --methods larosa-threshold-greedy --sparsities 0.4 --tasks ''
     python benchmarks/eval_quality.py rotation-sim --model smollm2 --sparsities 0.4,0.5
     python benchmarks/eval_quality.py report
-    python benchmarks/eval_quality.py report --gpu-results benchmarks/results/quality_gpu_full.jsonl
+    python benchmarks/eval_quality.py report --gpu-results benchmarks/results/quality_gpu_full.jsonl,benchmarks/results/quality_gpu_full_qwen.jsonl
 
 GPU full-set run (benchmarks/gpu/quality_run.sh): ``run --calib-device cuda --results FILE
 --eval-args '--max-num-batched-tokens 16384 ...' --run-label gpu-full-validation`` per method;
@@ -320,7 +320,7 @@ def cmd_report(args) -> None:
         report = json.loads((RESULTS / "quality.json").read_text())
         print(f"eval_quality report: no {workdir / 'results.jsonl'}; the CPU rows of quality.json are kept",
               file=sys.stderr)
-        add_gpu_results(report, Path(args.gpu_results))
+        add_gpu_results(report, args.gpu_results)
         (RESULTS / "quality.json").write_text(json.dumps(report, indent=1))
         write_markdown(report, RESULTS / "quality.md")
         return
@@ -353,28 +353,41 @@ def cmd_report(args) -> None:
                                      if r["method"] == "dense" and r["zeroshot"]}.values()],
         "rotation_simulation": sims,
     }
-    add_gpu_results(report, Path(args.gpu_results))
+    add_gpu_results(report, args.gpu_results)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps(report, indent=1))
     write_markdown(report, RESULTS / "quality.md")
     plot(rows, RESULTS / "quality.png")
 
 
-def add_gpu_results(report: dict, path: Path) -> None:
-    """report["gpu_full_validation"]: the rows of benchmarks/gpu/quality_run.sh's results file
-    (full validation sets, GPU), with paired deltas vs that run's dense; absent without the file."""
+def gpu_result_paths(spec) -> list[Path]:
+    """--gpu-results: one path, a comma-separated list, or a list of paths."""
+    if isinstance(spec, (list, tuple)):
+        return [Path(p) for p in spec]
+    return [Path(p) for p in str(spec).split(",") if p.strip()]
+
+
+def add_gpu_results(report: dict, path) -> None:
+    """report["gpu_full_validation"]: the rows of benchmarks/gpu/quality_run.sh's results files
+    (full validation sets, GPU; one file per model run, e.g. SmolLM2's and Qwen's), with paired
+    deltas vs the dense row of the same model; absent when no file has rows."""
     report.pop("gpu_full_validation", None)
-    gpu_all = load_results_file(path)
+    gpu_all, sources = [], []
+    for p in gpu_result_paths(path):
+        rows = load_results_file(p)
+        if not rows:
+            continue
+        gpu_all += rows
+        try:
+            sources.append(str(p.resolve().relative_to(REPO)))
+        except ValueError:
+            sources.append(str(p))
     if not gpu_all:
         return
     rows = with_paired_deltas(merge_rows(gpu_all), gpu_all)
     first = rows[0]
-    try:
-        source = str(path.resolve().relative_to(REPO))
-    except ValueError:
-        source = str(path)
     report["gpu_full_validation"] = {
-        "source": source,
+        "source": ", ".join(sources),
         "run": first.get("run"),
         "machine": first.get("machine"),
         "versions": first.get("versions"),
@@ -391,7 +404,7 @@ def _gpu_markdown(gpu: dict) -> list[str]:
     lines = ["## Full validation sets (GPU)", "",
              f"{gpu.get('machine')}; versions {json.dumps(gpu.get('versions'))}; commit "
              + ", ".join(f"`{c[:10]}{'-dirty' if c.endswith('-dirty') else ''}`" for c in gpu.get("commit") or [])
-             + f"; rows from `{gpu['source']}`.", "",
+             + "; rows from " + ", ".join(f"`{src}`" for src in gpu["source"].split(", ")) + ".", "",
              f"**Protocol**: {gpu.get('protocol')}. vLLM engine: {json.dumps(gpu.get('engine'))} (batching only; "
              "under the strict protocol a step of more than 16 tokens runs the masked reference path in fp32, "
              "a step of at most 16 the Triton kernels). Every example of each validation split (n per task "
@@ -419,7 +432,13 @@ def _gpu_markdown(gpu: dict) -> list[str]:
                          f"{cal.get('device', '')} | {cal.get('calibration_s', '')} | {r.get('eval_seconds', '')} |")
         ns = sorted({json.dumps(r.get("zeroshot_n")) for r in mrows if r["zeroshot"]})
         ppl_setup = sorted({json.dumps(r.get("ppl_setup")) for r in mrows if r.get("ppl_setup")})
-        lines += ["", f"n per task: {', '.join(ns)}; perplexity windows: {', '.join(ppl_setup)}.", ""]
+        lines += ["", f"n per task: {', '.join(ns)}; perplexity windows: {', '.join(ppl_setup)}."]
+        # a model run with other settings than the header's (first row's) says so
+        for key, text in (("engine", "vLLM engine"), ("calibration_setup", "calibration"), ("machine", "machine")):
+            own = sorted({json.dumps(r.get(key)) for r in mrows if r.get(key) is not None})
+            if own and own != [json.dumps(gpu.get(key))]:
+                lines[-1] += f" {text} for {model}: {', '.join(own)}."
+        lines.append("")
     return lines
 
 
@@ -548,9 +567,11 @@ def main() -> None:
     p.add_argument("--eval-args", default="", help="run: extra rsparse-eval options (engine batching, "
                    "e.g. '--max-num-batched-tokens 16384 --max-num-seqs 512')")
     p.add_argument("--run-label", default=None, help="run: recorded as each row's 'run' field")
-    p.add_argument("--gpu-results", default=str(RESULTS / "quality_gpu_full.jsonl"),
-                   help="report: rows of the GPU full-validation-set run (benchmarks/gpu/quality_run.sh), "
-                        "shown as their own table when the file exists")
+    p.add_argument("--gpu-results",
+                   default=f"{RESULTS / 'quality_gpu_full.jsonl'},{RESULTS / 'quality_gpu_full_qwen.jsonl'}",
+                   help="report: rows of the GPU full-validation-set runs (benchmarks/gpu/quality_run.sh), "
+                        "comma-separated files (default: SmolLM2's and Qwen's), shown as their own table, "
+                        "one section per model; missing files are skipped")
     args = p.parse_args()
     {"run": cmd_run, "rotation-sim": cmd_rotation_sim, "report": cmd_report}[args.stage](args)
 

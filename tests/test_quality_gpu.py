@@ -84,10 +84,10 @@ def test_engine_options_defaults_and_cli():
     assert (ns.max_num_batched_tokens, ns.max_num_seqs, ns.kv_cache_gib) == (16384, None, 4.0)
 
 
-def _gpu_row(method, correct, ppl):
+def _gpu_row(method, correct, ppl, model="smollm2"):
     n = {t: len(c) for t, c in correct.items()}
     acc = {t: sum(c) / len(c) for t, c in correct.items()}
-    return {"model": "smollm2", "method": method, "sparsity": 0.0 if method == "dense" else 0.4, "ppl": ppl,
+    return {"model": model, "method": method, "sparsity": 0.0 if method == "dense" else 0.4, "ppl": ppl,
             "zeroshot": acc, "zeroshot_n": n, "zeroshot_stderr": {t: 0.0 for t in n},
             "zeroshot_avg": sum(acc.values()) / len(acc), "zeroshot_correct": correct,
             "achieved_sparsity": None if method == "dense" else 0.39,
@@ -122,3 +122,45 @@ def test_report_adds_a_gpu_table_and_keeps_the_cpu_rows(tmp_path):
     # the committed report may carry the GPU section: the CPU part is the rest
     assert out.read_text() == re.sub(r"## Full validation sets \(GPU\)\n.*?(?=^## )", "", committed,
                                      flags=re.S | re.M)
+
+
+def test_report_gpu_table_has_a_section_per_model_from_several_files(tmp_path):
+    """SmolLM2's and Qwen's rows in their own files (quality_gpu_full.jsonl and
+    quality_gpu_full_qwen.jsonl): one GPU table section per model, each paired against its own
+    dense; a model run with other settings (Qwen: 2 ppl windows, other engine) says so."""
+    eq = _eval_quality()
+    smol, qwen = tmp_path / "quality_gpu_full.jsonl", tmp_path / "quality_gpu_full_qwen.jsonl"
+    for row in (_gpu_row("dense", {"a": [1, 0, 0, 1], "b": [1, 1, 0, 0]}, 14.0),
+                _gpu_row("teal", {"a": [1, 1, 0, 1], "b": [1, 1, 0, 0]}, 16.0)):
+        eq.append_row(smol, row)
+    for method, correct, ppl in (("dense", {"a": [1, 1, 1, 1], "b": [1, 1, 0, 0]}, 25.0),
+                                 ("larosa", {"a": [1, 1, 0, 1], "b": [1, 0, 0, 0]}, 27.5),
+                                 ("larosa-threshold-greedy", {"a": [1, 1, 1, 1], "b": [1, 1, 0, 0]}, 30.0)):
+        row = _gpu_row(method, correct, ppl, model="qwen")
+        row["ppl_setup"] = {"windows": 2, "seq_len": 512, "tokens": 1022}
+        row["engine"] = {"max_num_batched_tokens": 32768}
+        eq.append_row(qwen, row)
+    assert eq.gpu_result_paths(f"{smol},{qwen}") == [smol, qwen]
+    report = json.loads((REPO / "benchmarks" / "results" / "quality.json").read_text())
+    eq.add_gpu_results(report, f"{smol},{tmp_path / 'missing.jsonl'},{qwen}")
+    gpu = report["gpu_full_validation"]
+    assert gpu["source"] == f"{smol}, {qwen}"
+    by = {(r["model"], r["method"]): r for r in gpu["results"]}
+    assert by["smollm2", "teal"]["zeroshot_avg_delta"] == 0.125  # against SmolLM2's dense
+    assert by["qwen", "larosa"]["zeroshot_avg_delta"] == -0.25  # against Qwen's dense, not SmolLM2's
+    assert by["qwen", "larosa-threshold-greedy"]["zeroshot_avg_delta"] == 0.0
+    out = tmp_path / "quality.md"
+    eq.write_markdown(report, out)
+    text = out.read_text()
+    gpu_part = text[text.index("## Full validation sets (GPU)"):]
+    assert gpu_part.count("## Full validation sets (GPU)") == 1
+    assert gpu_part.index("### qwen") < gpu_part.index("### smollm2")
+    qwen_part = gpu_part[gpu_part.index("### qwen"):gpu_part.index("### smollm2")]
+    assert "| larosa | 0.4 | 0.390 | 27.500 | +2.50 |" in qwen_part and "-25.00" in qwen_part
+    assert "| larosa-threshold-greedy (best combination) | 0.4 |" in qwen_part
+    assert '"windows": 2' in qwen_part and '"windows": 4' not in qwen_part
+    assert f"`{smol}`" in gpu_part and f"`{qwen}`" in gpu_part
+    smol_part = gpu_part[gpu_part.index("### smollm2"):]
+    assert "| teal | 0.4 | 0.390 | 16.000 | +2.00 |" in smol_part and "+12.50" in smol_part
+    # the header takes the first row's (qwen's) engine; SmolLM2's own is named in its section
+    assert "vLLM engine for smollm2" in smol_part and "vLLM engine for qwen" not in qwen_part
