@@ -412,22 +412,14 @@ def _gpu_markdown(gpu: dict) -> list[str]:
              f"dense. Calibration on this machine ({json.dumps(gpu.get('calibration_setup'))}, the same settings "
              "as the CPU rows, fresh calibration; device per row). Achieved sparsity and perplexity as above.", ""]
     for model in sorted({r["model"] for r in rows}):
-        mrows = sorted([r for r in rows if r["model"] == model], key=lambda r: (r["sparsity"], r["method"]))
-        dense = next((r for r in mrows if r["method"] == "dense"), None)
-        tasks = sorted({t for r in mrows for t in r["zeroshot"]})
-        lines += [f"### {model}", "",
-                  "| method | target s | achieved s | ppl | d ppl | " + "".join(f"{t} | " for t in tasks)
-                  + "avg | d avg vs dense (paired se) | calib device | calib s | eval s |",
-                  "|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
+        mrows, dense, tasks = _model_rows(rows, model)
+        lines += [f"### {model}", "", *_table_head(tasks, ["d avg vs dense (paired se)", "calib device", "calib s",
+                                                           "eval s"])]
         for r in mrows:
-            dppl = f"{r['ppl'] - dense['ppl']:+.2f}" if dense and r.get("ppl") else ""
+            # full sets: one more digit (n is 50x larger than the CPU subsets')
+            ach, dppl, accs, avg, delta = _row_cells(r, dense, tasks, acc_digits=4, delta_digits=2)
             ppl = f"{r['ppl']:.3f}" if r.get("ppl") else ""
-            accs = "".join((f"{r['zeroshot'][t]:.4f}" if t in r["zeroshot"] else "") + " | " for t in tasks)
-            avg = f"{r['zeroshot_avg']:.4f}" if r.get("zeroshot_avg") is not None else ""
-            ach = f"{r['achieved_sparsity']:.3f}" if r.get("achieved_sparsity") is not None else ""
             cal = r.get("calibration", {})
-            delta = (f"{100 * r['zeroshot_avg_delta']:+.2f} ({100 * r['zeroshot_avg_delta_se']:.2f})"
-                     if r.get("zeroshot_avg_delta") is not None else "")
             lines.append(f"| {label(r['method'])} | {r['sparsity']} | {ach} | {ppl} | {dppl} | {accs}{avg} | {delta} | "
                          f"{cal.get('device', '')} | {cal.get('calibration_s', '')} | {r.get('eval_seconds', '')} |")
         ns = sorted({json.dumps(r.get("zeroshot_n")) for r in mrows if r["zeroshot"]})
@@ -442,29 +434,46 @@ def _gpu_markdown(gpu: dict) -> list[str]:
     return lines
 
 
+
+def _model_rows(rows: list[dict], model: str) -> tuple[list[dict], dict | None, list[str]]:
+    """One model's rows in table order, its dense row and every task any of them scored."""
+    mrows = sorted([r for r in rows if r["model"] == model], key=lambda r: (r["sparsity"], r["method"]))
+    dense = next((r for r in mrows if r["method"] == "dense"), None)
+    return mrows, dense, sorted({t for r in mrows for t in r["zeroshot"]})
+
+
+def _table_head(tasks: list[str], tail: list[str]) -> list[str]:
+    """Header and rule of a per-model quality table: method, sparsity and ppl columns, one
+    column per task, the average, then ``tail``."""
+    cols = ["method", "target s", "achieved s", "ppl", "d ppl", *tasks, "avg", *tail]
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+
+def _row_cells(r: dict, dense: dict | None, tasks: list[str], acc_digits: int, delta_digits: int):
+    """The cells the CPU and GPU tables share: achieved s, d ppl, accuracy per task, average,
+    paired difference to dense (points)."""
+    ach = f"{r['achieved_sparsity']:.3f}" if r.get("achieved_sparsity") is not None else ""
+    dppl = f"{r['ppl'] - dense['ppl']:+.2f}" if dense and r.get("ppl") else ""
+    accs = "".join((f"{r['zeroshot'][t]:.{acc_digits}f}" if t in r["zeroshot"] else "") + " | " for t in tasks)
+    avg = f"{r['zeroshot_avg']:.{acc_digits}f}" if r.get("zeroshot_avg") is not None else ""
+    delta = (f"{100 * r['zeroshot_avg_delta']:+.{delta_digits}f} ({100 * r['zeroshot_avg_delta_se']:.{delta_digits}f})"
+             if r.get("zeroshot_avg_delta") is not None else "")
+    return ach, dppl, accs, avg, delta
+
 def write_markdown(report: dict, path: Path) -> None:
     rows = report["results"]
     lines = ["# Quality: dense vs TEAL vs R-Sparse vs LaRoSA (and combinations)", "",
              f"commit `{report['commit'][:10]}`, {report['machine']}", "",
              f"**Protocol**: {report['protocol']}", "", report["protocol_details"], ""]
     for model in sorted({r["model"] for r in rows}):
-        mrows = sorted([r for r in rows if r["model"] == model], key=lambda r: (r["sparsity"], r["method"]))
-        dense = next((r for r in mrows if r["method"] == "dense"), None)
-        tasks = sorted({t for r in mrows for t in r["zeroshot"]})
-        lines += [f"## {model}", "",
-                  "| method | target s | achieved s | ppl | d ppl | " + "".join(f"{t} | " for t in tasks)
-                  + "avg | n/task | d avg vs dense (paired se) | calib s | peak MiB |",
-                  "|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
+        mrows, dense, tasks = _model_rows(rows, model)
+        lines += [f"## {model}", "", *_table_head(tasks, ["n/task", "d avg vs dense (paired se)", "calib s",
+                                                          "peak MiB"])]
         for r in mrows:
-            dppl = f"{r['ppl'] - dense['ppl']:+.2f}" if dense and r["ppl"] else ""
-            accs = "".join((f"{r['zeroshot'][t]:.3f}" if t in r["zeroshot"] else "") + " | " for t in tasks)
-            avg = f"{r['zeroshot_avg']:.3f}" if r.get("zeroshot_avg") is not None else ""
-            ach = f"{r['achieved_sparsity']:.3f}" if r.get("achieved_sparsity") is not None else ""
+            ach, dppl, accs, avg, delta = _row_cells(r, dense, tasks, acc_digits=3, delta_digits=1)
             cal = r.get("calibration", {})
             ns = sorted(set((r.get("zeroshot_n") or {}).values()))
             n_text = "/".join(str(n) for n in ns)
-            delta = (f"{100 * r['zeroshot_avg_delta']:+.1f} ({100 * r['zeroshot_avg_delta_se']:.1f})"
-                     if r.get("zeroshot_avg_delta") is not None else "")
             lines.append(f"| {label(r['method'])} | {r['sparsity']} | {ach} | {r['ppl']:.3f} | {dppl} | {accs}{avg} | "
                          f"{n_text} | {delta} | {cal.get('calibration_s', '')} | {cal.get('peak_rss_mib', '')} |")
         ns = sorted({(r.get("limit"), json.dumps(r.get("zeroshot_n"))) for r in mrows if r["zeroshot"]})

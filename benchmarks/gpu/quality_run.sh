@@ -136,10 +136,14 @@ if [ -n "${RSPARSE_COMMIT:-}" ]; then
   :  # given by the caller
 elif [ -f "$Q/meta/qwen.commit" ] && [ "$MODEL" = qwen ]; then
   RSPARSE_COMMIT="$(cat "$Q/meta/qwen.commit")-packed"  # HEAD (+ -dirty) of the tree that packed the inputs
+elif [ -f "$Q/meta/commit" ]; then
+  # the device machine's copy of the tree carries a stale .git (session 4 recorded ca2655a for
+  # code at 10a9e9e): the tree that packed the inputs names the code
+  RSPARSE_COMMIT="$(cat "$Q/meta/commit")-packed"
 elif git -C "$REPO" rev-parse HEAD >/dev/null 2>&1; then
   RSPARSE_COMMIT=$(git -C "$REPO" rev-parse HEAD)
 else
-  RSPARSE_COMMIT="$(cat "$Q/meta/commit" 2>/dev/null || echo unknown)-packed"  # the tree has no .git
+  RSPARSE_COMMIT=unknown
 fi
 export RSPARSE_COMMIT
 mkdir -p "$OUT"
