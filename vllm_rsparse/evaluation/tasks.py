@@ -115,7 +115,7 @@ def _examples(task: str, rows) -> list[Example]:
 class _ArrowRows:
     """The rows of a ``save_to_disk`` folder read with pyarrow alone, for machines without
     the ``datasets`` package (the GPU image): same rows, same order, same Python values as
-    ``datasets.load_from_disk(folder)[i]`` (tests/test_evaluation.py compares them)."""
+    ``datasets.load_from_disk(folder)[i]`` (tests/test_quality_gpu.py compares them)."""
 
     def __init__(self, folder: Path):
         import json
