@@ -211,20 +211,27 @@ def crossover_tokens(n: int, k: int, selection: str = "threshold", sparsity: flo
 DISPATCH_MAX_RATIO = 0.95
 
 
-def _interpolated_crossover(ratios: dict, sparsity: float) -> int:
-    # ratios: {level: {tokens: sparse_ms / dense_ms}}
+def interpolated_ratio(ratios: dict, sparsity: float, tokens: int) -> float | None:
+    """ratios {level: {tokens: sparse_ms / dense_ms}} (keys as in dispatch.json) -> the ratio
+    at `sparsity`, linear between the measured levels around it (clamped to the outermost);
+    None where either level lacks this token count."""
     levels = sorted(float(s) for s in ratios)
-    token_counts = sorted({int(t) for per in ratios.values() for t in per})
     lo = max([s for s in levels if s <= sparsity + 1e-9], default=levels[0])
     hi = min([s for s in levels if s >= sparsity - 1e-9], default=levels[-1])
+    r_lo = ratios[f"{lo:g}"].get(str(tokens))
+    r_hi = ratios[f"{hi:g}"].get(str(tokens))
+    if r_lo is None or r_hi is None:
+        return None
+    w = 0.0 if hi == lo else (sparsity - lo) / (hi - lo)
+    return (1 - w) * r_lo + w * r_hi
+
+
+def _interpolated_crossover(ratios: dict, sparsity: float) -> int:
+    # ratios: {level: {tokens: sparse_ms / dense_ms}}
     limit = 0
-    for t in token_counts:
-        r_lo = ratios[f"{lo:g}"].get(str(t))
-        r_hi = ratios[f"{hi:g}"].get(str(t))
-        if r_lo is None or r_hi is None:
-            break
-        w = 0.0 if hi == lo else (sparsity - lo) / (hi - lo)
-        if (1 - w) * r_lo + w * r_hi > DISPATCH_MAX_RATIO:
+    for t in sorted({int(t) for per in ratios.values() for t in per}):
+        ratio = interpolated_ratio(ratios, sparsity, t)
+        if ratio is None or ratio > DISPATCH_MAX_RATIO:
             break
         limit = t
     return limit

@@ -72,30 +72,24 @@ def transferred_ratios(lowrank_rows: list[dict], sweep_rows: list[dict]) -> dict
     overhead_us / (dense_us of this GPU), at every sparsity level the sweep measured (plus the
     low-rank run's own input sparsity), one token. Checked against e2e_h200 (R-Sparse steps
     predicted 4.14 / 5.13 ms from the kernels, 4.21 / 5.15 ms measured on Llama-2 0.5 / Llama-3 0.4)."""
-    from vllm_rsparse.launchers import _shape_key
+    from vllm_rsparse.launchers import _shape_key, interpolated_ratio
 
-    teal = {}
+    # this GPU's one-token threshold ratios per shape, in the dispatch table's form, and its dense time
+    ratios, dense_us = {}, {}
     for r in sweep_rows:
         if r["method"] == "teal" and r["tokens"] == 1:
-            teal.setdefault(_shape_key(r["n"], r["k"]), {})[float(r["sparsity"])] = (r["sparse_ms"] / r["dense_ms"],
-                                                                                     r["dense_ms"] * 1e3)
-
-    def threshold_ratio(levels: dict, s: float) -> float:
-        xs = sorted(levels)
-        lo = max([x for x in xs if x <= s + 1e-9], default=xs[0])
-        hi = min([x for x in xs if x >= s - 1e-9], default=xs[-1])
-        w = 0.0 if hi == lo else (s - lo) / (hi - lo)
-        return (1 - w) * levels[lo][0] + w * levels[hi][0]
+            key = _shape_key(r["n"], r["k"])
+            ratios.setdefault(key, {})[f"{float(r['sparsity']):g}"] = {"1": r["sparse_ms"] / r["dense_ms"]}
+            dense_us.setdefault(key, r["dense_ms"] * 1e3)  # the same dense call for every level
 
     table = {}
     for row in lowrank_rows:
         key = _shape_key(row["n"], row["k"])
-        if key not in teal:
+        if key not in ratios:
             continue
         overhead_us = max(row["lowrank16_us"] - row["teal_us"], 0.0)
-        dense_us = teal[key][min(teal[key])][1]
-        levels = sorted({*teal[key], round(row["input_sparsity"], 4)})
-        table[key] = {f"{s:g}": {"1": round(threshold_ratio(teal[key], s) + overhead_us / dense_us, 4)}
+        levels = sorted({*(float(s) for s in ratios[key]), round(row["input_sparsity"], 4)})
+        table[key] = {f"{s:g}": {"1": round(interpolated_ratio(ratios[key], s, 1) + overhead_us / dense_us[key], 4)}
                       for s in levels}
     return table
 
