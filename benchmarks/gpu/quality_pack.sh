@@ -39,12 +39,15 @@ from vllm_rsparse.evaluation import tasks
 from vllm_rsparse.calibration.assets import cache_dir
 print(' '.join(str(tasks.task_dir(t).relative_to(cache_dir())) for t in tasks.TASKS))")
 
+# HEAD (+ -dirty) of the tree that packs: the code the device runs (its copy's .git is stale)
+write_commit() { { git rev-parse HEAD | tr -d '\n'; [ -z "$(git status --porcelain --untracked-files=no)" ] || printf -- '-dirty'; echo; } > "$1"; }
+
 if [ "$MODEL" = smollm2 ]; then
   rm -rf .gpu/q1 .gpu/q2 && mkdir -p .gpu/q1/meta .gpu/q2/cache
   $PY -c "from vllm_rsparse.calibration import data; data.write_articles_file('.gpu/q2/cache/wiki_articles.json')"
   realpath --relative-to="$cache" "$gguf" > .gpu/q1/meta/gguf.path
   sha256sum "$gguf" | cut -d' ' -f1 > .gpu/q1/meta/gguf.sha256
-  git rev-parse HEAD > .gpu/q1/meta/commit
+  write_commit .gpu/q1/meta/commit
   # shellcheck disable=SC2086
   tar cf - -C "$cache" $task_dirs | xz -6 -T2 > .gpu/q2/cache/olmo_tasks.tar.xz
   split -b 48M -d -a 1 "$gguf" .gpu/q1/gguf.part.
@@ -61,8 +64,7 @@ $PY -c "from vllm_rsparse.calibration import data; data.write_articles_file('$st
 tar cf - -C "$cache" $task_dirs | xz -6 -T2 > "$stage/cache/olmo_tasks.tar.xz"
 realpath --relative-to="$cache" "$gguf" > "$stage/meta/qwen.gguf.path"
 sha256sum "$gguf" | cut -d' ' -f1 > "$stage/meta/qwen.gguf.sha256"
-{ git rev-parse HEAD | tr -d '\n'; [ -z "$(git status --porcelain --untracked-files=no)" ] || printf -- '-dirty'; echo; } \
-  > "$stage/meta/qwen.commit"
+write_commit "$stage/meta/qwen.commit"
 g=$(stat -c %s "$gguf")
 e=$(du -cb "$stage/cache" | tail -n 1 | cut -f1)
 max=$(python3 -c "print(int(float('${QW_PART_MIB:-59.5}') * 2**20))")

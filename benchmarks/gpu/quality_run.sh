@@ -55,11 +55,11 @@ Q=${QUALITY_ROOT:-/root/quality}
 REPO=${QUALITY_REPO:-$(pwd)}
 : "${OUT:?set OUT to the folder the results go to}"
 case "$MODEL" in
-  smollm2) meta=gguf parts=gguf work=work; def_methods=dense,teal,larosa-threshold-greedy,larosa,rsparse
+  smollm2) meta=gguf parts=gguf commit_meta=commit work=work; def_methods=dense,teal,larosa-threshold-greedy,larosa,rsparse
            def_ppl=4 def_detach=0 def_results="$OUT/results.jsonl" ;;
   # qwen: dense first (every paired delta needs it), then LaRoSA (the best method on Qwen at
   # every sparsity on the CPU), the best combination, R-Sparse, TEAL
-  qwen) meta=qwen.gguf parts=qwen work=work/qwen; def_methods=dense,larosa,larosa-threshold-greedy,rsparse,teal
+  qwen) meta=qwen.gguf parts=qwen commit_meta=qwen.commit work=work/qwen; def_methods=dense,larosa,larosa-threshold-greedy,rsparse,teal
         def_ppl=2 def_detach=1 def_results="$Q/results_qwen.jsonl" ;;
   *) echo "quality_run.sh: MODEL is smollm2 or qwen, not $MODEL" >&2; exit 2 ;;
 esac
@@ -134,12 +134,10 @@ export RSPARSE_CACHE=$Q/cache PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE
        VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-3} TOKENIZERS_PARALLELISM=false
 if [ -n "${RSPARSE_COMMIT:-}" ]; then
   :  # given by the caller
-elif [ -f "$Q/meta/qwen.commit" ] && [ "$MODEL" = qwen ]; then
-  RSPARSE_COMMIT="$(cat "$Q/meta/qwen.commit")-packed"  # HEAD (+ -dirty) of the tree that packed the inputs
-elif [ -f "$Q/meta/commit" ]; then
+elif [ -f "$Q/meta/$commit_meta" ]; then
   # the device machine's copy of the tree carries a stale .git (session 4 recorded ca2655a for
-  # code at 10a9e9e): the tree that packed the inputs names the code
-  RSPARSE_COMMIT="$(cat "$Q/meta/commit")-packed"
+  # code at 10a9e9e): HEAD (+ -dirty) of the tree that packed the inputs names the code
+  RSPARSE_COMMIT="$(cat "$Q/meta/$commit_meta")-packed"
 elif git -C "$REPO" rev-parse HEAD >/dev/null 2>&1; then
   RSPARSE_COMMIT=$(git -C "$REPO" rev-parse HEAD)
 else
