@@ -173,7 +173,7 @@ def commit_text() -> str:
     except OSError:  # no git on the machine
         head = None
     if head is None or head.returncode != 0:
-        return os.environ.get("RSPARSE_COMMIT", "unknown")
+        return "unknown"
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                            capture_output=True, text=True).stdout.strip()
     return head.stdout.strip() + ("-dirty" if dirty else "")
@@ -434,7 +434,6 @@ def _gpu_markdown(gpu: dict) -> list[str]:
     return lines
 
 
-
 def _model_rows(rows: list[dict], model: str) -> tuple[list[dict], dict | None, list[str]]:
     """One model's rows in table order, its dense row and every task any of them scored."""
     mrows = sorted([r for r in rows if r["model"] == model], key=lambda r: (r["sparsity"], r["method"]))
@@ -459,6 +458,7 @@ def _row_cells(r: dict, dense: dict | None, tasks: list[str], acc_digits: int, d
     delta = (f"{100 * r['zeroshot_avg_delta']:+.{delta_digits}f} ({100 * r['zeroshot_avg_delta_se']:.{delta_digits}f})"
              if r.get("zeroshot_avg_delta") is not None else "")
     return ach, dppl, accs, avg, delta
+
 
 def write_markdown(report: dict, path: Path) -> None:
     rows = report["results"]
