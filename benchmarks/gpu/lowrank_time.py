@@ -42,20 +42,29 @@ def graph_us(calls, reps: int = 4) -> float:
     return graph_replay_ms(rounds) * 1e3 / (reps * len(calls))
 
 
-def merge_dispatch(result_path: str, dispatch_path: str) -> None:
+def merge_dispatch(result_paths: list[str], dispatch_path: str) -> None:
     """ratios["threshold_lowrank"][shape][input sparsity][1 token] = padded low-rank time /
-    dense time (the runtime pads the rank: launchers.prepare_lowrank)."""
-    result = json.load(open(result_path))
+    dense time (the runtime pads the rank: launchers.prepare_lowrank), one level per measured
+    file. The table is rebuilt from these files alone: levels of an earlier table (an estimate
+    for another GPU, or another GPU's measurement) must not mix with this GPU's measurement."""
+    results = [json.load(open(path)) for path in result_paths]
+    gpus = {result["gpu"] for result in results}
+    if len(gpus) != 1:
+        raise SystemExit(f"--merge: the files were measured on different GPUs {sorted(gpus)}; merge one GPU's")
     dispatch = json.load(open(dispatch_path))
-    table = dispatch.setdefault("ratios", {}).setdefault("threshold_lowrank", {})
-    for row in result["rows"]:
-        level = f"{round(row['input_sparsity'], 4):g}"
-        table.setdefault(f"N{row['n']}_K{row['k']}", {})[level] = {"1": round(row["lowrank16_us"] / row["dense_us"], 4)}
+    table = {}
+    for result in results:
+        for row in result["rows"]:
+            level = f"{round(row['input_sparsity'], 4):g}"
+            table.setdefault(f"N{row['n']}_K{row['k']}", {})[level] = {"1": round(row["lowrank16_us"] / row["dense_us"], 4)}
+    dispatch.setdefault("ratios", {})["threshold_lowrank"] = table
+    described = ", ".join(
+        f"{os.path.basename(path)} (model sparsity {result['sparsity']}, sparse share {result['share']}, "
+        f"{result.get('commit', '?')})" for path, result in zip(result_paths, results))
     dispatch["lowrank_note"] = (
-        f"threshold_lowrank: R-Sparse (threshold + low-rank term, rank padded to 16) at one token, "
-        f"model sparsity {result['sparsity']}, sparse share {result['share']}, from {result_path} "
-        f"({result.get('commit', '?')}, {result['gpu']}); one measured level: other sparsities use it "
-        "as measured (launchers._interpolated_crossover clamps), more tokens are not measured (dense).")
+        f"threshold_lowrank: R-Sparse (threshold + low-rank term, rank padded to 16) at one token, measured on "
+        f"{gpus.pop()}: {described}; sparsities between the measured levels are interpolated, outside them "
+        "clamped (launchers.interpolated_ratio); more tokens are not measured (dense).")
     with open(dispatch_path, "w") as f:
         json.dump(dispatch, f, indent=1)
         f.write("\n")
@@ -115,7 +124,8 @@ def transfer_dispatch(result_path: str, sweep_path: str, dispatch_path: str) -> 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
-    ap.add_argument("--merge", help="a lowrank_h100.json to merge into --into (no GPU needed)")
+    ap.add_argument("--merge", nargs="+",
+                    help="lowrank_<gpu>.json files of one GPU (one per sparsity) -> the table in --into (no GPU needed)")
     ap.add_argument("--into", default="kernels/configs/dispatch.json")
     ap.add_argument("--transfer-to", default="",
                     help="with --merge: a --graph-sweep JSON of another GPU; estimate the table for that GPU")
@@ -123,7 +133,9 @@ def main() -> None:
     ap.add_argument("--share", type=float, default=0.9)
     args = ap.parse_args()
     if args.merge and args.transfer_to:
-        transfer_dispatch(args.merge, args.transfer_to, args.into)
+        if len(args.merge) != 1:
+            ap.error("--transfer-to takes one --merge file")
+        transfer_dispatch(args.merge[0], args.transfer_to, args.into)
         return
     if args.merge:
         merge_dispatch(args.merge, args.into)
