@@ -1,0 +1,103 @@
+"""Probe (issue 4): do wider output tiles read the selected rows faster?
+
+Every config of the committed sweep (bench_kernels SWEEP_TILES / WALK_TILES) reads at most 256
+outputs (512 bytes) of each selected weight row per program; a row of w_t is N * 2 = 8-56 KB
+contiguous. Wider tiles (512-2048 outputs, fewer rows per K step, so the register tile stays the
+same size) read 1-4 KB contiguous segments of each row, at the same bytes in flight per step.
+Hypothesis: the 512 B segments cost DRAM efficiency at s = 0.5 (the kernels reach 54-66% of copy
+bandwidth on the bytes they read, dense cuBLAS ~87% on all of them); if so a wide tile is
+measurably faster. Timed like the sweep (bench_kernels.graph_time_ms: CUDA graphs over >= 160 MB
+of weight copies), 1 token, s = 0.5 and 0.9, against the committed config and dense cuBLAS.
+
+    python3 -P benchmarks/gpu/wide_tiles.py --out $OUT/wide_tiles_h200.json
+    RSPARSE_BENCH_DRY=1 python benchmarks/gpu/wide_tiles.py --out /tmp/w.json   # CPU: script check only
+"""
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vllm_rsparse import launchers
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_kernels", Path(__file__).resolve().parent.parent / "bench_kernels.py")
+bk = importlib.util.module_from_spec(_spec)
+sys.modules["bench_kernels"] = bk  # its dataclasses look their module up
+_spec.loader.exec_module(bk)
+
+SHAPES = [("llama2-7b/qkv", 12288, 4096), ("llama2-7b/o", 4096, 4096),
+          ("llama2-7b/gate_up", 22016, 4096), ("llama2-7b/down", 4096, 11008)]
+# (kernel, block_n, block_k, num_warps, K chunk (compact) or K steps per program (walk))
+WIDE = [("compact", 512, 16, 4, 512), ("compact", 512, 16, 4, 1024), ("compact", 1024, 8, 4, 512),
+        ("compact", 1024, 8, 4, 1024), ("compact", 1024, 16, 8, 1024), ("compact", 2048, 8, 8, 1024),
+        ("walk", 512, 16, 4, 16), ("walk", 1024, 8, 4, 32), ("walk", 1024, 16, 8, 16)]
+
+
+def wide_config(kernel, bn, bkk, warps, per, n, k) -> launchers.GemvConfig:
+    split = launchers.triton_cdiv(k, per) if kernel == "compact" else launchers.triton_cdiv(k, bkk * per)
+    return launchers.GemvConfig(1, bn, bkk, split, warps, 1 if kernel == "compact" else 2, kernel=kernel)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.9])
+    args = ap.parse_args()
+    gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
+    launchers.COMPACT_ROWS_ENABLED = False
+    rows = []
+    shapes = SHAPES[1:2] if bk.DRY_RUN else SHAPES
+    for name, n, k in shapes:
+        if bk.DRY_RUN:
+            n, k = 1024, 512
+        copies = 1 if bk.DRY_RUN else max(3, math.ceil(bk.L2_ROTATION_BYTES / (n * k * 2)))
+        layers = [bk.Layer(n, k, gen) for _ in range(copies)]
+        xs = [torch.randn(1, k, device=bk.DEVICE, generator=gen).to(bk.DTYPE) for _ in layers]
+        dense_ms = bk.graph_time_ms([(lambda l=l, x=x: F.linear(x, l.w_dense)) for l, x in zip(layers, xs)])
+        committed = launchers.pick_config(n, k, 1, 0, torch.device(bk.DEVICE), 0.5)
+        for s in args.sparsities:
+            inputs = [bk.make_inputs(layer, bk.Case("teal", 1, s), gen) for layer in layers]
+            nbytes = sum(nb for _, _, nb, _ in inputs) / len(inputs)
+            reference = launchers.sparse_linear(inputs[0][0][0], **inputs[0][1], config=committed,
+                                                use_crossover=False).float()
+            candidates = [("committed", committed)] + [
+                (f"{kern} bn{bn} bk{bkk} w{w} {'chunk' if kern == 'compact' else 'steps'}{per}",
+                 wide_config(kern, bn, bkk, w, per, n, k)) for kern, bn, bkk, w, per in WIDE]
+            for label, cfg in candidates:
+                calls = [lambda x=xs_[0], a=a: launchers.sparse_linear(x, **a, config=cfg, use_crossover=False)
+                         for xs_, a, _, _ in inputs]
+                try:
+                    got = calls[0]().float()
+                    err = float((got - reference).abs().max() / reference.abs().max())
+                    ms = bk.graph_time_ms(calls)
+                except Exception as exc:  # a config that does not compile is reported, not fatal
+                    rows.append({"shape": name, "sparsity": s, "config": label, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                    print(name, s, label, "ERROR", exc, flush=True)
+                    continue
+                row = {"shape": name, "n": n, "k": k, "sparsity": s, "config": label,
+                       "gemv_config": vars(cfg), "dense_us": dense_ms * 1e3, "sparse_us": ms * 1e3,
+                       "ratio": ms / dense_ms, "gbs": nbytes / (ms * 1e-3) / 1e9, "max_rel_err_vs_committed": err}
+                rows.append(row)
+                print(f"{name:20s} s={s} {label:38s} {ms * 1e3:7.2f} us  {ms / dense_ms:.3f}x dense  "
+                      f"{row['gbs']:6.0f} GB/s  err {err:.1e}", flush=True)
+        del layers
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    Path(args.out).write_text(json.dumps({
+        "commit": os.environ.get("RSPARSE_COMMIT", "unknown"),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
+        "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__,
+                     "python": platform.python_version()},
+        "command": "python3 -P benchmarks/gpu/wide_tiles.py " + " ".join(os.sys.argv[1:]),
+        "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
