@@ -11,6 +11,7 @@ committed as benchmarks/results/kernel_tests_h100.log).
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 
@@ -392,12 +393,7 @@ def test_crossover_lowrank_table():
 def test_lowrank_ratios_transferred_to_another_gpu():
     """benchmarks/gpu/lowrank_time.transferred_ratios: the low-rank term's extra time measured
     on one GPU is added, in microseconds, to another GPU's measured threshold ratios."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "lowrank_time.py"
-    spec = importlib.util.spec_from_file_location("lowrank_time", path)
-    lowrank_time = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lowrank_time)
+    lowrank_time = _lowrank_time_module()
     measured = [{"n": 64, "k": 32, "input_sparsity": 0.55, "dense_us": 20.0, "teal_us": 12.0, "lowrank16_us": 16.0}]
     sweep = [{"method": "teal", "tokens": 1, "n": 64, "k": 32, "sparsity": s, "dense_ms": 0.010, "sparse_ms": ms}
              for s, ms in [(0.0, 0.011), (0.5, 0.008), (0.9, 0.004)]]
@@ -407,6 +403,42 @@ def test_lowrank_ratios_transferred_to_another_gpu():
     # 4 us extra on a 10 us dense GEMV: +0.4 at every level; 0.55 interpolated between 0.5 and 0.9
     assert table == {"N64_K32": {"0": {"1": 1.5}, "0.5": {"1": 1.2}, "0.55": {"1": 1.15}, "0.9": {"1": 0.8}}}
     assert lowrank_time.transferred_ratios(measured, []) == {}
+
+
+def _lowrank_time_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "lowrank_time.py"
+    spec = importlib.util.spec_from_file_location("lowrank_time", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lowrank_measurements_replace_the_table(tmp_path):
+    """lowrank_time --merge: one GPU's files (one per sparsity) rebuild threshold_lowrank; levels
+    of the table they replace (an estimate for this GPU, another GPU's) do not survive, and files
+    of two GPUs are refused."""
+    lowrank_time = _lowrank_time_module()
+
+    def result(name, gpu, sparsity, input_sparsity, ratio):
+        path = tmp_path / name
+        path.write_text(json.dumps({"gpu": gpu, "sparsity": sparsity, "share": 0.9, "commit": "abc", "rows": [
+            {"n": 64, "k": 32, "input_sparsity": input_sparsity, "dense_us": 10.0, "lowrank16_us": 10.0 * ratio}]}))
+        return str(path)
+
+    dispatch = tmp_path / "dispatch.json"
+    dispatch.write_text(json.dumps({"ratios": {"threshold": {"N64_K32": {"0.5": {"1": 0.7}}},
+                                               "threshold_lowrank": {"N64_K32": {"0": {"1": 1.5}, "0.9": {"1": 0.8}},
+                                                                     "N8_K8": {"0.5": {"1": 0.9}}}}}))
+    files = [result("a.json", "GPU X", 0.4, 0.46, 0.9), result("b.json", "GPU X", 0.5, 0.55, 0.8)]
+    lowrank_time.merge_dispatch(files, str(dispatch))
+    merged = json.loads(dispatch.read_text())
+    assert merged["ratios"]["threshold_lowrank"] == {"N64_K32": {"0.46": {"1": 0.9}, "0.55": {"1": 0.8}}}
+    assert merged["ratios"]["threshold"] == {"N64_K32": {"0.5": {"1": 0.7}}}  # untouched
+    assert "GPU X" in merged["lowrank_note"]
+    with pytest.raises(SystemExit, match="different GPUs"):
+        lowrank_time.merge_dispatch(files + [result("c.json", "GPU Y", 0.5, 0.55, 0.8)], str(dispatch))
 
 
 @pytest.mark.parametrize("rank", [1, 13, 16, 40])
