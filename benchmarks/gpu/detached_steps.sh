@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Device side: run a list of GPU steps as ONE detached job (setsid: it outlives a device call), so
+# a lease's device time goes to work, not to call boundaries, and no step is cut by the 10-minute
+# limit of a call. Each call with the same STEPS file (back to back: the machine goes back ~30 s
+# after a call) starts the job unless it runs or has finished, waits up to WAIT_S, and copies what
+# the job has written so far to $OUT as one job.tar.gz (+ the step log's tail on stdout).
+#   STEPS: a file of shell lines, one step each, run in order from the repo copy made by the call
+#          that started the job, with $RES = the results folder (everything under it comes back);
+#          a failing step is logged and the next one runs.
+#   JOB_ROOT (/root/job), WAIT_S (540).
+# Example (after `source .gpu/p2/setup.sh` in the same or an earlier call of the lease):
+#   RSPARSE_COMMIT=<sha> STEPS=benchmarks/gpu/steps_session5.txt bash benchmarks/gpu/detached_steps.sh
+set -uo pipefail
+: "${OUT:?set OUT}" "${STEPS:?set STEPS to a steps file}"
+J=${JOB_ROOT:-/root/job}
+WAIT_S=${WAIT_S:-540}
+mkdir -p "$J/res"
+pid=$(cat "$J/pid" 2>/dev/null)
+if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+  echo "detached_steps.sh: job $pid running"
+elif [ -f "$J/done" ]; then
+  echo "detached_steps.sh: job finished earlier"
+else
+  # the job runs from its own copy of the tree: the next call re-syncs the working copy
+  rm -rf "$J/tree" && mkdir -p "$J/tree" && cp -a . "$J/tree/" && cp "$STEPS" "$J/steps.txt"
+  export PYTHONPATH=${PYTHONPATH:-/tmp/site} PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
+  ( cd "$J/tree" && RES="$J/res" setsid bash -c '
+      i=0
+      while IFS= read -r step || [ -n "$step" ]; do
+        case "$step" in ""|\#*) continue ;; esac
+        i=$((i + 1)); t0=$(date +%s)
+        echo "== step $i start $(date -u +%T): $step" >> "$RES/steps.log"
+        bash -c "$step" > "$RES/step$i.log" 2>&1
+        echo "== step $i rc=$? after $(( $(date +%s) - t0 )) s" >> "$RES/steps.log"
+      done < '"$J"'/steps.txt
+      touch '"$J"'/done' > "$J/job.txt" 2>&1 < /dev/null & echo $! > "$J/pid" )
+  echo "detached_steps.sh: started job $(cat "$J/pid") with $(grep -cv '^\s*\(#\|$\)' "$STEPS") steps"
+fi
+start=$(date +%s)
+pid=$(cat "$J/pid" 2>/dev/null)
+while [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ $(( $(date +%s) - start )) -lt "$WAIT_S" ]; do sleep 5; done
+tar czf "$OUT/job.tar.gz" -C "$J" res
+cat "$J/res/steps.log" 2>/dev/null
+last=$(ls -t "$J"/res/step*.log 2>/dev/null | head -1); [ -n "$last" ] && { echo "-- tail of $last"; tail -n 15 "$last"; }
+if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then echo "detached_steps.sh: STILL RUNNING: CALL AGAIN NOW"; else echo "detached_steps.sh: job done"; fi
