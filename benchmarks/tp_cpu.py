@@ -63,19 +63,8 @@ def tiny_qwen_dir(layers: int = TINY_LAYERS) -> Path:
     from vllm_rsparse.calibration import model_io
     from vllm_rsparse.calibration.assets import cache_dir, qwen_gguf
 
-    target = cache_dir() / f"tiny-qwen2.5-coder-0.5b-{layers}l"
-    if (target / "config.json").is_file():
-        return target
-    model, tokenizer, config = model_io.load_model(qwen_gguf())
-    model.model.layers = model.model.layers[:layers]
-    model.config.num_hidden_layers = layers
-    config["num_hidden_layers"] = layers
-    for key in ("layer_types",):  # per-layer lists must match the new depth
-        if isinstance(config.get(key), list):
-            config[key] = config[key][:layers]
-    model_io.write_dense_checkpoint(model, tokenizer, config, target, force=True,
-                                    metadata={"base_model": "Qwen2.5-Coder-0.5B-Instruct (first layers)"})
-    return target
+    return model_io.write_first_layers(qwen_gguf(), cache_dir() / f"tiny-qwen2.5-coder-0.5b-{layers}l", layers,
+                                       "Qwen2.5-Coder-0.5B-Instruct")
 
 
 def calibrated(model_dir: Path, root: Path, method: str, sparsity: float) -> Path:

@@ -128,3 +128,20 @@ def write_dense_checkpoint(model, tokenizer, config: dict[str, Any], output_dir:
             for f in tokenizer_files(tokenizer, Path(tok_dir)):
                 shutil.copy2(f, tmp / f.name)
     return output_dir
+
+
+def write_first_layers(source: str | Path, output_dir: Path, layers: int, base_model: str) -> Path:
+    """A dense bf16 HF checkpoint of the model at `source` cut to its first `layers` decoder
+    layers, cached: real weights and activations at a size the tests and CPU runs can afford."""
+    output_dir = Path(output_dir)
+    if (output_dir / "config.json").is_file():
+        return output_dir
+    model, tokenizer, config = load_model(source)
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    config["num_hidden_layers"] = layers
+    for key in ("layer_types",):  # per-layer lists must match the new depth
+        if isinstance(config.get(key), list):
+            config[key] = config[key][:layers]
+    return write_dense_checkpoint(model, tokenizer, config, output_dir, force=True,
+                                  metadata={"base_model": f"{base_model} (first {layers} layers)"})

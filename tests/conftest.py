@@ -41,19 +41,8 @@ def tiny_model_dir(smollm2_gguf) -> Path:
     """A dense bf16 HF checkpoint of SmolLM2's first TINY_LAYERS layers (cached)."""
     from vllm_rsparse.calibration import model_io
 
-    target = _cache_root() / f"tiny-smollm2-{TINY_LAYERS}l"
-    if (target / "config.json").is_file():
-        return target
-    model, tokenizer, config = model_io.load_model(smollm2_gguf)
-    model.model.layers = model.model.layers[:TINY_LAYERS]
-    model.config.num_hidden_layers = TINY_LAYERS
-    config["num_hidden_layers"] = TINY_LAYERS
-    for key in ("layer_types",):  # per-layer lists must match the new depth
-        if isinstance(config.get(key), list):
-            config[key] = config[key][:TINY_LAYERS]
-    model_io.write_dense_checkpoint(model, tokenizer, config, target, force=True,
-                                    metadata={"base_model": "SmolLM2-135M-Instruct (first layers)"})
-    return target
+    return model_io.write_first_layers(smollm2_gguf, _cache_root() / f"tiny-smollm2-{TINY_LAYERS}l",
+                                       TINY_LAYERS, "SmolLM2-135M-Instruct")
 
 
 @pytest.fixture(scope="session")
