@@ -248,6 +248,26 @@ def test_compact_chunks(density, ahead, gen, monkeypatch):
         check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg), ref)
 
 
+@pytest.mark.parametrize("kernel", ["compact", "walk"])
+@pytest.mark.parametrize("block_n,block_k,per", [(512, 16, 512), (1024, 8, 512), (1024, 8, 32)],
+                         ids=["bn512_bk16", "bn1024_bk8", "bn1024_bk8_short"])
+def test_wide_output_tiles(kernel, block_n, block_k, per, gen):
+    """Output tiles of 512-1024 columns with 8-16 rows a step (the H200 configs adopted by
+    benchmarks/gpu/wide_tiles.py for the wide-N shapes and the high-sparsity band): N not a
+    multiple of the tile, the low-rank tiles narrower than one tile, per = K chunk (compact)
+    or K steps per program (walk)."""
+    n, k, m = (1000, 576, 2) if not HAS_CUDA else (22016, 4096, 1)
+    w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=20, scale=True)
+    x = randn(m, k, gen=gen, dtype=torch.bfloat16)
+    thr = threshold_for(x, 0.5, s)
+    split = launchers.triton_cdiv(k, per) if kernel == "compact" else launchers.triton_cdiv(k, block_k * per)
+    cfg = launchers.GemvConfig(rows=1, block_n=block_n, block_k=block_k, split_k=split, num_warps=4,
+                               num_stages=1 if kernel == "compact" else 2, kernel=kernel)
+    out = launchers.sparse_gemv(x, launchers.prepare_weight(w).t(), thr.float(), None, b, s, u,
+                                launchers.prepare_weight(v).t(), config=cfg)
+    check_close(out, reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v))
+
+
 @pytest.mark.parametrize("block_n,warps", [(128, 8), (64, 4)])
 def test_compact_wide_block(block_n, warps, gen):
     """The compact kernel with 128-row list steps (the widest the sweep could pick)."""
@@ -377,16 +397,21 @@ def test_crossover_interpolates_between_measured_sparsities():
 
 
 def test_crossover_lowrank_table():
-    """Modules with R-Sparse's low-rank term are dispatched by their own table: Llama o_proj
-    loses to dense with it, Llama-2 qkv wins (0.94x); on the H200 every Llama-3 module at
-    R-Sparse 0.4 (input sparsity 0.46) loses (e2e_h200: 0.94x end to end when they ran the
-    kernels) and goes dense; shapes without a low-rank entry use the plain threshold table."""
+    """Modules with R-Sparse's low-rank term are dispatched by their own table, measured on the
+    H200 at R-Sparse 0.4 / 0.5 (input sparsity 0.46 / 0.55; lowrank_h200_s*.json): o_proj and
+    Llama-3's qkv and down lose to dense with the term, both gate_up shapes win; between the
+    levels the ratio is interpolated; shapes without a low-rank entry use the threshold table."""
     assert launchers.crossover_tokens(4096, 4096, "threshold", 0.55, lowrank=True) == 0
     assert launchers.crossover_tokens(4096, 4096, "threshold", 0.55) >= 1
-    assert launchers.crossover_tokens(12288, 4096, "threshold", 0.55, lowrank=True) == 1
-    for n, k in [(6144, 4096), (28672, 4096), (4096, 14336)]:
+    for n, k in [(22016, 4096), (28672, 4096)]:
+        assert launchers.crossover_tokens(n, k, "threshold", 0.46, lowrank=True) == 1
+        assert launchers.crossover_tokens(n, k, "threshold", 0.55, lowrank=True) == 1
+    for n, k in [(6144, 4096), (4096, 14336)]:
         assert launchers.crossover_tokens(n, k, "threshold", 0.46, lowrank=True) == 0
         assert launchers.crossover_tokens(n, k, "threshold", 0.46) == 1
+    # Llama-2 down: 0.967 at 0.46 (dense), 0.943 at 0.55 (kernels)
+    assert launchers.crossover_tokens(4096, 11008, "threshold", 0.46, lowrank=True) == 0
+    assert launchers.crossover_tokens(4096, 11008, "threshold", 0.55, lowrank=True) == 1
     assert launchers.crossover_tokens(123, 456, "threshold", 0.5, lowrank=True) is None
 
 

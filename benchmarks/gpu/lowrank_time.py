@@ -79,7 +79,7 @@ def transferred_ratios(lowrank_rows: list[dict], sweep_rows: list[dict]) -> dict
     unchanged in microseconds -- not as a share of dense, which on a GPU with faster memory is
     smaller while the fixed cost is not. ratio(s) = (threshold ratio of this GPU at s) +
     overhead_us / (dense_us of this GPU), at every sparsity level the sweep measured (plus the
-    low-rank run's own input sparsity), one token. Checked against e2e_h200 (R-Sparse steps
+    low-rank run's own input sparsity), one token. Checked against e2e_h200_2fd2efc (R-Sparse steps
     predicted 4.14 / 5.13 ms from the kernels, 4.21 / 5.15 ms measured on Llama-2 0.5 / Llama-3 0.4)."""
     from vllm_rsparse.launchers import _shape_key, interpolated_ratio
 
