@@ -8,6 +8,8 @@
 #          that started the job, with $RES = the results folder (everything under it comes back);
 #          a failing step is logged and the next one runs.
 #   JOB_ROOT (/root/job), WAIT_S (540).
+# "Running" is read from the job's heartbeat file (detached_lib.sh), not from its pid: a device
+# call cannot see an earlier call's processes.
 # Example (after `source .gpu/p2/setup.sh` in the same or an earlier call of the lease):
 #   RSPARSE_COMMIT=<sha> STEPS=benchmarks/gpu/steps_session5.txt bash benchmarks/gpu/detached_steps.sh
 set -uo pipefail
@@ -15,16 +17,22 @@ set -uo pipefail
 J=${JOB_ROOT:-/root/job}
 WAIT_S=${WAIT_S:-540}
 mkdir -p "$J/res"
-pid=$(cat "$J/pid" 2>/dev/null)
-if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-  echo "detached_steps.sh: job $pid running"
+. "$(dirname "${BASH_SOURCE[0]}")/detached_lib.sh"
+if job_alive "$J"; then
+  echo "detached_steps.sh: job $(cat "$J/pid" 2>/dev/null) running (heartbeat $(cat "$J/heartbeat"))"
 elif [ -f "$J/done" ]; then
   echo "detached_steps.sh: job finished earlier"
 else
   # the job runs from its own copy of the tree: the next call re-syncs the working copy
-  rm -rf "$J/tree" && mkdir -p "$J/tree" && cp -a . "$J/tree/" && cp "$STEPS" "$J/steps.txt"
+  # (not the carried/ignored bulk: the steps need the sources, and setup.sh has run)
+  rm -rf "$J/tree" && mkdir -p "$J/tree" && cp "$STEPS" "$J/steps.txt" &&
+    tar -cf - --exclude=./.git --exclude=./.gpu --exclude=./.venv --exclude=./.cache --exclude=./out . | tar -xf - -C "$J/tree"
+  cp "$(dirname "${BASH_SOURCE[0]}")/detached_lib.sh" "$J/detached_lib.sh"
   export PYTHONPATH=${PYTHONPATH:-/tmp/site} PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
-  ( cd "$J/tree" && RES="$J/res" setsid bash -c '
+  # the whole subshell is redirected (not only setsid): a shell holding the call's stdout until
+  # the job ends would keep the call (and any pipe reading it) waiting for the job
+  ( cd "$J/tree" && RES="$J/res" exec setsid bash -c '
+      . '"$J"'/detached_lib.sh; job_heartbeat '"$J"' $$ &
       i=0
       while IFS= read -r step || [ -n "$step" ]; do
         case "$step" in ""|\#*) continue ;; esac
@@ -33,13 +41,14 @@ else
         bash -c "$step" > "$RES/step$i.log" 2>&1
         echo "== step $i rc=$? after $(( $(date +%s) - t0 )) s" >> "$RES/steps.log"
       done < '"$J"'/steps.txt
-      touch '"$J"'/done' > "$J/job.txt" 2>&1 < /dev/null & echo $! > "$J/pid" )
+      touch '"$J"'/done' ) > "$J/job.txt" 2>&1 < /dev/null &
+  echo $! > "$J/pid"
   echo "detached_steps.sh: started job $(cat "$J/pid") with $(grep -cv '^\s*\(#\|$\)' "$STEPS") steps"
+  job_started "$J" || echo "detached_steps.sh: no heartbeat from the job yet; see $J/job.txt"
 fi
 start=$(date +%s)
-pid=$(cat "$J/pid" 2>/dev/null)
-while [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ $(( $(date +%s) - start )) -lt "$WAIT_S" ]; do sleep 5; done
+while job_alive "$J" && [ $(( $(date +%s) - start )) -lt "$WAIT_S" ]; do sleep 1; done
 tar czf "$OUT/job.tar.gz" -C "$J" res
 cat "$J/res/steps.log" 2>/dev/null
 last=$(ls -t "$J"/res/step*.log 2>/dev/null | head -1); [ -n "$last" ] && { echo "-- tail of $last"; tail -n 15 "$last"; }
-if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then echo "detached_steps.sh: STILL RUNNING: CALL AGAIN NOW"; else echo "detached_steps.sh: job done"; fi
+if job_alive "$J"; then echo "detached_steps.sh: STILL RUNNING: CALL AGAIN NOW"; else echo "detached_steps.sh: job done"; fi
