@@ -81,10 +81,13 @@ def aligned_budget(d_out: int, d_in: int, sparsity: float, keep_fraction: float)
 
 def search_sparse_share(*, weight: torch.Tensor, svd, samples: torch.Tensor, hist: LogHistogram,
                         scale: torch.Tensor | None, sparsity: float, grid: tuple[float, ...],
-                        selection: str) -> ShareChoice:
+                        selection: str, max_factor_memory: float | None = None) -> ShareChoice:
     """Best sparse share a on ``grid`` for one group at byte sparsity ``sparsity``.
 
     weight [d_out, d_in] f64  svd (U, S, Vh) of weight or None  samples [n, d_in] f64
+    max_factor_memory: shares whose low-rank factors (rank * (d_in + d_out) elements) would add
+    more than this fraction of the group's weight elements are not tried (a = 1, no factors,
+    always is): the factors are extra memory on top of the unchanged weights.
     """
     d_out, d_in = weight.shape
     if samples.shape[-1] != d_in:
@@ -103,6 +106,8 @@ def search_sparse_share(*, weight: torch.Tensor, svd, samples: torch.Tensor, his
         rank = 0
         if svd is not None:
             keep_fraction, rank = aligned_budget(d_out, d_in, sparsity, keep_fraction)
+        if max_factor_memory is not None and rank * (d_in + d_out) > max_factor_memory * d_in * d_out:
+            continue
         keep = round(keep_fraction * d_in)
         if selection == "topk":
             mask = torch.zeros_like(score, dtype=torch.bool)

@@ -46,6 +46,7 @@ class CalibrationArgs:
     selection: str = "auto"  # threshold | topk (rsparse: threshold, larosa: topk)
     score: str = "auto"  # abs | column_norm (rsparse: column_norm, larosa: abs)
     lowrank: str = "auto"  # on | off (rsparse: on, larosa: off)
+    max_factor_memory: float | None = None  # low-rank factors' extra memory cap (fraction of weights)
 
     def __post_init__(self):
         for key, allowed in OPTION_CHOICES.items():
@@ -57,6 +58,9 @@ class CalibrationArgs:
                              f"(got {combo}); use --method rsparse or larosa for combinations")
         # greedy is a per-group split any group-wise selection can take; layer-search
         # re-derives |x| thresholds inside its loss loop, which only TEAL's selection matches.
+        if self.method in ("teal", "dense") and self.max_factor_memory is not None:
+            raise ValueError(f"method {self.method!r} has no low-rank factors to cap (max_factor_memory="
+                             f"{self.max_factor_memory}); it applies to --method rsparse")
         if self.method == "dense" and self.allocation != "uniform":
             raise ValueError(f"allocation {self.allocation!r} needs a sparse method, not 'dense'")
         if self.method != "teal" and self.allocation == "layer-search":
@@ -70,6 +74,8 @@ class CalibrationArgs:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.num_samples < 1 or self.seq_len < 16:
             raise ValueError(f"need num_samples >= 1 and seq_len >= 16, got {self.num_samples}, {self.seq_len}")
+        if self.max_factor_memory is not None and not 0.0 <= self.max_factor_memory <= 1.0:
+            raise ValueError(f"max_factor_memory must be in [0, 1], got {self.max_factor_memory}")
         if self.max_sparse_tokens < 0:
             raise ValueError(f"max_sparse_tokens must be >= 0, got {self.max_sparse_tokens}")
 
@@ -121,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lowrank", choices=OPTION_CHOICES["lowrank"], default=d.lowrank,
                    help="'on': R-Sparse low-rank term for dropped channels, sparse share searched per group "
                         "(rsparse: on, larosa: off)")
+    m.add_argument("--max-factor-memory", type=float, default=d.max_factor_memory, metavar="FRACTION",
+                   help="with the low-rank term: the factors may add at most this fraction of each group's "
+                        "weight bytes (e.g. 0.05 for a 5%% memory budget; shares that need more are not "
+                        "searched). Default: no cap")
     return p
 
 
@@ -135,6 +145,7 @@ def method_options(args: CalibrationArgs):
         selection=pick(args.selection, default_sel),
         score_weight=pick(args.score, default_score) == "column_norm",
         lowrank=pick(args.lowrank, default_lowrank) == "on",
+        max_factor_memory=args.max_factor_memory,
         seed=args.seed,
     )
 

@@ -45,6 +45,9 @@ class RSparseOptions:
     lowrank: bool = True  # search the sparse share; False: a = 1 everywhere (no SVD term)
     share_grid: tuple[float, ...] = DEFAULT_SHARE_GRID
     samples_per_window: int = 64  # calibration rows kept per window per group, for the share search
+    # cap on the low-rank factors' extra memory, as a fraction of each group's weight elements
+    # (None: no cap; the search may then pick shares down to 0.02, factors up to ~(1 - s))
+    max_factor_memory: float | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -52,6 +55,8 @@ class RSparseOptions:
             raise ValueError(f"selection must be 'threshold' or 'topk', got {self.selection!r}")
         if not self.share_grid or any(not 0.0 <= a <= 1.0 for a in self.share_grid):
             raise ValueError(f"share_grid must be values in [0, 1], got {self.share_grid}")
+        if self.max_factor_memory is not None and not 0.0 <= self.max_factor_memory <= 1.0:
+            raise ValueError(f"max_factor_memory must be in [0, 1], got {self.max_factor_memory}")
         if self.samples_per_window < 1:
             raise ValueError(f"samples_per_window must be >= 1, got {self.samples_per_window}")
 
@@ -146,6 +151,7 @@ def calibrate_rsparse(model, shapes: ModelShapes, windows: torch.Tensor, sparsit
         choice = search_sparse_share(
             weight=w, svd=svd, samples=stats[name].sample_matrix(), hist=stats[name].hist,
             scale=scales[name], sparsity=s, grid=grid if s > 0 else (1.0,), selection=options.selection,
+            max_factor_memory=options.max_factor_memory,
         )
         modules[name] = ModuleSettings(
             selection=options.selection,
@@ -166,6 +172,7 @@ def calibrate_rsparse(model, shapes: ModelShapes, windows: torch.Tensor, sparsit
         "lowrank": options.lowrank,
         "share_search": "per-group exhaustive grid on group output error" if options.lowrank else "none (a = 1)",
         "share_grid": list(grid),
+        "max_factor_memory": options.max_factor_memory,
         "groups_pure_sparse": f"{pure_sparse}/{len(shares)}",
         "per_group": shares,
     }

@@ -84,6 +84,34 @@ def test_rsparse_budget_matches_target(tiny, sparsity):
         assert abs(read - (1 - sparsity)) <= 0.01 * (1 - sparsity), (grid, read)  # observed rel gap <= 0.0063 (rank floor)
 
 
+@pytest.mark.parametrize("cap", [0.05, 0.2])
+def test_rsparse_factor_memory_cap(tiny, cap):
+    """--max-factor-memory: no group's factors add more than `cap` of its weight elements, the
+    byte budget still holds, and without the cap the same grid picks larger factors somewhere."""
+    from vllm_rsparse.calibration.rsparse import RSparseOptions, calibrate_rsparse, implied_read_fraction
+
+    model, _, _, shapes, windows = tiny
+    grid = (1.0, 0.95, 0.9, 0.7, 0.5, 0.3)
+    capped = calibrate_rsparse(model, shapes, windows, 0.5, RSparseOptions(share_grid=grid, max_factor_memory=cap))
+    free = calibrate_rsparse(model, shapes, windows, 0.5, RSparseOptions(share_grid=(0.3,)))
+    for name, group in architectures.iter_groups(shapes):
+        d_out, d_in = shapes.group_shape(group)
+        extra = capped.modules[name].rank * (d_in + d_out) / (d_in * d_out)
+        assert extra <= cap + 1e-12, (name, extra)
+        assert free.modules[name].rank * (d_in + d_out) / (d_in * d_out) > cap  # a = 0.3 needs more
+    assert abs(implied_read_fraction(shapes, capped.modules) - 0.5) <= 0.005
+    assert capped.info["max_factor_memory"] == cap
+
+
+def test_max_factor_memory_is_refused_where_it_means_nothing():
+    from vllm_rsparse.calibration.cli import CalibrationArgs
+
+    with pytest.raises(ValueError, match="no low-rank factors to cap"):
+        CalibrationArgs(model="m", output="o", method="teal", max_factor_memory=0.05)
+    with pytest.raises(ValueError, match="max_factor_memory must be in"):
+        CalibrationArgs(model="m", output="o", method="rsparse", max_factor_memory=1.5)
+
+
 def test_rsparse_search_never_worse_than_pure_sparse(tiny):
     """The share search includes a = 1; on the calibration samples its pick is at least as good."""
     from vllm_rsparse.calibration.rsparse import RSparseOptions, calibrate_rsparse
