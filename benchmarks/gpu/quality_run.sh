@@ -74,6 +74,13 @@ DETACH=${DETACH:-$def_detach}
 WAIT_S=${WAIT_S:-540}
 RESULTS=${RESULTS:-$def_results}
 EVAL_ARGS=${EVAL_ARGS---max-num-batched-tokens 16384 --max-num-seqs 512 --gpu-memory-utilization 0.1 --kv-cache-gib 4}
+. "$(dirname "${BASH_SOURCE[0]}")/detached_lib.sh"  # job_alive / job_heartbeat: a call cannot see an earlier call's pids
+if [ -n "${QUALITY_JOB:-}" ]; then
+  # the detached job: heartbeat first (before the slow imports below); disowned, since the
+  # method loop counts this shell's jobs
+  job_heartbeat "$Q/job" $$ & disown
+fi
+
 # a later call than the one that sourced .gpu/p2/setup.sh: vLLM and this project are in /tmp/site
 if ! python3 -c "import vllm" 2>/dev/null && [ -f /tmp/site/vllm/__init__.py ]; then
   export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH VLLM_USE_FLASHINFER_SAMPLER=0
@@ -97,28 +104,27 @@ if [ "$DETACH" = 1 ] && [ -z "${QUALITY_JOB:-}" ]; then
   rows() { [ -f "$RESULTS" ] && grep -c . "$RESULTS" || echo 0; }
   n_methods=$(echo "$METHODS" | tr ',' '\n' | grep -c .)
   todo=$(for m in ${METHODS//,/ }; do has_row "$m" || printf '%s ' "$m"; done)
-  pid=$(cat "$Q/job/pid" 2>/dev/null)
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-    echo "quality_run.sh: the $MODEL job (pid $pid) is running; $(rows) rows so far"
+  if job_alive "$Q/job"; then
+    echo "quality_run.sh: the $MODEL job (pid $(cat "$Q/job/pid" 2>/dev/null)) is running; $(rows) rows so far"
   elif [ -z "$todo" ]; then
     echo "quality_run.sh: every method of $METHODS has its row in $RESULTS: nothing to start"
   else
-    cp "$REPO/benchmarks/gpu/quality_run.sh" "$Q/job/quality_run.sh"  # a re-synced tree cannot change it
+    cp "$REPO/benchmarks/gpu/quality_run.sh" "$REPO/benchmarks/gpu/detached_lib.sh" "$Q/job/"  # a re-synced tree cannot change them
     QUALITY_JOB=1 QUALITY_REPO="$REPO" OUT="$jobout" MODEL="$MODEL" METHODS="$METHODS" PARALLEL="$PARALLEL" \
       LIMIT="$LIMIT" CALIB_DEVICE="$CALIB_DEVICE" PPL_WINDOWS="$PPL_WINDOWS" NUM_SAMPLES="$NUM_SAMPLES" \
       CALIB_SEQ_LEN="$CALIB_SEQ_LEN" RESULTS="$RESULTS" EVAL_ARGS="$EVAL_ARGS" QUALITY_ROOT="$Q" \
       setsid bash "$Q/job/quality_run.sh" > "$Q/job/job.txt" 2>&1 < /dev/null &
     echo $! > "$Q/job/pid"
     echo "quality_run.sh: started the $MODEL job (pid $!) for ${todo}($(rows) rows already in $RESULTS)"
+    job_started "$Q/job" || echo "quality_run.sh: no heartbeat from the job yet; see $Q/job/job.txt"
   fi
   start=$(date +%s)
-  pid=$(cat "$Q/job/pid" 2>/dev/null)
-  while [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ $(( $(date +%s) - start )) -lt "$WAIT_S" ]; do
+  while job_alive "$Q/job" && [ $(( $(date +%s) - start )) -lt "$WAIT_S" ]; do
     sleep 10; copy_out
   done
   copy_out
   tail -n 25 "$jobout/run.txt" 2>/dev/null
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+  if job_alive "$Q/job"; then
     echo "quality_run.sh: still running after ${WAIT_S} s of this call, $(rows) rows: CALL AGAIN NOW (same command)"
   else
     tail -n 5 "$Q/job/job.txt" 2>/dev/null
