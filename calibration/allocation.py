@@ -127,6 +127,9 @@ def search_sparse_share(*, weight: torch.Tensor, svd, samples: torch.Tensor, his
         choice = ShareChoice(share, keep_fraction, keep, threshold, rank, rel_error)
         if best is None or choice.rel_error < best.rel_error * (1.0 - SHARE_TIE):
             best = choice
+    if best is None:
+        raise ValueError(f"no sparse share of {sorted(set(grid), reverse=True)} keeps a [{d_out}, {d_in}] group's "
+                         f"low-rank factors within max_factor_memory={max_factor_memory} (a share of 1.0 always does)")
     return best
 
 

@@ -103,6 +103,14 @@ def test_rsparse_factor_memory_cap(tiny, cap):
     assert capped.info["max_factor_memory"] == cap
 
 
+def test_factor_memory_cap_no_share_of_the_grid_fits(tiny):
+    from vllm_rsparse.calibration.rsparse import RSparseOptions, calibrate_rsparse
+
+    model, _, _, shapes, windows = tiny
+    with pytest.raises(ValueError, match="keeps a .* group's low-rank factors within max_factor_memory=0.01"):
+        calibrate_rsparse(model, shapes, windows, 0.5, RSparseOptions(share_grid=(0.3,), max_factor_memory=0.01))
+
+
 def test_max_factor_memory_is_refused_where_it_means_nothing():
     from vllm_rsparse.calibration.cli import CalibrationArgs
 

@@ -11,7 +11,7 @@
 # "Running" is read from the job's heartbeat file (detached_lib.sh), not from its pid: a device
 # call cannot see an earlier call's processes.
 # Example (after `source .gpu/p2/setup.sh` in the same or an earlier call of the lease):
-#   RSPARSE_COMMIT=<sha> STEPS=benchmarks/gpu/steps_session5.txt bash benchmarks/gpu/detached_steps.sh
+#   RSPARSE_COMMIT=<sha> STEPS=benchmarks/gpu/steps_h200_session5.txt bash benchmarks/gpu/detached_steps.sh
 set -uo pipefail
 : "${OUT:?set OUT}" "${STEPS:?set STEPS to a steps file}"
 J=${JOB_ROOT:-/root/job}
