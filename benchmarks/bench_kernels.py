@@ -351,21 +351,29 @@ HIGH_SPARSITY = 0.9
 SWEEP_LEADERS = 4
 
 
+def one_row_config(kernel: str, block_n: int, block_k: int, num_warps: int, per: int, k: int) -> launchers.GemvConfig:
+    """A one-row config from the sweep's terms: per = K chunk (compact) or K steps per program
+    (walk); the walk loop is left to Triton's 2-stage pipeliner, the compact one is hand-pipelined."""
+    if kernel == "compact":
+        return launchers.GemvConfig(1, block_n, block_k, launchers.triton_cdiv(k, per), num_warps, 1, kernel="compact")
+    return launchers.GemvConfig(1, block_n, block_k, launchers.triton_cdiv(k, block_k * per), num_warps, 2, kernel="walk")
+
+
 def sweep_configs(n: int, k: int, sms: int, kernels=("walk", "compact")) -> list[launchers.GemvConfig]:
     out = []
     if "compact" in kernels:
         for (bn, bk, warps), chunk in itertools.product(SWEEP_TILES, SWEEP_CHUNKS):
-            split = launchers.triton_cdiv(k, chunk)
+            cfg = one_row_config("compact", bn, bk, warps, chunk, k)
             # fewer programs than SMs leaves bandwidth idle at 1 token
-            if launchers.triton_cdiv(n, bn) * split < sms:
+            if launchers.triton_cdiv(n, bn) * cfg.split_k < sms:
                 continue
-            out.append(launchers.GemvConfig(1, bn, bk, split, warps, 1, kernel="compact"))
+            out.append(cfg)
     if "walk" in kernels:
         for (bn, bk, warps), steps in itertools.product(WALK_TILES, WALK_STEPS):
-            split = launchers.triton_cdiv(k, bk * steps)
-            if launchers.triton_cdiv(n, bn) * split < sms or launchers.triton_cdiv(n, bn) > launchers.COUNTER_SLOTS:
+            cfg = one_row_config("walk", bn, bk, warps, steps, k)
+            if launchers.triton_cdiv(n, bn) * cfg.split_k < sms or launchers.triton_cdiv(n, bn) > launchers.COUNTER_SLOTS:
                 continue
-            out.append(launchers.GemvConfig(1, bn, bk, split, warps, 2, kernel="walk"))
+            out.append(cfg)
     if DRY_RUN:
         # one of each kernel: the dry run checks the script, not the timings
         return [next(c for c in out if c.kernel == kind) for kind in kernels if any(c.kernel == kind for c in out)]

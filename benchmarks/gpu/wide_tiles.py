@@ -46,11 +46,6 @@ WIDE = [("compact", 512, 16, 4, 512), ("compact", 512, 16, 4, 1024), ("compact",
         ("walk", 512, 16, 4, 16), ("walk", 1024, 8, 4, 32), ("walk", 1024, 16, 8, 16)]
 
 
-def wide_config(kernel, bn, bkk, warps, per, n, k) -> launchers.GemvConfig:
-    split = launchers.triton_cdiv(k, per) if kernel == "compact" else launchers.triton_cdiv(k, bkk * per)
-    return launchers.GemvConfig(1, bn, bkk, split, warps, 1 if kernel == "compact" else 2, kernel=kernel)
-
-
 def adopt(rows: list[dict], path: str) -> None:
     """The installed config table with each shape's one-token config replaced by the fastest
     wide config of its band where that wins by ADOPT_MAX_RATIO (rows: this run's timings)."""
@@ -100,7 +95,7 @@ def main() -> None:
                                                 use_crossover=False).float()
             candidates = [("committed", committed)] + [
                 (f"{kern} bn{bn} bk{bkk} w{w} {'chunk' if kern == 'compact' else 'steps'}{per}",
-                 wide_config(kern, bn, bkk, w, per, n, k)) for kern, bn, bkk, w, per in WIDE]
+                 bk.one_row_config(kern, bn, bkk, w, per, k)) for kern, bn, bkk, w, per in WIDE]
             for label, cfg in candidates:
                 calls = [lambda x=xs_[0], a=a: launchers.sparse_linear(x, **a, config=cfg, use_crossover=False)
                          for xs_, a, _, _ in inputs]
