@@ -135,11 +135,6 @@ def generate(model_dir: Path, tp: int, dtype: str = "bfloat16", prompts=PROMPTS,
     return results, shards
 
 
-MEMBERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
-           "o_proj": ("o_proj",), "down_proj": ("down_proj",)}
-ROW_PARALLEL = ("o_proj", "down_proj")
-
-
 def check_shards(ckpt_dir: Path, shards: list, tp: int) -> dict:
     """Compare every rank's loaded rsparse tensors with the slices of rsparse.safetensors they
     must be: column-parallel layers (qkv, gate_up) hold the full input side (score_weight,
@@ -149,13 +144,16 @@ def check_shards(ckpt_dir: Path, shards: list, tp: int) -> dict:
     import numpy as np
     from safetensors.torch import load_file
 
+    from vllm_rsparse.architectures import INPUT_GROUPS
+
     ref = {k: v.float().numpy() for k, v in load_file(str(Path(ckpt_dir) / "rsparse.safetensors")).items()}
     checked, problems = 0, []
     for rank, tensors in shards:
         for module, loaded in tensors.items():
-            prefix, merged = module.rsplit(".", 1)
-            members = [f"{prefix}.{m}" for m in MEMBERS[merged]]
-            row = merged in ROW_PARALLEL
+            group = next(g for g in INPUT_GROUPS if module.endswith("." + g.merged_name))
+            layer = module[: -len(group.merged_name)]
+            members = [layer + m for m in group.members]
+            row = group.row_parallel
             for kind, got in loaded.items():
                 full = [ref[f"{m}.rsparse_{kind}"].astype(np.float32) for m in members]
                 if kind == "threshold":
