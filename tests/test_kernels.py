@@ -398,11 +398,14 @@ def test_crossover_interpolates_between_measured_sparsities():
 
 def test_crossover_lowrank_table():
     """Modules with R-Sparse's low-rank term are dispatched by their own table, measured on the
-    H200 at R-Sparse 0.4 / 0.5 (input sparsity 0.46 / 0.55; lowrank_h200_s*.json): o_proj and
-    Llama-3's qkv and down lose to dense with the term, both gate_up shapes win; between the
+    H200 at R-Sparse 0.4 / 0.5 (input sparsity 0.46 / 0.55; lowrank_h200_s*.json): o_proj, both
+    qkv shapes and Llama-3's down lose to dense with the term, both gate_up shapes win; between the
     levels the ratio is interpolated; shapes without a low-rank entry use the threshold table."""
     assert launchers.crossover_tokens(4096, 4096, "threshold", 0.55, lowrank=True) == 0
     assert launchers.crossover_tokens(4096, 4096, "threshold", 0.55) >= 1
+    # Llama-2 qkv: 1.01 / 0.999 of dense with the term (the H100 table ran it at 0.94x)
+    assert launchers.crossover_tokens(12288, 4096, "threshold", 0.55, lowrank=True) == 0
+    assert launchers.crossover_tokens(12288, 4096, "threshold", 0.55) >= 1
     for n, k in [(22016, 4096), (28672, 4096)]:
         assert launchers.crossover_tokens(n, k, "threshold", 0.46, lowrank=True) == 1
         assert launchers.crossover_tokens(n, k, "threshold", 0.55, lowrank=True) == 1
