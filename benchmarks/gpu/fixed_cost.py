@@ -57,7 +57,12 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--chunks", action="store_true",
+                    help="instead: the compact kernel at the committed tile with K chunks 256..K (split-K depth), "
+                         "s = 0.5 and 1.0, to see what the split-K tail costs")
     args = ap.parse_args()
+    if args.chunks:
+        return chunk_probe(args)
     gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
     copy_gbs = None if bk.DRY_RUN else bk.copy_bandwidth_gbs()
     # one kernel's floor in a CUDA graph: a one-token cuBLAS GEMV of 64 x 64 (no bytes to speak of)
@@ -118,6 +123,37 @@ def main() -> None:
         "command": "python3 -P benchmarks/gpu/fixed_cost.py " + " ".join(sys.argv[1:]),
         "copy_bandwidth_gbs": copy_gbs, "tiny_gemv_in_graph_us": floor_us,
         "fit_range": FIT_RANGE, "fits": fits, "rows": rows}, indent=1))
+
+
+def chunk_probe(args) -> None:
+    gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
+    rows = []
+    for name, n, k in (SHAPES[1:2] if bk.DRY_RUN else [SHAPES[1], SHAPES[5], SHAPES[6]]):
+        if bk.DRY_RUN:
+            n, k = 1024, 512
+        copies = 1 if bk.DRY_RUN else max(3, math.ceil(bk.L2_ROTATION_BYTES / (n * k * 2)))
+        layers = [bk.Layer(n, k, gen) for _ in range(copies)]
+        base = launchers.pick_config(n, k, 1, 0, torch.device(bk.DEVICE), 0.5)
+        for s in (0.5, 1.0):
+            inputs = [bk.make_inputs(layer, bk.Case("teal", 1, min(s, 0.999)), gen) for layer in layers]
+            if s >= 1.0:
+                for _, a, _, _ in inputs:
+                    a["threshold"] = torch.full((1,), float("inf"), device=bk.DEVICE)
+            for chunk in (256, 512, 1024, 2048, 4096, 8192, 16384):
+                if chunk > k * 2 or chunk < base.block_k:
+                    continue
+                cfg = bk.one_row_config("compact", base.block_n, base.block_k, base.num_warps, chunk, k)
+                calls = [lambda x=xs_[0], a=a: launchers.sparse_linear(x, **a, config=cfg, use_crossover=False)
+                         for xs_, a, _, _ in inputs]
+                us = bk.graph_time_ms(calls) * 1e3
+                rows.append({"shape": name, "sparsity": s, "chunk": chunk, "split_k": cfg.split_k,
+                             "gemv_config": vars(cfg), "sparse_us": us})
+                print(f"{name:18s} s={s} chunk {chunk:5d} split_k {cfg.split_k:3d} bn{cfg.block_n} {us:7.2f} us", flush=True)
+        del layers
+    Path(args.out).write_text(json.dumps({
+        "commit": os.environ.get("RSPARSE_COMMIT", "unknown"),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
+        "command": "python3 -P benchmarks/gpu/fixed_cost.py " + " ".join(sys.argv[1:]), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
