@@ -60,7 +60,11 @@ def main() -> None:
     ap.add_argument("--chunks", action="store_true",
                     help="instead: the compact kernel at the committed tile with K chunks 256..K (split-K depth), "
                          "s = 0.5 and 1.0, to see what the split-K tail costs")
+    ap.add_argument("--report", nargs=2, metavar=("FIXED_JSON", "CHUNKS_JSON"),
+                    help="instead: write the markdown table of two earlier runs' JSON files to --out")
     args = ap.parse_args()
+    if args.report:
+        return write_report(args.out, *args.report)
     if args.chunks:
         return chunk_probe(args)
     gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
@@ -123,6 +127,43 @@ def main() -> None:
         "command": "python3 -P benchmarks/gpu/fixed_cost.py " + " ".join(sys.argv[1:]),
         "copy_bandwidth_gbs": copy_gbs, "tiny_gemv_in_graph_us": floor_us,
         "fit_range": FIT_RANGE, "fits": fits, "rows": rows}, indent=1))
+
+
+def write_report(out: str, fixed_path: str, chunks_path: str) -> None:
+    fixed, chunks = json.loads(Path(fixed_path).read_text()), json.loads(Path(chunks_path).read_text())
+    copy = fixed["copy_bandwidth_gbs"]
+    at = {(r["shape"], r["band"], r["sparsity"]): r for r in fixed["rows"]}
+    lines = [
+        f"# One-token sparse GEMV: fixed cost vs bytes ({fixed['gpu']})", "",
+        f"`benchmarks/gpu/fixed_cost.py`, commit `{fixed['commit'][:7]}` (chunks: `{chunks['commit'][:7]}`), "
+        f"versions {json.dumps(fixed['versions'])}. CUDA-graph timing over rotating weight copies (as the sweep), "
+        f"bf16, TEAL threshold selection, the committed config of each band (`configs`: ranked at s = 0.5, used "
+        f"below {launchers.HIGH_SPARSITY_FROM}; `configs_high`: ranked at 0.9). Copy bandwidth {copy:.0f} GB/s; "
+        f"one tiny cuBLAS GEMV in a graph (the floor of any kernel) {fixed['tiny_gemv_in_graph_us']:.2f} us. "
+        f"Fit: time = fixed + bytes / marginal bandwidth over s = {fixed['fit_range'][0]}-{fixed['fit_range'][1]}; "
+        "'empty' = s = 1.0 (threshold above every score: launch, selection, split-K tail, no weight rows).", "",
+        "| shape | band | config | dense us (GB/s) | s=0.5 us (x dense, GB/s) | s=0.9 us (x dense) | empty us | fit fixed us | marginal GB/s (% copy) |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for f in fixed["fits"]:
+        r5, r9 = at[(f["shape"], f["band"], 0.5)], at[(f["shape"], f["band"], 0.9)]
+        c = r5["gemv_config"]
+        per = (f"chunk{launchers.compact_chunk(r5['k'], c['split_k'])}" if c.get("kernel") == "compact"
+               else f"split{c['split_k']}")
+        marg = f"{f['fit_marginal_gbs']:.0f} ({f['fit_marginal_pct_copy']:.0f}%)" if f["fit_marginal_gbs"] else "-"
+        lines.append(f"| {f['shape']} | {f['band']} | {c.get('kernel', 'walk')} bn{c['block_n']} bk{c['block_k']} {per} | "
+                     f"{f['dense_us']:.1f} ({f['dense_gbs']:.0f}) | {r5['sparse_us']:.1f} ({r5['ratio']:.2f}x, {r5['gbs']:.0f}) | "
+                     f"{r9['sparse_us']:.1f} ({r9['ratio']:.2f}x) | {f['empty_us']:.1f} | {f['fit_fixed_us']:.1f} | {marg} |")
+    lines += ["", "Split-K depth of the compact kernel (committed tile of the 0.5 band, K chunk varied; a chunk is "
+              f"at most {launchers.MAX_CHUNK} channels, so larger requests repeat the {launchers.MAX_CHUNK} row):", "",
+              "| shape | K chunk | programs along K | s=0.5 us | empty us |", "|---|---|---|---|---|"]
+    by = {}
+    for r in chunks["rows"]:
+        k = next(f["k"] for f in fixed["rows"] if f["shape"] == r["shape"])
+        chunk = launchers.compact_chunk(k, r["split_k"])
+        by.setdefault((r["shape"], chunk, -(-k // chunk)), {})[r["sparsity"]] = r["sparse_us"]
+    for (shape, chunk, along_k), t in by.items():
+        lines.append(f"| {shape} | {chunk} | {along_k} | {t[0.5]:.1f} | {t[1.0]:.1f} |")
+    Path(out).write_text("\n".join(lines) + "\n")
 
 
 def chunk_probe(args) -> None:
