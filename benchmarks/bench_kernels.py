@@ -336,6 +336,16 @@ def graph_time_ms(calls, reps: int = 4, replays: int = 7) -> float:
     return replay_ms(capture_graph(calls, reps), replays) / (reps * len(calls))
 
 
+def one_token_layers(n: int, k: int, gen: torch.Generator):
+    """Weight copies of one shape (enough that a call never finds its weights in L2; one in a
+    dry run), one token of x per copy, and the CUDA-graph ms of dense cuBLAS on them."""
+    copies = 1 if DRY_RUN else max(3, math.ceil(L2_ROTATION_BYTES / (n * k * 2)))
+    layers = [Layer(n, k, gen) for _ in range(copies)]
+    xs = [torch.randn(1, k, device=DEVICE, generator=gen).to(DTYPE) for _ in layers]
+    dense_ms = graph_time_ms([(lambda l=l, x=x: F.linear(x, l.w_dense)) for l, x in zip(layers, xs)])
+    return layers, xs, dense_ms
+
+
 # one-row sweep. compact: (block_n, block_k, num_warps) x K chunk; walk: (block_n, block_k,
 # num_warps) x K steps per program (1 step = every program issues its whole tile at once,
 # no loop-carried latency chain; more steps = fewer split-K atomics)

@@ -18,7 +18,6 @@ Timing as the sweep (bench_kernels.graph_time_ms: CUDA graphs over >= 160 MB of 
 import argparse
 import importlib.util
 import json
-import math
 import os
 import platform
 import sys
@@ -29,15 +28,14 @@ import torch.nn.functional as F
 
 from vllm_rsparse import launchers
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_kernels", Path(__file__).resolve().parent.parent / "bench_kernels.py")
-bk = importlib.util.module_from_spec(_spec)
-sys.modules["bench_kernels"] = bk  # its dataclasses look their module up
-_spec.loader.exec_module(bk)
-
-SHAPES = [("llama2-7b/qkv", 12288, 4096), ("llama2-7b/o", 4096, 4096), ("llama2-7b/gate_up", 22016, 4096),
-          ("llama2-7b/down", 4096, 11008), ("llama3-8b/qkv", 6144, 4096), ("llama3-8b/gate_up", 28672, 4096),
-          ("llama3-8b/down", 4096, 14336)]
+# the wide-tile probe's module: its shape list and its handle on bench_kernels (loaded by path:
+# `python3 -P` puts no script folder on sys.path)
+_spec = importlib.util.spec_from_file_location("wide_tiles", Path(__file__).resolve().parent / "wide_tiles.py")
+wide_tiles = importlib.util.module_from_spec(_spec)
+sys.modules["wide_tiles"] = wide_tiles
+_spec.loader.exec_module(wide_tiles)
+bk = wide_tiles.bk
+SHAPES = wide_tiles.SHAPES
 SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0]
 FIT_RANGE = (0.3, 0.9)
 # the band a config is ranked for, as launchers.pick_config chooses it
@@ -79,10 +77,8 @@ def main() -> None:
     for name, n, k in shapes:
         if bk.DRY_RUN:
             n, k = 1024, 512
-        copies = 1 if bk.DRY_RUN else max(3, math.ceil(bk.L2_ROTATION_BYTES / (n * k * 2)))
-        layers = [bk.Layer(n, k, gen) for _ in range(copies)]
-        xs = [torch.randn(1, k, device=bk.DEVICE, generator=gen).to(bk.DTYPE) for _ in layers]
-        dense_us = bk.graph_time_ms([(lambda l=l, x=x: F.linear(x, l.w_dense)) for l, x in zip(layers, xs)]) * 1e3
+        layers, _, dense_ms = bk.one_token_layers(n, k, gen)
+        dense_us = dense_ms * 1e3
         dense_bytes = n * k * 2 + (n + k) * 2
         for band, band_s in BAND_SPARSITY.items():
             cfg = launchers.pick_config(n, k, 1, 0, torch.device(bk.DEVICE), band_s)
@@ -172,8 +168,7 @@ def chunk_probe(args) -> None:
     for name, n, k in (SHAPES[1:2] if bk.DRY_RUN else [SHAPES[1], SHAPES[5], SHAPES[6]]):
         if bk.DRY_RUN:
             n, k = 1024, 512
-        copies = 1 if bk.DRY_RUN else max(3, math.ceil(bk.L2_ROTATION_BYTES / (n * k * 2)))
-        layers = [bk.Layer(n, k, gen) for _ in range(copies)]
+        layers, _, _ = bk.one_token_layers(n, k, gen)
         base = launchers.pick_config(n, k, 1, 0, torch.device(bk.DEVICE), 0.5)
         for s in (0.5, 1.0):
             inputs = [bk.make_inputs(layer, bk.Case("teal", 1, min(s, 0.999)), gen) for layer in layers]

@@ -16,14 +16,12 @@ of weight copies), 1 token, s = 0.5 and 0.9, against the committed config and de
 import argparse
 import importlib.util
 import json
-import math
 import os
 import platform
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from vllm_rsparse import launchers
 
@@ -83,10 +81,7 @@ def main() -> None:
     for name, n, k in shapes:
         if bk.DRY_RUN:
             n, k = 1024, 512
-        copies = 1 if bk.DRY_RUN else max(3, math.ceil(bk.L2_ROTATION_BYTES / (n * k * 2)))
-        layers = [bk.Layer(n, k, gen) for _ in range(copies)]
-        xs = [torch.randn(1, k, device=bk.DEVICE, generator=gen).to(bk.DTYPE) for _ in layers]
-        dense_ms = bk.graph_time_ms([(lambda l=l, x=x: F.linear(x, l.w_dense)) for l, x in zip(layers, xs)])
+        layers, xs, dense_ms = bk.one_token_layers(n, k, gen)
         for s in args.sparsities:
             committed = launchers.pick_config(n, k, 1, 0, torch.device(bk.DEVICE), s)
             inputs = [bk.make_inputs(layer, bk.Case("teal", 1, s), gen) for layer in layers]
