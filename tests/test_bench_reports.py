@@ -4,6 +4,7 @@ markdown is what the committed JSON files give, and the fit recovers a known lin
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -35,3 +36,36 @@ def test_committed_report_matches_committed_measurements(fixed_cost, tmp_path):
     out = tmp_path / "fixed_cost.md"
     fixed_cost.write_report(str(out), str(RESULTS / "fixed_cost_h200.json"), str(RESULTS / "fixed_cost_chunks_h200.json"))
     assert out.read_text() == (RESULTS / "fixed_cost_h200.md").read_text()
+
+
+def _band_rows(times, same_config=False):
+    n, k = 4096, 4096
+    rows = []
+    for s, (t_design, t_high) in times.items():
+        rows.append({"n": n, "k": k, "sparsity": s, "band": "configs", "sparse_us": t_design, "gemv_config": {"a": 1}})
+        rows.append({"n": n, "k": k, "sparsity": s, "band": "configs_high", "sparse_us": t_high,
+                     "gemv_config": {"a": 1} if same_config else {"a": 2}})
+    return rows
+
+
+def test_band_boundary_at_the_crossing_of_the_two_times(fixed_cost):
+    # high band 31% slower at 0.8, 6% faster at 0.9: the times cross at 0.884 -> 0.89
+    rows = _band_rows({0.5: (11.2, 17.8), 0.8: (7.1, 9.3), 0.9: (6.5, 6.1), 1.0: (5.2, 4.3)})
+    assert fixed_cost.band_boundaries(rows, 0.7) == {"N4096_K4096": 0.89}
+    # slower only inside the tolerance above 0.7: the boundary is the next measured point
+    rows = _band_rows({0.7: (20.3, 22.8), 0.8: (16.7, 16.8), 0.9: (11.4, 11.2)})
+    assert fixed_cost.band_boundaries(rows, 0.7) == {"N4096_K4096": 0.8}
+    # never slower, the same config in both bands, or a boundary below the default: no entry
+    assert fixed_cost.band_boundaries(_band_rows({0.5: (23.0, 22.6), 0.9: (8.9, 8.4)}), 0.7) == {}
+    assert fixed_cost.band_boundaries(_band_rows({0.5: (10, 12), 0.9: (5, 6)}, True), 0.7) == {}
+    assert fixed_cost.band_boundaries(_band_rows({0.5: (10, 12), 0.6: (9, 8)}), 0.7) == {}
+    # the high band slower everywhere: never used
+    assert fixed_cost.band_boundaries(_band_rows({0.5: (10, 12), 0.9: (5, 6)}), 0.7) == {"N4096_K4096": 1.01}
+
+
+def test_committed_band_boundaries_match_the_measurement(fixed_cost):
+    from vllm_rsparse import launchers
+
+    measured = json.loads((RESULTS / "fixed_cost_h200.json").read_text())["rows"]
+    table = launchers._load_json(launchers._CONFIG_FILE)
+    assert fixed_cost.band_boundaries(measured, launchers.HIGH_SPARSITY_FROM) == table["high_from"]

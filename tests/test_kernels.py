@@ -396,6 +396,28 @@ def test_crossover_interpolates_between_measured_sparsities():
     assert launchers.crossover_tokens(123, 456, "threshold", 0.5) is None
 
 
+def test_config_band_boundary_per_shape():
+    """A module at or above its shape's measured boundary ("high_from" of sparse_gemv.json, H200,
+    fixed_cost_h200.json) runs the configs ranked at 0.9, below it the 0.5-ranked ones; shapes
+    without a measured boundary switch at launchers.HIGH_SPARSITY_FROM."""
+    table = launchers._load_json(launchers._CONFIG_FILE)
+    cuda = torch.device("cuda")  # the committed tables are read for a CUDA device only
+
+    def band(n, k, sparsity):
+        cfg = launchers.pick_config(n, k, 1, 0, cuda, sparsity)
+        key = launchers._shape_key(n, k)
+        return [b for b in ("configs", "configs_high") if launchers.GemvConfig.from_dict(table[b][key]["1"]) == cfg]
+
+    # o_proj: the 0.5-ranked config is 34% faster at 0.7 and 24% at 0.8; the 0.9-ranked one wins at 0.9
+    assert launchers.high_sparsity_from(4096, 4096) == table["high_from"]["N4096_K4096"] > 0.8
+    assert band(4096, 4096, 0.8) == ["configs"]
+    assert band(4096, 4096, 0.9) == ["configs_high"]
+    assert band(4096, 4096, None) == ["configs"]
+    # Llama-3 down has no boundary of its own: the default
+    assert launchers.high_sparsity_from(4096, 14336) == launchers.HIGH_SPARSITY_FROM
+    assert "configs_high" in band(4096, 14336, launchers.HIGH_SPARSITY_FROM)
+
+
 def test_crossover_lowrank_table():
     """Modules with R-Sparse's low-rank term are dispatched by their own table, measured on the
     H200 at R-Sparse 0.4 / 0.5 (input sparsity 0.46 / 0.55; lowrank_h200_s*.json): o_proj, both

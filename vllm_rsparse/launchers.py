@@ -153,7 +153,16 @@ def default_config(n: int, k: int, tokens: int, rank: int, device: torch.device)
 # Modules calibrated at this input sparsity or above run the configs tuned at s = 0.9
 # ("configs_high" of sparse_gemv.json): with a tenth of the rows selected the best tiling
 # differs (more, shorter programs); below it the configs tuned at the design sparsity 0.5.
+# A shape whose two configs were timed against each other over the sparsity range has its own
+# measured boundary ("high_from" of sparse_gemv.json, benchmarks/gpu/fixed_cost.py --band-table):
+# the high band's short chunks and wide tiles leave too few programs to stream many rows, so on
+# some shapes it only wins from 0.8-0.9 on.
 HIGH_SPARSITY_FROM = 0.7
+
+
+def high_sparsity_from(n: int, k: int) -> float:
+    """The module sparsity from which shape (N, K) runs the configs ranked at 0.9."""
+    return float(_load_json(_CONFIG_FILE).get("high_from", {}).get(_shape_key(n, k), HIGH_SPARSITY_FROM))
 
 
 def pick_config(n: int, k: int, tokens: int, rank: int, device: torch.device,
@@ -162,7 +171,8 @@ def pick_config(n: int, k: int, tokens: int, rank: int, device: torch.device,
     sparsity band (None: the design band), else the heuristic."""
     if device.type == "cuda":
         table = _load_json(_CONFIG_FILE)
-        band = "configs_high" if sparsity is not None and sparsity >= HIGH_SPARSITY_FROM else "configs"
+        high = sparsity is not None and sparsity >= high_sparsity_from(n, k)
+        band = "configs_high" if high else "configs"
         per_shape = table.get(band, {}).get(_shape_key(n, k)) or table.get("configs", {}).get(_shape_key(n, k))
         if per_shape:
             bucket = _bucket(tokens, [int(t) for t in per_shape])
@@ -631,6 +641,7 @@ __all__ = [
     "describe_config",
     "kernel_support",
     "pick_config",
+    "high_sparsity_from",
     "prepare_lowrank",
     "prepare_weight",
     "sparse_gemv",

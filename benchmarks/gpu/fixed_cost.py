@@ -18,6 +18,7 @@ Timing as the sweep (bench_kernels.graph_time_ms: CUDA graphs over >= 160 MB of 
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import sys
@@ -60,7 +61,12 @@ def main() -> None:
                          "s = 0.5 and 1.0, to see what the split-K tail costs")
     ap.add_argument("--report", nargs=2, metavar=("FIXED_JSON", "CHUNKS_JSON"),
                     help="instead: write the markdown table of two earlier runs' JSON files to --out")
+    ap.add_argument("--band-table", metavar="FIXED_JSON",
+                    help="instead: write the installed sparse_gemv.json with each shape's measured band boundary "
+                         "('high_from', from an earlier run's JSON) to --out")
     args = ap.parse_args()
+    if args.band_table:
+        return write_band_table(args.out, args.band_table)
     if args.report:
         return write_report(args.out, *args.report)
     if args.chunks:
@@ -123,6 +129,52 @@ def main() -> None:
         "command": "python3 -P benchmarks/gpu/fixed_cost.py " + " ".join(sys.argv[1:]),
         "copy_bandwidth_gbs": copy_gbs, "tiny_gemv_in_graph_us": floor_us,
         "fit_range": FIT_RANGE, "fits": fits, "rows": rows}, indent=1))
+
+
+# a band's config counts as slower only beyond this relative margin (replay-to-replay noise)
+BAND_TOLERANCE = 0.02
+
+
+def band_boundaries(rows: list[dict], default: float) -> dict[str, float]:
+    """Per shape key, the sparsity from which the 0.9-ranked config is not slower than the
+    0.5-ranked one: above the highest measured point where it is slower by more than
+    BAND_TOLERANCE, at the interpolated crossing of the two times (at most the next point).
+    Only boundaries above `default` are returned (below it the default already picks the high
+    band), and none for a shape whose two bands hold the same config."""
+    by_shape: dict[tuple[int, int], dict[float, dict[str, dict]]] = {}
+    for r in rows:
+        by_shape.setdefault((r["n"], r["k"]), {}).setdefault(r["sparsity"], {})[r["band"]] = r
+    out = {}
+    for (n, k), points in by_shape.items():
+        grid = sorted(s for s, bands in points.items() if {"configs", "configs_high"} <= bands.keys())
+        if not grid or points[grid[0]]["configs"]["gemv_config"] == points[grid[0]]["configs_high"]["gemv_config"]:
+            continue
+        excess = [points[s]["configs_high"]["sparse_us"] / points[s]["configs"]["sparse_us"] - 1 for s in grid]
+        slower = [i for i, e in enumerate(excess) if e > BAND_TOLERANCE]
+        if not slower:
+            continue
+        i = slower[-1]
+        if i == len(grid) - 1:
+            boundary = 1.01  # the high band never wins: never use it
+        else:
+            e0, e1 = excess[i], excess[i + 1]
+            boundary = grid[i] + (grid[i + 1] - grid[i]) * (e0 / (e0 - e1) if e1 < 0 else 1.0)
+            boundary = math.ceil(boundary * 100 - 1e-9) / 100
+        if boundary > default:
+            out[launchers._shape_key(n, k)] = boundary
+    return out
+
+
+def write_band_table(out: str, fixed_path: str) -> None:
+    fixed = json.loads(Path(fixed_path).read_text())
+    table = json.loads(json.dumps(launchers._load_json(launchers._CONFIG_FILE)))
+    table["high_from"] = band_boundaries(fixed["rows"], launchers.HIGH_SPARSITY_FROM)
+    table["high_from_note"] = (
+        f"module sparsity from which a shape runs configs_high (default {launchers.HIGH_SPARSITY_FROM}): "
+        f"both bands' one-token configs timed at s = 0..1 on {fixed['gpu']} at {fixed['commit'][:7]} "
+        "(benchmarks/results/fixed_cost_h200.json), written by benchmarks/gpu/fixed_cost.py --band-table")
+    Path(out).write_text(json.dumps(table, indent=1) + "\n")
+    print("high_from:", table["high_from"])
 
 
 def write_report(out: str, fixed_path: str, chunks_path: str) -> None:
