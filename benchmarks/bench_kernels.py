@@ -346,6 +346,13 @@ def one_token_layers(n: int, k: int, gen: torch.Generator):
     return layers, xs, dense_ms
 
 
+def one_token_calls(inputs, cfg: launchers.GemvConfig) -> list:
+    """One sparse call per weight copy (make_inputs results), each on its copy's first x, with a
+    fixed config and no dispatch table: what the graph-timed probes replay."""
+    return [lambda x=xs[0], a=args: launchers.sparse_linear(x, **a, config=cfg, use_crossover=False)
+            for xs, args, _, _ in inputs]
+
+
 # one-row sweep. compact: (block_n, block_k, num_warps) x K chunk; walk: (block_n, block_k,
 # num_warps) x K steps per program (1 step = every program issues its whole tile at once,
 # no loop-carried latency chain; more steps = fewer split-K atomics)

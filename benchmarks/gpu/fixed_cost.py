@@ -53,6 +53,26 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
+def teal_inputs(layers, sparsity: float, gen) -> tuple[list, float]:
+    """One token's TEAL inputs per weight copy at `sparsity`, and the bytes one call reads;
+    at 1.0 the threshold is above every score, so no channel (no weight row) is selected."""
+    inputs = [bk.make_inputs(layer, bk.Case("teal", 1, min(sparsity, 0.999)), gen) for layer in layers]
+    if sparsity < 1.0:
+        return inputs, sum(nb for _, _, nb, _ in inputs) / len(inputs)  # weight rows + x + output
+    for _, args, _, _ in inputs:
+        args["threshold"] = torch.full((1,), float("inf"), device=bk.DEVICE)
+    n, k = layers[0].n, layers[0].k
+    return inputs, (n + k) * 2  # x and the output only
+
+
+def run_header() -> dict:
+    return {"commit": os.environ.get("RSPARSE_COMMIT", "unknown"),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
+            "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__,
+                         "python": platform.python_version()},
+            "command": "python3 -P benchmarks/gpu/fixed_cost.py " + " ".join(sys.argv[1:])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -90,15 +110,8 @@ def main() -> None:
             cfg = launchers.pick_config(n, k, 1, 0, torch.device(bk.DEVICE), band_s)
             points = []
             for s in SPARSITIES:
-                # s = 1.0: a threshold above every score, so no channel is selected
-                inputs = [bk.make_inputs(layer, bk.Case("teal", 1, min(s, 0.999)), gen) for layer in layers]
-                if s >= 1.0:
-                    for _, a, _, _ in inputs:
-                        a["threshold"] = torch.full((1,), float("inf"), device=bk.DEVICE)
-                nbytes = (0.0 if s >= 1.0 else sum(nb for _, _, nb, _ in inputs) / len(inputs)) + (n + k) * 2
-                calls = [lambda x=xs_[0], a=a: launchers.sparse_linear(x, **a, config=cfg, use_crossover=False)
-                         for xs_, a, _, _ in inputs]
-                us = bk.graph_time_ms(calls) * 1e3
+                inputs, nbytes = teal_inputs(layers, s, gen)
+                us = bk.graph_time_ms(bk.one_token_calls(inputs, cfg)) * 1e3
                 row = {"shape": name, "n": n, "k": k, "band": band, "gemv_config": vars(cfg), "sparsity": s,
                        "bytes": nbytes, "sparse_us": us, "dense_us": dense_us, "ratio": us / dense_us,
                        "gbs": nbytes / (us * 1e-6) / 1e9}
@@ -122,12 +135,7 @@ def main() -> None:
         del layers
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     Path(args.out).write_text(json.dumps({
-        "commit": os.environ.get("RSPARSE_COMMIT", "unknown"),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
-        "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__,
-                     "python": platform.python_version()},
-        "command": "python3 -P benchmarks/gpu/fixed_cost.py " + " ".join(sys.argv[1:]),
-        "copy_bandwidth_gbs": copy_gbs, "tiny_gemv_in_graph_us": floor_us,
+        **run_header(), "copy_bandwidth_gbs": copy_gbs, "tiny_gemv_in_graph_us": floor_us,
         "fit_range": FIT_RANGE, "fits": fits, "rows": rows}, indent=1))
 
 
@@ -223,25 +231,17 @@ def chunk_probe(args) -> None:
         layers, _, _ = bk.one_token_layers(n, k, gen)
         base = launchers.pick_config(n, k, 1, 0, torch.device(bk.DEVICE), 0.5)
         for s in (0.5, 1.0):
-            inputs = [bk.make_inputs(layer, bk.Case("teal", 1, min(s, 0.999)), gen) for layer in layers]
-            if s >= 1.0:
-                for _, a, _, _ in inputs:
-                    a["threshold"] = torch.full((1,), float("inf"), device=bk.DEVICE)
+            inputs, _ = teal_inputs(layers, s, gen)
             for chunk in (256, 512, 1024, 2048, 4096, 8192, 16384):
                 if chunk > k * 2 or chunk < base.block_k:
                     continue
                 cfg = bk.one_row_config("compact", base.block_n, base.block_k, base.num_warps, chunk, k)
-                calls = [lambda x=xs_[0], a=a: launchers.sparse_linear(x, **a, config=cfg, use_crossover=False)
-                         for xs_, a, _, _ in inputs]
-                us = bk.graph_time_ms(calls) * 1e3
+                us = bk.graph_time_ms(bk.one_token_calls(inputs, cfg)) * 1e3
                 rows.append({"shape": name, "sparsity": s, "chunk": chunk, "split_k": cfg.split_k,
                              "gemv_config": vars(cfg), "sparse_us": us})
                 print(f"{name:18s} s={s} chunk {chunk:5d} split_k {cfg.split_k:3d} bn{cfg.block_n} {us:7.2f} us", flush=True)
         del layers
-    Path(args.out).write_text(json.dumps({
-        "commit": os.environ.get("RSPARSE_COMMIT", "unknown"),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
-        "command": "python3 -P benchmarks/gpu/fixed_cost.py " + " ".join(sys.argv[1:]), "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({**run_header(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

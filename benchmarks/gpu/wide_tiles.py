@@ -81,7 +81,7 @@ def main() -> None:
     for name, n, k in shapes:
         if bk.DRY_RUN:
             n, k = 1024, 512
-        layers, xs, dense_ms = bk.one_token_layers(n, k, gen)
+        layers, _, dense_ms = bk.one_token_layers(n, k, gen)
         for s in args.sparsities:
             committed = launchers.pick_config(n, k, 1, 0, torch.device(bk.DEVICE), s)
             inputs = [bk.make_inputs(layer, bk.Case("teal", 1, s), gen) for layer in layers]
@@ -92,8 +92,7 @@ def main() -> None:
                 (f"{kern} bn{bn} bk{bkk} w{w} {'chunk' if kern == 'compact' else 'steps'}{per}",
                  bk.one_row_config(kern, bn, bkk, w, per, k)) for kern, bn, bkk, w, per in WIDE]
             for label, cfg in candidates:
-                calls = [lambda x=xs_[0], a=a: launchers.sparse_linear(x, **a, config=cfg, use_crossover=False)
-                         for xs_, a, _, _ in inputs]
+                calls = bk.one_token_calls(inputs, cfg)
                 try:
                     got = calls[0]().float()
                     err = float((got - reference).abs().max() / reference.abs().max())
