@@ -194,7 +194,8 @@ def write_report(out: str, fixed_path: str, chunks_path: str) -> None:
         f"`benchmarks/gpu/fixed_cost.py`, commit `{fixed['commit'][:7]}` (chunks: `{chunks['commit'][:7]}`), "
         f"versions {json.dumps(fixed['versions'])}. CUDA-graph timing over rotating weight copies (as the sweep), "
         f"bf16, TEAL threshold selection, the committed config of each band (`configs`: ranked at s = 0.5, used "
-        f"below {launchers.HIGH_SPARSITY_FROM}; `configs_high`: ranked at 0.9). Copy bandwidth {copy:.0f} GB/s; "
+        f"below the shape's `high_from` boundary, default {launchers.HIGH_SPARSITY_FROM}; `configs_high`: ranked at "
+        f"0.9). Copy bandwidth {copy:.0f} GB/s; "
         f"one tiny cuBLAS GEMV in a graph (the floor of any kernel) {fixed['tiny_gemv_in_graph_us']:.2f} us. "
         f"Fit: time = fixed + bytes / marginal bandwidth over s = {fixed['fit_range'][0]}-{fixed['fit_range'][1]}; "
         "'empty' = s = 1.0 (threshold above every score: launch, selection, split-K tail, no weight rows).", "",
