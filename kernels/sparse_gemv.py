@@ -17,12 +17,25 @@ Selection (the contract of vllm_rsparse/reference.py), per token row m:
 
 One launch of sparse_gemv_kernel covers a [K, N] GEMV for up to 16 rows:
     grid = (n_tiles_w + n_tiles_v, split_k, row_groups)
-Programs split K (split-K) so that small N still fills the GPU. Partial sums go by
-f32 atomics into a persistent zeroed accumulator; the last program to finish an
-output tile (an atomic arrival counter per tile) reads the sum, writes the output,
-and zeroes its accumulator tile and counter so the next launch (or CUDA-graph
-replay) finds them clean. f32 atomics sum in arrival order: results can differ
-between runs in the last f32 bits (at most 1 ulp of the bf16/fp16 output).
+Programs split K (split-K) so that small N still fills the GPU. Two ways to finish:
+
+  fixed point (FIXED, split_k <= FX_MAX_SPLIT): each program adds its partial sum, as a
+  64-bit fixed-point number with an arrival count in its top bits, to a zeroed int64
+  workspace element with ONE atomic that returns the old value. The program whose add
+  brings the count to split_k holds the whole sum, writes the output element and zeroes
+  the workspace element. No tile counter, no fence, no reload: one round trip to L2
+  instead of three. Integer sums do not depend on the arrival order, so results are
+  bit-identical between runs. Word layout (int64, always >= 0 once counted):
+      bits 57..62 arrivals (<= 63)  bits 51..56 poisoned partials  bits 0..50 the sum
+      sum = round-toward-zero(partial * 2^24) summed, |sum| < 2^50 (63 partials of
+      |partial| <= FX_LIMIT = 2^20). A partial that is NaN, infinite or beyond FX_LIMIT
+      poisons the element: its output is NaN (loud), never a wrapped value.
+  counter (deeper splits): partial sums go by f32 atomics into a persistent zeroed
+  accumulator; the last program to finish an output tile (an atomic arrival counter per
+  tile) reads the sum, writes the output, and zeroes its accumulator tile and counter.
+  f32 atomics sum in arrival order: results can differ between runs in the last f32
+  bits (at most 1 ulp of the bf16/fp16 output).
+Either way the workspace is left zeroed for the next launch (or CUDA-graph replay).
 
 sparse_gemv_compact_kernel (one row per program, launchers.COMPACT_ROWS_ENABLED) does
 the same with work proportional to the selected channels: each program compacts its
@@ -31,6 +44,17 @@ K chunk's selected indices into a scratch list, then loads only those weight row
 
 import triton
 import triton.language as tl
+
+# 64-bit fixed-point split-K word (module docstring); launchers.FX_MAX_SPLIT mirrors FX_MAX_SPLIT.
+# Plain values, not expressions of each other: the interpreter does no constexpr arithmetic.
+FX_SCALE = tl.constexpr(16777216.0)  # 2^24: the sum's fraction bits
+FX_UNIT = tl.constexpr(1.0 / 16777216.0)
+FX_LIMIT = tl.constexpr(1048576.0)  # 2^20: 63 partials of this size stay below 2^50 in the sum field
+FX_POISON_SHIFT = tl.constexpr(51)  # poisoned partials counted in bits 51..56
+FX_POISON_MASK = tl.constexpr(63)
+FX_HALF_POISON = tl.constexpr(1 << 50)  # the sum field's range: |sum| < 2^50
+FX_COUNT_SHIFT = tl.constexpr(6)  # arrivals in bits 57..62: 6 bits above the poison count
+FX_MAX_SPLIT = tl.constexpr(63)
 
 
 @triton.jit
@@ -151,15 +175,17 @@ def _masked_tile(
 @triton.jit
 def sparse_gemv_kernel(
     p_x, p_w, p_v, p_scale, p_thr, p_jcut, p_bias,
-    p_acc, p_count, p_out, p_y32, p_z,
+    p_acc, p_count, p_fx, p_out, p_y32, p_z,
     M, N, K, R, k_per_split, n_tiles_w, ws_cols,
     s_xm, s_xk, s_wk, s_vk, s_om, s_on,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, AHEAD: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr, DOT_F32: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
     # x [M, K]  w_t [K, N]  v_t [K, R]  scale [K]  thr [1] or [M] f32  jcut [M] i32
     # bias [N]  acc [16, ws_cols] f32 (zeros)  count [tiles * row_groups] i32 (zeros)
+    # fx [16, ws_cols] i64 (zeros; FIXED split-K words)
     # out [M, N] (no lowrank) | y32 [M, N] f32 and z [M, R] f32 (lowrank)
     # grid (n_tiles_w + n_tiles_v, split_k, row_groups); tiles >= n_tiles_w are v_t tiles
     i_n = tl.program_id(0)
@@ -197,18 +223,37 @@ def sparse_gemv_kernel(
 
     o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
     m_out = m_m[:, None] & m_n[None, :]
-    _finish(acc, is_v, i_n, i_g, col0, o_m, o_n, m_out, p_acc, p_count, p_bias, p_out, p_y32, p_z,
-            N, R, ws_cols, s_om, s_on, ROWS, BLOCK_N, HAS_BIAS, HAS_LOWRANK, SPLIT)
+    _finish(acc, is_v, i_n, i_g, col0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
+            N, R, ws_cols, s_om, s_on, ROWS, BLOCK_N, HAS_BIAS, HAS_LOWRANK, SPLIT, FIXED)
 
 
 @triton.jit
-def _finish(acc, is_v, i_n, i_g, col0, o_m, o_n, m_out, p_acc, p_count, p_bias, p_out, p_y32, p_z,
+def _finish(acc, is_v, i_n, i_g, col0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
             N, R, ws_cols, s_om, s_on,
             ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-            HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr):
+            HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr):
     # acc [ROWS, BLOCK_N] f32: this program's partial sum of output tile (i_n, i_g)
     n_split = tl.num_programs(1)
-    if SPLIT:
+    if SPLIT and FIXED:
+        # one returning atomic per element (module docstring): the add that completes the
+        # count sees the whole sum, so no counter, fence or reload is needed
+        bad = ~(tl.abs(acc) <= FX_LIMIT)  # NaN compares false: poisoned too
+        fixed = tl.where(bad, 0.0, acc * FX_SCALE).to(tl.int64)
+        # + one arrival (bit 57), + one poisoned partial (bit 51) if bad
+        high_add = tl.where(bad, 65, 64).to(tl.int64)
+        word = fixed + (high_add << FX_POISON_SHIFT)
+        p_word = p_fx + o_m[:, None] * ws_cols + col0 + o_n[None, :]
+        total = tl.atomic_add(p_word, word, mask=m_out, sem="relaxed") + word
+        # arrivals * 64 + poisoned: the sum field rounds away (|sum| < 2^50, half a unit)
+        high = (total + FX_HALF_POISON) >> FX_POISON_SHIFT
+        m_last = m_out & ((high >> FX_COUNT_SHIFT) == n_split)
+        val = (total - (high << FX_POISON_SHIFT)).to(tl.float32) * FX_UNIT
+        val = tl.where((high & FX_POISON_MASK) != 0, float("nan"), val)
+        # only the completing program touches the element again this launch
+        tl.store(p_word, tl.zeros([ROWS, BLOCK_N], dtype=tl.int64), mask=m_last)
+        _store_result(val, is_v, o_m, o_n, m_last, o_n < N, p_bias, p_out, p_y32, p_z,
+                      N, R, s_om, s_on, HAS_BIAS, HAS_LOWRANK)
+    elif SPLIT:
         # split-K: fire-and-forget f32 atomics into a zeroed accumulator (no latency
         # chain, whatever split_k is); the last program of the tile reads the sum,
         # writes the result and zeroes the tile again for the next launch
@@ -381,16 +426,16 @@ def _compact_tile(p_x, p_mat, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, i_col
 @triton.jit
 def sparse_gemv_compact_kernel(
     p_x, p_w, p_v, p_scale, p_thr, p_jcut, p_bias, p_list,
-    p_acc, p_count, p_out, p_y32, p_z,
+    p_acc, p_count, p_fx, p_out, p_y32, p_z,
     M, N, K, R, n_tiles_w, ws_cols, list_cols,
     s_xm, s_xk, s_wk, s_vk, s_om, s_on,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, AHEAD: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr, AHEAD: tl.constexpr,
 ):
     # x [M, K]  w_t [K, N]  v_t [K, R]  scale [K]  thr [1] or [M] f32  jcut [M] i32  bias [N]
     # list [2 * M, list_cols] i32 (scratch: selected | dropped channel lists per row)
-    # acc [16, ws_cols] f32 (zeros)  count [tiles * M] i32 (zeros)
+    # acc [16, ws_cols] f32 (zeros)  count [tiles * M] i32 (zeros)  fx [16, ws_cols] i64 (zeros)
     # out [M, N] (no lowrank) | y32 [M, N] f32 and z [M, R] f32 (lowrank)
     # grid (n_tiles_w + n_tiles_v, cdiv(K, CHUNK), M); tiles >= n_tiles_w are v_t tiles.
     # One program = one token row x one output tile x one K chunk.
@@ -428,5 +473,5 @@ def sparse_gemv_compact_kernel(
         m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < N
     o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
     m_out = m_m[:, None] & m_n[None, :]
-    _finish(acc, is_v, i_n, i_m, col0, o_m, o_n, m_out, p_acc, p_count, p_bias, p_out, p_y32, p_z,
-            N, R, ws_cols, s_om, s_on, 1, BLOCK_N, HAS_BIAS, HAS_LOWRANK, SPLIT)
+    _finish(acc, is_v, i_n, i_m, col0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
+            N, R, ws_cols, s_om, s_on, 1, BLOCK_N, HAS_BIAS, HAS_LOWRANK, SPLIT, FIXED)

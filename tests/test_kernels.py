@@ -202,18 +202,24 @@ def test_topk_select_exact_count(distinct, keep_frac, select, gen, monkeypatch):
     assert torch.equal(mask, topk_mask_lowest_index(x, keep, None))
 
 
+@pytest.mark.parametrize("finish", ["fixed", "counter"])
 @pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "one_ahead"])
 @pytest.mark.parametrize("rows", ["compact", "walk", "union"])
 @pytest.mark.parametrize("split_k", [1, 3, 1000], ids=lambda s: f"split{s}")
-def test_configs_agree(rows, split_k, ahead, gen, monkeypatch):
+def test_configs_agree(rows, split_k, ahead, finish, gen, monkeypatch):
     """Compact, walk and union programs, any split-K (compact: any K chunk, the last one
-    partial), with and without the loads two steps ahead, give each row only its own channels."""
+    partial), with and without the loads two steps ahead, either split-K finish (splits
+    deeper than FX_MAX_SPLIT always take the counter), give each row only its own channels
+    and leave the workspace zeroed."""
     if rows == "compact" and split_k == 1000 and not HAS_CUDA:
         pytest.skip("16-channel chunks: test_compact_chunks covers them at interpreter cost")
     if rows == "union" and not ahead:
         pytest.skip("the union (tl.dot) loop has no hand pipeline")
+    if split_k == 1 and finish == "counter":
+        pytest.skip("one program along K has no split-K finish")
     monkeypatch.setattr(launchers, "COMPACT_ROWS_ENABLED", rows == "compact")
     monkeypatch.setattr(launchers, "LOAD_AHEAD_ENABLED", ahead)
+    monkeypatch.setattr(launchers, "FIXED_POINT_SPLIT_ENABLED", finish == "fixed")
     rows = launchers.MAX_ROWS if rows == "union" else 1
     n, k, m = (200, 300, 6) if not HAS_CUDA else (4096, 11008, 6)
     dtype = torch.bfloat16
@@ -226,8 +232,36 @@ def test_configs_agree(rows, split_k, ahead, gen, monkeypatch):
     out = launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u, v_t, config=cfg)
     ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v)
     check_close(out, ref)
-    counters, acc, _ = launchers._workspace_for(x.device)
-    assert int(counters.abs().sum()) == 0 and float(acc.abs().sum()) == 0.0, "split-K workspace left dirty"
+    assert launchers._workspace_for(x.device).is_clean(), "split-K workspace left dirty"
+
+
+@pytest.mark.parametrize("kernel", ["compact", "walk"])
+def test_fixed_point_finish_range(kernel, gen, monkeypatch):
+    """The fixed-point split-K finish: bit-identical results on a repeat, and a partial sum
+    beyond its range (FX_LIMIT) turns that output element into NaN instead of a wrapped
+    value, leaving the other rows exact and the workspace clean; the counter finish
+    computes it."""
+    from vllm_rsparse.kernels import sparse_gemv as kernels_module
+
+    assert launchers.FX_MAX_SPLIT == kernels_module.FX_MAX_SPLIT.value
+    monkeypatch.setattr(launchers, "COMPACT_ROWS_ENABLED", kernel == "compact")
+    n, k, m = (96, 300, 2) if not HAS_CUDA else (4096, 4096, 2)
+    w, b, _, _, _ = make_layer(n, k, torch.bfloat16, gen)
+    x = randn(m, k, gen=gen, dtype=torch.bfloat16)
+    thr = threshold_for(x, 0.5, None)
+    # row 0, channel 7: 4e6 x 1.0 in every column, four times FX_LIMIT
+    x[0, 7] = 4.0e6
+    w[:, 7] = 1.0
+    w_t = launchers.prepare_weight(w).t()
+    cfg = launchers.GemvConfig(rows=1, block_n=32, block_k=16, split_k=3, num_warps=4, num_stages=1, kernel=kernel)
+    ref = reference.sparse_linear(x, w, b, threshold=thr)
+    out = launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg)
+    assert torch.isnan(out[0]).all(), "an out-of-range partial sum must give NaN, not a wrapped value"
+    check_close(out[1:], ref[1:])
+    assert torch.equal(out[1:], launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg)[1:])
+    assert launchers._workspace_for(x.device).is_clean()
+    monkeypatch.setattr(launchers, "FIXED_POINT_SPLIT_ENABLED", False)
+    check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg), ref)
 
 
 @pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "one_ahead"])
@@ -376,8 +410,7 @@ def test_cuda_graph_replay(selection, tokens, gen):
         else:
             ref = reference.masked_linear(x_static, w, topk_mask_lowest_index(x_static, keep, s), b, u, v)
         check_close(out_static, ref)
-    counters, acc, _ = launchers._workspace_for(x_static.device)
-    assert int(counters.abs().sum()) == 0 and float(acc.abs().sum()) == 0.0
+    assert launchers._workspace_for(x_static.device).is_clean()
 
 
 def test_crossover_interpolates_between_measured_sparsities():

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import os
+import typing
 import warnings
 from importlib import resources
 
@@ -47,9 +48,18 @@ COMPACT_ROWS_ENABLED = False
 # load they are predicated or indexed on. False: the previous one-step-ahead loop (kept
 # so `bench_kernels.py --graph-sweep` times both in one run; tests run both).
 LOAD_AHEAD_ENABLED = True
+# Split-K finish (kernels/sparse_gemv.py docstring). Fixed point: one returning 64-bit
+# atomic per output element and program, which also counts the arrivals, so the program
+# that completes an element writes it (no per-tile counter, fence or reload; results
+# bit-identical between runs); used up to FX_MAX_SPLIT programs along K. Counter: f32
+# atomics, then a per-tile arrival counter and the last program's reload; deeper splits,
+# and every split when False (kept so benchmarks time both in one run; tests run both).
+FIXED_POINT_SPLIT_ENABLED = True
+FX_MAX_SPLIT = 63  # the word's 6 arrival bits (kernels/sparse_gemv.py FX_MAX_SPLIT)
 # Split-K workspace, per device, zero between launches (the kernel re-zeroes what it
-# used): arrival counters, one per (tile, row group), and an f32 accumulator of
-# MAX_ROWS x WORKSPACE_COLS (4 MiB); N + r of a layer must fit in WORKSPACE_COLS.
+# used): arrival counters, one per (tile, row group), an f32 accumulator and an int64
+# fixed-point accumulator of MAX_ROWS x WORKSPACE_COLS (4 + 8 MiB); N + r of a layer must
+# fit in WORKSPACE_COLS.
 COUNTER_SLOTS = 1 << 16
 WORKSPACE_COLS = 1 << 16
 # Channel-list scratch of the one-row (compact) programs: per row, the selected and the
@@ -64,7 +74,7 @@ THRESHOLD_SELECTION = -1
 
 _CONFIG_FILE = "sparse_gemv.json"
 _DISPATCH_FILE = "dispatch.json"
-_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_workspaces: dict[torch.device, "Workspace"] = {}
 _warned_layout = False
 
 
@@ -332,12 +342,24 @@ def _as_kn(weight: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _counters_for(device: torch.device) -> torch.Tensor:
-    return _workspace_for(device)[0]
+    return _workspace_for(device).counters
 
 
-def _workspace_for(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(counters [COUNTER_SLOTS] i32, accumulator [MAX_ROWS, WORKSPACE_COLS] f32, zeros;
-    channel lists [LIST_ROWS, WORKSPACE_COLS] i32, scratch written before it is read)."""
+class Workspace(typing.NamedTuple):
+    """Per-device scratch of the kernels. Every split-K buffer is zero between launches
+    (the kernels re-zero what they used); the lists are written before they are read."""
+
+    counters: torch.Tensor  # [COUNTER_SLOTS] i32: arrivals per output tile (counter finish)
+    accumulator: torch.Tensor  # [MAX_ROWS, WORKSPACE_COLS] f32: partial sums (counter finish)
+    fixed: torch.Tensor  # [MAX_ROWS, WORKSPACE_COLS] i64: fixed-point words (fixed-point finish)
+    lists: torch.Tensor  # [LIST_ROWS, WORKSPACE_COLS] i32: compact channel lists
+
+    def is_clean(self) -> bool:
+        """True when the split-K buffers are all zero (a test's check that nothing leaked)."""
+        return not (self.counters.any() or self.accumulator.any() or self.fixed.any())
+
+
+def _workspace_for(device: torch.device) -> Workspace:
     ws = _workspaces.get(device)
     if ws is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -345,10 +367,11 @@ def _workspace_for(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, to
                 "rsparse: the split-K workspace would be allocated during CUDA-graph capture; "
                 "call vllm_rsparse.launchers.prepare_weight on the weights before capture"
             )
-        ws = (
-            torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device),
-            torch.zeros((MAX_ROWS, WORKSPACE_COLS), dtype=torch.float32, device=device),
-            torch.zeros((LIST_ROWS, WORKSPACE_COLS), dtype=torch.int32, device=device),
+        ws = Workspace(
+            counters=torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device),
+            accumulator=torch.zeros((MAX_ROWS, WORKSPACE_COLS), dtype=torch.float32, device=device),
+            fixed=torch.zeros((MAX_ROWS, WORKSPACE_COLS), dtype=torch.int64, device=device),
+            lists=torch.zeros((LIST_ROWS, WORKSPACE_COLS), dtype=torch.int32, device=device),
         )
         _workspaces[device] = ws
     return ws
@@ -525,7 +548,8 @@ def sparse_gemv(
 
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dummy = out  # placeholder pointer for absent optional tensors (never dereferenced)
-    counters, acc, lists = _workspace_for(x.device)
+    ws = _workspace_for(x.device)
+    fixed = split_k > 1 and FIXED_POINT_SPLIT_ENABLED and split_k <= FX_MAX_SPLIT
     if has_lowrank:
         y32 = torch.empty((m, n), dtype=torch.float32, device=x.device)
         z = torch.empty((m, rank), dtype=torch.float32, device=x.device)
@@ -539,14 +563,14 @@ def sparse_gemv(
             x, w_t, v_t if has_lowrank else w_t,
             channel_scale if channel_scale is not None else dummy,
             thr, jcut if jcut is not None else thr,
-            bias if bias is not None else dummy, lists,
-            acc, counters, out, y32, z,
+            bias if bias is not None else dummy, ws.lists,
+            ws.accumulator, ws.counters, ws.fixed, out, y32, z,
             *common, tiles_w, WORKSPACE_COLS, WORKSPACE_COLS,
             x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0,
             out.stride(0), out.stride(1),
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
             HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
-            HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, AHEAD=LOAD_AHEAD_ENABLED,
+            HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, FIXED=fixed, AHEAD=LOAD_AHEAD_ENABLED,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
@@ -555,13 +579,14 @@ def sparse_gemv(
             channel_scale if channel_scale is not None else dummy,
             thr, jcut if jcut is not None else thr,
             bias if bias is not None else dummy,
-            acc, counters, out, y32, z,
+            ws.accumulator, ws.counters, ws.fixed, out, y32, z,
             *common, k_per_split, tiles_w, WORKSPACE_COLS,
             x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0,
             out.stride(0), out.stride(1),
             ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
-            HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, DOT_F32=interpreting(), AHEAD=LOAD_AHEAD_ENABLED,
+            HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, FIXED=fixed, DOT_F32=interpreting(),
+            AHEAD=LOAD_AHEAD_ENABLED,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if has_lowrank:

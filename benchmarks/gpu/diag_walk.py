@@ -18,9 +18,9 @@ for n, k in [(4096, 11008), (4096, 14336), (4096, 4096)]:
         out2 = launchers.sparse_gemv(x, w_t, thr, None, b, None, None, None, cfg).float()
         err = (out - ref).abs().max().item()
         err2 = (out2 - ref).abs().max().item()
-        counters, acc, _ = launchers._workspace_for(x.device)
-        dirty = float(acc.abs().sum()) + int(counters.abs().sum())
+        ws = launchers._workspace_for(x.device)
+        dirty = not ws.is_clean()
         if err > 0.05 or err2 > 0.05 or dirty:
-            print(f"BAD N{n} K{k} {cfg} err {err:.3g} {err2:.3g} dirty {dirty:.3g}", flush=True)
-            acc.zero_(); counters.zero_()
+            print(f"BAD N{n} K{k} {cfg} err {err:.3g} {err2:.3g} dirty {dirty}", flush=True)
+            ws.accumulator.zero_(); ws.counters.zero_(); ws.fixed.zero_()
     print(f"done N{n} K{k}", flush=True)

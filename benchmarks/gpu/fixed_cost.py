@@ -12,6 +12,8 @@ matrix (the floor of one kernel in a CUDA graph) and dense cuBLAS of the shape.
 Timing as the sweep (bench_kernels.graph_time_ms: CUDA graphs over >= 160 MB of weight copies).
 
     python3 -P benchmarks/gpu/fixed_cost.py --out $OUT/fixed_cost_h200.json
+    python3 -P benchmarks/gpu/fixed_cost.py --finishes fixed counter --out ...   # both split-K finishes,
+        alternating at every point (rows and fits carry "finish"; the band table reads the launcher's)
     RSPARSE_BENCH_DRY=1 python benchmarks/gpu/fixed_cost.py --out /tmp/f.json   # CPU: script check only
 """
 
@@ -41,6 +43,23 @@ SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0]
 FIT_RANGE = (0.3, 0.9)
 # the band a config is ranked for, as launchers.pick_config chooses it
 BAND_SPARSITY = {"configs": 0.5, "configs_high": 0.9}
+
+
+FINISHES = ("fixed", "counter")
+
+
+def default_finish() -> str:
+    """The split-K finish the launcher uses (launchers.FIXED_POINT_SPLIT_ENABLED)."""
+    return "fixed" if launchers.FIXED_POINT_SPLIT_ENABLED else "counter"
+
+
+def set_finish(finish: str) -> None:
+    launchers.FIXED_POINT_SPLIT_ENABLED = finish == "fixed"
+
+
+def row_finish(row: dict) -> str:
+    """Rows written before the fixed-point finish existed were all timed with the counter."""
+    return row.get("finish", "counter")
 
 
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -76,6 +95,8 @@ def run_header() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--finishes", nargs="+", choices=FINISHES, default=[default_finish()],
+                    help="split-K finishes to time at every point, alternating (launchers.FIXED_POINT_SPLIT_ENABLED)")
     ap.add_argument("--chunks", action="store_true",
                     help="instead: the compact kernel at the committed tile with K chunks 256..K (split-K depth), "
                          "s = 0.5 and 1.0, to see what the split-K tail costs")
@@ -99,6 +120,7 @@ def main() -> None:
     floor_us = bk.graph_time_ms([(lambda w=w: F.linear(tiny_x, w)) for w in tiny]) * 1e3
     print(f"copy bandwidth {copy_gbs} GB/s; one tiny cuBLAS GEMV in a graph {floor_us:.2f} us", flush=True)
     rows, fits = [], []
+    launcher_finish = default_finish()
     shapes = SHAPES[1:2] if bk.DRY_RUN else SHAPES
     for name, n, k in shapes:
         if bk.DRY_RUN:
@@ -108,30 +130,38 @@ def main() -> None:
         dense_bytes = n * k * 2 + (n + k) * 2
         for band, band_s in BAND_SPARSITY.items():
             cfg = launchers.pick_config(n, k, 1, 0, torch.device(bk.DEVICE), band_s)
-            points = []
-            for s in SPARSITIES:
+            points = {finish: [] for finish in args.finishes}
+            for i_s, s in enumerate(SPARSITIES):
                 inputs, nbytes = teal_inputs(layers, s, gen)
-                us = bk.graph_time_ms(bk.one_token_calls(inputs, cfg)) * 1e3
-                row = {"shape": name, "n": n, "k": k, "band": band, "gemv_config": vars(cfg), "sparsity": s,
-                       "bytes": nbytes, "sparse_us": us, "dense_us": dense_us, "ratio": us / dense_us,
-                       "gbs": nbytes / (us * 1e-6) / 1e9}
-                rows.append(row)
-                if FIT_RANGE[0] <= s <= FIT_RANGE[1]:
-                    points.append((nbytes, us))
-                print(f"{name:18s} {band:12s} s={s:<5} {us:7.2f} us  {us / dense_us:.3f}x dense ({dense_us:.1f} us)"
-                      f"  {row['gbs']:6.0f} GB/s", flush=True)
-            fixed_us, us_per_byte = fit_line(points)
-            marginal_gbs = 1e-3 / us_per_byte if us_per_byte > 0 else None
-            empty_us = next(r["sparse_us"] for r in rows if r["shape"] == name and r["band"] == band and r["sparsity"] >= 1.0)
-            fit = {"shape": name, "band": band, "dense_us": dense_us, "dense_gbs": dense_bytes / (dense_us * 1e-6) / 1e9,
-                   "fit_fixed_us": fixed_us, "fit_marginal_gbs": marginal_gbs,
-                   "fit_marginal_pct_copy": (100 * marginal_gbs / copy_gbs) if marginal_gbs and copy_gbs else None,
-                   "empty_us": empty_us,
-                   # what s = 0.5 would take with this fixed cost at the target bandwidth (80% of copy)
-                   "s05_at_80pct_copy_us": (fixed_us + (0.5 * n * k * 2) / (0.8 * copy_gbs * 1e9) * 1e6) if copy_gbs else None}
-            fits.append(fit)
-            print(f"  fit {name} {band}: fixed {fixed_us:.2f} us, marginal {marginal_gbs and round(marginal_gbs)} GB/s, "
-                  f"empty launch {empty_us:.2f} us", flush=True)
+                # alternate which finish goes first, so drift does not favour one
+                order = args.finishes if i_s % 2 == 0 else args.finishes[::-1]
+                for finish in order:
+                    set_finish(finish)
+                    us = bk.graph_time_ms(bk.one_token_calls(inputs, cfg)) * 1e3
+                    row = {"shape": name, "n": n, "k": k, "band": band, "finish": finish, "gemv_config": vars(cfg),
+                           "sparsity": s, "bytes": nbytes, "sparse_us": us, "dense_us": dense_us,
+                           "ratio": us / dense_us, "gbs": nbytes / (us * 1e-6) / 1e9}
+                    rows.append(row)
+                    if FIT_RANGE[0] <= s <= FIT_RANGE[1]:
+                        points[finish].append((nbytes, us))
+                    print(f"{name:18s} {band:12s} {finish:7s} s={s:<5} {us:7.2f} us  {us / dense_us:.3f}x dense "
+                          f"({dense_us:.1f} us)  {row['gbs']:6.0f} GB/s", flush=True)
+            set_finish(launcher_finish)
+            for finish in args.finishes:
+                fixed_us, us_per_byte = fit_line(points[finish])
+                marginal_gbs = 1e-3 / us_per_byte if us_per_byte > 0 else None
+                empty_us = next(r["sparse_us"] for r in rows if r["shape"] == name and r["band"] == band
+                                and r["finish"] == finish and r["sparsity"] >= 1.0)
+                fit = {"shape": name, "band": band, "finish": finish, "dense_us": dense_us,
+                       "dense_gbs": dense_bytes / (dense_us * 1e-6) / 1e9,
+                       "fit_fixed_us": fixed_us, "fit_marginal_gbs": marginal_gbs,
+                       "fit_marginal_pct_copy": (100 * marginal_gbs / copy_gbs) if marginal_gbs and copy_gbs else None,
+                       "empty_us": empty_us,
+                       # what s = 0.5 would take with this fixed cost at the target bandwidth (80% of copy)
+                       "s05_at_80pct_copy_us": (fixed_us + (0.5 * n * k * 2) / (0.8 * copy_gbs * 1e9) * 1e6) if copy_gbs else None}
+                fits.append(fit)
+                print(f"  fit {name} {band} {finish}: fixed {fixed_us:.2f} us, marginal "
+                      f"{marginal_gbs and round(marginal_gbs)} GB/s, empty launch {empty_us:.2f} us", flush=True)
         del layers
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     Path(args.out).write_text(json.dumps({
@@ -148,9 +178,14 @@ def band_boundaries(rows: list[dict], default: float) -> dict[str, float]:
     0.5-ranked one: above the highest measured point where it is slower by more than
     BAND_TOLERANCE, at the interpolated crossing of the two times (at most the next point).
     Only boundaries above `default` are returned (below it the default already picks the high
-    band), and none for a shape whose two bands hold the same config."""
+    band), and none for a shape whose two bands hold the same config. Rows of one split-K finish:
+    the launcher's where it was measured (else the one that was)."""
     by_shape: dict[tuple[int, int], dict[float, dict[str, dict]]] = {}
+    measured = {row_finish(r) for r in rows}
+    finish = default_finish() if default_finish() in measured or not measured else measured.pop()
     for r in rows:
+        if row_finish(r) != finish:
+            continue
         by_shape.setdefault((r["n"], r["k"]), {}).setdefault(r["sparsity"], {})[r["band"]] = r
     out = {}
     for (n, k), points in by_shape.items():
@@ -188,7 +223,7 @@ def write_band_table(out: str, fixed_path: str) -> None:
 def write_report(out: str, fixed_path: str, chunks_path: str) -> None:
     fixed, chunks = json.loads(Path(fixed_path).read_text()), json.loads(Path(chunks_path).read_text())
     copy = fixed["copy_bandwidth_gbs"]
-    at = {(r["shape"], r["band"], r["sparsity"]): r for r in fixed["rows"]}
+    at = {(r["shape"], r["band"], row_finish(r), r["sparsity"]): r for r in fixed["rows"]}
     lines = [
         f"# One-token sparse GEMV: fixed cost vs bytes ({fixed['gpu']})", "",
         f"`benchmarks/gpu/fixed_cost.py`, commit `{fixed['commit'][:7]}` (chunks: `{chunks['commit'][:7]}`), "
@@ -198,33 +233,37 @@ def write_report(out: str, fixed_path: str, chunks_path: str) -> None:
         f"0.9). Copy bandwidth {copy:.0f} GB/s; "
         f"one tiny cuBLAS GEMV in a graph (the floor of any kernel) {fixed['tiny_gemv_in_graph_us']:.2f} us. "
         f"Fit: time = fixed + bytes / marginal bandwidth over s = {fixed['fit_range'][0]}-{fixed['fit_range'][1]}; "
-        "'empty' = s = 1.0 (threshold above every score: launch, selection, split-K tail, no weight rows).", "",
-        "| shape | band | config | dense us (GB/s) | s=0.5 us (x dense, GB/s) | s=0.9 us (x dense) | empty us | fit fixed us | marginal GB/s (% copy) |",
-        "|---|---|---|---|---|---|---|---|---|"]
+        "'empty' = s = 1.0 (threshold above every score: launch, selection, split-K tail, no weight rows). "
+        "Finish: the split-K finish (`fixed`: one fixed-point atomic per element; `counter`: f32 atomics, "
+        "a per-tile arrival counter and the last program's reload; timed alternately at every point).", "",
+        "| shape | band | config | finish | dense us (GB/s) | s=0.5 us (x dense, GB/s) | s=0.9 us (x dense) | empty us | fit fixed us | marginal GB/s (% copy) |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for f in fixed["fits"]:
-        r5, r9 = at[(f["shape"], f["band"], 0.5)], at[(f["shape"], f["band"], 0.9)]
+        finish = row_finish(f)
+        r5, r9 = at[(f["shape"], f["band"], finish, 0.5)], at[(f["shape"], f["band"], finish, 0.9)]
         c = r5["gemv_config"]
         per = (f"chunk{launchers.compact_chunk(r5['k'], c['split_k'])}" if c.get("kernel") == "compact"
                else f"split{c['split_k']}")
         marg = f"{f['fit_marginal_gbs']:.0f} ({f['fit_marginal_pct_copy']:.0f}%)" if f["fit_marginal_gbs"] else "-"
-        lines.append(f"| {f['shape']} | {f['band']} | {c.get('kernel', 'walk')} bn{c['block_n']} bk{c['block_k']} {per} | "
+        lines.append(f"| {f['shape']} | {f['band']} | {c.get('kernel', 'walk')} bn{c['block_n']} bk{c['block_k']} {per} | {finish} | "
                      f"{f['dense_us']:.1f} ({f['dense_gbs']:.0f}) | {r5['sparse_us']:.1f} ({r5['ratio']:.2f}x, {r5['gbs']:.0f}) | "
                      f"{r9['sparse_us']:.1f} ({r9['ratio']:.2f}x) | {f['empty_us']:.1f} | {f['fit_fixed_us']:.1f} | {marg} |")
     lines += ["", "Split-K depth of the compact kernel (committed tile of the 0.5 band, K chunk varied; a chunk is "
               f"at most {launchers.MAX_CHUNK} channels, so larger requests repeat the {launchers.MAX_CHUNK} row):", "",
-              "| shape | K chunk | programs along K | s=0.5 us | empty us |", "|---|---|---|---|---|"]
+              "| shape | K chunk | programs along K | finish | s=0.5 us | empty us |", "|---|---|---|---|---|---|"]
     by = {}
     for r in chunks["rows"]:
         k = next(f["k"] for f in fixed["rows"] if f["shape"] == r["shape"])
         chunk = launchers.compact_chunk(k, r["split_k"])
-        by.setdefault((r["shape"], chunk, -(-k // chunk)), {})[r["sparsity"]] = r["sparse_us"]
-    for (shape, chunk, along_k), t in by.items():
-        lines.append(f"| {shape} | {chunk} | {along_k} | {t[0.5]:.1f} | {t[1.0]:.1f} |")
+        by.setdefault((r["shape"], chunk, -(-k // chunk), row_finish(r)), {})[r["sparsity"]] = r["sparse_us"]
+    for (shape, chunk, along_k, finish), t in by.items():
+        lines.append(f"| {shape} | {chunk} | {along_k} | {finish if along_k > 1 else '-'} | {t[0.5]:.1f} | {t[1.0]:.1f} |")
     Path(out).write_text("\n".join(lines) + "\n")
 
 
 def chunk_probe(args) -> None:
     gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
+    launcher_finish = default_finish()
     rows = []
     for name, n, k in (SHAPES[1:2] if bk.DRY_RUN else [SHAPES[1], SHAPES[5], SHAPES[6]]):
         if bk.DRY_RUN:
@@ -237,10 +276,16 @@ def chunk_probe(args) -> None:
                 if chunk > k * 2 or chunk < base.block_k:
                     continue
                 cfg = bk.one_row_config("compact", base.block_n, base.block_k, base.num_warps, chunk, k)
-                us = bk.graph_time_ms(bk.one_token_calls(inputs, cfg)) * 1e3
-                rows.append({"shape": name, "sparsity": s, "chunk": chunk, "split_k": cfg.split_k,
-                             "gemv_config": vars(cfg), "sparse_us": us})
-                print(f"{name:18s} s={s} chunk {chunk:5d} split_k {cfg.split_k:3d} bn{cfg.block_n} {us:7.2f} us", flush=True)
+                along_k = launchers.triton_cdiv(k, launchers.compact_chunk(k, cfg.split_k))
+                # one program along K has no split-K finish: timed once
+                for i, finish in enumerate(args.finishes if along_k > 1 else args.finishes[:1]):
+                    set_finish(finish)
+                    us = bk.graph_time_ms(bk.one_token_calls(inputs, cfg)) * 1e3
+                    rows.append({"shape": name, "sparsity": s, "chunk": chunk, "split_k": cfg.split_k, "finish": finish,
+                                 "gemv_config": vars(cfg), "sparse_us": us})
+                    print(f"{name:18s} s={s} chunk {chunk:5d} split_k {cfg.split_k:3d} bn{cfg.block_n} {finish:7s} "
+                          f"{us:7.2f} us", flush=True)
+                set_finish(launcher_finish)
         del layers
     Path(args.out).write_text(json.dumps({**run_header(), "rows": rows}, indent=1))
 

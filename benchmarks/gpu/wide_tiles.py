@@ -9,7 +9,12 @@ bandwidth on the bytes they read, dense cuBLAS ~87% on all of them); if so a wid
 measurably faster. Timed like the sweep (bench_kernels.graph_time_ms: CUDA graphs over >= 160 MB
 of weight copies), 1 token, s = 0.5 and 0.9, against the committed config and dense cuBLAS.
 
+With `--set split_depth` (session 7) the same comparison re-ranks the compact kernel's split-K
+depth after the fixed-point split-K finish (launchers.FIXED_POINT_SPLIT_ENABLED) made a program
+along K cheaper: narrow and wide tiles at K chunks of 256-4096 (4096 = no split for K = 4096).
+
     python3 -P benchmarks/gpu/wide_tiles.py --out $OUT/wide_tiles_h200.json
+    python3 -P benchmarks/gpu/wide_tiles.py --set split_depth --adopt $OUT/sparse_gemv.json --out $OUT/split_depth_h200.json
     RSPARSE_BENCH_DRY=1 python benchmarks/gpu/wide_tiles.py --out /tmp/w.json   # CPU: script check only
 """
 
@@ -42,9 +47,21 @@ ADOPT_MAX_ERR = 1e-2
 WIDE = [("compact", 512, 16, 4, 512), ("compact", 512, 16, 4, 1024), ("compact", 1024, 8, 4, 512),
         ("compact", 1024, 8, 4, 1024), ("compact", 1024, 16, 8, 1024), ("compact", 2048, 8, 8, 1024),
         ("walk", 512, 16, 4, 16), ("walk", 1024, 8, 4, 32), ("walk", 1024, 16, 8, 16)]
+# compact tiles x K chunks: the split-K depth, re-ranked with the fixed-point finish
+SPLIT_DEPTH = [("compact", bn, bkk, 4, chunk)
+               for bn, bkk in [(128, 64), (256, 32), (512, 16), (1024, 8)]
+               for chunk in (256, 512, 1024, 2048, 4096)]
+CANDIDATE_SETS = {"wide": WIDE, "split_depth": SPLIT_DEPTH}
 
 
-def adopt(rows: list[dict], path: str) -> None:
+def programs(cfg: launchers.GemvConfig, n: int, k: int) -> int:
+    """Programs of a one-token launch: output tiles x programs along K."""
+    along_k = (launchers.triton_cdiv(k, launchers.compact_chunk(k, cfg.split_k)) if cfg.kernel == "compact"
+               else cfg.split_k)
+    return launchers.triton_cdiv(n, cfg.block_n) * along_k
+
+
+def adopt(rows: list[dict], path: str, candidate_set: str = "wide") -> None:
     """The installed config table with each shape's one-token config replaced by the fastest
     wide config of its band where that wins by ADOPT_MAX_RATIO (rows: this run's timings)."""
     table = json.loads(json.dumps(launchers._load_json(launchers._CONFIG_FILE)))
@@ -62,7 +79,8 @@ def adopt(rows: list[dict], path: str) -> None:
             table.setdefault(band, {}).setdefault(key, {})["1"] = best["gemv_config"]
             adopted.append(f"{band}/{key}: {best['config']} {best['sparse_us']:.1f} us vs {row['sparse_us']:.1f} us")
     if adopted:
-        table["note"] = table.get("note", "") + "; one-token configs replaced by benchmarks/gpu/wide_tiles.py --adopt: " + "; ".join(adopted)
+        table["note"] = (table.get("note", "") + f"; one-token configs replaced by benchmarks/gpu/wide_tiles.py "
+                         f"--set {candidate_set} --adopt: " + "; ".join(adopted))
     Path(path).write_text(json.dumps(table, indent=1) + "\n")
     print("adopted:" if adopted else "adopted: none", *adopted, sep="\n  ", flush=True)
 
@@ -71,11 +89,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.9])
+    ap.add_argument("--set", choices=sorted(CANDIDATE_SETS), default="wide", help="the candidate configs")
     ap.add_argument("--adopt", default="",
                     help="write the installed sparse_gemv.json with the winning wide one-token configs here")
     args = ap.parse_args()
     gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
     launchers.COMPACT_ROWS_ENABLED = False
+    sms = 4 if bk.DRY_RUN else torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     shapes = SHAPES[1:2] if bk.DRY_RUN else SHAPES
     for name, n, k in shapes:
@@ -90,7 +110,12 @@ def main() -> None:
                                                 use_crossover=False).float()
             candidates = [("committed", committed)] + [
                 (f"{kern} bn{bn} bk{bkk} w{w} {'chunk' if kern == 'compact' else 'steps'}{per}",
-                 bk.one_row_config(kern, bn, bkk, w, per, k)) for kern, bn, bkk, w, per in WIDE]
+                 bk.one_row_config(kern, bn, bkk, w, per, k)) for kern, bn, bkk, w, per in CANDIDATE_SETS[args.set]
+                if kern == "walk" or per <= max(k, launchers.MIN_CHUNK)]
+            # no rival: the committed config under another name, or fewer programs than SMs (the
+            # sweep's rule: bandwidth left idle at one token; split-depth wide tiles without a split)
+            candidates = candidates[:1] + [(label, cfg) for label, cfg in candidates[1:]
+                                           if cfg != committed and programs(cfg, n, k) >= sms]
             for label, cfg in candidates:
                 calls = bk.one_token_calls(inputs, cfg)
                 try:
@@ -110,14 +135,14 @@ def main() -> None:
         del layers
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if args.adopt:
-        adopt(rows, args.adopt)
+        adopt(rows, args.adopt, args.set)
     Path(args.out).write_text(json.dumps({
         "commit": os.environ.get("RSPARSE_COMMIT", "unknown"),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
         "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__,
                      "python": platform.python_version()},
         "command": "python3 -P benchmarks/gpu/wide_tiles.py " + " ".join(os.sys.argv[1:]),
-        "rows": rows}, indent=1))
+        "fixed_point_split": launchers.FIXED_POINT_SPLIT_ENABLED, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
