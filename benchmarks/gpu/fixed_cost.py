@@ -100,8 +100,9 @@ def main() -> None:
     ap.add_argument("--chunks", action="store_true",
                     help="instead: the compact kernel at the committed tile with K chunks 256..K (split-K depth), "
                          "s = 0.5 and 1.0, to see what the split-K tail costs")
-    ap.add_argument("--report", nargs=2, metavar=("FIXED_JSON", "CHUNKS_JSON"),
-                    help="instead: write the markdown table of two earlier runs' JSON files to --out")
+    ap.add_argument("--report", nargs="+", metavar="JSON",
+                    help="instead: write the markdown tables of earlier runs' JSON files to --out: FIXED_JSON "
+                         "CHUNKS_JSON [FINISH_JSON (a --finishes fixed counter run: the A/B table)]")
     ap.add_argument("--band-table", metavar="FIXED_JSON",
                     help="instead: write the installed sparse_gemv.json with each shape's measured band boundary "
                          "('high_from', from an earlier run's JSON) to --out")
@@ -109,6 +110,8 @@ def main() -> None:
     if args.band_table:
         return write_band_table(args.out, args.band_table)
     if args.report:
+        if len(args.report) not in (2, 3):
+            ap.error("--report takes FIXED_JSON CHUNKS_JSON [FINISH_JSON]")
         return write_report(args.out, *args.report)
     if args.chunks:
         return chunk_probe(args)
@@ -178,7 +181,8 @@ def band_boundaries(rows: list[dict], default: float) -> dict[str, float]:
     0.5-ranked one: above the highest measured point where it is slower by more than
     BAND_TOLERANCE, at the interpolated crossing of the two times (at most the next point).
     Only boundaries above `default` are returned (below it the default already picks the high
-    band), and none for a shape whose two bands hold the same config. Rows of one split-K finish:
+    band), and none for a shape whose two bands hold the same config. The empty launch (s = 1.0)
+    does not count. Rows of one split-K finish:
     the launcher's where it was measured (else the one that was)."""
     by_shape: dict[tuple[int, int], dict[float, dict[str, dict]]] = {}
     measured = {row_finish(r) for r in rows}
@@ -189,7 +193,8 @@ def band_boundaries(rows: list[dict], default: float) -> dict[str, float]:
         by_shape.setdefault((r["n"], r["k"]), {}).setdefault(r["sparsity"], {})[r["band"]] = r
     out = {}
     for (n, k), points in by_shape.items():
-        grid = sorted(s for s, bands in points.items() if {"configs", "configs_high"} <= bands.keys())
+        # s = 1.0 is the empty launch (nothing selected), which no calibrated module runs
+        grid = sorted(s for s, bands in points.items() if {"configs", "configs_high"} <= bands.keys() and s < 1.0)
         if not grid or points[grid[0]]["configs"]["gemv_config"] == points[grid[0]]["configs_high"]["gemv_config"]:
             continue
         excess = [points[s]["configs_high"]["sparse_us"] / points[s]["configs"]["sparse_us"] - 1 for s in grid]
@@ -220,7 +225,7 @@ def write_band_table(out: str, fixed_path: str) -> None:
     print("high_from:", table["high_from"])
 
 
-def write_report(out: str, fixed_path: str, chunks_path: str) -> None:
+def write_report(out: str, fixed_path: str, chunks_path: str, finish_path: str | None = None) -> None:
     fixed, chunks = json.loads(Path(fixed_path).read_text()), json.loads(Path(chunks_path).read_text())
     copy = fixed["copy_bandwidth_gbs"]
     at = {(r["shape"], r["band"], row_finish(r), r["sparsity"]): r for r in fixed["rows"]}
@@ -258,7 +263,24 @@ def write_report(out: str, fixed_path: str, chunks_path: str) -> None:
         by.setdefault((r["shape"], chunk, -(-k // chunk), row_finish(r)), {})[r["sparsity"]] = r["sparse_us"]
     for (shape, chunk, along_k, finish), t in by.items():
         lines.append(f"| {shape} | {chunk} | {along_k} | {finish if along_k > 1 else '-'} | {t[0.5]:.1f} | {t[1.0]:.1f} |")
+    if finish_path:
+        lines += finish_table(json.loads(Path(finish_path).read_text()))
     Path(out).write_text("\n".join(lines) + "\n")
+
+
+def finish_table(run: dict) -> list[str]:
+    """Markdown lines: the two split-K finishes of one --finishes fixed counter run, per shape and band."""
+    at = {(r["shape"], r["band"], row_finish(r), r["sparsity"]): r["sparse_us"] for r in run["rows"]}
+    lines = ["", f"Split-K finish, the same configs timed alternately with each (`{run['command'].split('/')[-1]}`, "
+             f"commit `{run['commit'][:7]}`): us, counter -> fixed point (change).", "",
+             "| shape | band | s=0.5 | s=0.7 | s=0.9 | empty |", "|---|---|---|---|---|---|"]
+    for shape, band in dict.fromkeys((r["shape"], r["band"]) for r in run["rows"]):
+        cells = []
+        for s in (0.5, 0.7, 0.9, 1.0):
+            counter, fixed = at[(shape, band, "counter", s)], at[(shape, band, "fixed", s)]
+            cells.append(f"{counter:.1f} -> {fixed:.1f} ({100 * (fixed / counter - 1):+.0f}%)")
+        lines.append(f"| {shape} | {band} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def chunk_probe(args) -> None:
