@@ -264,12 +264,14 @@ def test_fixed_point_finish_range(kernel, gen, monkeypatch):
     check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg), ref)
 
 
-@pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "one_ahead"])
+@pytest.mark.parametrize("list_kind", ["ahead", "one_ahead", "registers"])
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.5, 1.0], ids=lambda d: f"density{d}")
-def test_compact_chunks(density, ahead, gen, monkeypatch):
-    """Compact lists at chunk sizes below, at and above a list step, and a selection
-    count that is no multiple of the step: the loop's first, last and empty trips."""
-    monkeypatch.setattr(launchers, "LOAD_AHEAD_ENABLED", ahead)
+def test_compact_chunks(density, list_kind, gen, monkeypatch):
+    """Compact lists (scratch list with its entries loaded two or one steps ahead, or the
+    register list) at chunk sizes below, at and above a list step, and a selection count
+    that is no multiple of the step: the loop's first, last and empty trips."""
+    monkeypatch.setattr(launchers, "LOAD_AHEAD_ENABLED", list_kind == "ahead")
+    monkeypatch.setattr(launchers, "REGISTER_LIST_ENABLED", list_kind == "registers")
     n, k, m = (32, 300, 2) if not HAS_CUDA else (4096, 14336, 3)
     w, b, _, _, _ = make_layer(n, k, torch.bfloat16, gen)
     x = randn(m, k, gen=gen, dtype=torch.bfloat16)
@@ -280,6 +282,37 @@ def test_compact_chunks(density, ahead, gen, monkeypatch):
         cfg = launchers.GemvConfig(rows=1, block_n=32, block_k=16, split_k=split_k, num_warps=4, num_stages=1,
                                    kernel="compact")
         check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg), ref)
+
+
+@pytest.mark.parametrize("selection", ["threshold_lowrank", "topk_ties"])
+@pytest.mark.parametrize("split_k", [1, 3], ids=lambda s: f"split{s}")
+def test_register_list(selection, split_k, gen, monkeypatch):
+    """The compact kernel's register list (launchers.REGISTER_LIST_ENABLED) on the selections
+    that change the list: channel scales with the inverted list of the low-rank tiles, and
+    exact top-k whose tie cut runs through the middle of a chunk (few distinct values), with
+    a last chunk shorter than the others."""
+    monkeypatch.setattr(launchers, "REGISTER_LIST_ENABLED", True)
+    monkeypatch.setattr(launchers, "COMPACT_ROWS_ENABLED", True)
+    n, k, m = (96, 300, 3) if not HAS_CUDA else (4096, 11008, 3)
+    dtype = torch.bfloat16
+    cfg = launchers.GemvConfig(rows=1, block_n=32, block_k=16, split_k=split_k, num_warps=4, num_stages=1,
+                               kernel="compact")
+    if selection == "threshold_lowrank":
+        w, b, s, u, v = make_layer(n, k, dtype, gen, rank=20, scale=True)
+        x = randn(m, k, gen=gen, dtype=dtype)
+        thr = threshold_for(x, 0.5, s)
+        out = launchers.sparse_gemv(x, launchers.prepare_weight(w).t(), thr.float(), None, b, s, u,
+                                    launchers.prepare_weight(v).t(), config=cfg)
+        ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v)
+    else:
+        w, b, _, _, _ = make_layer(n, k, dtype, gen)
+        x = (torch.randint(0, 5, (m, k), generator=gen, device=DEVICE).float() - 2.5).to(dtype)
+        keep = k // 3
+        thr, jcut = launchers.topk_thresholds(x, keep, None)
+        out = launchers.sparse_gemv(x, launchers.prepare_weight(w).t(), thr, jcut, b, None, None, None, config=cfg)
+        ref = reference.masked_linear(x, w, topk_mask_lowest_index(x, keep, None), b, None, None)
+    check_close(out, ref)
+    assert launchers._workspace_for(x.device).is_clean()
 
 
 @pytest.mark.parametrize("kernel", ["compact", "walk"])

@@ -55,6 +55,12 @@ LOAD_AHEAD_ENABLED = True
 # atomics, then a per-tile arrival counter and the last program's reload; deeper splits,
 # and every split when False (kept so benchmarks time both in one run; tests run both).
 FIXED_POINT_SPLIT_ENABLED = True
+# Compact programs keep their channel list in registers (a histogram of the selected
+# channels' ranks and its running sum give every entry; tl.gather reads a step's entries)
+# instead of storing it to the scratch list and reading it back after a block barrier:
+# two memory latencies off each program's chain before its first weight rows. False: the
+# scratch list (kept so benchmarks time both in one run; tests run both).
+REGISTER_LIST_ENABLED = False
 FX_MAX_SPLIT = 63  # the word's 6 arrival bits (kernels/sparse_gemv.py FX_MAX_SPLIT)
 # Split-K workspace, per device, zero between launches (the kernel re-zeroes what it
 # used): arrival counters, one per (tile, row group), an f32 accumulator and an int64
@@ -571,6 +577,7 @@ def sparse_gemv(
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
             HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
             HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, FIXED=fixed, AHEAD=LOAD_AHEAD_ENABLED,
+            REG_LIST=REGISTER_LIST_ENABLED,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:

@@ -14,6 +14,8 @@ Timing as the sweep (bench_kernels.graph_time_ms: CUDA graphs over >= 160 MB of 
     python3 -P benchmarks/gpu/fixed_cost.py --out $OUT/fixed_cost_h200.json
     python3 -P benchmarks/gpu/fixed_cost.py --finishes fixed counter --out ...   # both split-K finishes,
         alternating at every point (rows and fits carry "finish"; the band table reads the launcher's)
+    python3 -P benchmarks/gpu/fixed_cost.py --finishes fixed fixed+reglist --out ...   # scratch vs
+        register list of the compact kernel, same finish (walk configs time the same code twice)
     RSPARSE_BENCH_DRY=1 python benchmarks/gpu/fixed_cost.py --out /tmp/f.json   # CPU: script check only
 """
 
@@ -45,16 +47,21 @@ FIT_RANGE = (0.3, 0.9)
 BAND_SPARSITY = {"configs": 0.5, "configs_high": 0.9}
 
 
-FINISHES = ("fixed", "counter")
+# a "finish" names the split-K finish and, with "+reglist", the compact kernel's register list
+# (launchers.REGISTER_LIST_ENABLED): the launcher switches timed against each other
+FINISHES = ("fixed", "counter", "fixed+reglist", "counter+reglist")
 
 
 def default_finish() -> str:
-    """The split-K finish the launcher uses (launchers.FIXED_POINT_SPLIT_ENABLED)."""
-    return "fixed" if launchers.FIXED_POINT_SPLIT_ENABLED else "counter"
+    """The split-K finish (and list) the launcher uses (launchers.FIXED_POINT_SPLIT_ENABLED,
+    launchers.REGISTER_LIST_ENABLED)."""
+    finish = "fixed" if launchers.FIXED_POINT_SPLIT_ENABLED else "counter"
+    return finish + "+reglist" if launchers.REGISTER_LIST_ENABLED else finish
 
 
 def set_finish(finish: str) -> None:
-    launchers.FIXED_POINT_SPLIT_ENABLED = finish == "fixed"
+    launchers.FIXED_POINT_SPLIT_ENABLED = finish.split("+")[0] == "fixed"
+    launchers.REGISTER_LIST_ENABLED = finish.endswith("+reglist")
 
 
 def row_finish(row: dict) -> str:
@@ -102,7 +109,7 @@ def main() -> None:
                          "s = 0.5 and 1.0, to see what the split-K tail costs")
     ap.add_argument("--report", nargs="+", metavar="JSON",
                     help="instead: write the markdown tables of earlier runs' JSON files to --out: FIXED_JSON "
-                         "CHUNKS_JSON [FINISH_JSON (a --finishes fixed counter run: the A/B table)]")
+                         "CHUNKS_JSON [AB_JSON ... (runs of two --finishes, e.g. fixed counter or fixed fixed+reglist: A/B tables)]")
     ap.add_argument("--band-table", metavar="FIXED_JSON",
                     help="instead: write the installed sparse_gemv.json with each shape's measured band boundary "
                          "('high_from', from an earlier run's JSON) to --out")
@@ -110,8 +117,8 @@ def main() -> None:
     if args.band_table:
         return write_band_table(args.out, args.band_table)
     if args.report:
-        if len(args.report) not in (2, 3):
-            ap.error("--report takes FIXED_JSON CHUNKS_JSON [FINISH_JSON]")
+        if len(args.report) < 2:
+            ap.error("--report takes FIXED_JSON CHUNKS_JSON [AB_JSON ...]")
         return write_report(args.out, *args.report)
     if args.chunks:
         return chunk_probe(args)
@@ -225,7 +232,7 @@ def write_band_table(out: str, fixed_path: str) -> None:
     print("high_from:", table["high_from"])
 
 
-def write_report(out: str, fixed_path: str, chunks_path: str, finish_path: str | None = None) -> None:
+def write_report(out: str, fixed_path: str, chunks_path: str, *ab_paths: str) -> None:
     fixed, chunks = json.loads(Path(fixed_path).read_text()), json.loads(Path(chunks_path).read_text())
     copy = fixed["copy_bandwidth_gbs"]
     at = {(r["shape"], r["band"], row_finish(r), r["sparsity"]): r for r in fixed["rows"]}
@@ -263,23 +270,38 @@ def write_report(out: str, fixed_path: str, chunks_path: str, finish_path: str |
         by.setdefault((r["shape"], chunk, -(-k // chunk), row_finish(r)), {})[r["sparsity"]] = r["sparse_us"]
     for (shape, chunk, along_k, finish), t in by.items():
         lines.append(f"| {shape} | {chunk} | {along_k} | {finish if along_k > 1 else '-'} | {t[0.5]:.1f} | {t[1.0]:.1f} |")
-    if finish_path:
-        lines += finish_table(json.loads(Path(finish_path).read_text()))
+    for ab_path in ab_paths:
+        lines += finish_table(json.loads(Path(ab_path).read_text()))
     Path(out).write_text("\n".join(lines) + "\n")
 
 
+def ab_variants(run: dict) -> tuple[str, str]:
+    """(before, after) of a two-variant run: counter -> fixed point, or scratch -> register list."""
+    found = list(dict.fromkeys(row_finish(r) for r in run["rows"]))
+    if len(found) != 2:
+        raise SystemExit(f"{run['command']}: an A/B table needs a run of two --finishes, found {found}")
+    if set(found) == {"counter", "fixed"}:
+        return "counter", "fixed"
+    return tuple(sorted(found, key=lambda v: v.endswith("+reglist")))
+
+
 def finish_table(run: dict) -> list[str]:
-    """Markdown lines: the two split-K finishes of one --finishes fixed counter run, per shape and band."""
+    """Markdown lines: the two variants of one --finishes A B run (split-K finishes, or the
+    compact kernel's scratch vs register list), per shape and band."""
     at = {(r["shape"], r["band"], row_finish(r), r["sparsity"]): r["sparse_us"] for r in run["rows"]}
-    lines = ["", f"Split-K finish, the same configs timed alternately with each (`{run['command'].split('/')[-1]}`, "
-             f"commit `{run['commit'][:7]}`): us, counter -> fixed point (change).", "",
-             "| shape | band | s=0.5 | s=0.7 | s=0.9 | empty |", "|---|---|---|---|---|---|"]
+    before, after = ab_variants(run)
+    what = ("Split-K finish" if {before, after} == {"counter", "fixed"}
+            else "Compact kernel's channel list, scratch vs registers (`+reglist`)")
+    lines = ["", f"{what}, the same configs timed alternately with each (`{run['command'].split('/')[-1]}`, "
+             f"commit `{run['commit'][:7]}`): us, {before} -> {after} (change).", "",
+             "| shape | band | config | s=0.5 | s=0.7 | s=0.9 | empty |", "|---|---|---|---|---|---|---|"]
     for shape, band in dict.fromkeys((r["shape"], r["band"]) for r in run["rows"]):
+        cfg = next(r["gemv_config"] for r in run["rows"] if r["shape"] == shape and r["band"] == band)
         cells = []
         for s in (0.5, 0.7, 0.9, 1.0):
-            counter, fixed = at[(shape, band, "counter", s)], at[(shape, band, "fixed", s)]
-            cells.append(f"{counter:.1f} -> {fixed:.1f} ({100 * (fixed / counter - 1):+.0f}%)")
-        lines.append(f"| {shape} | {band} | " + " | ".join(cells) + " |")
+            t0, t1 = at[(shape, band, before, s)], at[(shape, band, after, s)]
+            cells.append(f"{t0:.1f} -> {t1:.1f} ({100 * (t1 / t0 - 1):+.0f}%)")
+        lines.append(f"| {shape} | {band} | {cfg.get('kernel', 'walk')} | " + " | ".join(cells) + " |")
     return lines
 
 
