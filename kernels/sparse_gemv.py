@@ -58,6 +58,18 @@ FX_MAX_SPLIT = tl.constexpr(63)
 
 
 @triton.jit
+def _await_previous_kernel(GDC: tl.constexpr):
+    # Programmatic dependent launch (launchers.use_pdl): this program may have started while
+    # the previous kernel in the stream was still running. Wait until it has completed and
+    # its writes are visible (x, thresholds, the split-K workspace of an earlier launch)
+    # before the first memory access, then let the next PDL kernel's programs be scheduled:
+    # they wait the same way, so starting them early is safe.
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _select(b_x, o_k, m_k, b_thr, b_jcut, p_scale, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr):
     # b_x [ROWS, BLOCK_K] f32  ->  sel [ROWS, BLOCK_K] (padding columns not cleared)
     b_score = tl.abs(b_x)
@@ -181,13 +193,14 @@ def sparse_gemv_kernel(
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr, DOT_F32: tl.constexpr,
-    AHEAD: tl.constexpr,
+    AHEAD: tl.constexpr, GDC: tl.constexpr,
 ):
     # x [M, K]  w_t [K, N]  v_t [K, R]  scale [K]  thr [1] or [M] f32  jcut [M] i32
     # bias [N]  acc [16, ws_cols] f32 (zeros)  count [tiles * row_groups] i32 (zeros)
     # fx [16, ws_cols] i64 (zeros; FIXED split-K words)
     # out [M, N] (no lowrank) | y32 [M, N] f32 and z [M, R] f32 (lowrank)
     # grid (n_tiles_w + n_tiles_v, split_k, row_groups); tiles >= n_tiles_w are v_t tiles
+    _await_previous_kernel(GDC)
     i_n = tl.program_id(0)
     i_k = tl.program_id(1)
     i_g = tl.program_id(2)
@@ -300,9 +313,11 @@ def lowrank_up_kernel(
     p_y32, p_z, p_u, p_out,
     M, N, R, s_un, s_ur, s_om, s_on,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_F32: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     # y32 [M, N] f32  z [M, R] f32  u [N, R]  ->  out [M, N] = y32 + z u^T, cast once
     # grid (cdiv(N, BLOCK_N), cdiv(M, ROWS))
+    _await_previous_kernel(GDC)
     i_n = tl.program_id(0)
     i_g = tl.program_id(1)
     o_m = i_g * ROWS + tl.arange(0, ROWS)
@@ -389,92 +404,37 @@ def _gather_rows(p_xrow, p_mat, b_idx, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K
 
 
 @triton.jit
-def _register_list(p_x, p_scale, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
-                   CHUNK: tl.constexpr, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr):
-    # The compact list without the scratch round trip: x row i_m, channels [k_lo, k_hi) ->
-    # (rel [CHUNK] i32: rel[p] = chunk offset of the p-th selected channel, p < n_sel;
-    #  x [CHUNK] f32: the chunk's x values; n_sel), all in registers.
-    # rank[k] = selected channels before k (exclusive count, always in [0, CHUNK)). The p-th
-    # selected channel k* is the last k with rank[k] <= p, so #{k : rank[k] <= p} = k* + 1:
-    # a histogram of the ranks and its running sum give every list entry at once.
-    o_k = k_lo + tl.arange(0, CHUNK)
-    m_k = o_k < k_hi
-    b_x = tl.load(p_x + i_m * s_xm + o_k * s_xk, mask=m_k, other=0.0).to(tl.float32)
-    b_score = tl.abs(b_x)
-    if HAS_SCALE:
-        # the same f32 arithmetic as reference.channel_scores and topk_select._score_bits
-        b_score = b_score * tl.load(p_scale + o_k, mask=m_k, other=0.0).to(tl.float32)
-    m_sel = b_score > thr
-    if PER_ROW:
-        m_sel = m_sel | ((b_score == thr) & (o_k <= jcut))
-    if INVERT:
-        m_sel = ~m_sel
-    i_sel = (m_sel & m_k).to(tl.int32)
-    rank = tl.cumsum(i_sel, axis=0) - i_sel
-    rel = tl.cumsum(tl.histogram(rank, CHUNK), axis=0) - 1
-    return rel, b_x, tl.sum(i_sel, axis=0)
-
-
-@triton.jit
-def _gather_registers(p_mat, rel, b_x, k_lo, j0, n_sel, o_n, m_n, s_row,
-                      BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
-    # list entries [j0, j0 + BLOCK_K) from the register list -> x values [BLOCK_K] f32 and
-    # weight rows [BLOCK_K, BLOCK_N]; only the weight rows touch memory
-    o_j = j0 + tl.arange(0, BLOCK_K)
-    m_j = o_j < n_sel
-    b_rel = tl.gather(rel, tl.minimum(o_j, CHUNK - 1), axis=0)
-    b_xv = tl.where(m_j, tl.gather(b_x, b_rel, axis=0), 0.0)
-    b_w = tl.load(p_mat + (k_lo + b_rel)[:, None] * s_row + o_n[None, :], mask=m_j[:, None] & m_n[None, :], other=0.0)
-    return b_xv, b_w
-
-
-@triton.jit
 def _compact_tile(p_x, p_mat, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, i_col, n_cols, s_xm, s_xk, s_row,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr, AHEAD: tl.constexpr,
-                  REG_LIST: tl.constexpr):
+                  HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr, AHEAD: tl.constexpr):
     # -> acc [1, BLOCK_N] f32 = sum over selected k in [k_lo, k_hi) of x[i_m, k] * mat[k, cols]
+    n_sel = _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
+                          CHUNK, HAS_SCALE, PER_ROW, INVERT)
+    p_list_chunk = p_list + k_lo
+    p_xrow = p_x + i_m * s_xm
     o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < n_cols
     # [BLOCK_K, BLOCK_N] register tile of FMAs, reduced once after the loop (no
     # cross-thread reduction in the loop body)
     acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    if REG_LIST:
-        # the list stays in registers: no scratch store, block barrier or list load between
-        # the x load and the first weight rows (two memory latencies off each program's chain)
-        rel, b_xc, n_sel = _register_list(p_x, p_scale, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
-                                          CHUNK, HAS_SCALE, PER_ROW, INVERT)
-        b_xv, b_w = _gather_registers(p_mat, rel, b_xc, k_lo, 0, n_sel, o_n, m_n, s_row, BLOCK_K, CHUNK)
-        for j0 in range(BLOCK_K, n_sel + BLOCK_K, BLOCK_K):
-            # hand pipeline as below: the next step's rows are issued before the current FMAs
-            b_xv_next, b_w_next = _gather_registers(p_mat, rel, b_xc, k_lo, j0, n_sel, o_n, m_n, s_row,
-                                                    BLOCK_K, CHUNK)
-            acc2 += b_xv[:, None] * b_w.to(tl.float32)
-            b_xv = b_xv_next
-            b_w = b_w_next
-    else:
-        n_sel = _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
-                              CHUNK, HAS_SCALE, PER_ROW, INVERT)
-        p_list_chunk = p_list + k_lo
-        p_xrow = p_x + i_m * s_xm
-        # hand pipeline: the next step's gathers are issued before the current FMAs.
-        # AHEAD: the list entries are loaded one step earlier still, so a step's gathers
-        # issue at once instead of waiting for their own list load (list -> rows was a
-        # dependent chain of two memory latencies per step)
-        b_idx = _load_list(p_list_chunk, 0, n_sel, BLOCK_K)
-        b_xv, b_w = _gather_rows(p_xrow, p_mat, b_idx, 0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K)
+    # hand pipeline: the next step's gathers are issued before the current FMAs.
+    # AHEAD: the list entries are loaded one step earlier still, so a step's gathers
+    # issue at once instead of waiting for their own list load (list -> rows was a
+    # dependent chain of two memory latencies per step)
+    b_idx = _load_list(p_list_chunk, 0, n_sel, BLOCK_K)
+    b_xv, b_w = _gather_rows(p_xrow, p_mat, b_idx, 0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K)
+    if AHEAD:
+        b_idx = _load_list(p_list_chunk, BLOCK_K, n_sel, BLOCK_K)
+    for j0 in range(BLOCK_K, n_sel + BLOCK_K, BLOCK_K):
+        # the last trip loads nothing (every entry masked off) and only computes
+        if not AHEAD:
+            b_idx = _load_list(p_list_chunk, j0, n_sel, BLOCK_K)
+        b_xv_next, b_w_next = _gather_rows(p_xrow, p_mat, b_idx, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K)
         if AHEAD:
-            b_idx = _load_list(p_list_chunk, BLOCK_K, n_sel, BLOCK_K)
-        for j0 in range(BLOCK_K, n_sel + BLOCK_K, BLOCK_K):
-            # the last trip loads nothing (every entry masked off) and only computes
-            if not AHEAD:
-                b_idx = _load_list(p_list_chunk, j0, n_sel, BLOCK_K)
-            b_xv_next, b_w_next = _gather_rows(p_xrow, p_mat, b_idx, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K)
-            if AHEAD:
-                b_idx = _load_list(p_list_chunk, j0 + BLOCK_K, n_sel, BLOCK_K)
-            acc2 += b_xv[:, None] * b_w.to(tl.float32)
-            b_xv = b_xv_next
-            b_w = b_w_next
+            b_idx = _load_list(p_list_chunk, j0 + BLOCK_K, n_sel, BLOCK_K)
+        acc2 += b_xv[:, None] * b_w.to(tl.float32)
+        b_xv = b_xv_next
+        b_w = b_w_next
     return tl.sum(acc2, axis=0)[None, :]
 
 
@@ -487,7 +447,7 @@ def sparse_gemv_compact_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr, AHEAD: tl.constexpr,
-    REG_LIST: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     # x [M, K]  w_t [K, N]  v_t [K, R]  scale [K]  thr [1] or [M] f32  jcut [M] i32  bias [N]
     # list [2 * M, list_cols] i32 (scratch: selected | dropped channel lists per row)
@@ -495,6 +455,7 @@ def sparse_gemv_compact_kernel(
     # out [M, N] (no lowrank) | y32 [M, N] f32 and z [M, R] f32 (lowrank)
     # grid (n_tiles_w + n_tiles_v, cdiv(K, CHUNK), M); tiles >= n_tiles_w are v_t tiles.
     # One program = one token row x one output tile x one K chunk.
+    _await_previous_kernel(GDC)
     i_n = tl.program_id(0)
     i_k = tl.program_id(1)
     i_m = tl.program_id(2)
@@ -515,17 +476,17 @@ def sparse_gemv_compact_kernel(
         if i_n >= n_tiles_w:
             # z = V ((1 - m) x): the list of the dropped channels, in its own scratch row
             acc = _compact_tile(p_x, p_v, p_scale, p_list + (M + i_m) * list_cols, i_m, thr, jcut, k_lo, k_hi,
-                                i_col, R, s_xm, s_xk, s_vk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, True, AHEAD, REG_LIST)
+                                i_col, R, s_xm, s_xk, s_vk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, True, AHEAD)
         else:
             acc = _compact_tile(p_x, p_w, p_scale, p_list + i_m * list_cols, i_m, thr, jcut, k_lo, k_hi,
-                                i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD, REG_LIST)
+                                i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD)
         m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < (N + is_v * (R - N))
     else:
         is_v = 0
         i_col = i_n
         col0 = 0
         acc = _compact_tile(p_x, p_w, p_scale, p_list + i_m * list_cols, i_m, thr, jcut, k_lo, k_hi,
-                            i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD, REG_LIST)
+                            i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD)
         m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < N
     o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
     m_out = m_m[:, None] & m_n[None, :]

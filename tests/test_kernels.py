@@ -264,14 +264,12 @@ def test_fixed_point_finish_range(kernel, gen, monkeypatch):
     check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg), ref)
 
 
-@pytest.mark.parametrize("list_kind", ["ahead", "one_ahead", "registers"])
+@pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "one_ahead"])
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.5, 1.0], ids=lambda d: f"density{d}")
-def test_compact_chunks(density, list_kind, gen, monkeypatch):
-    """Compact lists (scratch list with its entries loaded two or one steps ahead, or the
-    register list) at chunk sizes below, at and above a list step, and a selection count
-    that is no multiple of the step: the loop's first, last and empty trips."""
-    monkeypatch.setattr(launchers, "LOAD_AHEAD_ENABLED", list_kind == "ahead")
-    monkeypatch.setattr(launchers, "REGISTER_LIST_ENABLED", list_kind == "registers")
+def test_compact_chunks(density, ahead, gen, monkeypatch):
+    """Compact lists at chunk sizes below, at and above a list step, and a selection
+    count that is no multiple of the step: the loop's first, last and empty trips."""
+    monkeypatch.setattr(launchers, "LOAD_AHEAD_ENABLED", ahead)
     n, k, m = (32, 300, 2) if not HAS_CUDA else (4096, 14336, 3)
     w, b, _, _, _ = make_layer(n, k, torch.bfloat16, gen)
     x = randn(m, k, gen=gen, dtype=torch.bfloat16)
@@ -282,37 +280,6 @@ def test_compact_chunks(density, list_kind, gen, monkeypatch):
         cfg = launchers.GemvConfig(rows=1, block_n=32, block_k=16, split_k=split_k, num_warps=4, num_stages=1,
                                    kernel="compact")
         check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg), ref)
-
-
-@pytest.mark.parametrize("selection", ["threshold_lowrank", "topk_ties"])
-@pytest.mark.parametrize("split_k", [1, 3], ids=lambda s: f"split{s}")
-def test_register_list(selection, split_k, gen, monkeypatch):
-    """The compact kernel's register list (launchers.REGISTER_LIST_ENABLED) on the selections
-    that change the list: channel scales with the inverted list of the low-rank tiles, and
-    exact top-k whose tie cut runs through the middle of a chunk (few distinct values), with
-    a last chunk shorter than the others."""
-    monkeypatch.setattr(launchers, "REGISTER_LIST_ENABLED", True)
-    monkeypatch.setattr(launchers, "COMPACT_ROWS_ENABLED", True)
-    n, k, m = (96, 300, 3) if not HAS_CUDA else (4096, 11008, 3)
-    dtype = torch.bfloat16
-    cfg = launchers.GemvConfig(rows=1, block_n=32, block_k=16, split_k=split_k, num_warps=4, num_stages=1,
-                               kernel="compact")
-    if selection == "threshold_lowrank":
-        w, b, s, u, v = make_layer(n, k, dtype, gen, rank=20, scale=True)
-        x = randn(m, k, gen=gen, dtype=dtype)
-        thr = threshold_for(x, 0.5, s)
-        out = launchers.sparse_gemv(x, launchers.prepare_weight(w).t(), thr.float(), None, b, s, u,
-                                    launchers.prepare_weight(v).t(), config=cfg)
-        ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v)
-    else:
-        w, b, _, _, _ = make_layer(n, k, dtype, gen)
-        x = (torch.randint(0, 5, (m, k), generator=gen, device=DEVICE).float() - 2.5).to(dtype)
-        keep = k // 3
-        thr, jcut = launchers.topk_thresholds(x, keep, None)
-        out = launchers.sparse_gemv(x, launchers.prepare_weight(w).t(), thr, jcut, b, None, None, None, config=cfg)
-        ref = reference.masked_linear(x, w, topk_mask_lowest_index(x, keep, None), b, None, None)
-    check_close(out, ref)
-    assert launchers._workspace_for(x.device).is_clean()
 
 
 @pytest.mark.parametrize("kernel", ["compact", "walk"])
@@ -417,10 +384,13 @@ def test_validation_errors(case, match, gen):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("pdl", [False, True], ids=["launch", "pdl"])
 @pytest.mark.parametrize("selection", ["threshold", "topk"])
 @pytest.mark.parametrize("tokens", [1, 4, 16], ids=lambda m: f"M{m}")
-def test_cuda_graph_replay(selection, tokens, gen):
-    """Captured once, replayed on new inputs: right every time, counters left at zero."""
+def test_cuda_graph_replay(selection, tokens, pdl, gen, monkeypatch):
+    """Captured once, replayed on new inputs: right every time, counters left at zero
+    (also with programmatic dependent launch, where the GPU supports it)."""
+    monkeypatch.setattr(launchers, "PDL_ENABLED", pdl)
     n, k = 4096, 4096
     dtype = torch.bfloat16
     w, b, s, u, v = make_layer(n, k, dtype, gen, rank=64, scale=True)
@@ -444,6 +414,64 @@ def test_cuda_graph_replay(selection, tokens, gen):
             ref = reference.masked_linear(x_static, w, topk_mask_lowest_index(x_static, keep, s), b, u, v)
         check_close(out_static, ref)
     assert launchers._workspace_for(x_static.device).is_clean()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="programmatic dependent launch needs a GPU")
+@pytest.mark.parametrize("between", ["none", "torch_op"])
+def test_pdl_chain_reads_the_previous_result(between, gen, monkeypatch):
+    """With programmatic dependent launch a kernel may start before the one it reads from has
+    finished: a chain of sparse GEMVs (each one's output the next one's input, optionally a
+    torch kernel between them) replayed in a CUDA graph must give the chained reference,
+    and leave the workspace clean."""
+    monkeypatch.setattr(launchers, "PDL_ENABLED", True)
+    if not launchers.use_pdl(torch.device(DEVICE)):
+        pytest.skip("this GPU has no programmatic dependent launch (compute capability < 9)")
+    n = k = 4096
+    layers = [make_layer(n, k, torch.bfloat16, gen, rank=0 if i % 2 else 32, scale=i % 2 == 0) for i in range(4)]
+    prepared = [(launchers.prepare_weight(w), b, s, u, launchers.prepare_weight(v) if v is not None else None)
+                for w, b, s, u, v in layers]
+    x_static = randn(1, k, gen=gen, dtype=torch.bfloat16)
+    thresholds = [torch.tensor([0.6], device=DEVICE) for _ in layers]
+
+    def chain():
+        h, outs = x_static, []
+        for (w_p, b, s, u, v_p), thr in zip(prepared, thresholds):
+            h = launchers.sparse_linear(h, w_p, b, thr, launchers.THRESHOLD_SELECTION, s, u, v_p, use_crossover=False)
+            outs.append(h)
+            if between == "torch_op":
+                h = h * 0.5
+        return outs
+
+    chain()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs_static = chain()
+    for _ in range(3):
+        x_static.copy_(randn(1, k, gen=gen, dtype=torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        h = x_static
+        for (w, b, s, u, v), thr, out in zip(layers, thresholds, outs_static):
+            # each layer against the reference on the input the kernel chain gave it
+            check_close(out, reference.sparse_linear(h, w, b, threshold=thr, channel_scale=s, lowrank_up=u,
+                                                     lowrank_down=v))
+            h = out * 0.5 if between == "torch_op" else out
+    assert launchers._workspace_for(x_static.device).is_clean()
+
+
+@pytest.mark.parametrize("raw,expected", [("", False), ("0", False), ("1", True), ("on", True), ("maybe", None)])
+def test_pdl_switch(raw, expected, monkeypatch):
+    """RSPARSE_PDL: 1 / 0 (unset: off), anything else a clear error; never on the interpreter."""
+    monkeypatch.setattr(launchers, "PDL_ENABLED", None)
+    monkeypatch.setenv(launchers.PDL_ENV, raw)
+    if expected is None:
+        with pytest.raises(ValueError, match="RSPARSE_PDL='maybe': expected 1"):
+            launchers.pdl_requested()
+        return
+    assert launchers.pdl_requested() is expected
+    if not HAS_CUDA:
+        assert not launchers.use_pdl(torch.device("cpu"))
 
 
 def test_crossover_interpolates_between_measured_sparsities():

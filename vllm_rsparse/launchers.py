@@ -55,13 +55,17 @@ LOAD_AHEAD_ENABLED = True
 # atomics, then a per-tile arrival counter and the last program's reload; deeper splits,
 # and every split when False (kept so benchmarks time both in one run; tests run both).
 FIXED_POINT_SPLIT_ENABLED = True
-# Compact programs keep their channel list in registers (a histogram of the selected
-# channels' ranks and its running sum give every entry; tl.gather reads a step's entries)
-# instead of storing it to the scratch list and reading it back after a block barrier:
-# two memory latencies off each program's chain before its first weight rows. False: the
-# scratch list (kept so benchmarks time both in one run; tests run both).
-REGISTER_LIST_ENABLED = False
 FX_MAX_SPLIT = 63  # the word's 6 arrival bits (kernels/sparse_gemv.py FX_MAX_SPLIT)
+# Programmatic dependent launch (compute capability >= 9, CUDA): the GEMV and low-rank
+# kernels are launched with launch_pdl, so their programs may be scheduled while the kernel
+# before them in the stream is still finishing (the launch latency, ~1-2 us of a 10-30 us
+# GEMV, overlaps it). Every program first waits (griddepcontrol.wait) until that kernel has
+# completed and its writes are visible -- x, thresholds and the split-K workspace are read
+# only after it -- then lets its own dependents launch. None: RSPARSE_PDL (1 on, 0 / unset
+# off); the interpreter and older GPUs never use it.
+PDL_ENV = "RSPARSE_PDL"
+PDL_ENABLED: bool | None = None
+_pdl_capable: dict[torch.device, bool] = {}
 # Split-K workspace, per device, zero between launches (the kernel re-zeroes what it
 # used): arrival counters, one per (tile, row group), an f32 accumulator and an int64
 # fixed-point accumulator of MAX_ROWS x WORKSPACE_COLS (4 + 8 MiB); N + r of a layer must
@@ -87,6 +91,28 @@ _warned_layout = False
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1: kernels run on CPU tensors, in f32 only."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pdl_requested() -> bool:
+    """PDL_ENABLED, or RSPARSE_PDL when it is None: unset / "0" off, "1" on, anything else an error."""
+    if PDL_ENABLED is not None:
+        return PDL_ENABLED
+    raw = os.environ.get(PDL_ENV, "").strip().lower()
+    if raw in ("", "0", "false", "off"):
+        return False
+    if raw in ("1", "true", "on"):
+        return True
+    raise ValueError(f"{PDL_ENV}={raw!r}: expected 1 (on) or 0 (off)")
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Launch with programmatic dependent launch on this device (pdl_requested and a CUDA GPU
+    of compute capability >= 9, not the interpreter)."""
+    if not pdl_requested() or interpreting() or device.type != "cuda":
+        return False
+    if device not in _pdl_capable:
+        _pdl_capable[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return _pdl_capable[device]
 
 
 # ---------------------------------------------------------------------------
@@ -556,6 +582,8 @@ def sparse_gemv(
     dummy = out  # placeholder pointer for absent optional tensors (never dereferenced)
     ws = _workspace_for(x.device)
     fixed = split_k > 1 and FIXED_POINT_SPLIT_ENABLED and split_k <= FX_MAX_SPLIT
+    pdl = use_pdl(x.device)
+    launch_pdl = {"launch_pdl": True} if pdl else {}  # the keyword only where it is used
     if has_lowrank:
         y32 = torch.empty((m, n), dtype=torch.float32, device=x.device)
         z = torch.empty((m, rank), dtype=torch.float32, device=x.device)
@@ -576,9 +604,8 @@ def sparse_gemv(
             out.stride(0), out.stride(1),
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
             HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
-            HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, FIXED=fixed, AHEAD=LOAD_AHEAD_ENABLED,
-            REG_LIST=REGISTER_LIST_ENABLED,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, FIXED=fixed, AHEAD=LOAD_AHEAD_ENABLED, GDC=pdl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
         )
     else:
         sparse_gemv_kernel[(tiles, split_k, row_groups)](
@@ -593,8 +620,8 @@ def sparse_gemv(
             ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
             HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, FIXED=fixed, DOT_F32=interpreting(),
-            AHEAD=LOAD_AHEAD_ENABLED,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            AHEAD=LOAD_AHEAD_ENABLED, GDC=pdl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
         )
     if has_lowrank:
         up_rows = 1 if m == 1 else MAX_ROWS
@@ -603,8 +630,8 @@ def sparse_gemv(
         lowrank_up_kernel[(triton_cdiv(n, _UP_BLOCK_N), triton_cdiv(m, up_rows))](
             y32, z, lowrank_up, out,
             m, n, rank, lowrank_up.stride(0), lowrank_up.stride(1), out.stride(0), out.stride(1),
-            ROWS=up_rows, BLOCK_N=_UP_BLOCK_N, BLOCK_R=_UP_BLOCK_R, DOT_F32=interpreting(),
-            num_warps=4,
+            ROWS=up_rows, BLOCK_N=_UP_BLOCK_N, BLOCK_R=_UP_BLOCK_R, DOT_F32=interpreting(), GDC=pdl,
+            num_warps=4, **launch_pdl,
         )
     return out
 

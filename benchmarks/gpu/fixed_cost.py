@@ -14,8 +14,8 @@ Timing as the sweep (bench_kernels.graph_time_ms: CUDA graphs over >= 160 MB of 
     python3 -P benchmarks/gpu/fixed_cost.py --out $OUT/fixed_cost_h200.json
     python3 -P benchmarks/gpu/fixed_cost.py --finishes fixed counter --out ...   # both split-K finishes,
         alternating at every point (rows and fits carry "finish"; the band table reads the launcher's)
-    python3 -P benchmarks/gpu/fixed_cost.py --finishes fixed fixed+reglist --out ...   # scratch vs
-        register list of the compact kernel, same finish (walk configs time the same code twice)
+    python3 -P benchmarks/gpu/fixed_cost.py --finishes fixed fixed+pdl --out ...   # without and with
+        programmatic dependent launch (calls back to back in one graph: the most PDL can hide)
     RSPARSE_BENCH_DRY=1 python benchmarks/gpu/fixed_cost.py --out /tmp/f.json   # CPU: script check only
 """
 
@@ -47,21 +47,25 @@ FIT_RANGE = (0.3, 0.9)
 BAND_SPARSITY = {"configs": 0.5, "configs_high": 0.9}
 
 
-# a "finish" names the split-K finish and, with "+reglist", the compact kernel's register list
-# (launchers.REGISTER_LIST_ENABLED): the launcher switches timed against each other
-FINISHES = ("fixed", "counter", "fixed+reglist", "counter+reglist")
+# a "finish" names the split-K finish, and a launcher switch timed against it after a "+":
+# "+pdl" programmatic dependent launch (launchers.PDL_ENABLED); "+reglist" (rows of
+# fixed_cost_reglist_h200.json only) the compact kernel's register list of 0d0a496, removed
+# after that measurement
+FINISHES = ("fixed", "counter", "fixed+pdl", "counter+pdl")
+AB_SWITCHES = {"pdl": "Programmatic dependent launch (`+pdl`: each call may start while the previous one finishes)",
+               "reglist": "Compact kernel's channel list, scratch vs registers (`+reglist`, 0d0a496, not kept)"}
 
 
 def default_finish() -> str:
-    """The split-K finish (and list) the launcher uses (launchers.FIXED_POINT_SPLIT_ENABLED,
-    launchers.REGISTER_LIST_ENABLED)."""
+    """The split-K finish (and launch) the launcher uses (launchers.FIXED_POINT_SPLIT_ENABLED,
+    launchers.use_pdl)."""
     finish = "fixed" if launchers.FIXED_POINT_SPLIT_ENABLED else "counter"
-    return finish + "+reglist" if launchers.REGISTER_LIST_ENABLED else finish
+    return finish + "+pdl" if launchers.use_pdl(torch.device(bk.DEVICE)) else finish
 
 
 def set_finish(finish: str) -> None:
     launchers.FIXED_POINT_SPLIT_ENABLED = finish.split("+")[0] == "fixed"
-    launchers.REGISTER_LIST_ENABLED = finish.endswith("+reglist")
+    launchers.PDL_ENABLED = finish.endswith("+pdl")
 
 
 def row_finish(row: dict) -> str:
@@ -109,7 +113,7 @@ def main() -> None:
                          "s = 0.5 and 1.0, to see what the split-K tail costs")
     ap.add_argument("--report", nargs="+", metavar="JSON",
                     help="instead: write the markdown tables of earlier runs' JSON files to --out: FIXED_JSON "
-                         "CHUNKS_JSON [AB_JSON ... (runs of two --finishes, e.g. fixed counter or fixed fixed+reglist: A/B tables)]")
+                         "CHUNKS_JSON [AB_JSON ... (runs of two --finishes, e.g. fixed counter or fixed fixed+pdl: A/B tables)]")
     ap.add_argument("--band-table", metavar="FIXED_JSON",
                     help="instead: write the installed sparse_gemv.json with each shape's measured band boundary "
                          "('high_from', from an earlier run's JSON) to --out")
@@ -282,7 +286,7 @@ def ab_variants(run: dict) -> tuple[str, str]:
         raise SystemExit(f"{run['command']}: an A/B table needs a run of two --finishes, found {found}")
     if set(found) == {"counter", "fixed"}:
         return "counter", "fixed"
-    return tuple(sorted(found, key=lambda v: v.endswith("+reglist")))
+    return tuple(sorted(found, key=lambda v: "+" in v))
 
 
 def finish_table(run: dict) -> list[str]:
@@ -291,7 +295,7 @@ def finish_table(run: dict) -> list[str]:
     at = {(r["shape"], r["band"], row_finish(r), r["sparsity"]): r["sparse_us"] for r in run["rows"]}
     before, after = ab_variants(run)
     what = ("Split-K finish" if {before, after} == {"counter", "fixed"}
-            else "Compact kernel's channel list, scratch vs registers (`+reglist`)")
+            else AB_SWITCHES[after.split("+")[-1]])
     lines = ["", f"{what}, the same configs timed alternately with each (`{run['command'].split('/')[-1]}`, "
              f"commit `{run['commit'][:7]}`): us, {before} -> {after} (change).", "",
              "| shape | band | config | s=0.5 | s=0.7 | s=0.9 | empty |", "|---|---|---|---|---|---|---|"]

@@ -90,16 +90,11 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.9])
     ap.add_argument("--set", choices=sorted(CANDIDATE_SETS), default="wide", help="the candidate configs")
-    ap.add_argument("--register-list", action="store_true",
-                    help="time every compact config (the committed one too) with the register list "
-                         "(launchers.REGISTER_LIST_ENABLED); a table adopted from such a run is meant for "
-                         "REGISTER_LIST_ENABLED = True")
     ap.add_argument("--adopt", default="",
                     help="write the installed sparse_gemv.json with the winning wide one-token configs here")
     args = ap.parse_args()
     gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
     launchers.COMPACT_ROWS_ENABLED = False
-    launchers.REGISTER_LIST_ENABLED = args.register_list
     sms = 4 if bk.DRY_RUN else torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     shapes = SHAPES[1:2] if bk.DRY_RUN else SHAPES
