@@ -15,6 +15,7 @@ along K cheaper: narrow and wide tiles at K chunks of 256-4096 (4096 = no split 
 
     python3 -P benchmarks/gpu/wide_tiles.py --out $OUT/wide_tiles_h200.json
     python3 -P benchmarks/gpu/wide_tiles.py --set split_depth --adopt $OUT/sparse_gemv.json --out $OUT/split_depth_h200.json
+    python3 -P benchmarks/gpu/wide_tiles.py --set warps --adopt $OUT/sparse_gemv.json --out $OUT/warps_h200.json
     RSPARSE_BENCH_DRY=1 python benchmarks/gpu/wide_tiles.py --out /tmp/w.json   # CPU: script check only
 """
 
@@ -51,7 +52,13 @@ WIDE = [("compact", 512, 16, 4, 512), ("compact", 512, 16, 4, 1024), ("compact",
 SPLIT_DEPTH = [("compact", bn, bkk, 4, chunk)
                for bn, bkk in [(128, 64), (256, 32), (512, 16), (1024, 8)]
                for chunk in (256, 512, 1024, 2048, 4096)]
-CANDIDATE_SETS = {"wide": WIDE, "split_depth": SPLIT_DEPTH}
+# threads per program (session 8): the same register tile over 2 or 8 warps, and tiles of twice
+# the rows per step over 8 warps (more weight bytes in flight per program)
+WARPS = [("compact", bn, bkk, w, chunk)
+         for bn, bkk, w in [(128, 64, 2), (128, 64, 8), (256, 32, 2), (256, 32, 8), (512, 16, 2), (512, 16, 8),
+                            (1024, 8, 8), (128, 128, 8), (256, 64, 8), (512, 32, 8), (1024, 16, 8)]
+         for chunk in (256, 512, 1024)]
+CANDIDATE_SETS = {"wide": WIDE, "split_depth": SPLIT_DEPTH, "warps": WARPS}
 
 
 def programs(cfg: launchers.GemvConfig, n: int, k: int) -> int:
