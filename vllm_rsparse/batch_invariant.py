@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Callable
 
 import torch
@@ -51,14 +50,9 @@ ROW_BLOCK = 16
 
 def enabled() -> bool:
     """RSPARSE_BATCH_INVARIANT: unset/"0"/"" off, "1" on; anything else is an error."""
-    raw = os.environ.get(BATCH_INVARIANT_ENV, "").strip().lower()
-    if raw in ("", "0", "false", "off"):
-        return False
-    if raw in ("1", "true", "on"):
-        return True
-    from vllm_rsparse.config import RSparseConfigError
+    from vllm_rsparse.config import env_switch
 
-    raise RSparseConfigError(f"{BATCH_INVARIANT_ENV}={raw!r}: expected 1 (on) or 0 (off)")
+    return env_switch(BATCH_INVARIANT_ENV)
 
 
 def blocked_linear(

@@ -209,6 +209,17 @@ class RSparseCheckpointConfig:
         }
 
 
+def env_switch(name: str) -> bool:
+    """An on/off environment variable: unset, "", "0", "false", "off" -> off; "1", "true",
+    "on" -> on; anything else is an error that names the variable and the value."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "off"):
+        return False
+    if raw in ("1", "true", "on"):
+        return True
+    raise RSparseConfigError(f"{name}={raw!r}: expected 1 (on) or 0 (off)")
+
+
 def max_sparse_tokens_overridden() -> bool:
     """Whether RSPARSE_MAX_SPARSE_TOKENS sets the limit (an explicit user decision)."""
     return bool(os.environ.get(MAX_SPARSE_TOKENS_ENV, "").strip())

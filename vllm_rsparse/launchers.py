@@ -97,12 +97,9 @@ def pdl_requested() -> bool:
     """PDL_ENABLED, or RSPARSE_PDL when it is None: unset / "0" off, "1" on, anything else an error."""
     if PDL_ENABLED is not None:
         return PDL_ENABLED
-    raw = os.environ.get(PDL_ENV, "").strip().lower()
-    if raw in ("", "0", "false", "off"):
-        return False
-    if raw in ("1", "true", "on"):
-        return True
-    raise ValueError(f"{PDL_ENV}={raw!r}: expected 1 (on) or 0 (off)")
+    from vllm_rsparse.config import env_switch
+
+    return env_switch(PDL_ENV)
 
 
 def use_pdl(device: torch.device) -> bool:
