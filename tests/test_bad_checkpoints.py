@@ -104,5 +104,16 @@ def test_vllm_refuses_the_checkpoint_with_the_message(broken):
             pass
 
 
+@pytest.mark.vllm
+@pytest.mark.parametrize("name,value", [("RSPARSE_PDL", "maybe"), ("RSPARSE_BATCH_INVARIANT", "yes please")])
+def test_vllm_refuses_a_bad_switch_up_front(name, value, calibrated_dirs, monkeypatch):
+    """An on/off environment switch with another value fails in the front end, before any
+    worker starts, with the variable and the value in the message."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(Exception, match=f"{name}='{value}': expected 1"):
+        with make_llm(calibrated_dirs[0.5]):
+            pass
+
+
 def test_original_checkpoint_is_untouched_and_valid(calibrated_dirs):
     assert validate_checkpoint(calibrated_dirs[0.5])

@@ -119,6 +119,11 @@ class RSparseConfig(QuantizationConfig):
         # fails here with one clear message instead of deep inside weight loading.
         if hf_config is not None:
             ModelShapes.from_hf_config(hf_config)
+        # the environment switches the workers read later: a bad value fails here, up front
+        from vllm_rsparse import launchers
+
+        batch_invariant.enabled()
+        launchers.pdl_requested()
         if model_name and os.path.isdir(model_name):
             validate_checkpoint(model_name, hf_config=hf_config, qcfg=self.checkpoint_config)
 
