@@ -283,7 +283,8 @@ def write_report(out: str, fixed_path: str, chunks_path: str, *ab_paths: str) ->
 
 
 def ab_variants(run: dict) -> tuple[str, str]:
-    """(before, after) of a two-variant run: counter -> fixed point, or scratch -> register list."""
+    """(before, after) of a two-variant run: counter -> fixed point, or a finish -> the same
+    finish with a launcher switch (AB_SWITCHES: "fixed" -> "fixed+pdl")."""
     found = list(dict.fromkeys(row_finish(r) for r in run["rows"]))
     if len(found) != 2:
         raise SystemExit(f"{run['command']}: an A/B table needs a run of two --finishes, found {found}")
@@ -293,8 +294,8 @@ def ab_variants(run: dict) -> tuple[str, str]:
 
 
 def finish_table(run: dict, name: str) -> list[str]:
-    """Markdown lines: the two variants of one --finishes A B run (split-K finishes, or the
-    compact kernel's scratch vs register list), per shape and band."""
+    """Markdown lines: the two variants of one --finishes A B run (ab_variants: the split-K
+    finishes, or a finish without and with a launcher switch), per shape and band."""
     at = {(r["shape"], r["band"], row_finish(r), r["sparsity"]): r["sparse_us"] for r in run["rows"]}
     before, after = ab_variants(run)
     what = ("Split-K finish" if {before, after} == {"counter", "fixed"}
