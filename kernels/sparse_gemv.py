@@ -94,6 +94,7 @@ def _load_x(p_x, o_m, m_m, k0, k_hi, s_xm, s_xk, BLOCK_K: tl.constexpr):
 def _select_rows(
     b_x, p_mat, p_scale, b_thr, b_jcut, m_m, k0, k_hi, o_n, m_n, s_row,
     BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr,
+    EVICT: tl.constexpr,
 ):
     # one K step: x [ROWS, BLOCK_K] -> selected x (f32) and the weight rows it needs
     o_k = k0 + tl.arange(0, BLOCK_K)
@@ -108,7 +109,8 @@ def _select_rows(
     # needs it; each row still multiplies only its own channels (b_xs)
     m_wrow = tl.max(b_sel.to(tl.int32), axis=0) > 0
     # predicated-off loads issue no memory request: unselected rows cost no bytes
-    b_w = tl.load(p_mat + o_k[:, None] * s_row + o_n[None, :], mask=m_wrow[:, None] & m_n[None, :], other=0.0)
+    b_w = tl.load(p_mat + o_k[:, None] * s_row + o_n[None, :], mask=m_wrow[:, None] & m_n[None, :], other=0.0,
+                  eviction_policy=EVICT)
     return b_xs, b_w
 
 
@@ -116,10 +118,11 @@ def _select_rows(
 def _load_step(
     p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m, k0, k_hi, o_n, m_n, s_xm, s_xk, s_row,
     BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr,
+    EVICT: tl.constexpr,
 ):
     b_x = _load_x(p_x, o_m, m_m, k0, k_hi, s_xm, s_xk, BLOCK_K)
     return _select_rows(b_x, p_mat, p_scale, b_thr, b_jcut, m_m, k0, k_hi, o_n, m_n, s_row,
-                        BLOCK_K, HAS_SCALE, PER_ROW, INVERT)
+                        BLOCK_K, HAS_SCALE, PER_ROW, INVERT, EVICT)
 
 
 @triton.jit
@@ -128,7 +131,7 @@ def _masked_tile(
     k_lo, k_hi, i_col, n_cols, s_xm, s_xk, s_row,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr, DOT_F32: tl.constexpr,
-    AHEAD: tl.constexpr,
+    AHEAD: tl.constexpr, EVICT: tl.constexpr,
 ):
     # x [M, K] rows o_m, channels [k_lo, k_hi)  mat [K, n_cols] (unit column stride)
     # -> acc [ROWS, BLOCK_N] f32 = sum_k sel[m, k] * x[m, k] * mat[k, col]
@@ -151,7 +154,7 @@ def _masked_tile(
         # dependent chain of two memory latencies per step; now only the rows' remains)
         b_x = _load_x(p_x, o_m, m_m, k_lo, k_hi, s_xm, s_xk, BLOCK_K)
         b_xs, b_w = _select_rows(b_x, p_mat, p_scale, b_thr, b_jcut, m_m, k_lo, k_hi, o_n, m_n, s_row,
-                                 BLOCK_K, HAS_SCALE, PER_ROW, INVERT)
+                                 BLOCK_K, HAS_SCALE, PER_ROW, INVERT, EVICT)
         if AHEAD:
             b_x = _load_x(p_x, o_m, m_m, k_lo + BLOCK_K, k_hi, s_xm, s_xk, BLOCK_K)
         for k0 in range(k_lo + BLOCK_K, k_hi + BLOCK_K, BLOCK_K):
@@ -159,7 +162,7 @@ def _masked_tile(
             if not AHEAD:
                 b_x = _load_x(p_x, o_m, m_m, k0, k_hi, s_xm, s_xk, BLOCK_K)
             b_xs_next, b_w_next = _select_rows(b_x, p_mat, p_scale, b_thr, b_jcut, m_m, k0, k_hi, o_n, m_n,
-                                               s_row, BLOCK_K, HAS_SCALE, PER_ROW, INVERT)
+                                               s_row, BLOCK_K, HAS_SCALE, PER_ROW, INVERT, EVICT)
             if AHEAD:
                 b_x = _load_x(p_x, o_m, m_m, k0 + BLOCK_K, k_hi, s_xm, s_xk, BLOCK_K)
             acc2 += tl.sum(b_xs, axis=0)[:, None] * b_w.to(tl.float32)
@@ -171,7 +174,7 @@ def _masked_tile(
         # results on the H100 with num_stages=2 (benchmarks/results/kernel_tests_h100.log)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             b_xs, b_w = _load_step(p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m, k0, k_hi, o_n, m_n,
-                                   s_xm, s_xk, s_row, BLOCK_K, HAS_SCALE, PER_ROW, INVERT)
+                                   s_xm, s_xk, s_row, BLOCK_K, HAS_SCALE, PER_ROW, INVERT, EVICT)
             if DOT_F32:
                 # interpreter: numpy has no bf16, compute in f32
                 acc = tl.dot(b_xs, b_w.to(tl.float32), acc, input_precision="ieee")
@@ -193,7 +196,7 @@ def sparse_gemv_kernel(
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr, DOT_F32: tl.constexpr,
-    AHEAD: tl.constexpr, GDC: tl.constexpr,
+    AHEAD: tl.constexpr, GDC: tl.constexpr, EVICT: tl.constexpr,
 ):
     # x [M, K]  w_t [K, N]  v_t [K, R]  scale [K]  thr [1] or [M] f32  jcut [M] i32
     # bias [N]  acc [16, ws_cols] f32 (zeros)  count [tiles * row_groups] i32 (zeros)
@@ -221,17 +224,17 @@ def sparse_gemv_kernel(
         col0 = is_v * N
         if i_n >= n_tiles_w:
             acc = _masked_tile(p_x, p_v, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, i_col, R,
-                               s_xm, s_xk, s_vk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, True, DOT_F32, AHEAD)
+                               s_xm, s_xk, s_vk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, True, DOT_F32, AHEAD, EVICT)
         else:
             acc = _masked_tile(p_x, p_w, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, i_col, N,
-                               s_xm, s_xk, s_wk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, False, DOT_F32, AHEAD)
+                               s_xm, s_xk, s_wk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, False, DOT_F32, AHEAD, EVICT)
         m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < (N + is_v * (R - N))
     else:
         is_v = 0
         i_col = i_n
         col0 = 0
         acc = _masked_tile(p_x, p_w, p_scale, b_thr, b_jcut, o_m, m_m, k_lo, k_hi, i_col, N,
-                           s_xm, s_xk, s_wk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, False, DOT_F32, AHEAD)
+                           s_xm, s_xk, s_wk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, False, DOT_F32, AHEAD, EVICT)
         m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < N
 
     o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -357,11 +360,14 @@ def lowrank_up_kernel(
 
 @triton.jit
 def _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
-                  CHUNK: tl.constexpr, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr):
+                  CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr,
+                  INVERT: tl.constexpr, HEAD: tl.constexpr):
     # x row i_m, channels [k_lo, k_hi) -> list[k_lo : k_lo + n_sel] = selected channel
-    # indices in ascending order; returns n_sel.
+    # indices in ascending order; returns n_sel and (HEAD) the list's first BLOCK_K entries
+    # computed in registers (entries past n_sel are 0 and masked by the caller).
     # One vector load of the whole chunk replaces the walk over K: the weight loop below
     # then runs n_sel / BLOCK_K steps, not CHUNK / BLOCK_K, so time follows the bytes.
+    # The caller puts the block barrier between these stores and its first list load.
     o_k = k_lo + tl.arange(0, CHUNK)
     m_k = o_k < k_hi
     b_score = tl.abs(tl.load(p_x + i_m * s_xm + o_k * s_xk, mask=m_k, other=0.0).to(tl.float32))
@@ -379,10 +385,16 @@ def _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
     # every program of this (row, chunk, w|v) writes the same values to the same slots,
     # so concurrent writers cannot disagree; the list lives in L2 and is read back below
     tl.store(p_list + k_lo + b_rank - 1, o_k, mask=m_sel)
-    # the loop reads slots other threads of this program wrote: block barrier (it also
-    # orders this CTA's global writes before its reads)
-    tl.debug_barrier()
-    return n_sel
+    if HEAD:
+        # entry j is the selected channel of rank j + 1: a [BLOCK_K, CHUNK] compare and one
+        # reduction, so the first step's gathers need no list round trip through L2 (the
+        # program's start is a dependent chain: x -> selection -> list -> weight rows)
+        o_j = tl.arange(0, BLOCK_K)
+        hit = m_sel[None, :] & (b_rank[None, :] == (o_j + 1)[:, None])
+        b_head = tl.sum(tl.where(hit, o_k[None, :], 0), axis=1)
+    else:
+        b_head = tl.zeros([BLOCK_K], dtype=tl.int32)
+    return n_sel, b_head
 
 
 @triton.jit
@@ -393,23 +405,26 @@ def _load_list(p_list, j0, n_sel, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _gather_rows(p_xrow, p_mat, b_idx, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K: tl.constexpr):
+def _gather_rows(p_xrow, p_mat, b_idx, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K: tl.constexpr,
+                 EVICT: tl.constexpr):
     # channel indices of list entries [j0, j0 + BLOCK_K) -> x values [BLOCK_K] f32 and
     # weight rows [BLOCK_K, BLOCK_N]
     m_j = (j0 + tl.arange(0, BLOCK_K)) < n_sel
     b_xv = tl.load(p_xrow + b_idx * s_xk, mask=m_j, other=0.0).to(tl.float32)
     # every unmasked row is a selected channel: each weight load is useful bytes
-    b_w = tl.load(p_mat + b_idx[:, None] * s_row + o_n[None, :], mask=m_j[:, None] & m_n[None, :], other=0.0)
+    b_w = tl.load(p_mat + b_idx[:, None] * s_row + o_n[None, :], mask=m_j[:, None] & m_n[None, :], other=0.0,
+                  eviction_policy=EVICT)
     return b_xv, b_w
 
 
 @triton.jit
 def _compact_tile(p_x, p_mat, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, i_col, n_cols, s_xm, s_xk, s_row,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr, AHEAD: tl.constexpr):
+                  HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr, AHEAD: tl.constexpr,
+                  HEAD: tl.constexpr, EVICT: tl.constexpr):
     # -> acc [1, BLOCK_N] f32 = sum over selected k in [k_lo, k_hi) of x[i_m, k] * mat[k, cols]
-    n_sel = _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
-                          CHUNK, HAS_SCALE, PER_ROW, INVERT)
+    n_sel, b_head = _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
+                                  CHUNK, BLOCK_K, HAS_SCALE, PER_ROW, INVERT, HEAD)
     p_list_chunk = p_list + k_lo
     p_xrow = p_x + i_m * s_xm
     o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -421,15 +436,23 @@ def _compact_tile(p_x, p_mat, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, i_col
     # AHEAD: the list entries are loaded one step earlier still, so a step's gathers
     # issue at once instead of waiting for their own list load (list -> rows was a
     # dependent chain of two memory latencies per step)
-    b_idx = _load_list(p_list_chunk, 0, n_sel, BLOCK_K)
-    b_xv, b_w = _gather_rows(p_xrow, p_mat, b_idx, 0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K)
+    if HEAD:
+        # the first step's gathers are issued before the barrier: they do not read the list
+        b_xv, b_w = _gather_rows(p_xrow, p_mat, b_head, 0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K, EVICT)
+        # the loop reads slots other threads of this program wrote: block barrier (it also
+        # orders this CTA's global writes before its reads)
+        tl.debug_barrier()
+    else:
+        tl.debug_barrier()
+        b_idx = _load_list(p_list_chunk, 0, n_sel, BLOCK_K)
+        b_xv, b_w = _gather_rows(p_xrow, p_mat, b_idx, 0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K, EVICT)
     if AHEAD:
         b_idx = _load_list(p_list_chunk, BLOCK_K, n_sel, BLOCK_K)
     for j0 in range(BLOCK_K, n_sel + BLOCK_K, BLOCK_K):
         # the last trip loads nothing (every entry masked off) and only computes
         if not AHEAD:
             b_idx = _load_list(p_list_chunk, j0, n_sel, BLOCK_K)
-        b_xv_next, b_w_next = _gather_rows(p_xrow, p_mat, b_idx, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K)
+        b_xv_next, b_w_next = _gather_rows(p_xrow, p_mat, b_idx, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K, EVICT)
         if AHEAD:
             b_idx = _load_list(p_list_chunk, j0 + BLOCK_K, n_sel, BLOCK_K)
         acc2 += b_xv[:, None] * b_w.to(tl.float32)
@@ -447,7 +470,7 @@ def sparse_gemv_compact_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr, AHEAD: tl.constexpr,
-    GDC: tl.constexpr,
+    GDC: tl.constexpr, HEAD: tl.constexpr, EVICT: tl.constexpr,
 ):
     # x [M, K]  w_t [K, N]  v_t [K, R]  scale [K]  thr [1] or [M] f32  jcut [M] i32  bias [N]
     # list [2 * M, list_cols] i32 (scratch: selected | dropped channel lists per row)
@@ -476,17 +499,20 @@ def sparse_gemv_compact_kernel(
         if i_n >= n_tiles_w:
             # z = V ((1 - m) x): the list of the dropped channels, in its own scratch row
             acc = _compact_tile(p_x, p_v, p_scale, p_list + (M + i_m) * list_cols, i_m, thr, jcut, k_lo, k_hi,
-                                i_col, R, s_xm, s_xk, s_vk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, True, AHEAD)
+                                i_col, R, s_xm, s_xk, s_vk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, True, AHEAD,
+                                HEAD, EVICT)
         else:
             acc = _compact_tile(p_x, p_w, p_scale, p_list + i_m * list_cols, i_m, thr, jcut, k_lo, k_hi,
-                                i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD)
+                                i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD,
+                                HEAD, EVICT)
         m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < (N + is_v * (R - N))
     else:
         is_v = 0
         i_col = i_n
         col0 = 0
         acc = _compact_tile(p_x, p_w, p_scale, p_list + i_m * list_cols, i_m, thr, jcut, k_lo, k_hi,
-                            i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD)
+                            i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD,
+                            HEAD, EVICT)
         m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < N
     o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
     m_out = m_m[:, None] & m_n[None, :]

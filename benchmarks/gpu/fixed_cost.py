@@ -47,25 +47,43 @@ FIT_RANGE = (0.3, 0.9)
 BAND_SPARSITY = {"configs": 0.5, "configs_high": 0.9}
 
 
-# a "finish" names the split-K finish, and a launcher switch timed against it after a "+":
-# "+pdl" programmatic dependent launch (launchers.PDL_ENABLED); "+reglist" (rows of
+# a "finish" names the split-K finish, and the launcher switches timed against it after "+"s
+# (e.g. "fixed+head+evict"): "+pdl" programmatic dependent launch (launchers.PDL_ENABLED),
+# "+head" the compact list's first step in registers (launchers.LIST_HEAD_ENABLED), "+evict"
+# the evict-first hint on weight rows (launchers.WEIGHT_EVICT_FIRST); "+reglist" (rows of
 # fixed_cost_reglist_h200.json only) the compact kernel's register list of 0d0a496, removed
 # after that measurement
-FINISHES = ("fixed", "counter", "fixed+pdl", "counter+pdl")
+FINISH_KINDS = ("fixed", "counter")
+SWITCHES = {"pdl": "PDL_ENABLED", "head": "LIST_HEAD_ENABLED", "evict": "WEIGHT_EVICT_FIRST"}
 AB_SWITCHES = {"pdl": "Programmatic dependent launch (`+pdl`: each call may start while the previous one finishes)",
-               "reglist": "Compact kernel's channel list, scratch vs registers (`+reglist`, 0d0a496, not kept)"}
+               "reglist": "Compact kernel's channel list, scratch vs registers (`+reglist`, 0d0a496, not kept)",
+               "head": "Compact kernel's first list step in registers (`+head`: no list round trip before the first rows)",
+               "evict": "Evict-first hint on the weight rows (`+evict`: x, lists and split-K words stay in L2)"}
+
+
+def finish_name(value: str) -> str:
+    """argparse type of --finishes: a split-K finish, then launcher switches, '+'-separated."""
+    kind, *switches = value.split("+")
+    if kind not in FINISH_KINDS or any(sw not in SWITCHES for sw in switches):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected one of {FINISH_KINDS}, then any of "
+                                         f"{', '.join('+' + sw for sw in SWITCHES)}")
+    return value
 
 
 def default_finish() -> str:
-    """The split-K finish (and launch) the launcher uses (launchers.FIXED_POINT_SPLIT_ENABLED,
-    launchers.use_pdl)."""
+    """The split-K finish (and switches) the launcher uses (launchers.FIXED_POINT_SPLIT_ENABLED,
+    launchers.use_pdl, LIST_HEAD_ENABLED, WEIGHT_EVICT_FIRST)."""
     finish = "fixed" if launchers.FIXED_POINT_SPLIT_ENABLED else "counter"
-    return finish + "+pdl" if launchers.use_pdl(torch.device(bk.DEVICE)) else finish
+    on = {"pdl": launchers.use_pdl(torch.device(bk.DEVICE)), "head": launchers.LIST_HEAD_ENABLED,
+          "evict": launchers.WEIGHT_EVICT_FIRST}
+    return "+".join([finish] + [sw for sw in SWITCHES if on[sw]])
 
 
 def set_finish(finish: str) -> None:
-    launchers.FIXED_POINT_SPLIT_ENABLED = finish.split("+")[0] == "fixed"
-    launchers.PDL_ENABLED = finish.endswith("+pdl")
+    kind, *switches = finish.split("+")
+    launchers.FIXED_POINT_SPLIT_ENABLED = kind == "fixed"
+    for sw, attr in SWITCHES.items():
+        setattr(launchers, attr, sw in switches)
 
 
 def row_finish(row: dict) -> str:
@@ -106,7 +124,7 @@ def run_header() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--finishes", nargs="+", choices=FINISHES, default=[default_finish()],
+    ap.add_argument("--finishes", nargs="+", type=finish_name, default=[default_finish()],
                     help="split-K finishes to time at every point, alternating (launchers.FIXED_POINT_SPLIT_ENABLED)")
     ap.add_argument("--chunks", action="store_true",
                     help="instead: the compact kernel at the committed tile with K chunks 256..K (split-K depth), "
@@ -282,24 +300,31 @@ def write_report(out: str, fixed_path: str, chunks_path: str, *ab_paths: str) ->
     Path(out).write_text("\n".join(lines) + "\n")
 
 
-def ab_variants(run: dict) -> tuple[str, str]:
-    """(before, after) of a two-variant run: counter -> fixed point, or a finish -> the same
-    finish with a launcher switch (AB_SWITCHES: "fixed" -> "fixed+pdl")."""
+def ab_variants(run: dict) -> list[tuple[str, str]]:
+    """(before, after) pairs of a run of several --finishes: counter -> fixed point, or a
+    finish without switches -> each variant with launcher switches (AB_SWITCHES: "fixed" ->
+    "fixed+pdl", "fixed" -> "fixed+head", ...)."""
     found = list(dict.fromkeys(row_finish(r) for r in run["rows"]))
-    if len(found) != 2:
-        raise SystemExit(f"{run['command']}: an A/B table needs a run of two --finishes, found {found}")
+    if len(found) < 2:
+        raise SystemExit(f"{run['command']}: an A/B table needs a run of two or more --finishes, found {found}")
     if set(found) == {"counter", "fixed"}:
-        return "counter", "fixed"
-    return tuple(sorted(found, key=lambda v: "+" in v))
+        return [("counter", "fixed")]
+    base = [v for v in found if "+" not in v]
+    if len(base) != 1:
+        raise SystemExit(f"{run['command']}: an A/B run needs one finish without switches, found {found}")
+    return [(base[0], v) for v in found if v != base[0]]
 
 
 def finish_table(run: dict, name: str) -> list[str]:
-    """Markdown lines: the two variants of one --finishes A B run (ab_variants: the split-K
-    finishes, or a finish without and with a launcher switch), per shape and band."""
+    """Markdown lines: one table per variant of a --finishes run against its base (ab_variants:
+    the split-K finishes, or a finish without and with launcher switches), per shape and band."""
+    return [line for before, after in ab_variants(run) for line in _variant_table(run, name, before, after)]
+
+
+def _variant_table(run: dict, name: str, before: str, after: str) -> list[str]:
     at = {(r["shape"], r["band"], row_finish(r), r["sparsity"]): r["sparse_us"] for r in run["rows"]}
-    before, after = ab_variants(run)
     what = ("Split-K finish" if {before, after} == {"counter", "fixed"}
-            else AB_SWITCHES[after.split("+")[-1]])
+            else "; ".join(AB_SWITCHES[sw] for sw in after.split("+")[1:]))
     lines = ["", f"{what}, the same configs timed alternately with each (`{name}`, "
              f"commit `{run['commit'][:7]}`): us, {before} -> {after} (change).", "",
              "| shape | band | config | s=0.5 | s=0.7 | s=0.9 | empty |", "|---|---|---|---|---|---|---|"]
