@@ -360,14 +360,11 @@ def lowrank_up_kernel(
 
 @triton.jit
 def _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
-                  CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr,
-                  INVERT: tl.constexpr, HEAD: tl.constexpr):
+                  CHUNK: tl.constexpr, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr):
     # x row i_m, channels [k_lo, k_hi) -> list[k_lo : k_lo + n_sel] = selected channel
-    # indices in ascending order; returns n_sel and (HEAD) the list's first BLOCK_K entries
-    # computed in registers (entries past n_sel are 0 and masked by the caller).
+    # indices in ascending order; returns n_sel.
     # One vector load of the whole chunk replaces the walk over K: the weight loop below
     # then runs n_sel / BLOCK_K steps, not CHUNK / BLOCK_K, so time follows the bytes.
-    # The caller puts the block barrier between these stores and its first list load.
     o_k = k_lo + tl.arange(0, CHUNK)
     m_k = o_k < k_hi
     b_score = tl.abs(tl.load(p_x + i_m * s_xm + o_k * s_xk, mask=m_k, other=0.0).to(tl.float32))
@@ -385,16 +382,10 @@ def _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
     # every program of this (row, chunk, w|v) writes the same values to the same slots,
     # so concurrent writers cannot disagree; the list lives in L2 and is read back below
     tl.store(p_list + k_lo + b_rank - 1, o_k, mask=m_sel)
-    if HEAD:
-        # entry j is the selected channel of rank j + 1: a [BLOCK_K, CHUNK] compare and one
-        # reduction, so the first step's gathers need no list round trip through L2 (the
-        # program's start is a dependent chain: x -> selection -> list -> weight rows)
-        o_j = tl.arange(0, BLOCK_K)
-        hit = m_sel[None, :] & (b_rank[None, :] == (o_j + 1)[:, None])
-        b_head = tl.sum(tl.where(hit, o_k[None, :], 0), axis=1)
-    else:
-        b_head = tl.zeros([BLOCK_K], dtype=tl.int32)
-    return n_sel, b_head
+    # the loop reads slots other threads of this program wrote: block barrier (it also
+    # orders this CTA's global writes before its reads)
+    tl.debug_barrier()
+    return n_sel
 
 
 @triton.jit
@@ -421,10 +412,10 @@ def _gather_rows(p_xrow, p_mat, b_idx, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K
 def _compact_tile(p_x, p_mat, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, i_col, n_cols, s_xm, s_xk, s_row,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
                   HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr, AHEAD: tl.constexpr,
-                  HEAD: tl.constexpr, EVICT: tl.constexpr):
+                  EVICT: tl.constexpr):
     # -> acc [1, BLOCK_N] f32 = sum over selected k in [k_lo, k_hi) of x[i_m, k] * mat[k, cols]
-    n_sel, b_head = _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
-                                  CHUNK, BLOCK_K, HAS_SCALE, PER_ROW, INVERT, HEAD)
+    n_sel = _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
+                          CHUNK, HAS_SCALE, PER_ROW, INVERT)
     p_list_chunk = p_list + k_lo
     p_xrow = p_x + i_m * s_xm
     o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -436,16 +427,8 @@ def _compact_tile(p_x, p_mat, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, i_col
     # AHEAD: the list entries are loaded one step earlier still, so a step's gathers
     # issue at once instead of waiting for their own list load (list -> rows was a
     # dependent chain of two memory latencies per step)
-    if HEAD:
-        # the first step's gathers are issued before the barrier: they do not read the list
-        b_xv, b_w = _gather_rows(p_xrow, p_mat, b_head, 0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K, EVICT)
-        # the loop reads slots other threads of this program wrote: block barrier (it also
-        # orders this CTA's global writes before its reads)
-        tl.debug_barrier()
-    else:
-        tl.debug_barrier()
-        b_idx = _load_list(p_list_chunk, 0, n_sel, BLOCK_K)
-        b_xv, b_w = _gather_rows(p_xrow, p_mat, b_idx, 0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K, EVICT)
+    b_idx = _load_list(p_list_chunk, 0, n_sel, BLOCK_K)
+    b_xv, b_w = _gather_rows(p_xrow, p_mat, b_idx, 0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K, EVICT)
     if AHEAD:
         b_idx = _load_list(p_list_chunk, BLOCK_K, n_sel, BLOCK_K)
     for j0 in range(BLOCK_K, n_sel + BLOCK_K, BLOCK_K):
@@ -470,7 +453,7 @@ def sparse_gemv_compact_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr, AHEAD: tl.constexpr,
-    GDC: tl.constexpr, HEAD: tl.constexpr, EVICT: tl.constexpr,
+    GDC: tl.constexpr, EVICT: tl.constexpr,
 ):
     # x [M, K]  w_t [K, N]  v_t [K, R]  scale [K]  thr [1] or [M] f32  jcut [M] i32  bias [N]
     # list [2 * M, list_cols] i32 (scratch: selected | dropped channel lists per row)
@@ -500,11 +483,11 @@ def sparse_gemv_compact_kernel(
             # z = V ((1 - m) x): the list of the dropped channels, in its own scratch row
             acc = _compact_tile(p_x, p_v, p_scale, p_list + (M + i_m) * list_cols, i_m, thr, jcut, k_lo, k_hi,
                                 i_col, R, s_xm, s_xk, s_vk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, True, AHEAD,
-                                HEAD, EVICT)
+                                EVICT)
         else:
             acc = _compact_tile(p_x, p_w, p_scale, p_list + i_m * list_cols, i_m, thr, jcut, k_lo, k_hi,
                                 i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD,
-                                HEAD, EVICT)
+                                EVICT)
         m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < (N + is_v * (R - N))
     else:
         is_v = 0
@@ -512,7 +495,7 @@ def sparse_gemv_compact_kernel(
         col0 = 0
         acc = _compact_tile(p_x, p_w, p_scale, p_list + i_m * list_cols, i_m, thr, jcut, k_lo, k_hi,
                             i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD,
-                            HEAD, EVICT)
+                            EVICT)
         m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < N
     o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
     m_out = m_m[:, None] & m_n[None, :]

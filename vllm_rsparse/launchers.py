@@ -65,18 +65,13 @@ FX_MAX_SPLIT = 63  # the word's 6 arrival bits (kernels/sparse_gemv.py FX_MAX_SP
 # off); the interpreter and older GPUs never use it.
 PDL_ENV = "RSPARSE_PDL"
 PDL_ENABLED: bool | None = None
-# Weight rows are read once per launch: with an evict-first hint they leave L2 before what
-# the programs re-read there (x, the channel lists, the split-K workspace words), which a
-# 50-230 MB weight stream would otherwise push out to DRAM between uses. A/B switch
-# (benchmarks/gpu/fixed_cost.py "+evict"); both settings give identical results.
+# Weight rows are read once per launch: with an evict-first hint (GemvConfig.evict, per
+# committed config) they leave L2 before what the programs re-read there (x, the channel
+# lists, the split-K workspace words), which a 50-230 MB weight stream would otherwise push
+# out between uses. Measured per config: -2..-4% on the 4-warp compact configs at s = 0.5,
+# +40-50% on the 2-warp ones (fixed_cost_head_evict_h200.json). True forces it on every
+# launch (benchmarks/gpu/fixed_cost.py "+evict"); results are identical either way.
 WEIGHT_EVICT_FIRST = False
-# Compact programs: the list's first BLOCK_K entries are also computed in registers (a
-# [BLOCK_K, CHUNK] compare and one reduction), so the first weight rows are requested
-# without the store -> barrier -> load round trip through L2 on the program's critical
-# start; the rest of the list is read back as before. Only where BLOCK_K * CHUNK is at most
-# LIST_HEAD_MAX_ELEMENTS (the compare's size). A/B switch ("+head"); same results.
-LIST_HEAD_ENABLED = False
-LIST_HEAD_MAX_ELEMENTS = 1 << 15
 _pdl_capable: dict[torch.device, bool] = {}
 # Split-K workspace, per device, zero between launches (the kernel re-zeroes what it
 # used): arrival counters, one per (tile, row group), an f32 accumulator and an int64
@@ -148,6 +143,7 @@ class GemvConfig:
     num_warps: int
     num_stages: int
     kernel: str = "walk"  # rows = 1 only: "walk" (every K row) or "compact" (selected rows)
+    evict: bool = False  # evict-first hint on the weight rows (WEIGHT_EVICT_FIRST)
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -156,7 +152,7 @@ class GemvConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> "GemvConfig":
         ints = {f.name: int(raw[f.name]) for f in dataclasses.fields(cls) if f.type in ("int", int)}
-        return cls(**ints, kernel=str(raw.get("kernel", "walk")))
+        return cls(**ints, kernel=str(raw.get("kernel", "walk")), evict=bool(raw.get("evict", False)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -593,7 +589,7 @@ def sparse_gemv(
     fixed = split_k > 1 and FIXED_POINT_SPLIT_ENABLED and split_k <= FX_MAX_SPLIT
     pdl = use_pdl(x.device)
     launch_pdl = {"launch_pdl": True} if pdl else {}  # the keyword only where it is used
-    evict = "evict_first" if WEIGHT_EVICT_FIRST else ""
+    evict = "evict_first" if WEIGHT_EVICT_FIRST or cfg.evict else ""
     if has_lowrank:
         y32 = torch.empty((m, n), dtype=torch.float32, device=x.device)
         z = torch.empty((m, rank), dtype=torch.float32, device=x.device)
@@ -615,7 +611,7 @@ def sparse_gemv(
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
             HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
             HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, FIXED=fixed, AHEAD=LOAD_AHEAD_ENABLED, GDC=pdl,
-            HEAD=LIST_HEAD_ENABLED and cfg.block_k * k_per_split <= LIST_HEAD_MAX_ELEMENTS, EVICT=evict,
+            EVICT=evict,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
         )
     else:

@@ -48,16 +48,17 @@ BAND_SPARSITY = {"configs": 0.5, "configs_high": 0.9}
 
 
 # a "finish" names the split-K finish, and the launcher switches timed against it after "+"s
-# (e.g. "fixed+head+evict"): "+pdl" programmatic dependent launch (launchers.PDL_ENABLED),
-# "+head" the compact list's first step in registers (launchers.LIST_HEAD_ENABLED), "+evict"
-# the evict-first hint on weight rows (launchers.WEIGHT_EVICT_FIRST); "+reglist" (rows of
-# fixed_cost_reglist_h200.json only) the compact kernel's register list of 0d0a496, removed
-# after that measurement
+# (e.g. "fixed+pdl+evict"): "+pdl" programmatic dependent launch (launchers.PDL_ENABLED),
+# "+evict" the evict-first hint on every config's weight rows (launchers.WEIGHT_EVICT_FIRST).
+# Rows of removed variants stay readable: "+reglist" (fixed_cost_reglist_h200.json) the compact
+# kernel's register list of 0d0a496, "+head" (fixed_cost_head_evict_h200.json) the list's first
+# step computed in registers of ab44d69
 FINISH_KINDS = ("fixed", "counter")
-SWITCHES = {"pdl": "PDL_ENABLED", "head": "LIST_HEAD_ENABLED", "evict": "WEIGHT_EVICT_FIRST"}
+SWITCHES = {"pdl": "PDL_ENABLED", "evict": "WEIGHT_EVICT_FIRST"}
 AB_SWITCHES = {"pdl": "Programmatic dependent launch (`+pdl`: each call may start while the previous one finishes)",
                "reglist": "Compact kernel's channel list, scratch vs registers (`+reglist`, 0d0a496, not kept)",
-               "head": "Compact kernel's first list step in registers (`+head`: no list round trip before the first rows)",
+               "head": "Compact kernel's first list step in registers (`+head`, ab44d69, not kept: no list round trip "
+                       "before the first rows)",
                "evict": "Evict-first hint on the weight rows (`+evict`: x, lists and split-K words stay in L2)"}
 
 
@@ -72,10 +73,9 @@ def finish_name(value: str) -> str:
 
 def default_finish() -> str:
     """The split-K finish (and switches) the launcher uses (launchers.FIXED_POINT_SPLIT_ENABLED,
-    launchers.use_pdl, LIST_HEAD_ENABLED, WEIGHT_EVICT_FIRST)."""
+    launchers.use_pdl, WEIGHT_EVICT_FIRST)."""
     finish = "fixed" if launchers.FIXED_POINT_SPLIT_ENABLED else "counter"
-    on = {"pdl": launchers.use_pdl(torch.device(bk.DEVICE)), "head": launchers.LIST_HEAD_ENABLED,
-          "evict": launchers.WEIGHT_EVICT_FIRST}
+    on = {"pdl": launchers.use_pdl(torch.device(bk.DEVICE)), "evict": launchers.WEIGHT_EVICT_FIRST}
     return "+".join([finish] + [sw for sw in SWITCHES if on[sw]])
 
 

@@ -16,10 +16,12 @@ along K cheaper: narrow and wide tiles at K chunks of 256-4096 (4096 = no split 
     python3 -P benchmarks/gpu/wide_tiles.py --out $OUT/wide_tiles_h200.json
     python3 -P benchmarks/gpu/wide_tiles.py --set split_depth --adopt $OUT/sparse_gemv.json --out $OUT/split_depth_h200.json
     python3 -P benchmarks/gpu/wide_tiles.py --set warps --adopt $OUT/sparse_gemv.json --out $OUT/warps_h200.json
+    python3 -P benchmarks/gpu/wide_tiles.py --set short_chunks --adopt $OUT/sparse_gemv.json --out $OUT/short_chunks_h200.json
     RSPARSE_BENCH_DRY=1 python benchmarks/gpu/wide_tiles.py --out /tmp/w.json   # CPU: script check only
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -58,7 +60,24 @@ WARPS = [("compact", bn, bkk, w, chunk)
          for bn, bkk, w in [(128, 64, 2), (128, 64, 8), (256, 32, 2), (256, 32, 8), (512, 16, 2), (512, 16, 8),
                             (1024, 8, 8), (128, 128, 8), (256, 64, 8), (512, 32, 8), (1024, 16, 8)]
          for chunk in (256, 512, 1024)]
-CANDIDATE_SETS = {"wide": WIDE, "split_depth": SPLIT_DEPTH, "warps": WARPS}
+# short K chunks on wide tiles (session 9): o_proj and Llama-3 qkv stream their selected bytes
+# at 50-70% of copy bandwidth with 64-256 B row segments or 8 list steps per program; wide
+# segments with 2-4 list steps per program were not in the split-depth set (chunks >= 256).
+# Each with and without the evict-first hint on the weight rows (GemvConfig.evict; the
+# committed config with the hint is a candidate of this set too).
+SHORT_CHUNKS = [("compact", bn, bkk, w, chunk, evict)
+                for bn, bkk in [(256, 32), (512, 16), (1024, 8)] for w in (2, 4) for chunk in (64, 128)
+                for evict in (False, True)]
+CANDIDATE_SETS = {"wide": WIDE, "split_depth": SPLIT_DEPTH, "warps": WARPS, "short_chunks": SHORT_CHUNKS}
+
+
+def candidate(spec: tuple, k: int) -> tuple[str, launchers.GemvConfig]:
+    """(label, config) of a candidate (kernel, block_n, block_k, num_warps, per[, evict])."""
+    kern, bn, bkk, w, per, *rest = spec
+    evict = bool(rest and rest[0])
+    cfg = dataclasses.replace(bk.one_row_config(kern, bn, bkk, w, per, k), evict=evict)
+    label = f"{kern} bn{bn} bk{bkk} w{w} {'chunk' if kern == 'compact' else 'steps'}{per}"
+    return (label + " evict" if evict else label), cfg
 
 
 def programs(cfg: launchers.GemvConfig, n: int, k: int) -> int:
@@ -116,9 +135,10 @@ def main() -> None:
             reference = launchers.sparse_linear(inputs[0][0][0], **inputs[0][1], config=committed,
                                                 use_crossover=False).float()
             candidates = [("committed", committed)] + [
-                (f"{kern} bn{bn} bk{bkk} w{w} {'chunk' if kern == 'compact' else 'steps'}{per}",
-                 bk.one_row_config(kern, bn, bkk, w, per, k)) for kern, bn, bkk, w, per in CANDIDATE_SETS[args.set]
-                if kern == "walk" or per <= max(k, launchers.MIN_CHUNK)]
+                candidate(spec, k) for spec in CANDIDATE_SETS[args.set]
+                if spec[0] == "walk" or spec[4] <= max(k, launchers.MIN_CHUNK)]
+            if args.set == "short_chunks" and not committed.evict:
+                candidates.append(("committed evict", dataclasses.replace(committed, evict=True)))
             # no rival: the committed config under another name, or fewer programs than SMs (the
             # sweep's rule: bandwidth left idle at one token; split-depth wide tiles without a split)
             candidates = candidates[:1] + [(label, cfg) for label, cfg in candidates[1:]
