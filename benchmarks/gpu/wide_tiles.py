@@ -68,7 +68,13 @@ WARPS = [("compact", bn, bkk, w, chunk)
 SHORT_CHUNKS = [("compact", bn, bkk, w, chunk, evict)
                 for bn, bkk in [(256, 32), (512, 16), (1024, 8)] for w in (2, 4) for chunk in (64, 128)
                 for evict in (False, True)]
-CANDIDATE_SETS = {"wide": WIDE, "split_depth": SPLIT_DEPTH, "warps": WARPS, "short_chunks": SHORT_CHUNKS}
+# shorter still (session 9, after short_chunks adopted bn1024 bk8 chunk64 for Llama-3 qkv, 0.82x ->
+# 0.70x dense): 1-4 list steps per program on 1-4 KB row segments, 4 or 8 warps
+TINY_CHUNKS = [("compact", bn, bkk, w, chunk, evict)
+               for bn, bkk in [(512, 16), (1024, 8), (2048, 4)] for w in (4, 8) for chunk in (16, 32, 64)
+               for evict in (False, True)]
+CANDIDATE_SETS = {"wide": WIDE, "split_depth": SPLIT_DEPTH, "warps": WARPS, "short_chunks": SHORT_CHUNKS,
+                  "tiny_chunks": TINY_CHUNKS}
 
 
 def candidate(spec: tuple, k: int) -> tuple[str, launchers.GemvConfig]:
@@ -137,7 +143,7 @@ def main() -> None:
             candidates = [("committed", committed)] + [
                 candidate(spec, k) for spec in CANDIDATE_SETS[args.set]
                 if spec[0] == "walk" or spec[4] <= max(k, launchers.MIN_CHUNK)]
-            if args.set == "short_chunks" and not committed.evict:
+            if args.set in ("short_chunks", "tiny_chunks") and not committed.evict:
                 candidates.append(("committed evict", dataclasses.replace(committed, evict=True)))
             # no rival: the committed config under another name, or fewer programs than SMs (the
             # sweep's rule: bandwidth left idle at one token; split-depth wide tiles without a split)
