@@ -282,7 +282,13 @@ def write_report(out: str, fixed_path: str, chunks_path: str, *ab_paths: str) ->
         per = (f"chunk{launchers.compact_chunk(r5['k'], c['split_k'])}" if c.get("kernel") == "compact"
                else f"split{c['split_k']}")
         marg = f"{f['fit_marginal_gbs']:.0f} ({f['fit_marginal_pct_copy']:.0f}%)" if f["fit_marginal_gbs"] else "-"
-        lines.append(f"| {f['shape']} | {f['band']} | {c.get('kernel', 'walk')} bn{c['block_n']} bk{c['block_k']} w{c['num_warps']} {per} | {finish} | "
+        along_k = (-(-r5["k"] // launchers.compact_chunk(r5["k"], c["split_k"])) if c.get("kernel") == "compact"
+                   else c["split_k"])
+        if finish.startswith("fixed") and along_k > launchers.FX_MAX_SPLIT:
+            # the launcher takes the counter finish beyond the fixed-point word's arrival count
+            finish = f"counter ({along_k} along K)"
+        evict = " evict" if c.get("evict") else ""
+        lines.append(f"| {f['shape']} | {f['band']} | {c.get('kernel', 'walk')} bn{c['block_n']} bk{c['block_k']} w{c['num_warps']} {per}{evict} | {finish} | "
                      f"{f['dense_us']:.1f} ({f['dense_gbs']:.0f}) | {r5['sparse_us']:.1f} ({r5['ratio']:.2f}x, {r5['gbs']:.0f}) | "
                      f"{r9['sparse_us']:.1f} ({r9['ratio']:.2f}x) | {f['empty_us']:.1f} | {f['fit_fixed_us']:.1f} | {marg} |")
     lines += ["", "Split-K depth of the compact kernel (committed tile of the 0.5 band, K chunk varied; a chunk is "
