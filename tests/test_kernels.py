@@ -313,10 +313,10 @@ def test_evict_first_hint(kernel, density, gen):
 
 
 @pytest.mark.parametrize("kernel", ["compact", "walk"])
-@pytest.mark.parametrize("block_n,block_k,per", [(512, 16, 512), (1024, 8, 512), (1024, 8, 32)],
-                         ids=["bn512_bk16", "bn1024_bk8", "bn1024_bk8_short"])
+@pytest.mark.parametrize("block_n,block_k,per", [(512, 16, 512), (1024, 8, 512), (1024, 8, 32), (2048, 4, 32)],
+                         ids=["bn512_bk16", "bn1024_bk8", "bn1024_bk8_short", "bn2048_bk4_short"])
 def test_wide_output_tiles(kernel, block_n, block_k, per, gen):
-    """Output tiles of 512-1024 columns with 8-16 rows a step (the H200 configs adopted by
+    """Output tiles of 512-2048 columns with 4-16 rows a step (the H200 configs adopted by
     benchmarks/gpu/wide_tiles.py for the wide-N shapes and the high-sparsity band): N not a
     multiple of the tile, the low-rank tiles narrower than one tile, per = K chunk (compact)
     or K steps per program (walk)."""
