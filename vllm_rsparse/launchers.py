@@ -65,14 +65,15 @@ FX_MAX_SPLIT = 63  # the word's 6 arrival bits (kernels/sparse_gemv.py FX_MAX_SP
 # off); the interpreter and older GPUs never use it.
 PDL_ENV = "RSPARSE_PDL"
 PDL_ENABLED: bool | None = None
+_pdl_capable: dict[torch.device, bool] = {}
 # Weight rows are read once per launch: with an evict-first hint (GemvConfig.evict, per
 # committed config) they leave L2 before what the programs re-read there (x, the channel
 # lists, the split-K workspace words), which a 50-230 MB weight stream would otherwise push
 # out between uses. Measured per config: -2..-4% on the 4-warp compact configs at s = 0.5,
 # +40-50% on the 2-warp ones (fixed_cost_head_evict_h200.json). True forces it on every
-# launch (benchmarks/gpu/fixed_cost.py "+evict"); results are identical either way.
+# launch (benchmarks/gpu/fixed_cost.py "+evict"). The hint changes no result bit: where the
+# split-K sum is order-independent (fixed point, no split) outputs are identical either way.
 WEIGHT_EVICT_FIRST = False
-_pdl_capable: dict[torch.device, bool] = {}
 # Split-K workspace, per device, zero between launches (the kernel re-zeroes what it
 # used): arrival counters, one per (tile, row group), an f32 accumulator and an int64
 # fixed-point accumulator of MAX_ROWS x WORKSPACE_COLS (4 + 8 MiB); N + r of a layer must
@@ -543,6 +544,29 @@ def compact_chunk(k: int, split_k: int) -> int:
     return min(MAX_CHUNK, max(MIN_CHUNK, triton_next_power_of_2(triton_cdiv(k, max(1, split_k)))))
 
 
+def uses_compact_kernel(cfg: GemvConfig) -> bool:
+    """Whether a launch with this config runs sparse_gemv_compact_kernel (one-row programs)."""
+    return cfg.rows == 1 and (COMPACT_ROWS_ENABLED or cfg.kernel == "compact")
+
+
+def k_split(k: int, cfg: GemvConfig) -> tuple[int, int]:
+    """(K channels per program, programs along K) of a launch with this config: compact
+    programs take power-of-two chunks, the walk whole BLOCK_K steps, so the programs along K
+    can differ from cfg.split_k."""
+    if uses_compact_kernel(cfg):
+        # compact programs: K chunks of a power-of-two size (one x vector per program)
+        k_per_split = compact_chunk(k, cfg.split_k)
+    else:
+        k_per_split = triton_cdiv(triton_cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    return k_per_split, triton_cdiv(k, k_per_split)
+
+
+def fixed_point_finish(split_k: int) -> bool:
+    """Whether split_k programs along K finish with the fixed-point word (FIXED_POINT_SPLIT_ENABLED,
+    at most FX_MAX_SPLIT arrivals) rather than the counter; one program needs no finish."""
+    return split_k > 1 and FIXED_POINT_SPLIT_ENABLED and split_k <= FX_MAX_SPLIT
+
+
 def sparse_gemv(
     x: torch.Tensor,
     w_t: torch.Tensor,
@@ -573,20 +597,15 @@ def sparse_gemv(
     row_groups = triton_cdiv(m, rows)
     tiles_w = triton_cdiv(n, cfg.block_n)
     tiles = tiles_w + (triton_cdiv(rank, cfg.block_n) if has_lowrank else 0)
-    compact = rows == 1 and (COMPACT_ROWS_ENABLED or cfg.kernel == "compact")
-    if compact:
-        # compact programs: K chunks of a power-of-two size (one x vector per program)
-        k_per_split = compact_chunk(k, cfg.split_k)
-    else:
-        k_per_split = triton_cdiv(triton_cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    split_k = triton_cdiv(k, k_per_split)
+    compact = uses_compact_kernel(cfg)
+    k_per_split, split_k = k_split(k, cfg)
     if tiles * row_groups > COUNTER_SLOTS:
         raise ValueError(f"{tiles * row_groups} output tiles exceed the {COUNTER_SLOTS} split-K counters")
 
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dummy = out  # placeholder pointer for absent optional tensors (never dereferenced)
     ws = _workspace_for(x.device)
-    fixed = split_k > 1 and FIXED_POINT_SPLIT_ENABLED and split_k <= FX_MAX_SPLIT
+    fixed = fixed_point_finish(split_k)
     pdl = use_pdl(x.device)
     launch_pdl = {"launch_pdl": True} if pdl else {}  # the keyword only where it is used
     evict = "evict_first" if WEIGHT_EVICT_FIRST or cfg.evict else ""

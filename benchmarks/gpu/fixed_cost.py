@@ -282,10 +282,10 @@ def write_report(out: str, fixed_path: str, chunks_path: str, *ab_paths: str) ->
         per = (f"chunk{launchers.compact_chunk(r5['k'], c['split_k'])}" if c.get("kernel") == "compact"
                else f"split{c['split_k']}")
         marg = f"{f['fit_marginal_gbs']:.0f} ({f['fit_marginal_pct_copy']:.0f}%)" if f["fit_marginal_gbs"] else "-"
-        along_k = (-(-r5["k"] // launchers.compact_chunk(r5["k"], c["split_k"])) if c.get("kernel") == "compact"
-                   else c["split_k"])
+        along_k = launchers.k_split(r5["k"], launchers.GemvConfig.from_dict(c))[1]
         if finish.startswith("fixed") and along_k > launchers.FX_MAX_SPLIT:
             # the launcher takes the counter finish beyond the fixed-point word's arrival count
+            # (launchers.fixed_point_finish)
             finish = f"counter ({along_k} along K)"
         evict = " evict" if c.get("evict") else ""
         lines.append(f"| {f['shape']} | {f['band']} | {c.get('kernel', 'walk')} bn{c['block_n']} bk{c['block_k']} w{c['num_warps']} {per}{evict} | {finish} | "
@@ -359,7 +359,7 @@ def chunk_probe(args) -> None:
                 if chunk > k * 2 or chunk < base.block_k:
                     continue
                 cfg = bk.one_row_config("compact", base.block_n, base.block_k, base.num_warps, chunk, k)
-                along_k = launchers.triton_cdiv(k, launchers.compact_chunk(k, cfg.split_k))
+                along_k = launchers.k_split(k, cfg)[1]
                 # one program along K has no split-K finish: timed once
                 for i, finish in enumerate(args.finishes if along_k > 1 else args.finishes[:1]):
                     set_finish(finish)

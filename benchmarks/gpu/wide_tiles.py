@@ -88,9 +88,7 @@ def candidate(spec: tuple, k: int) -> tuple[str, launchers.GemvConfig]:
 
 def programs(cfg: launchers.GemvConfig, n: int, k: int) -> int:
     """Programs of a one-token launch: output tiles x programs along K."""
-    along_k = (launchers.triton_cdiv(k, launchers.compact_chunk(k, cfg.split_k)) if cfg.kernel == "compact"
-               else cfg.split_k)
-    return launchers.triton_cdiv(n, cfg.block_n) * along_k
+    return launchers.triton_cdiv(n, cfg.block_n) * launchers.k_split(k, cfg)[1]
 
 
 def adopt(rows: list[dict], path: str, candidate_set: str = "wide") -> None:
@@ -143,7 +141,8 @@ def main() -> None:
             candidates = [("committed", committed)] + [
                 candidate(spec, k) for spec in CANDIDATE_SETS[args.set]
                 if spec[0] == "walk" or spec[4] <= max(k, launchers.MIN_CHUNK)]
-            if args.set in ("short_chunks", "tiny_chunks") and not committed.evict:
+            # a set that times the evict-first hint also times it on the committed config
+            if any(cfg.evict for _, cfg in candidates) and not committed.evict:
                 candidates.append(("committed evict", dataclasses.replace(committed, evict=True)))
             # no rival: the committed config under another name, or fewer programs than SMs (the
             # sweep's rule: bandwidth left idle at one token; split-depth wide tiles without a split)
