@@ -1,0 +1,202 @@
+"""Probe (issue 4): Nsight Compute counters of the one-token sparse GEMV against cuBLAS.
+
+fixed_cost.py splits the graph-timed one-token time into fixed cost and bytes; it cannot say what
+the fixed part is made of. This probe runs each case once under `ncu` (caches flushed before every
+replay, so the weights come from DRAM as in decode) and reports, per kernel, the duration on the
+GPU, the DRAM bytes and throughput, the grid, and where the warps stall. Cases: the committed
+config of each named shape at the given sparsities (the band launchers.pick_config picks for that
+sparsity; 1.0 = no channel selected) and dense cuBLAS of the same shape.
+
+    # on the GPU: profile (one launch per case between cudaProfilerStart/Stop), then the report
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight --section LaunchStats \
+        --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+        --section SchedulerStats -o $RES/ncu python3 -P benchmarks/gpu/ncu_profile.py --cases $RES/ncu_cases.json
+    ncu --import $RES/ncu.ncu-rep --csv --page raw > $RES/ncu_raw.csv
+    python3 -P benchmarks/gpu/ncu_profile.py --report $RES/ncu_raw.csv $RES/ncu_cases.json --out $RES/ncu_h200.md
+    RSPARSE_BENCH_DRY=1 python benchmarks/gpu/ncu_profile.py --cases /tmp/c.json   # CPU: script check only
+"""
+
+import argparse
+import csv
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vllm_rsparse import launchers
+
+_spec = importlib.util.spec_from_file_location("fixed_cost", Path(__file__).resolve().parent / "fixed_cost.py")
+fixed_cost = importlib.util.module_from_spec(_spec)
+sys.modules["fixed_cost"] = fixed_cost
+_spec.loader.exec_module(fixed_cost)
+bk = fixed_cost.bk
+
+DEFAULT_SHAPES = ["llama2-7b/o", "llama3-8b/qkv", "llama3-8b/gate_up", "llama2-7b/down"]
+DEFAULT_SPARSITIES = [0.5, 0.9, 1.0]
+WARMUP_CALLS = 3  # compile and first-touch outside the profiled range
+
+# raw metric -> column of the report (ncu --page raw names; a missing one prints as "-"); the stall
+# reasons are every raw column of the WarpStateStats section's per-issue stall ratios, the largest shown
+REPORT_METRICS = {
+    "gpu__time_duration.sum": "duration",
+    "dram__bytes_read.sum": "DRAM read",
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed": "DRAM % peak",
+    "launch__grid_size": "programs",
+    "launch__block_size": "threads",
+    "launch__registers_per_thread": "regs",
+    "sm__warps_active.avg.pct_of_peak_sustained_active": "occupancy %",
+    "smsp__cycles_active.avg": "SMSP active cycles",
+    "gpc__cycles_elapsed.max": "elapsed cycles",
+    "smsp__average_warp_latency_per_inst_issued.ratio": "cycles per issue",
+}
+STALL_PATTERN = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
+TOP_STALLS = 4
+
+
+def top_stalls(kern: dict) -> list[tuple[str, float]]:
+    """The largest stall reasons of one kernel: warps stalled per issued instruction, by reason."""
+    found = []
+    for col, text in kern.items():
+        m = STALL_PATTERN.match(col) if isinstance(text, str) else None
+        value = _number(text) if m else None
+        if value:
+            found.append((m.group(1), value))
+    return sorted(found, key=lambda t: -t[1])[:TOP_STALLS]
+
+
+def cases(shape_names: list[str], sparsities: list[float]) -> list[dict]:
+    shapes = {name: (n, k) for name, n, k in fixed_cost.SHAPES}
+    unknown = [s for s in shape_names if s not in shapes]
+    if unknown:
+        raise SystemExit(f"ncu_profile.py: unknown shape(s) {unknown}; known: {sorted(shapes)}")
+    out = []
+    for name in shape_names:
+        n, k = shapes[name]
+        out.append({"shape": name, "n": n, "k": k, "kind": "dense"})
+        out += [{"shape": name, "n": n, "k": k, "kind": "sparse", "sparsity": s} for s in sparsities]
+    return out
+
+
+def profile(args) -> None:
+    gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
+    todo = cases(args.shapes, args.sparsities)
+    cudart = torch.cuda.cudart() if torch.cuda.is_available() else None
+    for case in todo:
+        n, k = (1024, 512) if bk.DRY_RUN else (case["n"], case["k"])
+        layer = bk.Layer(n, k, gen)
+        if case["kind"] == "dense":
+            x = torch.randn(1, k, device=bk.DEVICE, generator=gen).to(bk.DTYPE)
+            call = lambda: F.linear(x, layer.w_dense)  # noqa: E731
+            case["bytes"] = n * k * 2 + (n + k) * 2
+        else:
+            s = case["sparsity"]
+            inputs, nbytes = fixed_cost.teal_inputs([layer], s, gen)
+            cfg = launchers.pick_config(n, k, 1, 0, torch.device(bk.DEVICE), s)
+            call = bk.one_token_calls(inputs, cfg)[0]
+            case["bytes"], case["gemv_config"] = nbytes, vars(cfg)
+            case["finish"] = ("fixed" if launchers.fixed_point_finish(launchers.k_split(k, cfg)[0])
+                              else "counter" if launchers.k_split(k, cfg)[0] > 1 else "none")
+        for _ in range(WARMUP_CALLS):
+            call()
+        if cudart is not None:
+            torch.cuda.synchronize()
+            cudart.cudaProfilerStart()
+        call()  # the profiled launch(es): one per case
+        if cudart is not None:
+            torch.cuda.synchronize()
+            cudart.cudaProfilerStop()
+        print(f"{case['shape']:18s} {case['kind']:6s} s={case.get('sparsity', '-')} {case.get('gemv_config', '')}",
+              flush=True)
+        layer.free()
+    Path(args.cases).write_text(json.dumps({**fixed_cost.run_header(), "cases": todo}, indent=1))
+
+
+def _number(text: str):
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def read_raw(path: str) -> list[dict]:
+    """Rows of `ncu --csv --page raw`: a header row, a units row, one row per profiled kernel."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(line for line in f if not line.startswith("==")))
+    header, units, data = rows[0], rows[1], rows[2:]
+    out = []
+    for values in data:
+        rec = dict(zip(header, values))
+        rec["_units"] = dict(zip(header, units))
+        out.append(rec)
+    return out
+
+
+def match_cases(cases_run: list[dict], kernels: list[dict]) -> list[tuple[dict, dict]]:
+    """Pair the profiled kernels (launch order) with the cases: a TEAL sparse case launches one
+    sparse_gemv kernel, a dense case whatever cuBLAS launches (every kernel up to the next sparse one)."""
+    pairs, i = [], 0
+    for case in cases_run:
+        if case["kind"] == "sparse":
+            if i >= len(kernels) or not kernels[i].get("Kernel Name", "").startswith("sparse_gemv"):
+                raise SystemExit(f"ncu_profile.py: kernel {i} is not the sparse GEMV of case {case}")
+            pairs.append((case, kernels[i]))
+            i += 1
+        else:
+            while i < len(kernels) and not kernels[i].get("Kernel Name", "").startswith("sparse_gemv"):
+                pairs.append((case, kernels[i]))
+                i += 1
+    return pairs
+
+
+def write_report(raw_path: str, cases_path: str, out: str) -> None:
+    """Markdown table: the profiled kernels in launch order, matched to the cases (the sparse op
+    may launch more than one kernel per case: the rows keep every kernel's name)."""
+    run = json.loads(Path(cases_path).read_text())
+    kernels = read_raw(raw_path)
+    lines = [f"# Nsight Compute, one-token GEMV (commit {run['commit']}, {run['gpu']})", "",
+             f"`{run['command']}`; caches flushed before each replay (weights from DRAM), clocks not locked.", "",
+             "| shape | case | kernel | " + " | ".join(REPORT_METRICS.values()) + " | top stalls (warps per issue) |",
+             "|---|---|---|" + "---|" * (len(REPORT_METRICS) + 1)]
+    records = []
+    for case, kern in match_cases(run["cases"], kernels):
+        label = "dense cuBLAS" if case["kind"] == "dense" else f"s = {case['sparsity']} ({case.get('finish')})"
+        values = {col: _number(kern.get(metric, "")) for metric, col in REPORT_METRICS.items()}
+        units = {col: kern["_units"].get(metric, "") for metric, col in REPORT_METRICS.items()}
+        stalls = top_stalls(kern)
+        records.append({"shape": case["shape"], "case": label, "kernel": kern.get("Kernel Name", "?"),
+                        "values": values, "units": units, "stalls": stalls})
+        cells = [("-" if v is None else f"{v:.4g}") + (f" {units[c]}" if v is not None and units[c] and c in
+                                                        ("duration", "DRAM read") else "")
+                 for c, v in values.items()]
+        lines.append(f"| {case['shape']} | {label} | {kern.get('Kernel Name', '?')[:40]} | " + " | ".join(cells)
+                     + " | " + ", ".join(f"{r} {v:.2f}" for r, v in stalls) + " |")
+    Path(out).write_text("\n".join(lines) + "\n")
+    Path(out).with_suffix(".json").write_text(json.dumps({**{k: v for k, v in run.items() if k != "cases"},
+                                                          "cases": run["cases"], "kernels": records}, indent=1))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", help="profile: run the cases (under ncu) and write their list here")
+    ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES)
+    ap.add_argument("--sparsities", nargs="+", type=float, default=DEFAULT_SPARSITIES)
+    ap.add_argument("--report", nargs=2, metavar=("RAW_CSV", "CASES_JSON"),
+                    help="instead: the markdown table (+ .json) of an earlier profile to --out")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.report:
+        if not args.out:
+            ap.error("--report needs --out")
+        return write_report(*args.report, args.out)
+    if not args.cases:
+        ap.error("give --cases (profile) or --report")
+    profile(args)
+
+
+if __name__ == "__main__":
+    main()
