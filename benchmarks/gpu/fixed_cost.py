@@ -86,6 +86,15 @@ def set_finish(finish: str) -> None:
         setattr(launchers, attr, sw in switches)
 
 
+def split_finish_run(k: int, cfg: launchers.GemvConfig) -> str:
+    """The split-K finish the launcher really runs for this config under the current switches:
+    'none' (one program along K), 'fixed' (narrow word), 'fixed-wide' or 'counter'."""
+    along_k = launchers.k_split(k, cfg)[1]
+    if along_k == 1:
+        return "none"
+    return {0: "counter", 1: "fixed", 2: "fixed-wide"}[launchers.fixed_point_layout(along_k)]
+
+
 def row_finish(row: dict) -> str:
     """Rows written before the fixed-point finish existed were all timed with the counter."""
     return row.get("finish", "counter")
@@ -170,7 +179,8 @@ def main() -> None:
                 for finish in order:
                     set_finish(finish)
                     us = bk.graph_time_ms(bk.one_token_calls(inputs, cfg)) * 1e3
-                    row = {"shape": name, "n": n, "k": k, "band": band, "finish": finish, "gemv_config": vars(cfg),
+                    row = {"shape": name, "n": n, "k": k, "band": band, "finish": finish,
+                           "finish_run": split_finish_run(k, cfg), "gemv_config": vars(cfg),
                            "sparsity": s, "bytes": nbytes, "sparse_us": us, "dense_us": dense_us,
                            "ratio": us / dense_us, "gbs": nbytes / (us * 1e-6) / 1e9}
                     rows.append(row)
@@ -283,9 +293,12 @@ def write_report(out: str, fixed_path: str, chunks_path: str, *ab_paths: str) ->
                else f"split{c['split_k']}")
         marg = f"{f['fit_marginal_gbs']:.0f} ({f['fit_marginal_pct_copy']:.0f}%)" if f["fit_marginal_gbs"] else "-"
         along_k = launchers.k_split(r5["k"], launchers.GemvConfig.from_dict(c))[1]
-        if finish.startswith("fixed") and along_k > launchers.FX_MAX_SPLIT:
-            # the launcher takes the counter finish beyond the fixed-point word's arrival count
-            # (launchers.fixed_point_finish)
+        if "finish_run" in r5:
+            # runs since the wide fixed-point word record the finish the launcher took
+            if r5["finish_run"] != finish.split("+")[0]:
+                finish = f"{r5['finish_run']} ({along_k} along K)" + finish[len(finish.split("+")[0]):]
+        elif finish.startswith("fixed") and along_k > launchers.FX_MAX_SPLIT:
+            # earlier runs: the launcher took the counter finish beyond the narrow word's 63 arrivals
             finish = f"counter ({along_k} along K)"
         evict = " evict" if c.get("evict") else ""
         lines.append(f"| {f['shape']} | {f['band']} | {c.get('kernel', 'walk')} bn{c['block_n']} bk{c['block_k']} w{c['num_warps']} {per}{evict} | {finish} | "

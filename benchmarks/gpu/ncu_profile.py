@@ -43,13 +43,14 @@ WARMUP_CALLS = 3  # compile and first-touch outside the profiled range
 # reasons are every raw column of the WarpStateStats section's per-issue stall ratios, the largest shown
 REPORT_METRICS = {
     "gpu__time_duration.sum": "duration",
-    "dram__bytes_read.sum": "DRAM read",
-    "dram__throughput.avg.pct_of_peak_sustained_elapsed": "DRAM % peak",
+    "dram__bytes.sum.per_second": "DRAM TB/s",
+    "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed": "DRAM % peak",
     "launch__grid_size": "programs",
     "launch__block_size": "threads",
     "launch__registers_per_thread": "regs",
     "sm__warps_active.avg.pct_of_peak_sustained_active": "occupancy %",
-    "smsp__cycles_active.avg": "SMSP active cycles",
+    "sm__cycles_active.avg": "SM active cycles (avg)",
+    "sm__cycles_active.max": "(max)",
     "gpc__cycles_elapsed.max": "elapsed cycles",
     "smsp__average_warp_latency_per_inst_issued.ratio": "cycles per issue",
 }
@@ -98,8 +99,7 @@ def profile(args) -> None:
             cfg = launchers.pick_config(n, k, 1, 0, torch.device(bk.DEVICE), s)
             call = bk.one_token_calls(inputs, cfg)[0]
             case["bytes"], case["gemv_config"] = nbytes, vars(cfg)
-            case["finish"] = ("fixed" if launchers.fixed_point_finish(launchers.k_split(k, cfg)[0])
-                              else "counter" if launchers.k_split(k, cfg)[0] > 1 else "none")
+            case["finish"] = fixed_cost.split_finish_run(k, cfg)
         for _ in range(WARMUP_CALLS):
             call()
         if cudart is not None:
@@ -112,7 +112,7 @@ def profile(args) -> None:
         print(f"{case['shape']:18s} {case['kind']:6s} s={case.get('sparsity', '-')} {case.get('gemv_config', '')}",
               flush=True)
         layer.free()
-    Path(args.cases).write_text(json.dumps({**fixed_cost.run_header(), "cases": todo}, indent=1))
+    Path(args.cases).write_text(json.dumps({**fixed_cost.run_header(), "command": "python3 -P benchmarks/gpu/ncu_profile.py " + " ".join(sys.argv[1:]), "cases": todo}, indent=1))
 
 
 def _number(text: str):
@@ -170,7 +170,7 @@ def write_report(raw_path: str, cases_path: str, out: str) -> None:
         records.append({"shape": case["shape"], "case": label, "kernel": kern.get("Kernel Name", "?"),
                         "values": values, "units": units, "stalls": stalls})
         cells = [("-" if v is None else f"{v:.4g}") + (f" {units[c]}" if v is not None and units[c] and c in
-                                                        ("duration", "DRAM read") else "")
+                                                        ("duration",) else "")
                  for c, v in values.items()]
         lines.append(f"| {case['shape']} | {label} | {kern.get('Kernel Name', '?')[:40]} | " + " | ".join(cells)
                      + " | " + ", ".join(f"{r} {v:.2f}" for r, v in stalls) + " |")
