@@ -10,9 +10,11 @@ sparsity; 1.0 = no channel selected) and dense cuBLAS of the same shape.
     # on the GPU: profile (one launch per case between cudaProfilerStart/Stop), then the report
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section LaunchStats \
         --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
-        --section SchedulerStats -o $RES/ncu python3 -P benchmarks/gpu/ncu_profile.py --cases $RES/ncu_cases.json
+        --section SchedulerStats --section SourceCounters -o $RES/ncu python3 -P benchmarks/gpu/ncu_profile.py --cases $RES/ncu_cases.json
     ncu --import $RES/ncu.ncu-rep --csv --page raw > $RES/ncu_raw.csv
-    python3 -P benchmarks/gpu/ncu_profile.py --report $RES/ncu_raw.csv $RES/ncu_cases.json --out $RES/ncu_h200.md
+    ncu --import $RES/ncu.ncu-rep --csv --page source --print-source sass > $RES/ncu_source.csv  # with SourceCounters
+    python3 -P benchmarks/gpu/ncu_profile.py --report $RES/ncu_raw.csv $RES/ncu_cases.json \
+        [--source $RES/ncu_source.csv] --out $RES/ncu_h200.md
     RSPARSE_BENCH_DRY=1 python benchmarks/gpu/ncu_profile.py --cases /tmp/c.json   # CPU: script check only
 """
 
@@ -152,7 +154,51 @@ def match_cases(cases_run: list[dict], kernels: list[dict]) -> list[tuple[dict, 
     return pairs
 
 
-def write_report(raw_path: str, cases_path: str, out: str) -> None:
+def read_source(path: str) -> list[dict]:
+    """`ncu --csv --page source --print-source sass`: per profiled function (launch order) its SASS
+    rows with the warp-stall samples per instruction."""
+    blocks = []
+    with open(path, newline="") as f:
+        for line in f:
+            if line.startswith('"Kernel Name"'):
+                blocks.append({"name": next(csv.reader([line]))[1], "header": None, "rows": []})
+            elif blocks:
+                row = next(csv.reader([line]))
+                if row and row[0] == "Address":
+                    blocks[-1]["header"] = row
+                elif row and blocks[-1]["header"]:
+                    blocks[-1]["rows"].append(dict(zip(blocks[-1]["header"], row)))
+    return blocks
+
+
+SOURCE_SHARE = 0.03  # instructions with at least this share of a kernel's stall samples
+
+
+def source_lines(blocks: list[dict], run: dict) -> list[str]:
+    """Where the sparse kernels' warps wait: the SASS instructions holding >= SOURCE_SHARE of the
+    stall samples, with their two largest reasons (the i-th sparse_gemv block is the i-th sparse case)."""
+    sparse_cases = [c for c in run["cases"] if c["kind"] == "sparse"]
+    sparse_blocks = [b for b in blocks if b["name"].startswith("sparse_gemv")]
+    lines = ["", "## Where the sparse kernels' warps wait (stall samples per SASS instruction)", "",
+             f"Instructions with >= {SOURCE_SHARE:.0%} of the kernel's samples; `#` = position in the kernel's SASS.", ""]
+    for case, block in zip(sparse_cases, sparse_blocks):
+        total = sum(_number(r.get("Warp Stall Sampling (All Samples)", "")) or 0 for r in block["rows"]) or 1
+        lines += [f"**{case['shape']} s = {case['sparsity']}** ({case.get('finish')}, "
+                  f"{len(block['rows'])} instructions, {total:.0f} samples)", "",
+                  "| # | share | instruction | largest stall reasons (samples) |", "|---|---|---|---|"]
+        for i, r in enumerate(block["rows"]):
+            v = _number(r.get("Warp Stall Sampling (All Samples)", "")) or 0
+            if v / total >= SOURCE_SHARE:
+                reasons = sorted(((_number(x) or 0, c[len("stall_"):]) for c, x in r.items()
+                                  if c.startswith("stall_") and "Not Issued" not in c), reverse=True)[:2]
+                text = " ".join(r.get("Source", "").split())
+                lines.append(f"| {i} | {100 * v / total:.1f}% | `{text}` | "
+                             + ", ".join(f"{name} {n:.0f}" for n, name in reasons if n) + " |")
+        lines.append("")
+    return lines
+
+
+def write_report(raw_path: str, cases_path: str, out: str, source_path: str | None = None) -> None:
     """Markdown table: the profiled kernels in launch order, matched to the cases (the sparse op
     may launch more than one kernel per case: the rows keep every kernel's name)."""
     run = json.loads(Path(cases_path).read_text())
@@ -174,6 +220,8 @@ def write_report(raw_path: str, cases_path: str, out: str) -> None:
                  for c, v in values.items()]
         lines.append(f"| {case['shape']} | {label} | {kern.get('Kernel Name', '?')[:40]} | " + " | ".join(cells)
                      + " | " + ", ".join(f"{r} {v:.2f}" for r, v in stalls) + " |")
+    if source_path:
+        lines += source_lines(read_source(source_path), run)
     Path(out).write_text("\n".join(lines) + "\n")
     Path(out).with_suffix(".json").write_text(json.dumps({**{k: v for k, v in run.items() if k != "cases"},
                                                           "cases": run["cases"], "kernels": records}, indent=1))
@@ -187,12 +235,14 @@ def main() -> None:
     ap.add_argument("--sparsities", nargs="+", type=float, default=DEFAULT_SPARSITIES)
     ap.add_argument("--report", nargs=2, metavar=("RAW_CSV", "CASES_JSON"),
                     help="instead: the markdown table (+ .json) of an earlier profile to --out")
+    ap.add_argument("--source", metavar="SOURCE_CSV",
+                    help="with --report: `ncu --csv --page source --print-source sass` of the same profile")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.report:
         if not args.out:
             ap.error("--report needs --out")
-        return write_report(*args.report, args.out)
+        return write_report(*args.report, args.out, args.source)
     if not args.cases:
         ap.error("give --cases (profile) or --report")
     profile(args)
