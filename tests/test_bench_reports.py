@@ -71,3 +71,15 @@ def test_committed_band_boundaries_match_the_measurement(fixed_cost):
     measured = json.loads((RESULTS / "fixed_cost_h200.json").read_text())["rows"]
     table = launchers._load_json(launchers._CONFIG_FILE)
     assert fixed_cost.band_boundaries(measured, launchers.HIGH_SPARSITY_FROM) == table["high_from"]
+
+
+def test_committed_ncu_report_matches_committed_counters(tmp_path):
+    """benchmarks/gpu/ncu_profile.py --report rebuilds the committed Nsight Compute table from the
+    committed raw counters, case list and stall samples (every sparse case matched to its kernel)."""
+    spec = importlib.util.spec_from_file_location("ncu_profile", REPO / "benchmarks" / "gpu" / "ncu_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "ncu.md"
+    module.write_report(str(RESULTS / "ncu_raw_h200.csv"), str(RESULTS / "ncu_cases_h200.json"), str(out),
+                        str(RESULTS / "ncu_source_h200.csv.gz"))
+    assert out.read_text() == (RESULTS / "ncu_h200.md").read_text()

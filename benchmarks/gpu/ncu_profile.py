@@ -20,6 +20,7 @@ sparsity; 1.0 = no channel selected) and dense cuBLAS of the same shape.
 
 import argparse
 import csv
+import gzip
 import importlib.util
 import json
 import re
@@ -158,7 +159,7 @@ def read_source(path: str) -> list[dict]:
     """`ncu --csv --page source --print-source sass`: per profiled function (launch order) its SASS
     rows with the warp-stall samples per instruction."""
     blocks = []
-    with open(path, newline="") as f:
+    with (gzip.open(path, "rt", newline="") if path.endswith(".gz") else open(path, newline="")) as f:
         for line in f:
             if line.startswith('"Kernel Name"'):
                 blocks.append({"name": next(csv.reader([line]))[1], "header": None, "rows": []})
