@@ -248,6 +248,7 @@ def test_fixed_point_finish_range(kernel, split_k, gen, monkeypatch):
     assert launchers.FX_MAX_SPLIT == kernels_module.FX_MAX_SPLIT.value
     assert launchers.FXW_MAX_SPLIT == kernels_module.FXW_MAX_SPLIT.value
     monkeypatch.setattr(launchers, "COMPACT_ROWS_ENABLED", kernel == "compact")
+    monkeypatch.setattr(launchers, "FIXED_POINT_WIDE_ENABLED", True)
     # the wide word with >= 128 arrivals (its count reaches the int64 sign bit): 132 sixteen-
     # channel chunks in the interpreter, 128 programs along K on a GPU
     n, k, m = ((96, 300, 2) if split_k < 64 else (32, 2100, 2)) if not HAS_CUDA else (4096, 4096, 2)
@@ -272,10 +273,16 @@ def test_fixed_point_finish_range(kernel, split_k, gen, monkeypatch):
     check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg), ref)
 
 
-def test_fixed_point_word_choice():
+def test_fixed_point_word_choice(monkeypatch):
     """Which split-K finish a depth gets: none for one program, the narrow word to 63 arrivals,
-    the wide one to 255, the counter beyond (and everywhere with the switch off)."""
-    assert [launchers.fixed_point_layout(s) for s in (1, 2, 63, 64, 128, 255, 256, 688)] == [0, 1, 1, 2, 2, 2, 0, 0]
+    the wide one to 255 where enabled, the counter beyond (and everywhere with the switch off)."""
+    depths = (1, 2, 63, 64, 128, 255, 256, 688)
+    monkeypatch.setattr(launchers, "FIXED_POINT_WIDE_ENABLED", True)
+    assert [launchers.fixed_point_layout(s) for s in depths] == [0, 1, 1, 2, 2, 2, 0, 0]
+    monkeypatch.setattr(launchers, "FIXED_POINT_WIDE_ENABLED", False)
+    assert [launchers.fixed_point_layout(s) for s in depths] == [0, 1, 1, 0, 0, 0, 0, 0]
+    monkeypatch.setattr(launchers, "FIXED_POINT_SPLIT_ENABLED", False)
+    assert [launchers.fixed_point_layout(s) for s in depths] == [0] * len(depths)
 
 
 @pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "one_ahead"])

@@ -59,6 +59,10 @@ LOAD_AHEAD_ENABLED = True
 FIXED_POINT_SPLIT_ENABLED = True
 FX_MAX_SPLIT = 63  # the narrow word's 6 arrival bits (kernels/sparse_gemv.py FX_MAX_SPLIT)
 FXW_MAX_SPLIT = 255  # the wide word's 8 arrival bits (kernels/sparse_gemv.py FXW_MAX_SPLIT)
+# The wide word for 64..FXW_MAX_SPLIT programs along K (else the counter finish there): on with
+# RSPARSE_FX_WIDE=1 until a GPU run has checked and timed it (benchmarks/gpu/fixed_cost.py "+wide").
+FXW_ENV = "RSPARSE_FX_WIDE"
+FIXED_POINT_WIDE_ENABLED = os.environ.get(FXW_ENV, "0") == "1"
 # Programmatic dependent launch (compute capability >= 9, CUDA): the GEMV and low-rank
 # kernels are launched with launch_pdl, so their programs may be scheduled while the kernel
 # before them in the stream is still finishing (the launch latency, ~1-2 us of a 10-30 us
@@ -566,8 +570,10 @@ def k_split(k: int, cfg: GemvConfig) -> tuple[int, int]:
 
 def fixed_point_finish(split_k: int) -> bool:
     """Whether split_k programs along K finish with a fixed-point word (FIXED_POINT_SPLIT_ENABLED,
-    at most FXW_MAX_SPLIT arrivals) rather than the counter; one program needs no finish."""
-    return split_k > 1 and FIXED_POINT_SPLIT_ENABLED and split_k <= FXW_MAX_SPLIT
+    at most FX_MAX_SPLIT arrivals, FXW_MAX_SPLIT with FIXED_POINT_WIDE_ENABLED) rather than the
+    counter; one program needs no finish."""
+    deepest = FXW_MAX_SPLIT if FIXED_POINT_WIDE_ENABLED else FX_MAX_SPLIT
+    return split_k > 1 and FIXED_POINT_SPLIT_ENABLED and split_k <= deepest
 
 
 def fixed_point_layout(split_k: int) -> int:

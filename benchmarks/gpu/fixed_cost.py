@@ -49,17 +49,20 @@ BAND_SPARSITY = {"configs": 0.5, "configs_high": 0.9}
 
 # a "finish" names the split-K finish, and the launcher switches timed against it after "+"s
 # (e.g. "fixed+pdl+evict"): "+pdl" programmatic dependent launch (launchers.PDL_ENABLED),
-# "+evict" the evict-first hint on every config's weight rows (launchers.WEIGHT_EVICT_FIRST).
+# "+evict" the evict-first hint on every config's weight rows (launchers.WEIGHT_EVICT_FIRST),
+# "+wide" the wide fixed-point word on 64-255-program splits (launchers.FIXED_POINT_WIDE_ENABLED).
 # Rows of removed variants stay readable: "+reglist" (fixed_cost_reglist_h200.json) the compact
 # kernel's register list of 0d0a496, "+head" (fixed_cost_head_evict_h200.json) the list's first
 # step computed in registers of ab44d69
 FINISH_KINDS = ("fixed", "counter")
-SWITCHES = {"pdl": "PDL_ENABLED", "evict": "WEIGHT_EVICT_FIRST"}
+SWITCHES = {"pdl": "PDL_ENABLED", "evict": "WEIGHT_EVICT_FIRST", "wide": "FIXED_POINT_WIDE_ENABLED"}
 AB_SWITCHES = {"pdl": "Programmatic dependent launch (`+pdl`: each call may start while the previous one finishes)",
                "reglist": "Compact kernel's channel list, scratch vs registers (`+reglist`, 0d0a496, not kept)",
                "head": "Compact kernel's first list step in registers (`+head`, ab44d69, not kept: no list round trip "
                        "before the first rows)",
-               "evict": "Evict-first hint on the weight rows (`+evict`: x, lists and split-K words stay in L2)"}
+               "evict": "Evict-first hint on the weight rows (`+evict`: x, lists and split-K words stay in L2)",
+               "wide": "Wide fixed-point word (`+wide`: 64-255 programs along K finish with one returning atomic "
+                       "instead of the counter)"}
 
 
 def finish_name(value: str) -> str:
@@ -75,7 +78,8 @@ def default_finish() -> str:
     """The split-K finish (and switches) the launcher uses (launchers.FIXED_POINT_SPLIT_ENABLED,
     launchers.use_pdl, WEIGHT_EVICT_FIRST)."""
     finish = "fixed" if launchers.FIXED_POINT_SPLIT_ENABLED else "counter"
-    on = {"pdl": launchers.use_pdl(torch.device(bk.DEVICE)), "evict": launchers.WEIGHT_EVICT_FIRST}
+    on = {"pdl": launchers.use_pdl(torch.device(bk.DEVICE)), "evict": launchers.WEIGHT_EVICT_FIRST,
+          "wide": launchers.FIXED_POINT_WIDE_ENABLED}
     return "+".join([finish] + [sw for sw in SWITCHES if on[sw]])
 
 
