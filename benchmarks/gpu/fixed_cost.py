@@ -262,7 +262,13 @@ def band_boundaries(rows: list[dict], default: float) -> dict[str, float]:
 def write_band_table(out: str, fixed_path: str) -> None:
     fixed = json.loads(Path(fixed_path).read_text())
     table = json.loads(json.dumps(launchers._load_json(launchers._CONFIG_FILE)))
-    table["high_from"] = band_boundaries(fixed["rows"], launchers.HIGH_SPARSITY_FROM)
+    rows = fixed["rows"]
+    if len({row_finish(r) for r in rows}) > 1:
+        # an A/B run: the boundaries of what the launcher runs now
+        rows = [r for r in rows if row_finish(r) == default_finish()]
+        if not rows:
+            raise SystemExit(f"{fixed_path}: no rows timed with the launcher's finish {default_finish()!r}")
+    table["high_from"] = band_boundaries(rows, launchers.HIGH_SPARSITY_FROM)
     table["high_from_note"] = (
         f"module sparsity from which a shape runs configs_high (default {launchers.HIGH_SPARSITY_FROM}): "
         f"both bands' one-token configs timed at s = 0..1 on {fixed['gpu']} at {fixed['commit'][:7]} "
