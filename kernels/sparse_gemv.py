@@ -19,24 +19,21 @@ One launch of sparse_gemv_kernel covers a [K, N] GEMV for up to 16 rows:
     grid = (n_tiles_w + n_tiles_v, split_k, row_groups)
 Programs split K (split-K) so that small N still fills the GPU. Two ways to finish:
 
-  fixed point (FIXED = 1 for split_k <= FX_MAX_SPLIT, FIXED = 2 for <= FXW_MAX_SPLIT): each
-  program adds its partial sum, as a 64-bit fixed-point number with an arrival count in its
-  top bits, to a zeroed int64 workspace element with ONE atomic that returns the old value.
-  The program whose add brings the count to split_k holds the whole sum, writes the output
-  element and zeroes the workspace element. No tile counter, no fence, no reload: one round
-  trip to L2 instead of three. Integer sums do not depend on the arrival order, so results
-  are bit-identical between runs. Word layouts (int64):
-    narrow (FIXED = 1), always >= 0 once counted:
+  fixed point (FIXED, split_k <= FX_MAX_SPLIT): each program adds its partial sum, as a
+  64-bit fixed-point number with an arrival count in its top bits, to a zeroed int64
+  workspace element with ONE atomic that returns the old value. The program whose add
+  brings the count to split_k holds the whole sum, writes the output element and zeroes
+  the workspace element. No tile counter, no fence, no reload: one round trip to L2
+  instead of three. Integer sums do not depend on the arrival order, so results are
+  bit-identical between runs. Word layout (int64, always >= 0 once counted):
       bits 57..62 arrivals (<= 63)  bits 51..56 poisoned partials  bits 0..50 the sum
       sum = round-toward-zero(partial * 2^24) summed, |sum| < 2^50 (63 partials of
-      |partial| <= FX_LIMIT = 2^20).
-    wide (FIXED = 2, the deep splits of short K chunks), read as unsigned:
-      bits 56..63 arrivals (<= 255)  bits 48..55 poisoned partials  bits 0..47 the sum
-      sum = round-to-nearest(partial * 2^20) summed, |sum| < 2^47 (255 partials of
-      |partial| <= FXW_LIMIT = 2^19); 2^-20 absolute steps, far below a bf16/fp16 ulp of
-      any output that is not itself near zero.
-  A partial that is NaN, infinite or beyond the limit poisons the element: its output is
-  NaN (loud), never a wrapped value.
+      |partial| <= FX_LIMIT = 2^20). A partial that is NaN, infinite or beyond FX_LIMIT
+      poisons the element: its output is NaN (loud), never a wrapped value.
+  A wider word for 64-255 arrivals (count read unsigned in bits 56..63, 2^-20 steps) was
+  built and measured in session 10 (59295b4): 14-48% slower than the counter on the configs
+  that need it, whose 1-2 KB tiles x 64-128 programs make every word take 64-128 returning
+  64-bit atomics (benchmarks/results/fixed_cost_wide_word_h200.json); removed.
   counter (deeper splits): partial sums go by f32 atomics into a persistent zeroed
   accumulator; the last program to finish an output tile (an atomic arrival counter per
   tile) reads the sum, writes the output, and zeroes its accumulator tile and counter.
@@ -62,15 +59,6 @@ FX_POISON_MASK = tl.constexpr(63)
 FX_HALF_POISON = tl.constexpr(1 << 50)  # the sum field's range: |sum| < 2^50
 FX_COUNT_SHIFT = tl.constexpr(6)  # arrivals in bits 57..62: 6 bits above the poison count
 FX_MAX_SPLIT = tl.constexpr(63)
-# the wide word (FIXED = 2): arrivals in bits 56..63 read unsigned, poison count in 48..55
-FXW_SCALE = tl.constexpr(1048576.0)  # 2^20
-FXW_UNIT = tl.constexpr(1.0 / 1048576.0)
-FXW_LIMIT = tl.constexpr(524288.0)  # 2^19: 255 partials of this size stay below 2^47
-FXW_POISON_SHIFT = tl.constexpr(48)
-FXW_POISON_MASK = tl.constexpr(255)
-FXW_HALF_POISON = tl.constexpr(1 << 47)
-FXW_COUNT_SHIFT = tl.constexpr(8)
-FXW_MAX_SPLIT = tl.constexpr(255)
 
 
 @triton.jit
@@ -266,7 +254,7 @@ def _finish(acc, is_v, i_n, i_g, col0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_
             HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr):
     # acc [ROWS, BLOCK_N] f32: this program's partial sum of output tile (i_n, i_g)
     n_split = tl.num_programs(1)
-    if SPLIT and FIXED == 1:
+    if SPLIT and FIXED:
         # one returning atomic per element (module docstring): the add that completes the
         # count sees the whole sum, so no counter, fence or reload is needed
         bad = ~(tl.abs(acc) <= FX_LIMIT)  # NaN compares false: poisoned too
@@ -282,26 +270,6 @@ def _finish(acc, is_v, i_n, i_g, col0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_
         val = (total - (high << FX_POISON_SHIFT)).to(tl.float32) * FX_UNIT
         val = tl.where((high & FX_POISON_MASK) != 0, float("nan"), val)
         # only the completing program touches the element again this launch
-        tl.store(p_word, tl.zeros([ROWS, BLOCK_N], dtype=tl.int64), mask=m_last)
-        _store_result(val, is_v, o_m, o_n, m_last, o_n < N, p_bias, p_out, p_y32, p_z,
-                      N, R, s_om, s_on, HAS_BIAS, HAS_LOWRANK)
-    elif SPLIT and FIXED == 2:
-        # the same with the wide word: from 128 arrivals on the count reaches bit 63, so the
-        # int64 sums wrap and the top 16 bits are read unsigned
-        bad = ~(tl.abs(acc) <= FXW_LIMIT)
-        # round to nearest: 2^-20 steps, each partial's error at most half of one
-        scaled = tl.where(bad, 0.0, acc * FXW_SCALE)
-        fixed = (scaled + tl.where(scaled < 0, -0.5, 0.5)).to(tl.int64)
-        # + one arrival (bit 56), + one poisoned partial (bit 48) if bad
-        high_add = tl.where(bad, 257, 256).to(tl.int64)
-        word = fixed + (high_add << FXW_POISON_SHIFT)
-        p_word = p_fx + o_m[:, None] * ws_cols + col0 + o_n[None, :]
-        total = tl.atomic_add(p_word, word, mask=m_out, sem="relaxed") + word
-        # arrivals * 256 + poisoned: the signed sum field rounds away (|sum| < 2^47)
-        high = (total + FXW_HALF_POISON).to(tl.uint64, bitcast=True) >> FXW_POISON_SHIFT
-        m_last = m_out & ((high >> FXW_COUNT_SHIFT).to(tl.int32) == n_split)
-        val = (total - (high << FXW_POISON_SHIFT).to(tl.int64, bitcast=True)).to(tl.float32) * FXW_UNIT
-        val = tl.where((high & FXW_POISON_MASK) != 0, float("nan"), val)
         tl.store(p_word, tl.zeros([ROWS, BLOCK_N], dtype=tl.int64), mask=m_last)
         _store_result(val, is_v, o_m, o_n, m_last, o_n < N, p_bias, p_out, p_y32, p_z,
                       N, R, s_om, s_on, HAS_BIAS, HAS_LOWRANK)

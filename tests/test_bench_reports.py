@@ -36,7 +36,8 @@ def test_committed_report_matches_committed_measurements(fixed_cost, tmp_path):
     out = tmp_path / "fixed_cost.md"
     fixed_cost.write_report(str(out), str(RESULTS / "fixed_cost_h200.json"), str(RESULTS / "fixed_cost_chunks_h200.json"),
                             str(RESULTS / "fixed_cost_finish_h200.json"), str(RESULTS / "fixed_cost_reglist_h200.json"),
-                            str(RESULTS / "fixed_cost_pdl_h200.json"), str(RESULTS / "fixed_cost_head_evict_h200.json"))
+                            str(RESULTS / "fixed_cost_pdl_h200.json"), str(RESULTS / "fixed_cost_head_evict_h200.json"),
+                            str(RESULTS / "fixed_cost_wide_word_h200.json"))
     assert out.read_text() == (RESULTS / "fixed_cost_h200.md").read_text()
 
 

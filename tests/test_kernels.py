@@ -210,7 +210,7 @@ def test_topk_select_exact_count(distinct, keep_frac, select, gen, monkeypatch):
 def test_configs_agree(rows, split_k, ahead, finish, gen, monkeypatch):
     """Compact, walk and union programs, any split-K (compact: any K chunk, the last one
     partial), with and without the loads two steps ahead, either split-K finish (splits
-    deeper than FXW_MAX_SPLIT always take the counter), give each row only its own channels
+    deeper than FX_MAX_SPLIT always take the counter), give each row only its own channels
     and leave the workspace zeroed."""
     if rows == "compact" and split_k == 1000 and not HAS_CUDA:
         pytest.skip("16-channel chunks: test_compact_chunks covers them at interpreter cost")
@@ -237,32 +237,24 @@ def test_configs_agree(rows, split_k, ahead, finish, gen, monkeypatch):
 
 
 @pytest.mark.parametrize("kernel", ["compact", "walk"])
-@pytest.mark.parametrize("split_k", [3, 200], ids=["narrow_word", "wide_word"])
-def test_fixed_point_finish_range(kernel, split_k, gen, monkeypatch):
-    """The fixed-point split-K finish, both words (3 programs along K: the narrow word; 64-255:
-    the wide one): bit-identical results on a repeat, and a partial sum beyond the word's range
-    turns that output element into NaN instead of a wrapped value, leaving the other rows
-    close to the reference and the workspace clean; the counter finish computes it."""
+def test_fixed_point_finish_range(kernel, gen, monkeypatch):
+    """The fixed-point split-K finish: bit-identical results on a repeat, and a partial sum
+    beyond its range (FX_LIMIT) turns that output element into NaN instead of a wrapped
+    value, leaving the other rows exact and the workspace clean; the counter finish
+    computes it."""
     from vllm_rsparse.kernels import sparse_gemv as kernels_module
 
     assert launchers.FX_MAX_SPLIT == kernels_module.FX_MAX_SPLIT.value
-    assert launchers.FXW_MAX_SPLIT == kernels_module.FXW_MAX_SPLIT.value
     monkeypatch.setattr(launchers, "COMPACT_ROWS_ENABLED", kernel == "compact")
-    monkeypatch.setattr(launchers, "FIXED_POINT_WIDE_ENABLED", True)
-    # the wide word with >= 128 arrivals (its count reaches the int64 sign bit): 132 sixteen-
-    # channel chunks in the interpreter, 128 programs along K on a GPU
-    n, k, m = ((96, 300, 2) if split_k < 64 else (32, 2100, 2)) if not HAS_CUDA else (4096, 4096, 2)
+    n, k, m = (96, 300, 2) if not HAS_CUDA else (4096, 4096, 2)
     w, b, _, _, _ = make_layer(n, k, torch.bfloat16, gen)
     x = randn(m, k, gen=gen, dtype=torch.bfloat16)
     thr = threshold_for(x, 0.5, None)
-    # row 0, channel 7: 4e6 x 1.0 in every column, beyond both words' limits (2^20, 2^19)
+    # row 0, channel 7: 4e6 x 1.0 in every column, four times FX_LIMIT
     x[0, 7] = 4.0e6
     w[:, 7] = 1.0
     w_t = launchers.prepare_weight(w).t()
-    cfg = launchers.GemvConfig(rows=1, block_n=32, block_k=16, split_k=split_k, num_warps=4, num_stages=1,
-                               kernel=kernel)
-    along_k = launchers.k_split(k, cfg)[1]
-    assert launchers.fixed_point_layout(along_k) == (1 if split_k < 64 else 2) and (split_k < 64 or along_k >= 128)
+    cfg = launchers.GemvConfig(rows=1, block_n=32, block_k=16, split_k=3, num_warps=4, num_stages=1, kernel=kernel)
     ref = reference.sparse_linear(x, w, b, threshold=thr)
     out = launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg)
     assert torch.isnan(out[0]).all(), "an out-of-range partial sum must give NaN, not a wrapped value"
@@ -271,18 +263,6 @@ def test_fixed_point_finish_range(kernel, split_k, gen, monkeypatch):
     assert launchers._workspace_for(x.device).is_clean()
     monkeypatch.setattr(launchers, "FIXED_POINT_SPLIT_ENABLED", False)
     check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg), ref)
-
-
-def test_fixed_point_word_choice(monkeypatch):
-    """Which split-K finish a depth gets: none for one program, the narrow word to 63 arrivals,
-    the wide one to 255 where enabled, the counter beyond (and everywhere with the switch off)."""
-    depths = (1, 2, 63, 64, 128, 255, 256, 688)
-    monkeypatch.setattr(launchers, "FIXED_POINT_WIDE_ENABLED", True)
-    assert [launchers.fixed_point_layout(s) for s in depths] == [0, 1, 1, 2, 2, 2, 0, 0]
-    monkeypatch.setattr(launchers, "FIXED_POINT_WIDE_ENABLED", False)
-    assert [launchers.fixed_point_layout(s) for s in depths] == [0, 1, 1, 0, 0, 0, 0, 0]
-    monkeypatch.setattr(launchers, "FIXED_POINT_SPLIT_ENABLED", False)
-    assert [launchers.fixed_point_layout(s) for s in depths] == [0] * len(depths)
 
 
 @pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "one_ahead"])
@@ -325,7 +305,7 @@ def test_evict_first_hint(kernel, density, gen):
         hinted = launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u, v_t,
                                        config=dataclasses.replace(cfg, evict=True))
         check_close(hinted, ref)
-        if launchers.fixed_point_finish(launchers.k_split(k, cfg)[1]) or split_k == 1:
+        if split_k <= launchers.FX_MAX_SPLIT:
             assert torch.equal(plain, hinted), f"split {split_k}: the hint changed the result"
         else:
             check_close(plain, ref)

@@ -51,18 +51,12 @@ LOAD_AHEAD_ENABLED = True
 # Split-K finish (kernels/sparse_gemv.py docstring). Fixed point: one returning 64-bit
 # atomic per output element and program, which also counts the arrivals, so the program
 # that completes an element writes it (no per-tile counter, fence or reload; results
-# bit-identical between runs); used up to FX_MAX_SPLIT programs along K with the narrow
-# word (2^-24 steps, partials up to 2^20), up to FXW_MAX_SPLIT with the wide one (2^-20
-# steps, partials up to 2^19: the 64-128-program splits of short K chunks). Counter: f32
+# bit-identical between runs); used up to FX_MAX_SPLIT programs along K. Counter: f32
 # atomics, then a per-tile arrival counter and the last program's reload; deeper splits,
 # and every split when False (kept so benchmarks time both in one run; tests run both).
 FIXED_POINT_SPLIT_ENABLED = True
-FX_MAX_SPLIT = 63  # the narrow word's 6 arrival bits (kernels/sparse_gemv.py FX_MAX_SPLIT)
-FXW_MAX_SPLIT = 255  # the wide word's 8 arrival bits (kernels/sparse_gemv.py FXW_MAX_SPLIT)
-# The wide word for 64..FXW_MAX_SPLIT programs along K (else the counter finish there): on with
-# RSPARSE_FX_WIDE=1 until a GPU run has checked and timed it (benchmarks/gpu/fixed_cost.py "+wide").
-FXW_ENV = "RSPARSE_FX_WIDE"
-FIXED_POINT_WIDE_ENABLED = os.environ.get(FXW_ENV, "0") == "1"
+FX_MAX_SPLIT = 63  # the word's 6 arrival bits (kernels/sparse_gemv.py FX_MAX_SPLIT); a wide
+# word for deeper splits measured slower than the counter there (kernels/sparse_gemv.py docstring)
 # Programmatic dependent launch (compute capability >= 9, CUDA): the GEMV and low-rank
 # kernels are launched with launch_pdl, so their programs may be scheduled while the kernel
 # before them in the stream is still finishing (the launch latency, ~1-2 us of a 10-30 us
@@ -569,19 +563,9 @@ def k_split(k: int, cfg: GemvConfig) -> tuple[int, int]:
 
 
 def fixed_point_finish(split_k: int) -> bool:
-    """Whether split_k programs along K finish with a fixed-point word (FIXED_POINT_SPLIT_ENABLED,
-    at most FX_MAX_SPLIT arrivals, FXW_MAX_SPLIT with FIXED_POINT_WIDE_ENABLED) rather than the
-    counter; one program needs no finish."""
-    deepest = FXW_MAX_SPLIT if FIXED_POINT_WIDE_ENABLED else FX_MAX_SPLIT
-    return split_k > 1 and FIXED_POINT_SPLIT_ENABLED and split_k <= deepest
-
-
-def fixed_point_layout(split_k: int) -> int:
-    """The kernels' FIXED: 0 the counter finish (or no split), 1 the narrow fixed-point word
-    (<= FX_MAX_SPLIT arrivals), 2 the wide one (<= FXW_MAX_SPLIT)."""
-    if not fixed_point_finish(split_k):
-        return 0
-    return 1 if split_k <= FX_MAX_SPLIT else 2
+    """Whether split_k programs along K finish with the fixed-point word (FIXED_POINT_SPLIT_ENABLED,
+    at most FX_MAX_SPLIT arrivals) rather than the counter; one program needs no finish."""
+    return split_k > 1 and FIXED_POINT_SPLIT_ENABLED and split_k <= FX_MAX_SPLIT
 
 
 def sparse_gemv(
@@ -622,7 +606,7 @@ def sparse_gemv(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dummy = out  # placeholder pointer for absent optional tensors (never dereferenced)
     ws = _workspace_for(x.device)
-    fixed = fixed_point_layout(split_k)
+    fixed = fixed_point_finish(split_k)
     pdl = use_pdl(x.device)
     launch_pdl = {"launch_pdl": True} if pdl else {}  # the keyword only where it is used
     evict = "evict_first" if WEIGHT_EVICT_FIRST or cfg.evict else ""

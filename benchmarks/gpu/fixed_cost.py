@@ -49,20 +49,20 @@ BAND_SPARSITY = {"configs": 0.5, "configs_high": 0.9}
 
 # a "finish" names the split-K finish, and the launcher switches timed against it after "+"s
 # (e.g. "fixed+pdl+evict"): "+pdl" programmatic dependent launch (launchers.PDL_ENABLED),
-# "+evict" the evict-first hint on every config's weight rows (launchers.WEIGHT_EVICT_FIRST),
-# "+wide" the wide fixed-point word on 64-255-program splits (launchers.FIXED_POINT_WIDE_ENABLED).
+# "+evict" the evict-first hint on every config's weight rows (launchers.WEIGHT_EVICT_FIRST).
 # Rows of removed variants stay readable: "+reglist" (fixed_cost_reglist_h200.json) the compact
 # kernel's register list of 0d0a496, "+head" (fixed_cost_head_evict_h200.json) the list's first
-# step computed in registers of ab44d69
+# step computed in registers of ab44d69, "+wide" (fixed_cost_wide_word_h200.json) the wide fixed-point
+# word for 64-255 programs along K of 59295b4
 FINISH_KINDS = ("fixed", "counter")
-SWITCHES = {"pdl": "PDL_ENABLED", "evict": "WEIGHT_EVICT_FIRST", "wide": "FIXED_POINT_WIDE_ENABLED"}
+SWITCHES = {"pdl": "PDL_ENABLED", "evict": "WEIGHT_EVICT_FIRST"}
 AB_SWITCHES = {"pdl": "Programmatic dependent launch (`+pdl`: each call may start while the previous one finishes)",
                "reglist": "Compact kernel's channel list, scratch vs registers (`+reglist`, 0d0a496, not kept)",
                "head": "Compact kernel's first list step in registers (`+head`, ab44d69, not kept: no list round trip "
                        "before the first rows)",
                "evict": "Evict-first hint on the weight rows (`+evict`: x, lists and split-K words stay in L2)",
-               "wide": "Wide fixed-point word (`+wide`: 64-255 programs along K finish with one returning atomic "
-                       "instead of the counter)"}
+               "wide": "Wide fixed-point word (`+wide`, 59295b4, not kept: 64-255 programs along K finish with "
+                       "one returning atomic instead of the counter)"}
 
 
 def finish_name(value: str) -> str:
@@ -78,8 +78,7 @@ def default_finish() -> str:
     """The split-K finish (and switches) the launcher uses (launchers.FIXED_POINT_SPLIT_ENABLED,
     launchers.use_pdl, WEIGHT_EVICT_FIRST)."""
     finish = "fixed" if launchers.FIXED_POINT_SPLIT_ENABLED else "counter"
-    on = {"pdl": launchers.use_pdl(torch.device(bk.DEVICE)), "evict": launchers.WEIGHT_EVICT_FIRST,
-          "wide": launchers.FIXED_POINT_WIDE_ENABLED}
+    on = {"pdl": launchers.use_pdl(torch.device(bk.DEVICE)), "evict": launchers.WEIGHT_EVICT_FIRST}
     return "+".join([finish] + [sw for sw in SWITCHES if on[sw]])
 
 
@@ -92,11 +91,11 @@ def set_finish(finish: str) -> None:
 
 def split_finish_run(k: int, cfg: launchers.GemvConfig) -> str:
     """The split-K finish the launcher really runs for this config under the current switches:
-    'none' (one program along K), 'fixed' (narrow word), 'fixed-wide' or 'counter'."""
+    'none' (one program along K), 'fixed' (the fixed-point word) or 'counter'."""
     along_k = launchers.k_split(k, cfg)[1]
     if along_k == 1:
         return "none"
-    return {0: "counter", 1: "fixed", 2: "fixed-wide"}[launchers.fixed_point_layout(along_k)]
+    return "fixed" if launchers.fixed_point_finish(along_k) else "counter"
 
 
 def row_finish(row: dict) -> str:
@@ -304,7 +303,7 @@ def write_report(out: str, fixed_path: str, chunks_path: str, *ab_paths: str) ->
         marg = f"{f['fit_marginal_gbs']:.0f} ({f['fit_marginal_pct_copy']:.0f}%)" if f["fit_marginal_gbs"] else "-"
         along_k = launchers.k_split(r5["k"], launchers.GemvConfig.from_dict(c))[1]
         if "finish_run" in r5:
-            # runs since the wide fixed-point word record the finish the launcher took
+            # runs since session 10 record the finish the launcher took
             if r5["finish_run"] != finish.split("+")[0]:
                 finish = f"{r5['finish_run']} ({along_k} along K)" + finish[len(finish.split("+")[0]):]
         elif finish.startswith("fixed") and along_k > launchers.FX_MAX_SPLIT:

@@ -73,14 +73,8 @@ SHORT_CHUNKS = [("compact", bn, bkk, w, chunk, evict)
 TINY_CHUNKS = [("compact", bn, bkk, w, chunk, evict)
                for bn, bkk in [(512, 16), (1024, 8), (2048, 4)] for w in (4, 8) for chunk in (16, 32, 64)
                for evict in (False, True)]
-# the short-chunk tiles re-ranked with the wide fixed-point word (session 10): 64-255 programs
-# along K now finish with one returning atomic instead of the counter (membar, counter round trip,
-# the last program's reload), so deeper splits than the committed ones may win
-WIDE_WORD = [("compact", bn, bkk, w, chunk, evict)
-             for bn, bkk in [(512, 16), (1024, 8), (2048, 4)] for w in (4, 8) for chunk in (32, 64, 128)
-             for evict in (False, True)]
 CANDIDATE_SETS = {"wide": WIDE, "split_depth": SPLIT_DEPTH, "warps": WARPS, "short_chunks": SHORT_CHUNKS,
-                  "tiny_chunks": TINY_CHUNKS, "wide_word": WIDE_WORD}
+                  "tiny_chunks": TINY_CHUNKS}
 
 
 def candidate(spec: tuple, k: int) -> tuple[str, launchers.GemvConfig]:
