@@ -125,12 +125,12 @@ def teal_inputs(layers, sparsity: float, gen) -> tuple[list, float]:
     return inputs, (n + k) * 2  # x and the output only
 
 
-def run_header() -> dict:
+def run_header(script: str = "benchmarks/gpu/fixed_cost.py") -> dict:
     return {"commit": os.environ.get("RSPARSE_COMMIT", "unknown"),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
             "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__,
                          "python": platform.python_version()},
-            "command": "python3 -P benchmarks/gpu/fixed_cost.py " + " ".join(sys.argv[1:])}
+            "command": f"python3 -P {script} " + " ".join(sys.argv[1:])}
 
 
 def main() -> None:
@@ -302,13 +302,12 @@ def write_report(out: str, fixed_path: str, chunks_path: str, *ab_paths: str) ->
                else f"split{c['split_k']}")
         marg = f"{f['fit_marginal_gbs']:.0f} ({f['fit_marginal_pct_copy']:.0f}%)" if f["fit_marginal_gbs"] else "-"
         along_k = launchers.k_split(r5["k"], launchers.GemvConfig.from_dict(c))[1]
-        if "finish_run" in r5:
-            # runs since session 10 record the finish the launcher took
-            if r5["finish_run"] != finish.split("+")[0]:
-                finish = f"{r5['finish_run']} ({along_k} along K)" + finish[len(finish.split("+")[0]):]
-        elif finish.startswith("fixed") and along_k > launchers.FX_MAX_SPLIT:
-            # earlier runs: the launcher took the counter finish beyond the narrow word's 63 arrivals
-            finish = f"counter ({along_k} along K)"
+        # the finish the launcher really took: recorded since session 10; in earlier runs the
+        # counter beyond the fixed-point word's 63 arrivals
+        kind, plus, switches = finish.partition("+")
+        ran = r5.get("finish_run", "counter" if kind == "fixed" and along_k > launchers.FX_MAX_SPLIT else kind)
+        if ran != kind:
+            finish = f"{ran} ({along_k} along K){plus}{switches}"
         evict = " evict" if c.get("evict") else ""
         lines.append(f"| {f['shape']} | {f['band']} | {c.get('kernel', 'walk')} bn{c['block_n']} bk{c['block_k']} w{c['num_warps']} {per}{evict} | {finish} | "
                      f"{f['dense_us']:.1f} ({f['dense_gbs']:.0f}) | {r5['sparse_us']:.1f} ({r5['ratio']:.2f}x, {r5['gbs']:.0f}) | "

@@ -115,7 +115,8 @@ def profile(args) -> None:
         print(f"{case['shape']:18s} {case['kind']:6s} s={case.get('sparsity', '-')} {case.get('gemv_config', '')}",
               flush=True)
         layer.free()
-    Path(args.cases).write_text(json.dumps({**fixed_cost.run_header(), "command": "python3 -P benchmarks/gpu/ncu_profile.py " + " ".join(sys.argv[1:]), "cases": todo}, indent=1))
+    header = fixed_cost.run_header("benchmarks/gpu/ncu_profile.py")
+    Path(args.cases).write_text(json.dumps({**header, "cases": todo}, indent=1))
 
 
 def _number(text: str):
@@ -216,8 +217,7 @@ def write_report(raw_path: str, cases_path: str, out: str, source_path: str | No
         stalls = top_stalls(kern)
         records.append({"shape": case["shape"], "case": label, "kernel": kern.get("Kernel Name", "?"),
                         "values": values, "units": units, "stalls": stalls})
-        cells = [("-" if v is None else f"{v:.4g}") + (f" {units[c]}" if v is not None and units[c] and c in
-                                                        ("duration",) else "")
+        cells = [("-" if v is None else f"{v:.4g}") + (f" {units[c]}" if v is not None and c == "duration" else "")
                  for c, v in values.items()]
         lines.append(f"| {case['shape']} | {label} | {kern.get('Kernel Name', '?')[:40]} | " + " | ".join(cells)
                      + " | " + ", ".join(f"{r} {v:.2f}" for r, v in stalls) + " |")
