@@ -455,6 +455,7 @@ def sparse_gemv_compact_kernel(
     M, N, K, R, n_tiles_w, ws_cols, list_cols,
     s_xm, s_xk, s_wk, s_vk, s_om, s_on,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_KV: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr, AHEAD: tl.constexpr,
     GDC: tl.constexpr, EVICT: tl.constexpr,
@@ -463,8 +464,15 @@ def sparse_gemv_compact_kernel(
     # list [2 * M, list_cols] i32 (scratch: selected | dropped channel lists per row)
     # acc [16, ws_cols] f32 (zeros)  count [tiles * M] i32 (zeros)  fx [16, ws_cols] i64 (zeros)
     # out [M, N] (no lowrank) | y32 [M, N] f32 and z [M, R] f32 (lowrank)
-    # grid (n_tiles_w + n_tiles_v, cdiv(K, CHUNK), M); tiles >= n_tiles_w are v_t tiles.
-    # One program = one token row x one output tile x one K chunk.
+    # grid (n_tiles_w + n_tiles_v, cdiv(K, CHUNK), M); tiles >= n_tiles_w are v_t tiles of
+    # BLOCK_R columns, the others w_t tiles of BLOCK_N. One program = one token row x one output
+    # tile x one K chunk.
+    # v_t rows are short (R of 64-256 against N of 4096-28672), so its tiles have their own
+    # shape: BLOCK_R columns (all of R in one tile where it fits) and BLOCK_KV rows per list
+    # step, about the register tile of a w_t step. With the w_t shape (BLOCK_N x BLOCK_K) a
+    # v_t program walked its dropped channels BLOCK_K rows at a time -- as many dependent
+    # list steps as a w_t program for a few percent of its bytes, and cdiv(R, BLOCK_N) more
+    # tiles -- which made it as long as the longest w_t program (benchmarks/gpu/lowrank_time.py).
     _await_previous_kernel(GDC)
     i_n = tl.program_id(0)
     i_k = tl.program_id(1)
@@ -480,28 +488,40 @@ def sparse_gemv_compact_kernel(
     o_m = i_m + tl.arange(0, 1)
     m_m = o_m < M
     if HAS_LOWRANK:
-        is_v = (i_n >= n_tiles_w).to(tl.int32)
-        i_col = i_n - is_v * n_tiles_w
-        col0 = is_v * N
         if i_n >= n_tiles_w:
             # z = V ((1 - m) x): the list of the dropped channels, in its own scratch row
+            i_col = i_n - n_tiles_w
             acc = _compact_tile(p_x, p_v, p_scale, p_list + (M + i_m) * list_cols, i_m, thr, jcut, k_lo, k_hi,
-                                i_col, R, s_xm, s_xk, s_vk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, True, AHEAD,
-                                EVICT)
+                                i_col, R, s_xm, s_xk, s_vk, BLOCK_R, BLOCK_KV, CHUNK, HAS_SCALE, PER_ROW, True,
+                                AHEAD, EVICT)
+            o_r = i_col * BLOCK_R + tl.arange(0, BLOCK_R)
+            m_out = m_m[:, None] & (o_r < R)[None, :]
+            _finish(acc, 1, i_n, i_m, N, o_m, o_r, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
+                    N, R, ws_cols, s_om, s_on, 1, BLOCK_R, HAS_BIAS, HAS_LOWRANK, SPLIT, FIXED)
         else:
-            acc = _compact_tile(p_x, p_w, p_scale, p_list + i_m * list_cols, i_m, thr, jcut, k_lo, k_hi,
-                                i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD,
-                                EVICT)
-        m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < (N + is_v * (R - N))
+            _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
+                               i_n, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, M, N, R, ws_cols, list_cols,
+                               s_xm, s_xk, s_wk, s_om, s_on, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW,
+                               HAS_BIAS, HAS_LOWRANK, SPLIT, FIXED, AHEAD, EVICT)
     else:
-        is_v = 0
-        i_col = i_n
-        col0 = 0
-        acc = _compact_tile(p_x, p_w, p_scale, p_list + i_m * list_cols, i_m, thr, jcut, k_lo, k_hi,
-                            i_col, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD,
-                            EVICT)
-        m_n = (i_col * BLOCK_N + tl.arange(0, BLOCK_N)) < N
-    o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_out = m_m[:, None] & m_n[None, :]
-    _finish(acc, is_v, i_n, i_m, col0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
+        _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
+                           i_n, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, M, N, R, ws_cols, list_cols,
+                           s_xm, s_xk, s_wk, s_om, s_on, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW,
+                           HAS_BIAS, HAS_LOWRANK, SPLIT, FIXED, AHEAD, EVICT)
+
+
+@triton.jit
+def _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
+                       i_n, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, M, N, R, ws_cols, list_cols,
+                       s_xm, s_xk, s_wk, s_om, s_on, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       CHUNK: tl.constexpr, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr,
+                       FIXED: tl.constexpr, AHEAD: tl.constexpr, EVICT: tl.constexpr):
+    # the w_t tile i_n of a compact program: its selected channels' rows -> out (or y32)
+    acc = _compact_tile(p_x, p_w, p_scale, p_list + i_m * list_cols, i_m, thr, jcut, k_lo, k_hi,
+                        i_n, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD,
+                        EVICT)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_out = m_m[:, None] & (o_n < N)[None, :]
+    _finish(acc, 0, i_n, i_m, 0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
             N, R, ws_cols, s_om, s_on, 1, BLOCK_N, HAS_BIAS, HAS_LOWRANK, SPLIT, FIXED)

@@ -332,6 +332,35 @@ def test_wide_output_tiles(kernel, block_n, block_k, per, gen):
     check_close(out, reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v))
 
 
+@pytest.mark.parametrize("own_tiles", [True, False], ids=["own_tiles", "w_tiles"])
+@pytest.mark.parametrize("rank", [16, 112, 176, 300])
+def test_lowrank_tiles(rank, own_tiles, gen, monkeypatch):
+    """The compact kernel's v_t tiles in their own shape (launchers.lowrank_tile: all of R in
+    one tile up to 256 columns, more rows per list step than a w_t step) and in the w_t shape:
+    ranks of one and two v_t tiles, K chunks shorter than a v_t list step (16) and longer,
+    both split-K finishes; each matches the reference and leaves the workspace clean."""
+    monkeypatch.setattr(launchers, "LOWRANK_OWN_TILES", own_tiles)
+    n, k, m = (48, 300, 2) if not HAS_CUDA else (4096, 11008, 2)
+    w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=rank, scale=True)
+    x = randn(m, k, gen=gen, dtype=torch.bfloat16)
+    thr = threshold_for(x, 0.55, s)
+    w_t = launchers.prepare_weight(w).t()
+    v_t = launchers.prepare_weight(v).t()
+    ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v)
+    for split_k in (1, 3, k // launchers.MIN_CHUNK):
+        cfg = launchers.GemvConfig(rows=1, block_n=128, block_k=8, split_k=split_k, num_warps=4, num_stages=1,
+                                   kernel="compact")
+        block_r, block_kv = launchers.lowrank_tile(cfg, rank)
+        if own_tiles:
+            # the w_t step's register tile (128 x 8), never fewer rows than a w_t step
+            assert block_r == min(256, launchers.triton_next_power_of_2(rank))
+            assert block_kv == max(8, min(64, 128 * 8 // block_r))
+        else:
+            assert (block_r, block_kv) == (128, 8)
+        check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u, v_t, config=cfg), ref)
+        assert launchers._workspace_for(x.device).is_clean()
+
+
 @pytest.mark.parametrize("block_n,warps", [(128, 8), (64, 4)])
 def test_compact_wide_block(block_n, warps, gen):
     """The compact kernel with 128-row list steps (the widest the sweep could pick)."""

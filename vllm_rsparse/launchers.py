@@ -562,6 +562,25 @@ def k_split(k: int, cfg: GemvConfig) -> tuple[int, int]:
     return k_per_split, triton_cdiv(k, k_per_split)
 
 
+# The compact kernel's v_t tiles (R-Sparse's lowrank_down, rows of R = 64-256 columns) get
+# their own shape: all of R in one tile up to LOWRANK_MAX_BLOCK_R columns, and as many rows per
+# list step as keep the register tile of a w_t step (BLOCK_N x BLOCK_K), up to
+# LOWRANK_MAX_BLOCK_KV. False: the w_t tile shape (the layout before session 11; kept so
+# benchmarks/gpu/lowrank_time.py times both in one run).
+LOWRANK_OWN_TILES = True
+LOWRANK_MAX_BLOCK_R = 256
+LOWRANK_MAX_BLOCK_KV = 64
+
+
+def lowrank_tile(cfg: GemvConfig, rank: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_KV): columns per v_t tile and v_t rows per list step of a compact launch."""
+    if not LOWRANK_OWN_TILES or rank == 0:
+        return cfg.block_n, cfg.block_k
+    block_r = min(LOWRANK_MAX_BLOCK_R, max(16, triton_next_power_of_2(rank)))
+    block_kv = max(cfg.block_k, min(LOWRANK_MAX_BLOCK_KV, cfg.block_k * cfg.block_n // block_r))
+    return block_r, block_kv
+
+
 def fixed_point_finish(split_k: int) -> bool:
     """Whether split_k programs along K finish with the fixed-point word (FIXED_POINT_SPLIT_ENABLED,
     at most FX_MAX_SPLIT arrivals) rather than the counter; one program needs no finish."""
@@ -597,8 +616,9 @@ def sparse_gemv(
     rows = cfg.rows
     row_groups = triton_cdiv(m, rows)
     tiles_w = triton_cdiv(n, cfg.block_n)
-    tiles = tiles_w + (triton_cdiv(rank, cfg.block_n) if has_lowrank else 0)
     compact = uses_compact_kernel(cfg)
+    block_r, block_kv = lowrank_tile(cfg, rank) if compact else (cfg.block_n, cfg.block_k)
+    tiles = tiles_w + (triton_cdiv(rank, block_r) if has_lowrank else 0)
     k_per_split, split_k = k_split(k, cfg)
     if tiles * row_groups > COUNTER_SLOTS:
         raise ValueError(f"{tiles * row_groups} output tiles exceed the {COUNTER_SLOTS} split-K counters")
@@ -628,7 +648,7 @@ def sparse_gemv(
             *common, tiles_w, WORKSPACE_COLS, WORKSPACE_COLS,
             x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0,
             out.stride(0), out.stride(1),
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split, BLOCK_R=block_r, BLOCK_KV=block_kv,
             HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
             HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, FIXED=fixed, AHEAD=LOAD_AHEAD_ENABLED, GDC=pdl,
             EVICT=evict,
@@ -651,16 +671,26 @@ def sparse_gemv(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
         )
     if has_lowrank:
-        up_rows = 1 if m == 1 else MAX_ROWS
-        from vllm_rsparse.kernels.sparse_gemv import lowrank_up_kernel
-
-        lowrank_up_kernel[(triton_cdiv(n, _UP_BLOCK_N), triton_cdiv(m, up_rows))](
-            y32, z, lowrank_up, out,
-            m, n, rank, lowrank_up.stride(0), lowrank_up.stride(1), out.stride(0), out.stride(1),
-            ROWS=up_rows, BLOCK_N=_UP_BLOCK_N, BLOCK_R=_UP_BLOCK_R, DOT_F32=interpreting(), GDC=pdl,
-            num_warps=4, **launch_pdl,
-        )
+        launch_lowrank_up(y32, z, lowrank_up, out, pdl)
     return out
+
+
+def launch_lowrank_up(y32: torch.Tensor, z: torch.Tensor, lowrank_up: torch.Tensor, out: torch.Tensor,
+                      pdl: bool = False) -> None:
+    """out [M, N] = y32 [M, N] f32 + z [M, r] f32 @ lowrank_up [N, r]^T, cast once (the R-Sparse
+    epilogue launch after sparse_gemv's kernel)."""
+    from vllm_rsparse.kernels.sparse_gemv import lowrank_up_kernel
+
+    m, n = out.shape
+    rank = lowrank_up.shape[1]
+    up_rows = 1 if m == 1 else MAX_ROWS
+    launch_pdl = {"launch_pdl": True} if pdl else {}
+    lowrank_up_kernel[(triton_cdiv(n, _UP_BLOCK_N), triton_cdiv(m, up_rows))](
+        y32, z, lowrank_up, out,
+        m, n, rank, lowrank_up.stride(0), lowrank_up.stride(1), out.stride(0), out.stride(1),
+        ROWS=up_rows, BLOCK_N=_UP_BLOCK_N, BLOCK_R=_UP_BLOCK_R, DOT_F32=interpreting(), GDC=pdl,
+        num_warps=4, **launch_pdl,
+    )
 
 
 # lowrank_up epilogue: reads u [N, r] densely; 64 outputs x 32 ranks per step keeps

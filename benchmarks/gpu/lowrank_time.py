@@ -1,20 +1,23 @@
-"""Why R-Sparse's threshold path is slower than dense end to end (e2e_h100: 0.93-0.96x at
-batch 1, all 128 modules on the kernels): one token, CUDA graphs, weights rotated through
->= 160 MB of copies (never in L2), per projection shape:
-  dense      F.linear on vLLM's [N, K] layout
-  teal       the threshold kernel alone at R-Sparse's input sparsity 1 - (1 - s) * share
-  lowrank    the same plus the low-rank term at the budget rank (R-Sparse as exported)
-  lowrank16 / lowrank64  the same with the rank zero-padded to a multiple of 16 / 64
-             (rows of v_t of a width the kernels' 16-byte loads need)
-  up_only    the lowrank_up epilogue kernel alone
+"""The R-Sparse low-rank term's cost at one token (first: why R-Sparse's threshold path was
+slower than dense end to end on the H100), CUDA graphs, weights rotated through >= 160 MB of
+copies (never in L2), per projection shape, at the split the calibration exports
+(calibration.allocation.aligned_budget: rank a multiple of 16, the rest in kept channels):
+  dense          F.linear on vLLM's [N, K] layout
+  teal           the threshold kernel alone at R-Sparse's input sparsity
+  lowrank16      the same plus the low-rank term (the dispatch table's number)
+  lowrank_wtiles the same with the v_t tiles in the w_t tile shape (launchers.LOWRANK_OWN_TILES
+                 = False, the layout before session 11), timed in the same run
+  up_only        the lowrank_up epilogue launch alone
 
-    python3 -P benchmarks/gpu/lowrank_time.py --out $OUT/lowrank_h100.json
-    # here: the padded timings become the dispatch table of modules with a low-rank term
-    python benchmarks/gpu/lowrank_time.py --merge benchmarks/results/lowrank_h100.json \
-        --into kernels/configs/dispatch.json
+    python3 -P benchmarks/gpu/lowrank_time.py --sparsity 0.5 --out $OUT/lowrank_h200_s0.5.json
+    # the lowrank16 timings become the dispatch table of modules with a low-rank term
+    python benchmarks/gpu/lowrank_time.py --merge benchmarks/results/lowrank_h200_s0.4.json \
+        benchmarks/results/lowrank_h200_s0.5.json --into kernels/configs/dispatch.json
     # the same table for a GPU it was not measured on, from that GPU's kernel sweep:
     python benchmarks/gpu/lowrank_time.py --merge benchmarks/results/lowrank_h100.json \
         --transfer-to benchmarks/results/kernels_h200.json --into kernels/configs/dispatch.json
+Files before session 11 (lowrank_h100.json, lowrank_h200_s0.*_653bfda.json) used the unaligned
+budget rank and timed it unpadded ("lowrank"), padded to 16 and to 64.
 """
 
 import argparse
@@ -144,16 +147,19 @@ def main() -> None:
         ap.error("--out is required to measure")
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
+    from vllm_rsparse.calibration.allocation import aligned_budget
+
     for name, (n, k) in SHAPES.items():
-        keep = round((1 - args.sparsity) * args.share * k)
-        rank = int(((1 - args.sparsity) * k * n - keep * n) // (k + n))
+        keep_fraction, rank = aligned_budget(n, k, args.sparsity, (1 - args.sparsity) * args.share)
+        keep = round(keep_fraction * k)
         copies = max(2, math.ceil(160e6 / (n * k * 2)))
         layers = []
         for _ in range(copies):
             w = (torch.randn(n, k, device="cuda", generator=gen) * k**-0.5).to(torch.bfloat16)
             u = (torch.randn(n, rank, device="cuda", generator=gen) * rank**-0.5).to(torch.bfloat16)
             v = (torch.randn(rank, k, device="cuda", generator=gen) * k**-0.5).to(torch.bfloat16)
-            layers.append((w, launchers.prepare_weight(w), u, v))
+            up, vp = launchers.prepare_lowrank(u, v)
+            layers.append((w, launchers.prepare_weight(w), up, vp))
         x = torch.randn(1, k, device="cuda", generator=gen).to(torch.bfloat16)
         thr = torch.quantile(x.float().abs().flatten(), 1 - keep / k).reshape(1)
         row = {"shape": name, "n": n, "k": k, "rank": rank, "input_sparsity": 1 - keep / k}
@@ -161,28 +167,27 @@ def main() -> None:
         row["teal_us"] = graph_us([lambda wp=wp: launchers.sparse_linear(x, wp, None, thr, -1, None, None, None,
                                                                          use_crossover=False)
                                    for _, wp, _, _ in layers])
-        for label, multiple in (("lowrank", 1), ("lowrank16", 16), ("lowrank64", 64)):
-            calls = []
-            for _, wp, u, v in layers:
-                up, vp = launchers.prepare_lowrank(u, v, multiple)
-                calls.append(lambda wp=wp, up=up, vp=vp: launchers.sparse_linear(
-                    x, wp, None, thr, -1, None, up, vp, use_crossover=False))
-            row[f"{label}_us"] = graph_us(calls)
-            out = calls[0]().float()
-            if multiple == 1:
-                reference_out = out
-            else:  # zero-padded ranks change nothing but the summation's length
-                row[f"{label}_max_diff"] = float((out - reference_out).abs().max())
+        calls = [lambda wp=wp, up=up, vp=vp: launchers.sparse_linear(x, wp, None, thr, -1, None, up, vp,
+                                                                     use_crossover=False)
+                 for _, wp, up, vp in layers]
+        # alternating, so that both layouts see the same clocks and neighbours
+        own, wtiles = [], []
+        for _ in range(3):
+            own.append(graph_us(calls))
+            launchers.LOWRANK_OWN_TILES = False
+            try:
+                wtiles.append(graph_us(calls))
+                wtiles_out = calls[0]().float()
+            finally:
+                launchers.LOWRANK_OWN_TILES = True
+        row["lowrank16_us"], row["lowrank_wtiles_us"] = min(own), min(wtiles)
+        row["lowrank_wtiles_max_diff"] = float((calls[0]().float() - wtiles_out).abs().max())
         # the epilogue alone: y32 + z u^T
-        from vllm_rsparse.kernels.sparse_gemv import lowrank_up_kernel
-
         y32 = torch.zeros(1, n, device="cuda")
         z = torch.randn(1, rank, device="cuda")
         outb = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-        row["up_only_us"] = graph_us([lambda u=u: lowrank_up_kernel[(launchers.triton_cdiv(n, launchers._UP_BLOCK_N), 1)](
-            y32, z, u, outb, 1, n, rank, u.stride(0), u.stride(1), outb.stride(0), outb.stride(1),
-            ROWS=1, BLOCK_N=launchers._UP_BLOCK_N, BLOCK_R=launchers._UP_BLOCK_R, DOT_F32=False, num_warps=4)
-            for _, _, u, _ in layers])
+        row["up_only_us"] = graph_us([lambda up=up: launchers.launch_lowrank_up(y32, z, up, outb)
+                                      for _, _, up, _ in layers])
         row["config"] = launchers.describe_config(n, k, 1, rank)
         rows.append(row)
         print({key: (round(val, 2) if isinstance(val, float) else val) for key, val in row.items()}, flush=True)
