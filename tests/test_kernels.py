@@ -350,11 +350,12 @@ def test_lowrank_tiles(rank, own_tiles, gen, monkeypatch):
     for split_k in (1, 3, k // launchers.MIN_CHUNK):
         cfg = launchers.GemvConfig(rows=1, block_n=128, block_k=8, split_k=split_k, num_warps=4, num_stages=1,
                                    kernel="compact")
-        block_r, block_kv = launchers.lowrank_tile(cfg, rank)
+        chunk = launchers.k_split(k, cfg)[0]
+        block_r, block_kv = launchers.lowrank_tile(cfg, rank, chunk)
         if own_tiles:
-            # the w_t step's register tile (128 x 8), never fewer rows than a w_t step
+            # the w_t step's register tile (128 x 8) and the chunk bound the rows, never fewer than a w_t step
             assert block_r == min(256, launchers.triton_next_power_of_2(rank))
-            assert block_kv == max(8, min(64, 128 * 8 // block_r))
+            assert block_kv == max(8, min(64, 128 * 8 // block_r, chunk))
         else:
             assert (block_r, block_kv) == (128, 8)
         check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u, v_t, config=cfg), ref)

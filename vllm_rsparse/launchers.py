@@ -564,21 +564,22 @@ def k_split(k: int, cfg: GemvConfig) -> tuple[int, int]:
 
 # The compact kernel's v_t tiles (R-Sparse's lowrank_down, rows of R = 64-256 columns) get
 # their own shape: all of R in one tile up to LOWRANK_MAX_BLOCK_R columns, and as many rows per
-# list step as keep the register tile of a w_t step (BLOCK_N x BLOCK_K), up to
-# LOWRANK_MAX_BLOCK_KV. False: the w_t tile shape (the layout before session 11; kept so
-# benchmarks/gpu/lowrank_time.py times both in one run).
+# list step as keep the register tile of a w_t step (BLOCK_N x BLOCK_K), at most
+# LOWRANK_MAX_BLOCK_KV and never more than the K chunk holds. False: the w_t tile shape (the
+# layout before session 11; kept so benchmarks/gpu/lowrank_time.py times both in one run).
 LOWRANK_OWN_TILES = True
 LOWRANK_MAX_BLOCK_R = 256
 LOWRANK_MAX_BLOCK_KV = 64
 
 
-def lowrank_tile(cfg: GemvConfig, rank: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_KV): columns per v_t tile and v_t rows per list step of a compact launch."""
+def lowrank_tile(cfg: GemvConfig, rank: int, chunk: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_KV): columns per v_t tile and v_t rows per list step of a compact launch
+    whose programs take K chunks of `chunk` channels."""
     if not LOWRANK_OWN_TILES or rank == 0:
         return cfg.block_n, cfg.block_k
     block_r = min(LOWRANK_MAX_BLOCK_R, max(16, triton_next_power_of_2(rank)))
-    block_kv = max(cfg.block_k, min(LOWRANK_MAX_BLOCK_KV, cfg.block_k * cfg.block_n // block_r))
-    return block_r, block_kv
+    block_kv = min(LOWRANK_MAX_BLOCK_KV, cfg.block_k * cfg.block_n // block_r, chunk)
+    return block_r, max(cfg.block_k, block_kv)
 
 
 def fixed_point_finish(split_k: int) -> bool:
@@ -617,9 +618,9 @@ def sparse_gemv(
     row_groups = triton_cdiv(m, rows)
     tiles_w = triton_cdiv(n, cfg.block_n)
     compact = uses_compact_kernel(cfg)
-    block_r, block_kv = lowrank_tile(cfg, rank) if compact else (cfg.block_n, cfg.block_k)
-    tiles = tiles_w + (triton_cdiv(rank, block_r) if has_lowrank else 0)
     k_per_split, split_k = k_split(k, cfg)
+    block_r, block_kv = lowrank_tile(cfg, rank, k_per_split) if compact else (cfg.block_n, cfg.block_k)
+    tiles = tiles_w + (triton_cdiv(rank, block_r) if has_lowrank else 0)
     if tiles * row_groups > COUNTER_SLOTS:
         raise ValueError(f"{tiles * row_groups} output tiles exceed the {COUNTER_SLOTS} split-K counters")
 

@@ -35,6 +35,11 @@ SHAPES = {"llama2-7b/qkv": (12288, 4096), "llama2-7b/o": (4096, 4096), "llama2-7
           "llama3-8b/down": (4096, 14336)}
 
 
+# v_t tile shapes timed side by side: (launchers.LOWRANK_OWN_TILES, LOWRANK_MAX_BLOCK_KV); max
+# rows 1 = the w_t step's rows (only the columns narrowed to R)
+TILE_VARIANTS = {"wtiles": (False, 64), "kv64": (True, 64), "kv16": (True, 16), "kv_w": (True, 1)}
+
+
 def graph_us(calls, reps: int = 4) -> float:
     """Per-call microseconds of `calls` (one per weight copy), `reps` rounds in one CUDA graph."""
     def rounds():
@@ -45,7 +50,7 @@ def graph_us(calls, reps: int = 4) -> float:
     return graph_replay_ms(rounds) * 1e3 / (reps * len(calls))
 
 
-def merge_dispatch(result_paths: list[str], dispatch_path: str) -> None:
+def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "") -> None:
     """ratios["threshold_lowrank"][shape][input sparsity][1 token] = padded low-rank time /
     dense time (the runtime pads the rank: launchers.prepare_lowrank), one level per measured
     file. The table is rebuilt from these files alone: levels of an earlier table (an estimate
@@ -59,14 +64,15 @@ def merge_dispatch(result_paths: list[str], dispatch_path: str) -> None:
     for result in results:
         for row in result["rows"]:
             level = f"{round(row['input_sparsity'], 4):g}"
-            table.setdefault(f"N{row['n']}_K{row['k']}", {})[level] = {"1": round(row["lowrank16_us"] / row["dense_us"], 4)}
+            lowrank_us = row["variants_us"][variant] if variant else row["lowrank16_us"]
+            table.setdefault(f"N{row['n']}_K{row['k']}", {})[level] = {"1": round(lowrank_us / row["dense_us"], 4)}
     dispatch.setdefault("ratios", {})["threshold_lowrank"] = table
     described = ", ".join(
         f"{os.path.basename(path)} (model sparsity {result['sparsity']}, sparse share {result['share']}, "
         f"{result.get('commit', '?')})" for path, result in zip(result_paths, results))
     dispatch["lowrank_note"] = (
         f"threshold_lowrank: R-Sparse (threshold + low-rank term, rank padded to 16) at one token, measured on "
-        f"{gpus.pop()}: {described}; sparsities between the measured levels are interpolated, outside them "
+        f"{gpus.pop()}: {described}{f', v_t tiles {variant!r} (lowrank_time.TILE_VARIANTS)' if variant else ''}; sparsities between the measured levels are interpolated, outside them "
         "clamped (launchers.interpolated_ratio); more tokens are not measured (dense).")
     with open(dispatch_path, "w") as f:
         json.dump(dispatch, f, indent=1)
@@ -130,6 +136,9 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+",
                     help="lowrank_<gpu>.json files of one GPU (one per sparsity) -> the table in --into (no GPU needed)")
     ap.add_argument("--into", default="kernels/configs/dispatch.json")
+    ap.add_argument("--variant", default="", choices=["", *TILE_VARIANTS],
+                    help="with --merge: take this v_t tile shape's timings (files with variants_us) instead of "
+                         "lowrank16_us, the launcher defaults of the measuring run")
     ap.add_argument("--transfer-to", default="",
                     help="with --merge: a --graph-sweep JSON of another GPU; estimate the table for that GPU")
     ap.add_argument("--sparsity", type=float, default=0.5)
@@ -141,7 +150,7 @@ def main() -> None:
         transfer_dispatch(args.merge[0], args.transfer_to, args.into)
         return
     if args.merge:
-        merge_dispatch(args.merge, args.into)
+        merge_dispatch(args.merge, args.into, args.variant)
         return
     if not args.out:
         ap.error("--out is required to measure")
@@ -170,18 +179,22 @@ def main() -> None:
         calls = [lambda wp=wp, up=up, vp=vp: launchers.sparse_linear(x, wp, None, thr, -1, None, up, vp,
                                                                      use_crossover=False)
                  for _, wp, up, vp in layers]
-        # alternating, so that both layouts see the same clocks and neighbours
-        own, wtiles = [], []
-        for _ in range(3):
-            own.append(graph_us(calls))
-            launchers.LOWRANK_OWN_TILES = False
-            try:
-                wtiles.append(graph_us(calls))
-                wtiles_out = calls[0]().float()
-            finally:
-                launchers.LOWRANK_OWN_TILES = True
-        row["lowrank16_us"], row["lowrank_wtiles_us"] = min(own), min(wtiles)
-        row["lowrank_wtiles_max_diff"] = float((calls[0]().float() - wtiles_out).abs().max())
+        # every v_t tile shape alternately, so that all see the same clocks and neighbours
+        times = {name: [] for name in TILE_VARIANTS}
+        outs = {}
+        for _ in range(2):
+            for name, (own, max_kv) in TILE_VARIANTS.items():
+                saved = launchers.LOWRANK_OWN_TILES, launchers.LOWRANK_MAX_BLOCK_KV
+                launchers.LOWRANK_OWN_TILES, launchers.LOWRANK_MAX_BLOCK_KV = own, max_kv
+                try:
+                    times[name].append(graph_us(calls))
+                    outs[name] = calls[0]().float()
+                finally:
+                    launchers.LOWRANK_OWN_TILES, launchers.LOWRANK_MAX_BLOCK_KV = saved
+        row["variants_us"] = {name: min(t) for name, t in times.items()}
+        row["variants_max_diff"] = {name: float((out - outs["wtiles"]).abs().max()) for name, out in outs.items()}
+        row["lowrank16_us"] = graph_us(calls)  # the launcher's defaults: the dispatch table's number
+        row["lowrank_wtiles_us"] = row["variants_us"]["wtiles"]
         # the epilogue alone: y32 + z u^T
         y32 = torch.zeros(1, n, device="cuda")
         z = torch.randn(1, rank, device="cuda")
