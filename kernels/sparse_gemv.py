@@ -244,16 +244,16 @@ def sparse_gemv_kernel(
     o_n = i_col * BLOCK_N + tl.arange(0, BLOCK_N)
     m_out = m_m[:, None] & m_n[None, :]
     _finish(acc, is_v, i_n, i_g, col0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
-            N, R, ws_cols, s_om, s_on, ROWS, BLOCK_N, HAS_BIAS, HAS_LOWRANK, SPLIT, FIXED)
+            N, R, ws_cols, s_om, s_on, tl.num_programs(1), ROWS, BLOCK_N, HAS_BIAS, HAS_LOWRANK, SPLIT, FIXED)
 
 
 @triton.jit
 def _finish(acc, is_v, i_n, i_g, col0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
-            N, R, ws_cols, s_om, s_on,
+            N, R, ws_cols, s_om, s_on, n_split,
             ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
             HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr):
-    # acc [ROWS, BLOCK_N] f32: this program's partial sum of output tile (i_n, i_g)
-    n_split = tl.num_programs(1)
+    # acc [ROWS, BLOCK_N] f32: this program's partial sum of output tile (i_n, i_g), one of the
+    # n_split programs along K that add into it
     if SPLIT and FIXED:
         # one returning atomic per element (module docstring): the add that completes the
         # count sees the whole sum, so no counter, fence or reload is needed
@@ -452,10 +452,10 @@ def _compact_tile(p_x, p_mat, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, i_col
 def sparse_gemv_compact_kernel(
     p_x, p_w, p_v, p_scale, p_thr, p_jcut, p_bias, p_list,
     p_acc, p_count, p_fx, p_out, p_y32, p_z,
-    M, N, K, R, n_tiles_w, ws_cols, list_cols,
+    M, N, K, R, n_tiles_w, ws_cols, list_cols, n_split_v,
     s_xm, s_xk, s_wk, s_vk, s_om, s_on,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_KV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_KV: tl.constexpr, CHUNK_V: tl.constexpr, SPLIT_V: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr, AHEAD: tl.constexpr,
     GDC: tl.constexpr, EVICT: tl.constexpr,
@@ -468,11 +468,12 @@ def sparse_gemv_compact_kernel(
     # BLOCK_R columns, the others w_t tiles of BLOCK_N. One program = one token row x one output
     # tile x one K chunk.
     # v_t rows are short (R of 64-256 against N of 4096-28672), so its tiles have their own
-    # shape: BLOCK_R columns (all of R in one tile where it fits) and BLOCK_KV rows per list
-    # step, about the register tile of a w_t step. With the w_t shape (BLOCK_N x BLOCK_K) a
-    # v_t program walked its dropped channels BLOCK_K rows at a time -- as many dependent
-    # list steps as a w_t program for a few percent of its bytes, and cdiv(R, BLOCK_N) more
-    # tiles -- which made it as long as the longest w_t program (benchmarks/gpu/lowrank_time.py).
+    # shape: BLOCK_R columns (all of R in one tile where it fits), BLOCK_KV rows per list step
+    # (about the register tile of a w_t step) and K chunks of CHUNK_V, so that a v_t program
+    # takes about as many list steps as a w_t program and there are few of them. With the w_t
+    # shape and chunk, the v_t column added split_k programs: on o_proj, both qkv shapes and
+    # Llama-2 down that pushed a grid that fills the GPU once into a second wave (session 11,
+    # benchmarks/results/lowrank_h200_s*.json).
     _await_previous_kernel(GDC)
     i_n = tl.program_id(0)
     i_k = tl.program_id(1)
@@ -489,15 +490,20 @@ def sparse_gemv_compact_kernel(
     m_m = o_m < M
     if HAS_LOWRANK:
         if i_n >= n_tiles_w:
-            # z = V ((1 - m) x): the list of the dropped channels, in its own scratch row
-            i_col = i_n - n_tiles_w
-            acc = _compact_tile(p_x, p_v, p_scale, p_list + (M + i_m) * list_cols, i_m, thr, jcut, k_lo, k_hi,
-                                i_col, R, s_xm, s_xk, s_vk, BLOCK_R, BLOCK_KV, CHUNK, HAS_SCALE, PER_ROW, True,
-                                AHEAD, EVICT)
-            o_r = i_col * BLOCK_R + tl.arange(0, BLOCK_R)
-            m_out = m_m[:, None] & (o_r < R)[None, :]
-            _finish(acc, 1, i_n, i_m, N, o_m, o_r, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
-                    N, R, ws_cols, s_om, s_on, 1, BLOCK_R, HAS_BIAS, HAS_LOWRANK, SPLIT, FIXED)
+            # z = V ((1 - m) x): the list of the dropped channels, in its own scratch row, over
+            # K chunks of CHUNK_V >= CHUNK (n_split_v programs add into z; the programs of
+            # this column past them have nothing to do)
+            if i_k < n_split_v:
+                i_col = i_n - n_tiles_w
+                k_lo_v = i_k * CHUNK_V
+                k_hi_v = tl.minimum(k_lo_v + CHUNK_V, K)
+                acc = _compact_tile(p_x, p_v, p_scale, p_list + (M + i_m) * list_cols, i_m, thr, jcut, k_lo_v,
+                                    k_hi_v, i_col, R, s_xm, s_xk, s_vk, BLOCK_R, BLOCK_KV, CHUNK_V, HAS_SCALE,
+                                    PER_ROW, True, AHEAD, EVICT)
+                o_r = i_col * BLOCK_R + tl.arange(0, BLOCK_R)
+                m_out = m_m[:, None] & (o_r < R)[None, :]
+                _finish(acc, 1, i_n, i_m, N, o_m, o_r, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
+                        N, R, ws_cols, s_om, s_on, n_split_v, 1, BLOCK_R, HAS_BIAS, HAS_LOWRANK, SPLIT_V, FIXED)
         else:
             _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
                                i_n, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, M, N, R, ws_cols, list_cols,
@@ -524,4 +530,4 @@ def _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, 
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_out = m_m[:, None] & (o_n < N)[None, :]
     _finish(acc, 0, i_n, i_m, 0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
-            N, R, ws_cols, s_om, s_on, 1, BLOCK_N, HAS_BIAS, HAS_LOWRANK, SPLIT, FIXED)
+            N, R, ws_cols, s_om, s_on, tl.num_programs(1), 1, BLOCK_N, HAS_BIAS, HAS_LOWRANK, SPLIT, FIXED)

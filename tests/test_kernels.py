@@ -332,14 +332,17 @@ def test_wide_output_tiles(kernel, block_n, block_k, per, gen):
     check_close(out, reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v))
 
 
-@pytest.mark.parametrize("own_tiles", [True, False], ids=["own_tiles", "w_tiles"])
+@pytest.mark.parametrize("layout", ["wide_chunks", "own_tiles", "w_tiles"])
 @pytest.mark.parametrize("rank", [16, 112, 176, 300])
-def test_lowrank_tiles(rank, own_tiles, gen, monkeypatch):
-    """The compact kernel's v_t tiles in their own shape (launchers.lowrank_tile: all of R in
-    one tile up to 256 columns, more rows per list step than a w_t step) and in the w_t shape:
-    ranks of one and two v_t tiles, K chunks shorter than a v_t list step (16) and longer,
-    both split-K finishes; each matches the reference and leaves the workspace clean."""
-    monkeypatch.setattr(launchers, "LOWRANK_OWN_TILES", own_tiles)
+def test_lowrank_tiles(rank, layout, gen, monkeypatch):
+    """The compact kernel's v_t programs in their own shape (launchers.lowrank_tile: all of R in
+    one tile up to 256 columns, more rows per list step than a w_t step, K chunks that many
+    times longer -- so fewer programs along K add into z than into the output), in their own
+    tile on the w_t chunk, and in the w_t shape: ranks of one and two v_t tiles, K chunks
+    shorter than a v_t list step and longer, one and several v_t programs along K, both
+    split-K finishes; each matches the reference and leaves the workspace clean."""
+    monkeypatch.setattr(launchers, "LOWRANK_OWN_TILES", layout != "w_tiles")
+    monkeypatch.setattr(launchers, "LOWRANK_WIDE_CHUNKS", layout == "wide_chunks")
     n, k, m = (48, 300, 2) if not HAS_CUDA else (4096, 11008, 2)
     w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=rank, scale=True)
     x = randn(m, k, gen=gen, dtype=torch.bfloat16)
@@ -347,19 +350,25 @@ def test_lowrank_tiles(rank, own_tiles, gen, monkeypatch):
     w_t = launchers.prepare_weight(w).t()
     v_t = launchers.prepare_weight(v).t()
     ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v)
-    for split_k in (1, 3, k // launchers.MIN_CHUNK):
-        cfg = launchers.GemvConfig(rows=1, block_n=128, block_k=8, split_k=split_k, num_warps=4, num_stages=1,
-                                   kernel="compact")
-        chunk = launchers.k_split(k, cfg)[0]
-        block_r, block_kv = launchers.lowrank_tile(cfg, rank, chunk)
-        if own_tiles:
-            # the w_t step's register tile (128 x 8) and the chunk bound the rows, never fewer than a w_t step
-            assert block_r == min(256, launchers.triton_next_power_of_2(rank))
-            assert block_kv == max(8, min(64, 128 * 8 // block_r, chunk))
-        else:
-            assert (block_r, block_kv) == (128, 8)
-        check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u, v_t, config=cfg), ref)
-        assert launchers._workspace_for(x.device).is_clean()
+    for finish in ("fixed", "counter"):
+        monkeypatch.setattr(launchers, "FIXED_POINT_SPLIT_ENABLED", finish == "fixed")
+        for split_k in (1, 3, k // launchers.MIN_CHUNK):
+            cfg = launchers.GemvConfig(rows=1, block_n=128, block_k=8, split_k=split_k, num_warps=4, num_stages=1,
+                                       kernel="compact")
+            chunk = launchers.k_split(k, cfg)[0]
+            tile = launchers.lowrank_tile(cfg, rank, chunk)
+            if layout == "w_tiles":
+                assert (tile.block_r, tile.block_kv, tile.chunk) == (128, 8, chunk)
+            else:
+                # the w_t step's register tile (128 x 8) bounds the rows, never fewer than a w_t step
+                assert tile.block_r == min(256, launchers.triton_next_power_of_2(rank))
+                rows = max(8, min(64, 128 * 8 // tile.block_r))
+                if layout == "wide_chunks":
+                    assert tile.block_kv == rows and tile.chunk == min(4096, chunk * rows // 8)
+                else:
+                    assert tile.block_kv == max(8, min(rows, chunk)) and tile.chunk == chunk
+            check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u, v_t, config=cfg), ref)
+            assert launchers._workspace_for(x.device).is_clean()
 
 
 @pytest.mark.parametrize("block_n,warps", [(128, 8), (64, 4)])
@@ -577,23 +586,20 @@ def test_config_band_boundary_per_shape():
 
 def test_crossover_lowrank_table():
     """Modules with R-Sparse's low-rank term are dispatched by their own table, measured on the
-    H200 at R-Sparse 0.4 / 0.5 (input sparsity 0.46 / 0.55; lowrank_h200_s*.json): o_proj, both
-    qkv shapes and Llama-3's down lose to dense with the term, both gate_up shapes win; between the
-    levels the ratio is interpolated; shapes without a low-rank entry use the threshold table."""
-    assert launchers.crossover_tokens(4096, 4096, "threshold", 0.55, lowrank=True) == 0
-    assert launchers.crossover_tokens(4096, 4096, "threshold", 0.55) >= 1
-    # Llama-2 qkv: 1.01 / 0.999 of dense with the term (the H100 table ran it at 0.94x)
-    assert launchers.crossover_tokens(12288, 4096, "threshold", 0.55, lowrank=True) == 0
-    assert launchers.crossover_tokens(12288, 4096, "threshold", 0.55) >= 1
-    for n, k in [(22016, 4096), (28672, 4096)]:
+    H200 at R-Sparse 0.4 / 0.5 (input sparsity 0.46 / 0.55, the exported 16-aligned ranks;
+    lowrank_h200_s*.json, session 11): o_proj and Llama-3 qkv lose to dense with the term at both
+    levels, Llama-2 qkv wins from 0.55 only, both gate_up and both down shapes win at both; between
+    the levels the ratio is interpolated; shapes without a low-rank entry use the threshold table."""
+    for n, k in [(4096, 4096), (6144, 4096)]:
+        for s in (0.46, 0.55):
+            assert launchers.crossover_tokens(n, k, "threshold", s, lowrank=True) == 0
+            assert launchers.crossover_tokens(n, k, "threshold", s) >= 1
+    # Llama-2 qkv: 0.98 of dense at 0.457 (dense), 0.93 at 0.547 (kernels)
+    assert launchers.crossover_tokens(12288, 4096, "threshold", 0.46, lowrank=True) == 0
+    assert launchers.crossover_tokens(12288, 4096, "threshold", 0.55, lowrank=True) == 1
+    for n, k in [(22016, 4096), (28672, 4096), (4096, 11008), (4096, 14336)]:
         assert launchers.crossover_tokens(n, k, "threshold", 0.46, lowrank=True) == 1
         assert launchers.crossover_tokens(n, k, "threshold", 0.55, lowrank=True) == 1
-    for n, k in [(6144, 4096), (4096, 14336)]:
-        assert launchers.crossover_tokens(n, k, "threshold", 0.46, lowrank=True) == 0
-        assert launchers.crossover_tokens(n, k, "threshold", 0.46) == 1
-    # Llama-2 down: 0.967 at 0.46 (dense), 0.943 at 0.55 (kernels)
-    assert launchers.crossover_tokens(4096, 11008, "threshold", 0.46, lowrank=True) == 0
-    assert launchers.crossover_tokens(4096, 11008, "threshold", 0.55, lowrank=True) == 1
     assert launchers.crossover_tokens(123, 456, "threshold", 0.5, lowrank=True) is None
 
 

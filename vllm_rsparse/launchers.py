@@ -563,23 +563,38 @@ def k_split(k: int, cfg: GemvConfig) -> tuple[int, int]:
 
 
 # The compact kernel's v_t tiles (R-Sparse's lowrank_down, rows of R = 64-256 columns) get
-# their own shape: all of R in one tile up to LOWRANK_MAX_BLOCK_R columns, and as many rows per
-# list step as keep the register tile of a w_t step (BLOCK_N x BLOCK_K), at most
-# LOWRANK_MAX_BLOCK_KV and never more than the K chunk holds. False: the w_t tile shape (the
-# layout before session 11; kept so benchmarks/gpu/lowrank_time.py times both in one run).
+# their own shape: all of R in one tile up to LOWRANK_MAX_BLOCK_R columns, as many rows per
+# list step as keep the register tile of a w_t step (BLOCK_N x BLOCK_K) up to
+# LOWRANK_MAX_BLOCK_KV, and K chunks that many times longer than the w_t chunk
+# (LOWRANK_WIDE_CHUNKS): a v_t program then takes about a w_t program's list steps, and the
+# v_t column adds a few programs, not split_k of them. False: the w_t tile shape and chunk
+# (the layout before session 11; kept so benchmarks/gpu/lowrank_time.py times them side by side).
 LOWRANK_OWN_TILES = True
+LOWRANK_WIDE_CHUNKS = True
 LOWRANK_MAX_BLOCK_R = 256
 LOWRANK_MAX_BLOCK_KV = 64
 
 
-def lowrank_tile(cfg: GemvConfig, rank: int, chunk: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_KV): columns per v_t tile and v_t rows per list step of a compact launch
-    whose programs take K chunks of `chunk` channels."""
+@dataclasses.dataclass(frozen=True)
+class LowrankTile:
+    """Shape of the compact kernel's v_t programs: BLOCK_R columns, BLOCK_KV rows per list step,
+    K chunks of `chunk` channels (so cdiv(K, chunk) programs along K add into z)."""
+
+    block_r: int
+    block_kv: int
+    chunk: int
+
+
+def lowrank_tile(cfg: GemvConfig, rank: int, chunk: int) -> LowrankTile:
+    """The v_t program shape of a compact launch whose w_t programs take K chunks of `chunk`."""
     if not LOWRANK_OWN_TILES or rank == 0:
-        return cfg.block_n, cfg.block_k
+        return LowrankTile(cfg.block_n, cfg.block_k, chunk)
     block_r = min(LOWRANK_MAX_BLOCK_R, max(16, triton_next_power_of_2(rank)))
-    block_kv = min(LOWRANK_MAX_BLOCK_KV, cfg.block_k * cfg.block_n // block_r, chunk)
-    return block_r, max(cfg.block_k, block_kv)
+    block_kv = max(cfg.block_k, min(LOWRANK_MAX_BLOCK_KV, cfg.block_k * cfg.block_n // block_r))
+    if not LOWRANK_WIDE_CHUNKS:
+        return LowrankTile(block_r, max(cfg.block_k, min(block_kv, chunk)), chunk)
+    # powers of two throughout, so the chunk stays one tl.arange
+    return LowrankTile(block_r, block_kv, min(MAX_CHUNK, max(chunk, chunk * block_kv // cfg.block_k)))
 
 
 def fixed_point_finish(split_k: int) -> bool:
@@ -619,8 +634,9 @@ def sparse_gemv(
     tiles_w = triton_cdiv(n, cfg.block_n)
     compact = uses_compact_kernel(cfg)
     k_per_split, split_k = k_split(k, cfg)
-    block_r, block_kv = lowrank_tile(cfg, rank, k_per_split) if compact else (cfg.block_n, cfg.block_k)
-    tiles = tiles_w + (triton_cdiv(rank, block_r) if has_lowrank else 0)
+    v_tile = lowrank_tile(cfg, rank, k_per_split) if compact else LowrankTile(cfg.block_n, cfg.block_k, k_per_split)
+    tiles = tiles_w + (triton_cdiv(rank, v_tile.block_r) if has_lowrank else 0)
+    split_v = triton_cdiv(k, v_tile.chunk)
     if tiles * row_groups > COUNTER_SLOTS:
         raise ValueError(f"{tiles * row_groups} output tiles exceed the {COUNTER_SLOTS} split-K counters")
 
@@ -646,10 +662,11 @@ def sparse_gemv(
             thr, jcut if jcut is not None else thr,
             bias if bias is not None else dummy, ws.lists,
             ws.accumulator, ws.counters, ws.fixed, out, y32, z,
-            *common, tiles_w, WORKSPACE_COLS, WORKSPACE_COLS,
+            *common, tiles_w, WORKSPACE_COLS, WORKSPACE_COLS, split_v,
             x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0,
             out.stride(0), out.stride(1),
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split, BLOCK_R=block_r, BLOCK_KV=block_kv,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
+            BLOCK_R=v_tile.block_r, BLOCK_KV=v_tile.block_kv, CHUNK_V=v_tile.chunk, SPLIT_V=split_v > 1,
             HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
             HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, FIXED=fixed, AHEAD=LOAD_AHEAD_ENABLED, GDC=pdl,
             EVICT=evict,

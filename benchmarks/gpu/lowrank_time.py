@@ -5,8 +5,8 @@ copies (never in L2), per projection shape, at the split the calibration exports
   dense          F.linear on vLLM's [N, K] layout
   teal           the threshold kernel alone at R-Sparse's input sparsity
   lowrank16      the same plus the low-rank term (the dispatch table's number)
-  lowrank_wtiles the same with the v_t tiles in the w_t tile shape (launchers.LOWRANK_OWN_TILES
-                 = False, the layout before session 11), timed in the same run
+  variants_us    the same for each v_t program shape of TILE_VARIANTS, timed alternately
+                 (lowrank_wtiles_us: the w_t tile shape and chunk, the layout before session 11)
   up_only        the lowrank_up epilogue launch alone
 
     python3 -P benchmarks/gpu/lowrank_time.py --sparsity 0.5 --out $OUT/lowrank_h200_s0.5.json
@@ -35,9 +35,12 @@ SHAPES = {"llama2-7b/qkv": (12288, 4096), "llama2-7b/o": (4096, 4096), "llama2-7
           "llama3-8b/down": (4096, 14336)}
 
 
-# v_t tile shapes timed side by side: (launchers.LOWRANK_OWN_TILES, LOWRANK_MAX_BLOCK_KV); max
-# rows 1 = the w_t step's rows (only the columns narrowed to R)
-TILE_VARIANTS = {"wtiles": (False, 64), "kv64": (True, 64), "kv16": (True, 16), "kv_w": (True, 1)}
+# v_t program shapes timed side by side: (launchers.LOWRANK_OWN_TILES, LOWRANK_WIDE_CHUNKS,
+# LOWRANK_MAX_BLOCK_KV): the w_t shape and chunk (before session 11), own tiles on the w_t chunk
+# (session 11's first try), own tiles on longer chunks (the default)
+TILE_VARIANTS = {"wtiles": (False, False, 64), "own_chunk": (True, False, 64), "wide_chunks": (True, True, 64),
+                 "wide_chunks_kv32": (True, True, 32)}
+_TILE_KNOBS = ("LOWRANK_OWN_TILES", "LOWRANK_WIDE_CHUNKS", "LOWRANK_MAX_BLOCK_KV")
 
 
 def graph_us(calls, reps: int = 4) -> float:
@@ -183,14 +186,16 @@ def main() -> None:
         times = {name: [] for name in TILE_VARIANTS}
         outs = {}
         for _ in range(2):
-            for name, (own, max_kv) in TILE_VARIANTS.items():
-                saved = launchers.LOWRANK_OWN_TILES, launchers.LOWRANK_MAX_BLOCK_KV
-                launchers.LOWRANK_OWN_TILES, launchers.LOWRANK_MAX_BLOCK_KV = own, max_kv
+            for name, knobs in TILE_VARIANTS.items():
+                saved = [getattr(launchers, knob) for knob in _TILE_KNOBS]
+                for knob, value in zip(_TILE_KNOBS, knobs):
+                    setattr(launchers, knob, value)
                 try:
                     times[name].append(graph_us(calls))
                     outs[name] = calls[0]().float()
                 finally:
-                    launchers.LOWRANK_OWN_TILES, launchers.LOWRANK_MAX_BLOCK_KV = saved
+                    for knob, value in zip(_TILE_KNOBS, saved):
+                        setattr(launchers, knob, value)
         row["variants_us"] = {name: min(t) for name, t in times.items()}
         row["variants_max_diff"] = {name: float((out - outs["wtiles"]).abs().max()) for name, out in outs.items()}
         row["lowrank16_us"] = graph_us(calls)  # the launcher's defaults: the dispatch table's number
