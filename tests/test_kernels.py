@@ -341,8 +341,7 @@ def test_lowrank_tiles(rank, layout, gen, monkeypatch):
     tile on the w_t chunk, and in the w_t shape: ranks of one and two v_t tiles, K chunks
     shorter than a v_t list step and longer, one and several v_t programs along K, both
     split-K finishes; each matches the reference and leaves the workspace clean."""
-    monkeypatch.setattr(launchers, "LOWRANK_OWN_TILES", layout != "w_tiles")
-    monkeypatch.setattr(launchers, "LOWRANK_WIDE_CHUNKS", layout == "wide_chunks")
+    monkeypatch.setattr(launchers, "LOWRANK_LAYOUT", layout)
     n, k, m = (48, 300, 2) if not HAS_CUDA else (4096, 11008, 2)
     w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=rank, scale=True)
     x = randn(m, k, gen=gen, dtype=torch.bfloat16)
@@ -369,6 +368,26 @@ def test_lowrank_tiles(rank, layout, gen, monkeypatch):
                     assert tile.block_kv == max(8, min(rows, chunk)) and tile.chunk == chunk
             check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u, v_t, config=cfg), ref)
             assert launchers._workspace_for(x.device).is_clean()
+
+
+def test_lowrank_layout_per_config(monkeypatch):
+    """The v_t layout comes from the shape's committed config (GemvConfig.lowrank, default
+    wide_chunks) unless LOWRANK_LAYOUT forces one; a layout name that does not exist is an error
+    that names it."""
+    cfg = launchers.GemvConfig(rows=1, block_n=2048, block_k=4, split_k=64, num_warps=4, num_stages=1,
+                               kernel="compact")
+    assert launchers.lowrank_layout(cfg) == "wide_chunks"
+    assert launchers.lowrank_tile(cfg, 176, 64) == launchers.LowrankTile(256, 32, 512)
+    pinned = dataclasses.replace(cfg, lowrank="w_tiles")
+    assert launchers.lowrank_tile(pinned, 176, 64) == launchers.LowrankTile(2048, 4, 64)
+    assert launchers.GemvConfig.from_dict({**dataclasses.asdict(cfg), "lowrank": "own_tiles"}).lowrank == "own_tiles"
+    monkeypatch.setattr(launchers, "LOWRANK_LAYOUT", "own_tiles")
+    assert launchers.lowrank_tile(pinned, 176, 64) == launchers.LowrankTile(256, 32, 64)
+    with pytest.raises(ValueError, match="'diagonal'"):
+        dataclasses.replace(cfg, lowrank="diagonal")
+    monkeypatch.setattr(launchers, "LOWRANK_LAYOUT", "diagonal")
+    with pytest.raises(ValueError, match="LOWRANK_LAYOUT.*'diagonal'"):
+        launchers.lowrank_tile(cfg, 176, 64)
 
 
 @pytest.mark.parametrize("block_n,warps", [(128, 8), (64, 4)])
@@ -586,18 +605,18 @@ def test_config_band_boundary_per_shape():
 
 def test_crossover_lowrank_table():
     """Modules with R-Sparse's low-rank term are dispatched by their own table, measured on the
-    H200 at R-Sparse 0.4 / 0.5 (input sparsity 0.46 / 0.55, the exported 16-aligned ranks;
-    lowrank_h200_s*.json, session 11): o_proj and Llama-3 qkv lose to dense with the term at both
-    levels, Llama-2 qkv wins from 0.55 only, both gate_up and both down shapes win at both; between
-    the levels the ratio is interpolated; shapes without a low-rank entry use the threshold table."""
-    for n, k in [(4096, 4096), (6144, 4096)]:
-        for s in (0.46, 0.55):
-            assert launchers.crossover_tokens(n, k, "threshold", s, lowrank=True) == 0
-            assert launchers.crossover_tokens(n, k, "threshold", s) >= 1
-    # Llama-2 qkv: 0.98 of dense at 0.457 (dense), 0.93 at 0.547 (kernels)
-    assert launchers.crossover_tokens(12288, 4096, "threshold", 0.46, lowrank=True) == 0
-    assert launchers.crossover_tokens(12288, 4096, "threshold", 0.55, lowrank=True) == 1
-    for n, k in [(22016, 4096), (28672, 4096), (4096, 11008), (4096, 14336)]:
+    H200 at R-Sparse 0.4 / 0.5 (input sparsity 0.46 / 0.55, the exported 16-aligned ranks, each
+    shape's v_t layout; lowrank_h200_s*.json, session 11): o_proj loses to dense with the term at
+    both levels (0.95x at 0.55), Llama-3 qkv wins from 0.55 only, every other shape at both;
+    between the levels the ratio is interpolated; shapes without a low-rank entry use the
+    threshold table."""
+    for s in (0.46, 0.55):
+        assert launchers.crossover_tokens(4096, 4096, "threshold", s, lowrank=True) == 0
+        assert launchers.crossover_tokens(4096, 4096, "threshold", s) >= 1
+    # Llama-3 qkv: 1.19 of dense at 0.459 (dense), 0.85 at 0.546 (kernels)
+    assert launchers.crossover_tokens(6144, 4096, "threshold", 0.46, lowrank=True) == 0
+    assert launchers.crossover_tokens(6144, 4096, "threshold", 0.55, lowrank=True) == 1
+    for n, k in [(12288, 4096), (22016, 4096), (28672, 4096), (4096, 11008), (4096, 14336)]:
         assert launchers.crossover_tokens(n, k, "threshold", 0.46, lowrank=True) == 1
         assert launchers.crossover_tokens(n, k, "threshold", 0.55, lowrank=True) == 1
     assert launchers.crossover_tokens(123, 456, "threshold", 0.5, lowrank=True) is None
@@ -652,6 +671,24 @@ def test_lowrank_measurements_replace_the_table(tmp_path):
     assert "GPU X" in merged["lowrank_note"]
     with pytest.raises(SystemExit, match="different GPUs"):
         lowrank_time.merge_dispatch(files + [result("c.json", "GPU Y", 0.5, 0.55, 0.8)], str(dispatch))
+
+
+def test_lowrank_table_takes_each_shapes_layout(tmp_path):
+    """lowrank_time --merge --variant config: each shape's ratio comes from the v_t layout its
+    committed config runs (Llama-3 gate_up pins w_tiles, o_proj has the default wide_chunks)."""
+    lowrank_time = _lowrank_time_module()
+    variants = {"wtiles": 10.0, "own_chunk": 20.0, "wide_chunks": 30.0, "wide_chunks_kv32": 40.0}
+    rows = [{"n": n, "k": k, "input_sparsity": 0.55, "dense_us": 100.0, "lowrank16_us": 99.0, "variants_us": variants}
+            for n, k in [(28672, 4096), (4096, 4096)]]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"gpu": "GPU X", "sparsity": 0.5, "share": 0.9, "commit": "abc", "rows": rows}))
+    dispatch = tmp_path / "dispatch.json"
+    dispatch.write_text(json.dumps({"ratios": {}}))
+    lowrank_time.merge_dispatch([str(path)], str(dispatch), "config")
+    merged = json.loads(dispatch.read_text())
+    assert merged["ratios"]["threshold_lowrank"] == {"N28672_K4096": {"0.55": {"1": 0.1}},
+                                                     "N4096_K4096": {"0.55": {"1": 0.3}}}
+    assert "committed config" in merged["lowrank_note"]
 
 
 @pytest.mark.parametrize("rank", [1, 13, 16, 40])

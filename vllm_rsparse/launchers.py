@@ -127,6 +127,7 @@ def use_pdl(device: torch.device) -> bool:
 
 
 KERNELS = ("walk", "compact")
+LOWRANK_LAYOUTS = ("w_tiles", "own_tiles", "wide_chunks")  # the v_t programs' layouts (lowrank_tile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,15 +147,21 @@ class GemvConfig:
     num_stages: int
     kernel: str = "walk"  # rows = 1 only: "walk" (every K row) or "compact" (selected rows)
     evict: bool = False  # evict-first hint on the weight rows (WEIGHT_EVICT_FIRST)
+    # compact kernel with a low-rank term: the v_t programs' layout (LOWRANK_LAYOUTS; "" = the
+    # default, wide_chunks), chosen per shape by benchmarks/gpu/lowrank_time.py
+    lowrank: str = ""
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
             raise ValueError(f"GemvConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.lowrank not in ("", *LOWRANK_LAYOUTS):
+            raise ValueError(f"GemvConfig.lowrank must be one of {LOWRANK_LAYOUTS} or empty, got {self.lowrank!r}")
 
     @classmethod
     def from_dict(cls, raw: dict) -> "GemvConfig":
         ints = {f.name: int(raw[f.name]) for f in dataclasses.fields(cls) if f.type in ("int", int)}
-        return cls(**ints, kernel=str(raw.get("kernel", "walk")), evict=bool(raw.get("evict", False)))
+        return cls(**ints, kernel=str(raw.get("kernel", "walk")), evict=bool(raw.get("evict", False)),
+                   lowrank=str(raw.get("lowrank", "")))
 
 
 @functools.lru_cache(maxsize=None)
@@ -562,15 +569,21 @@ def k_split(k: int, cfg: GemvConfig) -> tuple[int, int]:
     return k_per_split, triton_cdiv(k, k_per_split)
 
 
-# The compact kernel's v_t tiles (R-Sparse's lowrank_down, rows of R = 64-256 columns) get
-# their own shape: all of R in one tile up to LOWRANK_MAX_BLOCK_R columns, as many rows per
-# list step as keep the register tile of a w_t step (BLOCK_N x BLOCK_K) up to
-# LOWRANK_MAX_BLOCK_KV, and K chunks that many times longer than the w_t chunk
-# (LOWRANK_WIDE_CHUNKS): a v_t program then takes about a w_t program's list steps, and the
-# v_t column adds a few programs, not split_k of them. False: the w_t tile shape and chunk
-# (the layout before session 11; kept so benchmarks/gpu/lowrank_time.py times them side by side).
-LOWRANK_OWN_TILES = True
-LOWRANK_WIDE_CHUNKS = True
+# The compact kernel's v_t programs (R-Sparse's lowrank_down: rows of R = 64-256 columns, the
+# dropped channels' list) come in three layouts (GemvConfig.lowrank per shape):
+#   w_tiles      the w_t tile shape (BLOCK_N x BLOCK_K) and K chunk: split_k more programs,
+#                each with a w_t program's list steps on a few percent of its bytes (the only
+#                layout before session 11)
+#   own_tiles    all of R in one tile up to LOWRANK_MAX_BLOCK_R columns and as many rows per
+#                list step as keep a w_t step's register tile (up to LOWRANK_MAX_BLOCK_KV), on
+#                the w_t chunk: fewer, wider list steps
+#   wide_chunks  own tiles on K chunks that many times longer (the default): about a w_t
+#                program's list steps each, and a few programs along K instead of split_k --
+#                which keeps a grid that fills the GPU once from spilling into a second wave
+#                (o_proj, both qkv shapes, Llama-2 down; lowrank_h200_s*.json, session 11)
+# LOWRANK_LAYOUT forces one layout for every launch (benchmarks, tests); None: the config's.
+LOWRANK_DEFAULT_LAYOUT = "wide_chunks"
+LOWRANK_LAYOUT: str | None = None
 LOWRANK_MAX_BLOCK_R = 256
 LOWRANK_MAX_BLOCK_KV = 64
 
@@ -585,13 +598,21 @@ class LowrankTile:
     chunk: int
 
 
+def lowrank_layout(cfg: GemvConfig) -> str:
+    """The v_t program layout a compact launch with this config runs (LOWRANK_LAYOUTS)."""
+    return LOWRANK_LAYOUT or cfg.lowrank or LOWRANK_DEFAULT_LAYOUT
+
+
 def lowrank_tile(cfg: GemvConfig, rank: int, chunk: int) -> LowrankTile:
     """The v_t program shape of a compact launch whose w_t programs take K chunks of `chunk`."""
-    if not LOWRANK_OWN_TILES or rank == 0:
+    layout = lowrank_layout(cfg)
+    if layout not in LOWRANK_LAYOUTS:
+        raise ValueError(f"launchers.LOWRANK_LAYOUT must be one of {LOWRANK_LAYOUTS} or None, got {layout!r}")
+    if layout == "w_tiles" or rank == 0:
         return LowrankTile(cfg.block_n, cfg.block_k, chunk)
     block_r = min(LOWRANK_MAX_BLOCK_R, max(16, triton_next_power_of_2(rank)))
     block_kv = max(cfg.block_k, min(LOWRANK_MAX_BLOCK_KV, cfg.block_k * cfg.block_n // block_r))
-    if not LOWRANK_WIDE_CHUNKS:
+    if layout == "own_tiles":
         return LowrankTile(block_r, max(cfg.block_k, min(block_kv, chunk)), chunk)
     # powers of two throughout, so the chunk stays one tl.arange
     return LowrankTile(block_r, block_kv, min(MAX_CHUNK, max(chunk, chunk * block_kv // cfg.block_k)))

@@ -35,12 +35,22 @@ SHAPES = {"llama2-7b/qkv": (12288, 4096), "llama2-7b/o": (4096, 4096), "llama2-7
           "llama3-8b/down": (4096, 14336)}
 
 
-# v_t program shapes timed side by side: (launchers.LOWRANK_OWN_TILES, LOWRANK_WIDE_CHUNKS,
-# LOWRANK_MAX_BLOCK_KV): the w_t shape and chunk (before session 11), own tiles on the w_t chunk
-# (session 11's first try), own tiles on longer chunks (the default)
-TILE_VARIANTS = {"wtiles": (False, False, 64), "own_chunk": (True, False, 64), "wide_chunks": (True, True, 64),
-                 "wide_chunks_kv32": (True, True, 32)}
-_TILE_KNOBS = ("LOWRANK_OWN_TILES", "LOWRANK_WIDE_CHUNKS", "LOWRANK_MAX_BLOCK_KV")
+# v_t program layouts timed side by side (launchers.LOWRANK_LAYOUT, LOWRANK_MAX_BLOCK_KV): the
+# w_t shape and chunk (before session 11), own tiles on the w_t chunk, own tiles on longer chunks
+# (the default) with up to 64 and 32 rows a list step
+TILE_VARIANTS = {"wtiles": ("w_tiles", 64), "own_chunk": ("own_tiles", 64), "wide_chunks": ("wide_chunks", 64),
+                 "wide_chunks_kv32": ("wide_chunks", 32)}
+_TILE_KNOBS = ("LOWRANK_LAYOUT", "LOWRANK_MAX_BLOCK_KV")
+# the variant each layout of a committed config (GemvConfig.lowrank) runs
+_LAYOUT_VARIANT = {"w_tiles": "wtiles", "own_tiles": "own_chunk", "wide_chunks": "wide_chunks"}
+
+
+def config_variant(n: int, k: int) -> str:
+    """The TILE_VARIANTS entry that shape (N, K) runs at one token with the committed configs."""
+    import torch as _torch
+
+    cfg = launchers.pick_config(n, k, 1, 16, _torch.device("cuda"))
+    return _LAYOUT_VARIANT[launchers.lowrank_layout(cfg)]
 
 
 def graph_us(calls, reps: int = 4) -> float:
@@ -51,6 +61,12 @@ def graph_us(calls, reps: int = 4) -> float:
                 c()
 
     return graph_replay_ms(rounds) * 1e3 / (reps * len(calls))
+
+
+def _variant_words(variant: str) -> str:
+    if variant == "config":
+        return ", each shape's v_t layout from its committed config (GemvConfig.lowrank, lowrank_time.TILE_VARIANTS)"
+    return f", v_t layout {variant!r} (lowrank_time.TILE_VARIANTS)" if variant else ""
 
 
 def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "") -> None:
@@ -67,15 +83,16 @@ def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "
     for result in results:
         for row in result["rows"]:
             level = f"{round(row['input_sparsity'], 4):g}"
-            lowrank_us = row["variants_us"][variant] if variant else row["lowrank16_us"]
+            name = config_variant(row["n"], row["k"]) if variant == "config" else variant
+            lowrank_us = row["variants_us"][name] if name else row["lowrank16_us"]
             table.setdefault(f"N{row['n']}_K{row['k']}", {})[level] = {"1": round(lowrank_us / row["dense_us"], 4)}
     dispatch.setdefault("ratios", {})["threshold_lowrank"] = table
     described = ", ".join(
         f"{os.path.basename(path)} (model sparsity {result['sparsity']}, sparse share {result['share']}, "
         f"{result.get('commit', '?')})" for path, result in zip(result_paths, results))
     dispatch["lowrank_note"] = (
-        f"threshold_lowrank: R-Sparse (threshold + low-rank term, rank padded to 16) at one token, measured on "
-        f"{gpus.pop()}: {described}{f', v_t tiles {variant!r} (lowrank_time.TILE_VARIANTS)' if variant else ''}; sparsities between the measured levels are interpolated, outside them "
+        f"threshold_lowrank: R-Sparse (threshold + low-rank term, rank a multiple of 16) at one token, measured on "
+        f"{gpus.pop()}: {described}{_variant_words(variant)}; sparsities between the measured levels are interpolated, outside them "
         "clamped (launchers.interpolated_ratio); more tokens are not measured (dense).")
     with open(dispatch_path, "w") as f:
         json.dump(dispatch, f, indent=1)
@@ -139,9 +156,10 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+",
                     help="lowrank_<gpu>.json files of one GPU (one per sparsity) -> the table in --into (no GPU needed)")
     ap.add_argument("--into", default="kernels/configs/dispatch.json")
-    ap.add_argument("--variant", default="", choices=["", *TILE_VARIANTS],
-                    help="with --merge: take this v_t tile shape's timings (files with variants_us) instead of "
-                         "lowrank16_us, the launcher defaults of the measuring run")
+    ap.add_argument("--variant", default="", choices=["", "config", *TILE_VARIANTS],
+                    help="with --merge: take this v_t layout's timings (files with variants_us) instead of "
+                         "lowrank16_us, the launcher defaults of the measuring run; config: each shape's "
+                         "layout in the committed configs (GemvConfig.lowrank)")
     ap.add_argument("--transfer-to", default="",
                     help="with --merge: a --graph-sweep JSON of another GPU; estimate the table for that GPU")
     ap.add_argument("--sparsity", type=float, default=0.5)
