@@ -673,6 +673,21 @@ def test_lowrank_measurements_replace_the_table(tmp_path):
         lowrank_time.merge_dispatch(files + [result("c.json", "GPU Y", 0.5, 0.55, 0.8)], str(dispatch))
 
 
+def test_lowrank_report_matches_committed_files():
+    """benchmarks/results/lowrank_h200.md is what lowrank_time --report makes of the committed
+    measurements, and the committed low-rank table is their merge by each shape's layout."""
+    lowrank_time = _lowrank_time_module()
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    files = [str(results / f"lowrank_h200_s{s}.json") for s in ("0.4", "0.5")]
+    assert lowrank_time.report(files) == (results / "lowrank_h200.md").read_text()
+    table = {}
+    for path in files:
+        for row in json.load(open(path))["rows"]:
+            ratio = row["variants_us"][lowrank_time.config_variant(row["n"], row["k"])] / row["dense_us"]
+            table.setdefault(f"N{row['n']}_K{row['k']}", {})[f"{round(row['input_sparsity'], 4):g}"] = {"1": round(ratio, 4)}
+    assert launchers._load_json("dispatch.json")["ratios"]["threshold_lowrank"] == table
+
+
 def test_lowrank_table_takes_each_shapes_layout(tmp_path):
     """lowrank_time --merge --variant config: each shape's ratio comes from the v_t layout its
     committed config runs (Llama-3 gate_up pins w_tiles, o_proj has the default wide_chunks)."""

@@ -150,6 +150,30 @@ def transfer_dispatch(result_path: str, sweep_path: str, dispatch_path: str) -> 
         f.write("\n")
 
 
+def report(result_paths: list[str]) -> str:
+    """Markdown table of lowrank_time.py files (one per R-Sparse level): per shape, the ratio to
+    dense of the threshold kernel alone and of each v_t layout with the term, the epilogue alone."""
+    results = [json.load(open(path)) for path in result_paths]
+    names = list(TILE_VARIANTS)
+    lines = [f"# R-Sparse's low-rank term at one token, {results[0]['gpu']}", "",
+             "`python3 -P benchmarks/gpu/lowrank_time.py --sparsity S --out ...` per level (CUDA graphs, weights "
+             "rotated through >= 160 MB of copies, bf16, ranks as the calibration exports them); v_t layouts timed "
+             "alternately in one process, each the best of two rounds. Ratio to dense F.linear (us in brackets); "
+             "`*` = the layout the committed config runs (`GemvConfig.lowrank`).", "",
+             "| level | commit | shape | rank | input sparsity | dense us | teal | " + " | ".join(names)
+             + " | epilogue us |", "|---" * (7 + len(names) + 1) + "|"]
+    for path, result in zip(result_paths, results):
+        for row in result["rows"]:
+            dense = row["dense_us"]
+            chosen = config_variant(row["n"], row["k"])
+            cells = [f"{row['variants_us'][v] / dense:.2f}{'*' if v == chosen else ''} ({row['variants_us'][v]:.1f})"
+                     for v in names]
+            lines.append(f"| {result['sparsity']} | {result.get('commit', '?')} | {row['shape']} | {row['rank']} | "
+                         f"{row['input_sparsity']:.3f} | {dense:.1f} | {row['teal_us'] / dense:.2f} | "
+                         + " | ".join(cells) + f" | {row['up_only_us']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -162,9 +186,13 @@ def main() -> None:
                          "layout in the committed configs (GemvConfig.lowrank)")
     ap.add_argument("--transfer-to", default="",
                     help="with --merge: a --graph-sweep JSON of another GPU; estimate the table for that GPU")
+    ap.add_argument("--report", nargs="+", help="lowrank_<gpu>_s*.json files -> a markdown table on stdout")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--share", type=float, default=0.9)
     args = ap.parse_args()
+    if args.report:
+        print(report(args.report), end="")
+        return
     if args.merge and args.transfer_to:
         if len(args.merge) != 1:
             ap.error("--transfer-to takes one --merge file")
