@@ -84,3 +84,25 @@ def test_committed_ncu_report_matches_committed_counters(tmp_path):
     module.write_report(str(RESULTS / "ncu_raw_h200.csv"), str(RESULTS / "ncu_cases_h200.json"), str(out),
                         str(RESULTS / "ncu_source_h200.csv.gz"))
     assert out.read_text() == (RESULTS / "ncu_h200.md").read_text()
+
+
+def test_adopted_config_keeps_the_lowrank_layout(tmp_path, monkeypatch):
+    """wide_tiles.py --adopt replaces a shape's one-token config by a faster one and keeps the
+    R-Sparse v_t layout (GemvConfig.lowrank) that lowrank_time.py chose for that shape."""
+    spec = importlib.util.spec_from_file_location("wide_tiles", REPO / "benchmarks" / "gpu" / "wide_tiles.py")
+    wide_tiles = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wide_tiles)
+    committed = {"rows": 1, "block_n": 2048, "block_k": 4, "split_k": 64, "num_warps": 4, "num_stages": 1,
+                 "kernel": "compact", "lowrank": "w_tiles"}
+    table = {"note": "n", "configs": {"N28672_K4096": {"1": committed}}}
+    monkeypatch.setattr(wide_tiles.launchers, "_load_json", lambda name: table)
+    faster = {**committed, "block_n": 1024, "block_k": 8}
+    del faster["lowrank"]
+    rows = [{"shape": "llama3-8b/gate_up", "n": 28672, "k": 4096, "sparsity": 0.5, "config": "committed",
+             "sparse_us": 40.0},
+            {"shape": "llama3-8b/gate_up", "n": 28672, "k": 4096, "sparsity": 0.5, "config": "bn1024", "ratio": 0.6,
+             "sparse_us": 30.0, "max_rel_err_vs_committed": 0.0, "gemv_config": faster}]
+    out = tmp_path / "sparse_gemv.json"
+    wide_tiles.adopt(rows, str(out))
+    adopted = json.loads(out.read_text())["configs"]["N28672_K4096"]["1"]
+    assert adopted == {**faster, "lowrank": "w_tiles"}
