@@ -604,11 +604,12 @@ def lowrank_layout(cfg: GemvConfig) -> str:
 
 
 def lowrank_tile(cfg: GemvConfig, rank: int, chunk: int) -> LowrankTile:
-    """The v_t program shape of a compact launch whose w_t programs take K chunks of `chunk`."""
+    """The v_t program shape of a launch whose w_t programs take K chunks of `chunk`; only the
+    compact kernel has v_t programs of their own shape (the walk kernel's are w_t tiles)."""
     layout = lowrank_layout(cfg)
     if layout not in LOWRANK_LAYOUTS:
         raise ValueError(f"launchers.LOWRANK_LAYOUT must be one of {LOWRANK_LAYOUTS} or None, got {layout!r}")
-    if layout == "w_tiles" or rank == 0:
+    if layout == "w_tiles" or rank == 0 or not uses_compact_kernel(cfg):
         return LowrankTile(cfg.block_n, cfg.block_k, chunk)
     block_r = min(LOWRANK_MAX_BLOCK_R, max(16, triton_next_power_of_2(rank)))
     block_kv = max(cfg.block_k, min(LOWRANK_MAX_BLOCK_KV, cfg.block_k * cfg.block_n // block_r))
@@ -655,7 +656,7 @@ def sparse_gemv(
     tiles_w = triton_cdiv(n, cfg.block_n)
     compact = uses_compact_kernel(cfg)
     k_per_split, split_k = k_split(k, cfg)
-    v_tile = lowrank_tile(cfg, rank, k_per_split) if compact else LowrankTile(cfg.block_n, cfg.block_k, k_per_split)
+    v_tile = lowrank_tile(cfg, rank, k_per_split)
     tiles = tiles_w + (triton_cdiv(rank, v_tile.block_r) if has_lowrank else 0)
     split_v = triton_cdiv(k, v_tile.chunk)
     if tiles * row_groups > COUNTER_SLOTS:
