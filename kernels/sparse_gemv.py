@@ -62,14 +62,16 @@ FX_MAX_SPLIT = tl.constexpr(63)
 
 
 @triton.jit
-def _await_previous_kernel(GDC: tl.constexpr):
+def _await_previous_kernel(WAIT: tl.constexpr, TRIGGER: tl.constexpr):
     # Programmatic dependent launch (launchers.use_pdl): this program may have started while
-    # the previous kernel in the stream was still running. Wait until it has completed and
-    # its writes are visible (x, thresholds, the split-K workspace of an earlier launch)
-    # before the first memory access, then let the next PDL kernel's programs be scheduled:
-    # they wait the same way, so starting them early is safe.
-    if GDC:
+    # the previous kernel in the stream was still running. WAIT: wait until it has completed
+    # and its writes are visible (x, thresholds, the split-K workspace of an earlier launch)
+    # before the first memory access. TRIGGER: then let the next PDL kernel's programs be
+    # scheduled: they wait the same way (or, after a z launch, before they read z), so
+    # starting them early is safe.
+    if WAIT:
         tl.extra.cuda.gdc_wait()
+    if TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
 
 
@@ -207,7 +209,7 @@ def sparse_gemv_kernel(
     # fx [16, ws_cols] i64 (zeros; FIXED split-K words)
     # out [M, N] (no lowrank) | y32 [M, N] f32 and z [M, R] f32 (lowrank)
     # grid (n_tiles_w + n_tiles_v, split_k, row_groups); tiles >= n_tiles_w are v_t tiles
-    _await_previous_kernel(GDC)
+    _await_previous_kernel(GDC, GDC)
     i_n = tl.program_id(0)
     i_k = tl.program_id(1)
     i_g = tl.program_id(2)
@@ -324,7 +326,7 @@ def lowrank_up_kernel(
 ):
     # y32 [M, N] f32  z [M, R] f32  u [N, R]  ->  out [M, N] = y32 + z u^T, cast once
     # grid (cdiv(N, BLOCK_N), cdiv(M, ROWS))
-    _await_previous_kernel(GDC)
+    _await_previous_kernel(GDC, GDC)
     i_n = tl.program_id(0)
     i_g = tl.program_id(1)
     o_m = i_g * ROWS + tl.arange(0, ROWS)
@@ -451,14 +453,15 @@ def _compact_tile(p_x, p_mat, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, i_col
 @triton.jit
 def sparse_gemv_compact_kernel(
     p_x, p_w, p_v, p_scale, p_thr, p_jcut, p_bias, p_list,
-    p_acc, p_count, p_fx, p_out, p_y32, p_z,
-    M, N, K, R, n_tiles_w, ws_cols, list_cols, n_split_v,
-    s_xm, s_xk, s_wk, s_vk, s_om, s_on,
+    p_acc, p_count, p_fx, p_out, p_y32, p_z, p_u,
+    M, N, K, R, n_tiles_w, ws_cols, list_cols, n_split_v, up_rows_per_split,
+    s_xm, s_xk, s_wk, s_vk, s_un, s_ur, s_om, s_on,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_KV: tl.constexpr, CHUNK_V: tl.constexpr, SPLIT_V: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr, AHEAD: tl.constexpr,
-    GDC: tl.constexpr, EVICT: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, UP_FUSED: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr,
+    AHEAD: tl.constexpr, GDC_WAIT: tl.constexpr, GDC_TRIGGER: tl.constexpr, GDC_Z_WAIT: tl.constexpr,
+    EVICT: tl.constexpr,
 ):
     # x [M, K]  w_t [K, N]  v_t [K, R]  scale [K]  thr [1] or [M] f32  jcut [M] i32  bias [N]
     # list [2 * M, list_cols] i32 (scratch: selected | dropped channel lists per row)
@@ -474,7 +477,16 @@ def sparse_gemv_compact_kernel(
     # shape and chunk, the v_t column added split_k programs: on o_proj, both qkv shapes and
     # Llama-2 down that pushed a grid that fills the GPU once into a second wave (session 11,
     # benchmarks/results/lowrank_h200_s*.json).
-    _await_previous_kernel(GDC)
+    # The R-Sparse term in two launches instead (launchers.LOWRANK_EPILOGUE = "fused"):
+    #   z launch     n_tiles_w = 0: v_t programs only -> z [M, R] f32
+    #   main launch  HAS_LOWRANK off, UP_FUSED: w_t programs only (the TEAL grid), each of which
+    #                also adds z [i_m, its rank slice] @ u^T [its slice, its tile] before its
+    #                split-K finish -> out; no y32 round trip and no epilogue launch. u [N, R]
+    #                any strides, read as u^T rows (launchers.prepare_lowrank stores [R, N]).
+    #   GDC_Z_WAIT: the main launch was launched with PDL right after the z launch: its w_t
+    #   work (which reads only what the kernel before the z launch wrote) overlaps the z
+    #   launch, and it waits for z only before the u^T rows.
+    _await_previous_kernel(GDC_WAIT, GDC_TRIGGER)
     i_n = tl.program_id(0)
     i_k = tl.program_id(1)
     i_m = tl.program_id(2)
@@ -505,29 +517,58 @@ def sparse_gemv_compact_kernel(
                 _finish(acc, 1, i_n, i_m, N, o_m, o_r, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
                         N, R, ws_cols, s_om, s_on, n_split_v, 1, BLOCK_R, HAS_BIAS, HAS_LOWRANK, SPLIT_V, FIXED)
         else:
-            _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
-                               i_n, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, M, N, R, ws_cols, list_cols,
-                               s_xm, s_xk, s_wk, s_om, s_on, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW,
-                               HAS_BIAS, HAS_LOWRANK, SPLIT, FIXED, AHEAD, EVICT)
+            _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z, p_u,
+                               i_n, i_k, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, M, N, R, ws_cols, list_cols,
+                               up_rows_per_split, s_xm, s_xk, s_wk, s_un, s_ur, s_om, s_on, BLOCK_N, BLOCK_K,
+                               CHUNK, HAS_SCALE, PER_ROW, HAS_BIAS, HAS_LOWRANK, False, False, SPLIT, FIXED, AHEAD,
+                               EVICT)
     else:
-        _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
-                           i_n, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, M, N, R, ws_cols, list_cols,
-                           s_xm, s_xk, s_wk, s_om, s_on, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW,
-                           HAS_BIAS, HAS_LOWRANK, SPLIT, FIXED, AHEAD, EVICT)
+        _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z, p_u,
+                           i_n, i_k, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, M, N, R, ws_cols, list_cols,
+                           up_rows_per_split, s_xm, s_xk, s_wk, s_un, s_ur, s_om, s_on, BLOCK_N, BLOCK_K,
+                           CHUNK, HAS_SCALE, PER_ROW, HAS_BIAS, HAS_LOWRANK, UP_FUSED, GDC_Z_WAIT, SPLIT, FIXED,
+                           AHEAD, EVICT)
 
 
 @triton.jit
-def _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
-                       i_n, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, M, N, R, ws_cols, list_cols,
-                       s_xm, s_xk, s_wk, s_om, s_on, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       CHUNK: tl.constexpr, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr,
-                       FIXED: tl.constexpr, AHEAD: tl.constexpr, EVICT: tl.constexpr):
+def _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z, p_u,
+                       i_n, i_k, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, M, N, R, ws_cols, list_cols,
+                       up_rows_per_split, s_xm, s_xk, s_wk, s_un, s_ur, s_om, s_on,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+                       HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HAS_LOWRANK: tl.constexpr, UP_FUSED: tl.constexpr, GDC_Z_WAIT: tl.constexpr,
+                       SPLIT: tl.constexpr, FIXED: tl.constexpr, AHEAD: tl.constexpr, EVICT: tl.constexpr):
     # the w_t tile i_n of a compact program: its selected channels' rows -> out (or y32)
     acc = _compact_tile(p_x, p_w, p_scale, p_list + i_m * list_cols, i_m, thr, jcut, k_lo, k_hi,
                         i_n, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD,
                         EVICT)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_out = m_m[:, None] & (o_n < N)[None, :]
+    if UP_FUSED:
+        # the R-Sparse term of this tile, spread over the tile's programs along K: program i_k
+        # adds z [i_m, r_lo:r_hi] @ u^T [r_lo:r_hi, tile], so u's bytes are read by the whole
+        # grid at once and enter the same split-K sum (one finish, one cast)
+        if GDC_Z_WAIT:
+            tl.extra.cuda.gdc_wait()
+        r_lo = i_k * up_rows_per_split
+        r_hi = tl.minimum(r_lo + up_rows_per_split, R)
+        acc += _lowrank_up_rows(p_z + i_m * R, p_u, r_lo, r_hi, o_n, o_n < N, s_un, s_ur, BLOCK_N, BLOCK_K,
+                                EVICT)
     _finish(acc, 0, i_n, i_m, 0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
             N, R, ws_cols, s_om, s_on, tl.num_programs(1), 1, BLOCK_N, HAS_BIAS, HAS_LOWRANK, SPLIT, FIXED)
+
+
+@triton.jit
+def _lowrank_up_rows(p_zrow, p_u, r_lo, r_hi, o_n, m_n, s_un, s_ur, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVICT: tl.constexpr):
+    # -> [1, BLOCK_N] f32 = sum over r in [r_lo, r_hi) of z[r] * u[cols, r]: u^T rows in steps of
+    # BLOCK_K, the w_t step's register tile (a program's slice is 1-3 steps)
+    acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for r0 in range(r_lo, r_hi, BLOCK_K):
+        o_r = r0 + tl.arange(0, BLOCK_K)
+        m_r = o_r < r_hi
+        b_z = tl.load(p_zrow + o_r, mask=m_r, other=0.0)
+        b_u = tl.load(p_u + o_r[:, None] * s_ur + o_n[None, :] * s_un, mask=m_r[:, None] & m_n[None, :],
+                      other=0.0, eviction_policy=EVICT)
+        acc2 += b_z[:, None] * b_u.to(tl.float32)
+    return tl.sum(acc2, axis=0)[None, :]

@@ -332,16 +332,26 @@ def test_wide_output_tiles(kernel, block_n, block_k, per, gen):
     check_close(out, reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v))
 
 
+# R-Sparse's u^T term: in the w_t programs after a z launch (overlapped with PDL on the GPU, or
+# not), or the epilogue launch after one grid of v_t and w_t programs
+LOWRANK_EPILOGUE_CASES = ["fused", "fused-serial", "launch"] if HAS_CUDA else ["fused", "launch"]
+
+
+@pytest.mark.parametrize("epilogue", LOWRANK_EPILOGUE_CASES)
 @pytest.mark.parametrize("layout", ["wide_chunks", "own_tiles", "w_tiles"])
 @pytest.mark.parametrize("rank", [16, 112, 176, 300])
-def test_lowrank_tiles(rank, layout, gen, monkeypatch):
+def test_lowrank_tiles(rank, layout, epilogue, gen, monkeypatch):
     """The compact kernel's v_t programs in their own shape (launchers.lowrank_tile: all of R in
     one tile up to 256 columns, more rows per list step than a w_t step, K chunks that many
     times longer -- so fewer programs along K add into z than into the output), in their own
     tile on the w_t chunk, and in the w_t shape: ranks of one and two v_t tiles, K chunks
     shorter than a v_t list step and longer, one and several v_t programs along K, both
-    split-K finishes; each matches the reference and leaves the workspace clean."""
+    split-K finishes; rank slices of u^T longer and shorter than the programs along K (fused
+    epilogue, u in the prepared [r, N] storage and as given), and the epilogue launch; each
+    matches the reference and leaves the workspace clean."""
     monkeypatch.setattr(launchers, "LOWRANK_LAYOUT", layout)
+    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", epilogue.split("-")[0])
+    monkeypatch.setattr(launchers, "LOWRANK_OVERLAP", epilogue != "fused-serial")
     n, k, m = (48, 300, 2) if not HAS_CUDA else (4096, 11008, 2)
     w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=rank, scale=True)
     x = randn(m, k, gen=gen, dtype=torch.bfloat16)
@@ -366,7 +376,9 @@ def test_lowrank_tiles(rank, layout, gen, monkeypatch):
                     assert tile.block_kv == rows and tile.chunk == min(4096, chunk * rows // 8)
                 else:
                     assert tile.block_kv == max(8, min(rows, chunk)) and tile.chunk == chunk
-            check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u, v_t, config=cfg), ref)
+            # u as given ([N, r] rows) on one split, in the prepared [r, N] storage on the others
+            u_arg = u if split_k == 3 else launchers.prepare_weight(u)
+            check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u_arg, v_t, config=cfg), ref)
             assert launchers._workspace_for(x.device).is_clean()
 
 
@@ -505,14 +517,16 @@ def test_cuda_graph_replay(selection, tokens, pdl, gen, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="programmatic dependent launch needs a GPU")
+@pytest.mark.parametrize("pdl", [True, False], ids=["pdl", "z_overlap_only"])
 @pytest.mark.parametrize("between", ["none", "torch_op"])
-def test_pdl_chain_reads_the_previous_result(between, gen, monkeypatch):
+def test_pdl_chain_reads_the_previous_result(between, pdl, gen, monkeypatch):
     """With programmatic dependent launch a kernel may start before the one it reads from has
     finished: a chain of sparse GEMVs (each one's output the next one's input, optionally a
     torch kernel between them) replayed in a CUDA graph must give the chained reference,
-    and leave the workspace clean."""
-    monkeypatch.setattr(launchers, "PDL_ENABLED", True)
-    if not launchers.use_pdl(torch.device(DEVICE)):
+    and leave the workspace clean. Every kernel launched with PDL, or (z_overlap_only) only
+    the R-Sparse layers' main launch after their z launch (launchers.LOWRANK_OVERLAP)."""
+    monkeypatch.setattr(launchers, "PDL_ENABLED", pdl)
+    if not launchers.pdl_capable(torch.device(DEVICE)):
         pytest.skip("this GPU has no programmatic dependent launch (compute capability < 9)")
     n = k = 4096
     layers = [make_layer(n, k, torch.bfloat16, gen, rank=0 if i % 2 else 32, scale=i % 2 == 0) for i in range(4)]
@@ -717,7 +731,7 @@ def test_prepare_lowrank_pads_exactly(rank, gen):
     thr = threshold_for(x, 0.5, s)
     up, down = launchers.prepare_lowrank(u, v)
     padded = -(-rank // launchers.LOWRANK_RANK_MULTIPLE) * launchers.LOWRANK_RANK_MULTIPLE
-    assert up.shape == (n, padded) and up.is_contiguous()
+    assert up.shape == (n, padded) and up.stride(0) == 1  # [r', N] storage: u^T rows
     assert down.shape == (padded, k) and down.stride(0) == 1  # [K, r'] storage
     assert torch.equal(up[:, :rank], u) and torch.equal(down[:rank], v)
     assert not up[:, rank:].any() and not down[rank:].any()

@@ -111,14 +111,47 @@ def pdl_requested() -> bool:
     return env_switch(PDL_ENV)
 
 
-def use_pdl(device: torch.device) -> bool:
-    """Launch with programmatic dependent launch on this device (pdl_requested and a CUDA GPU
-    of compute capability >= 9, not the interpreter)."""
-    if not pdl_requested() or interpreting() or device.type != "cuda":
+def pdl_capable(device: torch.device) -> bool:
+    """Whether kernels on this device can be launched with programmatic dependent launch (a CUDA
+    GPU of compute capability >= 9, not the interpreter)."""
+    if interpreting() or device.type != "cuda":
         return False
     if device not in _pdl_capable:
         _pdl_capable[device] = torch.cuda.get_device_capability(device)[0] >= 9
     return _pdl_capable[device]
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Launch every kernel with programmatic dependent launch on this device (pdl_requested and
+    pdl_capable)."""
+    return pdl_requested() and pdl_capable(device)
+
+
+# R-Sparse's up-projection term z u^T (z = V((1 - m) x)) on the compact kernel:
+#   "launch"  (sessions 3-11) the v_t programs share the main grid and write z, the w_t programs
+#             write y32, and lowrank_up_kernel adds z u^T in a second launch after it: 2.4-4.6 us
+#             a module on the H200, most of what R-Sparse lost to TEAL (lowrank_h200.md)
+#   "fused"   a z launch of the v_t programs alone, then the main launch with the TEAL grid, whose
+#             w_t programs each add their slice of z u^T before the split-K finish (u read by the
+#             whole grid, one cast, no y32). With PDL the main launch overlaps the z launch and
+#             waits for z only before its u^T rows (LOWRANK_OVERLAP).
+# The walk kernel (several rows per program) always uses "launch".
+LOWRANK_EPILOGUES = ("launch", "fused")
+LOWRANK_EPILOGUE = "fused"
+# None: overlap the z launch where the GPU has PDL (pdl_capable), whatever RSPARSE_PDL says.
+LOWRANK_OVERLAP: bool | None = None
+
+
+def lowrank_epilogue() -> str:
+    """LOWRANK_EPILOGUE, checked (benchmarks and tests set it)."""
+    if LOWRANK_EPILOGUE not in LOWRANK_EPILOGUES:
+        raise ValueError(f"launchers.LOWRANK_EPILOGUE must be one of {LOWRANK_EPILOGUES}, got {LOWRANK_EPILOGUE!r}")
+    return LOWRANK_EPILOGUE
+
+
+def lowrank_overlap(device: torch.device) -> bool:
+    """Whether a fused R-Sparse launch pair overlaps its z launch (PDL) on this device."""
+    return pdl_capable(device) and (LOWRANK_OVERLAP is None or LOWRANK_OVERLAP)
 
 
 # ---------------------------------------------------------------------------
@@ -350,9 +383,10 @@ LOWRANK_RANK_MULTIPLE = 16
 def prepare_lowrank(lowrank_up: torch.Tensor, lowrank_down: torch.Tensor,
                     multiple: int = LOWRANK_RANK_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor]:
     """The R-Sparse factors in the layout the kernels read: the rank zero-padded to a
-    multiple of ``multiple`` (exact: padded ranks add 0 in f32), lowrank_up [N, r']
-    contiguous, lowrank_down [r', K] prepared like a weight ([K, r'] storage). One copy
-    each; the unpadded tensors can be freed. (Other multiples: benchmarks only.)"""
+    multiple of ``multiple`` (exact: padded ranks add 0 in f32), both prepared like a weight:
+    lowrank_up [N, r'] in [r', N] storage (the fused epilogue's w_t programs read u^T rows
+    over their output tile, LOWRANK_EPILOGUE) and lowrank_down [r', K] in [K, r'] storage.
+    One copy each; the unpadded tensors can be freed. (Other multiples: benchmarks only.)"""
     if lowrank_up.dim() != 2 or lowrank_down.dim() != 2 or lowrank_up.shape[1] != lowrank_down.shape[0]:
         raise ValueError(f"lowrank_up [N, r] and lowrank_down [r, K] do not match: shapes "
                          f"{tuple(lowrank_up.shape)} and {tuple(lowrank_down.shape)}")
@@ -364,7 +398,7 @@ def prepare_lowrank(lowrank_up: torch.Tensor, lowrank_down: torch.Tensor,
         down = lowrank_down.new_zeros(padded, lowrank_down.shape[1])
         down[:r] = lowrank_down
         lowrank_up, lowrank_down = up, down
-    return lowrank_up.contiguous(), prepare_weight(lowrank_down)
+    return prepare_weight(lowrank_up), prepare_weight(lowrank_down)
 
 
 def _is_prepared(weight: torch.Tensor) -> bool:
@@ -641,8 +675,8 @@ def sparse_gemv(
     sparsity: the module's input sparsity, for the config band (pick_config).
 
     # x [M, K]  w_t [K, N] (unit stride along N)  thr [1] or [M] f32  jcut [M] i32 or None
-    # bias [N]  channel_scale [K]  lowrank_up [N, r]  v_t [K, r] (unit stride along r)
-    # -> out [M, N] in x.dtype
+    # bias [N]  channel_scale [K]  lowrank_up [N, r] (any strides; prepare_lowrank: unit stride
+    # along N)  v_t [K, r] (unit stride along r)  -> out [M, N] in x.dtype
     """
     from vllm_rsparse.kernels.sparse_gemv import sparse_gemv_compact_kernel, sparse_gemv_kernel
 
@@ -669,37 +703,65 @@ def sparse_gemv(
     pdl = use_pdl(x.device)
     launch_pdl = {"launch_pdl": True} if pdl else {}  # the keyword only where it is used
     evict = "evict_first" if WEIGHT_EVICT_FIRST or cfg.evict else ""
+    fused_up = has_lowrank and compact and lowrank_epilogue() == "fused"
     if has_lowrank:
-        y32 = torch.empty((m, n), dtype=torch.float32, device=x.device)
+        y32 = dummy if fused_up else torch.empty((m, n), dtype=torch.float32, device=x.device)
         z = torch.empty((m, rank), dtype=torch.float32, device=x.device)
     else:
         y32 = z = dummy
     common = (m, n, k, rank)
-    if compact:
+    scale_arg = channel_scale if channel_scale is not None else dummy
+    jcut_arg = jcut if jcut is not None else thr
+    bias_arg = bias if bias is not None else dummy
+    selection = dict(HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, AHEAD=LOAD_AHEAD_ENABLED,
+                     EVICT=evict, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if fused_up:
+        overlap = lowrank_overlap(x.device)
+        # z launch: the v_t programs alone. Its split-K counters lie past the main launch's, and
+        # its workspace words at columns N.. (as in one grid): with overlap both run at once.
+        sparse_gemv_compact_kernel[(tiles - tiles_w, split_v, m)](
+            x, w_t, v_t, scale_arg, thr, jcut_arg, dummy, ws.lists,
+            ws.accumulator, ws.counters[tiles_w * m:], ws.fixed, out, y32, z, dummy,
+            *common, 0, WORKSPACE_COLS, WORKSPACE_COLS, split_v, 0,
+            x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0), 0, 0, out.stride(0), out.stride(1),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
+            BLOCK_R=v_tile.block_r, BLOCK_KV=v_tile.block_kv, CHUNK_V=v_tile.chunk, SPLIT_V=split_v > 1,
+            HAS_BIAS=False, HAS_LOWRANK=True, UP_FUSED=False, SPLIT=split_k > 1,
+            FIXED=fixed_point_finish(split_v), GDC_WAIT=pdl, GDC_TRIGGER=pdl or overlap, GDC_Z_WAIT=False,
+            **selection, **launch_pdl,
+        )
+        # main launch: the w_t programs (the TEAL grid), each adding u^T rows of its rank slice
+        up_rows_per_split = triton_cdiv(triton_cdiv(rank, split_k), cfg.block_k) * cfg.block_k
+        sparse_gemv_compact_kernel[(tiles_w, split_k, m)](
+            x, w_t, w_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists,
+            ws.accumulator, ws.counters, ws.fixed, out, y32, z, lowrank_up,
+            *common, tiles_w, WORKSPACE_COLS, WORKSPACE_COLS, 1, up_rows_per_split,
+            x.stride(0), x.stride(1), w_t.stride(0), 0, lowrank_up.stride(0), lowrank_up.stride(1),
+            out.stride(0), out.stride(1),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
+            BLOCK_R=16, BLOCK_KV=cfg.block_k, CHUNK_V=k_per_split, SPLIT_V=False,
+            HAS_BIAS=bias is not None, HAS_LOWRANK=False, UP_FUSED=True, SPLIT=split_k > 1, FIXED=fixed,
+            GDC_WAIT=pdl and not overlap, GDC_TRIGGER=pdl, GDC_Z_WAIT=overlap,
+            **selection, **({"launch_pdl": True} if pdl or overlap else {}),
+        )
+    elif compact:
         # one program per (output tile, K chunk, token row); each row reads only its own
         # channels, through a compact list of them
         sparse_gemv_compact_kernel[(tiles, split_k, m)](
-            x, w_t, v_t if has_lowrank else w_t,
-            channel_scale if channel_scale is not None else dummy,
-            thr, jcut if jcut is not None else thr,
-            bias if bias is not None else dummy, ws.lists,
-            ws.accumulator, ws.counters, ws.fixed, out, y32, z,
-            *common, tiles_w, WORKSPACE_COLS, WORKSPACE_COLS, split_v,
-            x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0,
+            x, w_t, v_t if has_lowrank else w_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists,
+            ws.accumulator, ws.counters, ws.fixed, out, y32, z, dummy,
+            *common, tiles_w, WORKSPACE_COLS, WORKSPACE_COLS, split_v, 0,
+            x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0, 0, 0,
             out.stride(0), out.stride(1),
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
             BLOCK_R=v_tile.block_r, BLOCK_KV=v_tile.block_kv, CHUNK_V=v_tile.chunk, SPLIT_V=split_v > 1,
-            HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
-            HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, FIXED=fixed, AHEAD=LOAD_AHEAD_ENABLED, GDC=pdl,
-            EVICT=evict,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
+            HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, UP_FUSED=False, SPLIT=split_k > 1, FIXED=fixed,
+            GDC_WAIT=pdl, GDC_TRIGGER=pdl, GDC_Z_WAIT=False,
+            **selection, **launch_pdl,
         )
     else:
         sparse_gemv_kernel[(tiles, split_k, row_groups)](
-            x, w_t, v_t if has_lowrank else w_t,
-            channel_scale if channel_scale is not None else dummy,
-            thr, jcut if jcut is not None else thr,
-            bias if bias is not None else dummy,
+            x, w_t, v_t if has_lowrank else w_t, scale_arg, thr, jcut_arg, bias_arg,
             ws.accumulator, ws.counters, ws.fixed, out, y32, z,
             *common, k_per_split, tiles_w, WORKSPACE_COLS,
             x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0,
@@ -710,7 +772,7 @@ def sparse_gemv(
             AHEAD=LOAD_AHEAD_ENABLED, GDC=pdl, EVICT=evict,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
         )
-    if has_lowrank:
+    if has_lowrank and not fused_up:
         launch_lowrank_up(y32, z, lowrank_up, out, pdl)
     return out
 

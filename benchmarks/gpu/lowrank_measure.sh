@@ -4,7 +4,8 @@
 # 0.4 0.5: R-Sparse's e2e levels, input sparsities 0.46 / 0.55 at share 0.9), merged into the
 # dispatch table (lowrank_time.py --merge rebuilds ratios.threshold_lowrank from these files
 # alone). The merged table goes to $OUT, to /root/cfg (kept for the next call of the same
-# lease) and into the installed plugin, which is what bench_e2e reads. A later call re-installs
+# lease) and into the installed plugin, which is what bench_e2e reads. LOWRANK_ARGS: more
+# lowrank_time.py arguments (--epilogues: the u^T term's ways on the committed layouts). A later call re-installs
 # the tree's committed table with setup.sh: copy /root/cfg/dispatch.json back first, e.g.
 #   source .gpu/p2/setup.sh && bash benchmarks/gpu/lowrank_measure.sh --install-only && python3 -P benchmarks/bench_e2e.py ...
 set -u
@@ -18,7 +19,7 @@ gpu=$(python3 -P -c "import torch; print(torch.cuda.get_device_name().split()[-1
 files=()
 for s in ${LOWRANK_SPARSITIES:-0.4 0.5}; do
   f="$OUT/lowrank_${gpu}_s${s}.json"
-  python3 -P benchmarks/gpu/lowrank_time.py --sparsity "$s" --out "$f" || exit 1
+  python3 -P benchmarks/gpu/lowrank_time.py ${LOWRANK_ARGS:-} --sparsity "$s" --out "$f" || exit 1
   files+=("$f")
 done
 python3 -P benchmarks/gpu/lowrank_time.py --merge "${files[@]}" --into kernels/configs/dispatch.json || exit 1

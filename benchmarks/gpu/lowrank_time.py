@@ -11,6 +11,9 @@ copies (never in L2), per projection shape, at the split the calibration exports
                  defaults of then, wide_chunks everywhere)
                  (lowrank_wtiles_us: the w_t tile shape and chunk, the layout before session 11)
   up_only        the lowrank_up epilogue launch alone
+With --epilogues (session 12) the shape's committed layout only, under each way of adding the
+u^T term (EPILOGUE_VARIANTS, launchers.LOWRANK_EPILOGUE), timed alternately: epilogues_us, and
+lowrank16_us = the launcher's default.
 
     python3 -P benchmarks/gpu/lowrank_time.py --sparsity 0.5 --out $OUT/lowrank_h200_s0.5.json
     # the lowrank16 timings become the dispatch table of modules with a low-rank term
@@ -47,6 +50,33 @@ _TILE_KNOBS = ("LOWRANK_LAYOUT", "LOWRANK_MAX_BLOCK_KV")
 # the variant each layout of a committed config (GemvConfig.lowrank) runs: the one at the launcher's row bound
 _LAYOUT_VARIANT = {layout: name for name, (layout, max_kv) in TILE_VARIANTS.items()
                    if max_kv == launchers.LOWRANK_MAX_BLOCK_KV}
+
+
+# the u^T term's ways (launchers.LOWRANK_EPILOGUE, LOWRANK_OVERLAP): the epilogue launch after one
+# grid of v_t and w_t programs; u^T rows in the w_t programs after a z launch, overlapped with it
+# by PDL, or after it
+EPILOGUE_VARIANTS = {"launch": ("launch", None), "fused": ("fused", None), "fused_serial": ("fused", False)}
+_EPILOGUE_KNOBS = ("LOWRANK_EPILOGUE", "LOWRANK_OVERLAP")
+
+
+def timed_alternately(calls, variants: dict, knobs: tuple, rounds: int = 2) -> tuple[dict, dict]:
+    """{variant: best per-call us} and {variant: first call's output} of `calls` under each
+    variant's launcher settings (values for `knobs`), the variants alternating round by round so
+    that all see the same clocks and neighbours."""
+    times = {name: [] for name in variants}
+    outs = {}
+    for _ in range(rounds):
+        for name, values in variants.items():
+            saved = [getattr(launchers, knob) for knob in knobs]
+            for knob, value in zip(knobs, values):
+                setattr(launchers, knob, value)
+            try:
+                times[name].append(graph_us(calls))
+                outs[name] = calls[0]().float()
+            finally:
+                for knob, value in zip(knobs, saved):
+                    setattr(launchers, knob, value)
+    return {name: min(t) for name, t in times.items()}, outs
 
 
 def config_variant(n: int, k: int) -> str:
@@ -158,6 +188,8 @@ def report(result_paths: list[str]) -> str:
     """Markdown table of lowrank_time.py files (one per R-Sparse level): per shape, the ratio to
     dense of the threshold kernel alone and of each v_t layout with the term, the epilogue alone."""
     results = [json.load(open(path)) for path in result_paths]
+    if all("epilogues_us" in row for result in results for row in result["rows"]):
+        return report_epilogues(results)
     names = list(TILE_VARIANTS)
     lines = [f"# R-Sparse's low-rank term at one token, {results[0]['gpu']}", "",
              "`python3 -P benchmarks/gpu/lowrank_time.py --sparsity S --out ...` per level (CUDA graphs, weights "
@@ -178,6 +210,29 @@ def report(result_paths: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_epilogues(results: list[dict]) -> str:
+    """Markdown table of --epilogues files: per shape, the ratio to dense of the threshold kernel
+    alone and of the committed layout with each way of adding the u^T term."""
+    names = list(EPILOGUE_VARIANTS)
+    lines = [f"# R-Sparse's u^T term at one token, {results[0]['gpu']}", "",
+             "`python3 -P benchmarks/gpu/lowrank_time.py --epilogues --sparsity S --out ...` per level (CUDA graphs, "
+             "weights rotated through >= 160 MB of copies, bf16, ranks as the calibration exports them, each shape's "
+             "committed v_t layout); the ways of adding z u^T (`EPILOGUE_VARIANTS`: the epilogue launch; u^T rows in "
+             "the w_t programs after a z launch, overlapped with it by PDL or not) timed alternately in one process, "
+             "each the best of two rounds. Ratio to dense F.linear (us in brackets).", "",
+             "| level | commit | shape | rank | input sparsity | dense us | teal | " + " | ".join(names)
+             + " | max diff vs launch |", "|---" * (7 + len(names) + 1) + "|"]
+    for result in results:
+        for row in result["rows"]:
+            dense = row["dense_us"]
+            cells = [f"{row['epilogues_us'][v] / dense:.2f} ({row['epilogues_us'][v]:.1f})" for v in names]
+            diff = max(row["epilogues_max_diff"].values())
+            lines.append(f"| {result['sparsity']} | {result.get('commit', '?')} | {row['shape']} | {row['rank']} | "
+                         f"{row['input_sparsity']:.3f} | {dense:.1f} | {row['teal_us'] / dense:.2f} | "
+                         + " | ".join(cells) + f" | {diff:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -191,6 +246,9 @@ def main() -> None:
     ap.add_argument("--transfer-to", default="",
                     help="with --merge: a --graph-sweep JSON of another GPU; estimate the table for that GPU")
     ap.add_argument("--report", nargs="+", help="lowrank_<gpu>_s*.json files -> a markdown table on stdout")
+    ap.add_argument("--epilogues", action="store_true",
+                    help="time the u^T term's ways (EPILOGUE_VARIANTS) on each shape's committed layout instead of "
+                         "the v_t layouts")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--share", type=float, default=0.9)
     args = ap.parse_args()
@@ -232,25 +290,20 @@ def main() -> None:
         calls = [lambda wp=wp, up=up, vp=vp: launchers.sparse_linear(x, wp, None, thr, -1, None, up, vp,
                                                                      use_crossover=False)
                  for _, wp, up, vp in layers]
-        # every v_t tile shape alternately, so that all see the same clocks and neighbours
-        times = {name: [] for name in TILE_VARIANTS}
-        outs = {}
-        for _ in range(2):
-            for name, knobs in TILE_VARIANTS.items():
-                saved = [getattr(launchers, knob) for knob in _TILE_KNOBS]
-                for knob, value in zip(_TILE_KNOBS, knobs):
-                    setattr(launchers, knob, value)
-                try:
-                    times[name].append(graph_us(calls))
-                    outs[name] = calls[0]().float()
-                finally:
-                    for knob, value in zip(_TILE_KNOBS, saved):
-                        setattr(launchers, knob, value)
-        row["variants_us"] = {name: min(t) for name, t in times.items()}
-        row["variants_max_diff"] = {name: float((out - outs["wtiles"]).abs().max()) for name, out in outs.items()}
-        # the layout the shape's committed config runs: the dispatch table's number
-        row["lowrank16_us"] = row["variants_us"][config_variant(n, k)]
-        row["lowrank_wtiles_us"] = row["variants_us"]["wtiles"]
+        if args.epilogues:
+            # the committed layout under each way of adding the u^T term
+            row["epilogues_us"], outs = timed_alternately(calls, EPILOGUE_VARIANTS, _EPILOGUE_KNOBS)
+            row["epilogues_max_diff"] = {name: float((out - outs["launch"]).abs().max()) for name, out in outs.items()}
+            default = next(name for name, (epilogue, overlap) in EPILOGUE_VARIANTS.items()
+                           if epilogue == launchers.LOWRANK_EPILOGUE and overlap == launchers.LOWRANK_OVERLAP)
+            row["lowrank16_us"] = row["epilogues_us"][default]
+        else:
+            # every v_t tile shape alternately, so that all see the same clocks and neighbours
+            row["variants_us"], outs = timed_alternately(calls, TILE_VARIANTS, _TILE_KNOBS)
+            row["variants_max_diff"] = {name: float((out - outs["wtiles"]).abs().max()) for name, out in outs.items()}
+            # the layout the shape's committed config runs: the dispatch table's number
+            row["lowrank16_us"] = row["variants_us"][config_variant(n, k)]
+            row["lowrank_wtiles_us"] = row["variants_us"]["wtiles"]
         # the epilogue alone: y32 + z u^T
         y32 = torch.zeros(1, n, device="cuda")
         z = torch.randn(1, rank, device="cuda")
@@ -265,6 +318,7 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump({"commit": os.environ.get("RSPARSE_COMMIT", "unknown"), "gpu": torch.cuda.get_device_name(),
                    "torch": torch.__version__, "sparsity": args.sparsity,
+                   "lowrank_epilogue": launchers.LOWRANK_EPILOGUE,
                    "share": args.share, "rows": rows}, f, indent=1)
 
 
