@@ -702,6 +702,18 @@ def test_lowrank_report_matches_committed_files():
     assert launchers._load_json("dispatch.json")["ratios"]["threshold_lowrank"] == table
 
 
+def test_lowrank_epilogue_report_matches_committed_files():
+    """benchmarks/results/lowrank_epilogue_h200.md is what lowrank_time --report makes of the
+    committed --epilogues measurements (session 12: the u^T term's ways), and the launcher's
+    default way is the one those files measured faster end to end (launch)."""
+    lowrank_time = _lowrank_time_module()
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    files = [str(results / f"lowrank_epilogue_h200_s{s}.json") for s in ("0.4", "0.5", "0.5_widez")]
+    assert lowrank_time.report(files) == (results / "lowrank_epilogue_h200.md").read_text()
+    assert launchers.LOWRANK_EPILOGUE == "launch"
+    assert set(lowrank_time.EPILOGUE_VARIANTS) == {"launch", "fused", "fused_serial"}
+
+
 def test_lowrank_table_takes_each_shapes_layout(tmp_path):
     """lowrank_time --merge --variant config: each shape's ratio comes from the v_t layout its
     committed config runs (Llama-3 gate_up pins w_tiles, o_proj has the default wide_chunks)."""

@@ -135,9 +135,15 @@ def use_pdl(device: torch.device) -> bool:
 #             w_t programs each add their slice of z u^T before the split-K finish (u read by the
 #             whole grid, one cast, no y32). With PDL the main launch overlaps the z launch and
 #             waits for z only before its u^T rows (LOWRANK_OVERLAP).
+# "launch" stays the default: on the H200 (session 12, lowrank_epilogue_h200.md) "fused" saves
+# 0.2-1 us on four shapes and loses 1.4-4.8 us on Llama-2 qkv and Llama-3 gate_up / down; end to
+# end R-Sparse 0.5 went from 1.25x / 1.22x to 1.24x / 1.11x (Llama-2 / Llama-3). The z launch's few
+# v_t programs are latency-bound (one 2-4-warp program per SM: about 6-19 us alone, "fused_serial"
+# minus the TEAL time), and the main launch waits for them; in one grid they ran beside the w_t
+# programs instead.
 # The walk kernel (several rows per program) always uses "launch".
 LOWRANK_EPILOGUES = ("launch", "fused")
-LOWRANK_EPILOGUE = "fused"
+LOWRANK_EPILOGUE = "launch"
 # None: overlap the z launch where the GPU has PDL (pdl_capable), whatever RSPARSE_PDL says.
 LOWRANK_OVERLAP: bool | None = None
 

@@ -217,17 +217,18 @@ def report_epilogues(results: list[dict]) -> str:
     lines = [f"# R-Sparse's u^T term at one token, {results[0]['gpu']}", "",
              "`python3 -P benchmarks/gpu/lowrank_time.py --epilogues --sparsity S --out ...` per level (CUDA graphs, "
              "weights rotated through >= 160 MB of copies, bf16, ranks as the calibration exports them, each shape's "
-             "committed v_t layout); the ways of adding z u^T (`EPILOGUE_VARIANTS`: the epilogue launch; u^T rows in "
+             "committed v_t layout unless the table says otherwise); the ways of adding z u^T (`EPILOGUE_VARIANTS`: the epilogue launch; u^T rows in "
              "the w_t programs after a z launch, overlapped with it by PDL or not) timed alternately in one process, "
              "each the best of two rounds. Ratio to dense F.linear (us in brackets).", "",
-             "| level | commit | shape | rank | input sparsity | dense us | teal | " + " | ".join(names)
-             + " | max diff vs launch |", "|---" * (7 + len(names) + 1) + "|"]
+             "| level | commit | v_t layout | shape | rank | input sparsity | dense us | teal | " + " | ".join(names)
+             + " | max diff vs launch |", "|---" * (8 + len(names) + 1) + "|"]
     for result in results:
+        layout = result.get("lowrank_layout_forced") or "committed"
         for row in result["rows"]:
             dense = row["dense_us"]
             cells = [f"{row['epilogues_us'][v] / dense:.2f} ({row['epilogues_us'][v]:.1f})" for v in names]
             diff = max(row["epilogues_max_diff"].values())
-            lines.append(f"| {result['sparsity']} | {result.get('commit', '?')} | {row['shape']} | {row['rank']} | "
+            lines.append(f"| {result['sparsity']} | {result.get('commit', '?')} | {layout} | {row['shape']} | {row['rank']} | "
                          f"{row['input_sparsity']:.3f} | {dense:.1f} | {row['teal_us'] / dense:.2f} | "
                          + " | ".join(cells) + f" | {diff:.3g} |")
     return "\n".join(lines) + "\n"
@@ -318,7 +319,7 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump({"commit": os.environ.get("RSPARSE_COMMIT", "unknown"), "gpu": torch.cuda.get_device_name(),
                    "torch": torch.__version__, "sparsity": args.sparsity,
-                   "lowrank_epilogue": launchers.LOWRANK_EPILOGUE,
+                   "lowrank_epilogue": launchers.LOWRANK_EPILOGUE, "lowrank_layout_forced": launchers.LOWRANK_LAYOUT,
                    "share": args.share, "rows": rows}, f, indent=1)
 
 
