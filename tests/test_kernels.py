@@ -732,10 +732,14 @@ def test_lowrank_table_takes_each_shapes_layout(tmp_path):
     assert "committed config" in merged["lowrank_note"]
 
 
+@pytest.mark.parametrize("epilogue", ["launch", "fused"])
 @pytest.mark.parametrize("rank", [1, 13, 16, 40])
-def test_prepare_lowrank_pads_exactly(rank, gen):
+def test_prepare_lowrank_pads_exactly(rank, epilogue, gen, monkeypatch):
     """The rank is zero-padded to LOWRANK_RANK_MULTIPLE for the kernels' aligned row loads;
-    the result equals the unpadded factors' (padded ranks add exact zeros)."""
+    the result equals the unpadded factors' (padded ranks add exact zeros). lowrank_up is
+    stored for the epilogue that reads it: contiguous [N, r] rows for the epilogue launch, u^T
+    rows ([r, N] storage) for the fused one."""
+    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", epilogue)
     n, k, m = (96, 200, 3) if not HAS_CUDA else (4096, 4096, 3)
     dtype = torch.bfloat16
     w, b, s, u, v = make_layer(n, k, dtype, gen, rank=rank, scale=True)
@@ -743,7 +747,8 @@ def test_prepare_lowrank_pads_exactly(rank, gen):
     thr = threshold_for(x, 0.5, s)
     up, down = launchers.prepare_lowrank(u, v)
     padded = -(-rank // launchers.LOWRANK_RANK_MULTIPLE) * launchers.LOWRANK_RANK_MULTIPLE
-    assert up.shape == (n, padded) and up.stride(0) == 1  # [r', N] storage: u^T rows
+    assert up.shape == (n, padded)
+    assert up.is_contiguous() if epilogue == "launch" else up.stride(0) == 1  # [r', N] storage: u^T rows
     assert down.shape == (padded, k) and down.stride(0) == 1  # [K, r'] storage
     assert torch.equal(up[:, :rank], u) and torch.equal(down[:rank], v)
     assert not up[:, rank:].any() and not down[rank:].any()

@@ -389,10 +389,12 @@ LOWRANK_RANK_MULTIPLE = 16
 def prepare_lowrank(lowrank_up: torch.Tensor, lowrank_down: torch.Tensor,
                     multiple: int = LOWRANK_RANK_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor]:
     """The R-Sparse factors in the layout the kernels read: the rank zero-padded to a
-    multiple of ``multiple`` (exact: padded ranks add 0 in f32), both prepared like a weight:
-    lowrank_up [N, r'] in [r', N] storage (the fused epilogue's w_t programs read u^T rows
-    over their output tile, LOWRANK_EPILOGUE) and lowrank_down [r', K] in [K, r'] storage.
-    One copy each; the unpadded tensors can be freed. (Other multiples: benchmarks only.)"""
+    multiple of ``multiple`` (exact: padded ranks add 0 in f32), lowrank_down [r', K] prepared
+    like a weight ([K, r'] storage) and lowrank_up [N, r'] stored for the u^T epilogue that
+    reads it (LOWRANK_EPILOGUE): contiguous for the epilogue launch, [r', N] storage for the
+    fused one, whose w_t programs read u^T rows over their output tile -- each the layout it was
+    measured with (lowrank_epilogue_h200.md). Both kernels take either layout. One copy each;
+    the unpadded tensors can be freed. (Other multiples: benchmarks only.)"""
     if lowrank_up.dim() != 2 or lowrank_down.dim() != 2 or lowrank_up.shape[1] != lowrank_down.shape[0]:
         raise ValueError(f"lowrank_up [N, r] and lowrank_down [r, K] do not match: shapes "
                          f"{tuple(lowrank_up.shape)} and {tuple(lowrank_down.shape)}")
@@ -404,7 +406,8 @@ def prepare_lowrank(lowrank_up: torch.Tensor, lowrank_down: torch.Tensor,
         down = lowrank_down.new_zeros(padded, lowrank_down.shape[1])
         down[:r] = lowrank_down
         lowrank_up, lowrank_down = up, down
-    return prepare_weight(lowrank_up), prepare_weight(lowrank_down)
+    up = prepare_weight(lowrank_up) if lowrank_epilogue() == "fused" else lowrank_up.contiguous()
+    return up, prepare_weight(lowrank_down)
 
 
 def _is_prepared(weight: torch.Tensor) -> bool:
