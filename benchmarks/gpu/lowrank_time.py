@@ -191,13 +191,13 @@ def report(result_paths: list[str]) -> str:
     if all("epilogues_us" in row for result in results for row in result["rows"]):
         return report_epilogues(results)
     names = list(TILE_VARIANTS)
-    lines = [f"# R-Sparse's low-rank term at one token, {results[0]['gpu']}", "",
-             "`python3 -P benchmarks/gpu/lowrank_time.py --sparsity S --out ...` per level (CUDA graphs, weights "
-             "rotated through >= 160 MB of copies, bf16, ranks as the calibration exports them); v_t layouts timed "
-             "alternately in one process, each the best of two rounds. Ratio to dense F.linear (us in brackets); "
-             "`*` = the layout the committed config runs (`GemvConfig.lowrank`).", "",
-             "| level | commit | shape | rank | input sparsity | dense us | teal | " + " | ".join(names)
-             + " | epilogue us |", "|---" * (7 + len(names) + 1) + "|"]
+    lines = _table_head(
+        f"R-Sparse's low-rank term at one token, {results[0]['gpu']}",
+        "`python3 -P benchmarks/gpu/lowrank_time.py --sparsity S --out ...` per level (CUDA graphs, weights "
+        "rotated through >= 160 MB of copies, bf16, ranks as the calibration exports them); v_t layouts timed "
+        "alternately in one process, each the best of two rounds. Ratio to dense F.linear (us in brackets); "
+        "`*` = the layout the committed config runs (`GemvConfig.lowrank`).",
+        ["level", "commit", "shape", "rank", "input sparsity", "dense us", "teal", *names, "epilogue us"])
     for path, result in zip(result_paths, results):
         for row in result["rows"]:
             dense = row["dense_us"]
@@ -210,25 +210,32 @@ def report(result_paths: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _table_head(title: str, intro: str, columns: list[str]) -> list[str]:
+    """The first lines of a report: title, how it was measured, the table's header."""
+    return [f"# {title}", "", intro, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+
 def report_epilogues(results: list[dict]) -> str:
     """Markdown table of --epilogues files: per shape, the ratio to dense of the threshold kernel
     alone and of the committed layout with each way of adding the u^T term."""
     names = list(EPILOGUE_VARIANTS)
-    lines = [f"# R-Sparse's u^T term at one token, {results[0]['gpu']}", "",
-             "`python3 -P benchmarks/gpu/lowrank_time.py --epilogues --sparsity S --out ...` per level (CUDA graphs, "
-             "weights rotated through >= 160 MB of copies, bf16, ranks as the calibration exports them, each shape's "
-             "committed v_t layout unless the table says otherwise); the ways of adding z u^T (`EPILOGUE_VARIANTS`: the epilogue launch; u^T rows in "
-             "the w_t programs after a z launch, overlapped with it by PDL or not) timed alternately in one process, "
-             "each the best of two rounds. Ratio to dense F.linear (us in brackets).", "",
-             "| level | commit | v_t layout | shape | rank | input sparsity | dense us | teal | " + " | ".join(names)
-             + " | max diff vs launch |", "|---" * (8 + len(names) + 1) + "|"]
+    lines = _table_head(
+        f"R-Sparse's u^T term at one token, {results[0]['gpu']}",
+        "`python3 -P benchmarks/gpu/lowrank_time.py --epilogues --sparsity S --out ...` per level (CUDA graphs, "
+        "weights rotated through >= 160 MB of copies, bf16, ranks as the calibration exports them, each shape's "
+        "committed v_t layout unless the table says otherwise); the ways of adding z u^T (`EPILOGUE_VARIANTS`: "
+        "the epilogue launch; u^T rows in the w_t programs after a z launch, overlapped with it by PDL or not) "
+        "timed alternately in one process, each the best of two rounds. Ratio to dense F.linear (us in brackets).",
+        ["level", "commit", "v_t layout", "shape", "rank", "input sparsity", "dense us", "teal", *names,
+         "max diff vs launch"])
     for result in results:
         layout = result.get("lowrank_layout_forced") or "committed"
         for row in result["rows"]:
             dense = row["dense_us"]
             cells = [f"{row['epilogues_us'][v] / dense:.2f} ({row['epilogues_us'][v]:.1f})" for v in names]
             diff = max(row["epilogues_max_diff"].values())
-            lines.append(f"| {result['sparsity']} | {result.get('commit', '?')} | {layout} | {row['shape']} | {row['rank']} | "
+            lines.append(f"| {result['sparsity']} | {result.get('commit', '?')} | {layout} | {row['shape']} | "
+                         f"{row['rank']} | "
                          f"{row['input_sparsity']:.3f} | {dense:.1f} | {row['teal_us'] / dense:.2f} | "
                          + " | ".join(cells) + f" | {diff:.3g} |")
     return "\n".join(lines) + "\n"
