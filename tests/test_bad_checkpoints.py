@@ -105,7 +105,8 @@ def test_vllm_refuses_the_checkpoint_with_the_message(broken):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("name,value", [("RSPARSE_PDL", "maybe"), ("RSPARSE_BATCH_INVARIANT", "yes please")])
+@pytest.mark.parametrize("name,value", [("RSPARSE_PDL", "maybe"), ("RSPARSE_BATCH_INVARIANT", "yes please"),
+                                        ("RSPARSE_LOWRANK_UP_PDL", "2")])
 def test_vllm_refuses_a_bad_switch_up_front(name, value, calibrated_dirs, monkeypatch):
     """An on/off environment switch with another value fails in the front end, before any
     worker starts, with the variable and the value in the message."""

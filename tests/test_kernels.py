@@ -333,8 +333,8 @@ def test_wide_output_tiles(kernel, block_n, block_k, per, gen):
 
 
 # R-Sparse's u^T term: in the w_t programs after a z launch (overlapped with PDL on the GPU, or
-# not), or the epilogue launch after one grid of v_t and w_t programs
-LOWRANK_EPILOGUE_CASES = ["fused", "fused-serial", "launch"] if HAS_CUDA else ["fused", "launch"]
+# not), or the epilogue launch after one grid of v_t and w_t programs (on the GPU also with PDL)
+LOWRANK_EPILOGUE_CASES = ["fused", "fused-serial", "launch", "launch-pdl"] if HAS_CUDA else ["fused", "launch"]
 
 
 @pytest.mark.parametrize("epilogue", LOWRANK_EPILOGUE_CASES)
@@ -352,6 +352,7 @@ def test_lowrank_tiles(rank, layout, epilogue, gen, monkeypatch):
     monkeypatch.setattr(launchers, "LOWRANK_LAYOUT", layout)
     monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", epilogue.split("-")[0])
     monkeypatch.setattr(launchers, "LOWRANK_OVERLAP", epilogue != "fused-serial")
+    monkeypatch.setattr(launchers, "LOWRANK_UP_PDL", epilogue == "launch-pdl")
     n, k, m = (48, 300, 2) if not HAS_CUDA else (4096, 11008, 2)
     w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=rank, scale=True)
     x = randn(m, k, gen=gen, dtype=torch.bfloat16)
@@ -517,15 +518,19 @@ def test_cuda_graph_replay(selection, tokens, pdl, gen, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="programmatic dependent launch needs a GPU")
-@pytest.mark.parametrize("pdl", [True, False], ids=["pdl", "z_overlap_only"])
+@pytest.mark.parametrize("mode", ["pdl", "z_overlap_only", "up_pdl_only"])
 @pytest.mark.parametrize("between", ["none", "torch_op"])
-def test_pdl_chain_reads_the_previous_result(between, pdl, gen, monkeypatch):
+def test_pdl_chain_reads_the_previous_result(between, mode, gen, monkeypatch):
     """With programmatic dependent launch a kernel may start before the one it reads from has
     finished: a chain of sparse GEMVs (each one's output the next one's input, optionally a
     torch kernel between them) replayed in a CUDA graph must give the chained reference,
-    and leave the workspace clean. Every kernel launched with PDL, or (z_overlap_only) only
-    the R-Sparse layers' main launch after their z launch (launchers.LOWRANK_OVERLAP)."""
-    monkeypatch.setattr(launchers, "PDL_ENABLED", pdl)
+    and leave the workspace clean. Every kernel launched with PDL; or only the R-Sparse
+    layers' main launch after their z launch (z_overlap_only: fused epilogue,
+    launchers.LOWRANK_OVERLAP); or only their epilogue launch (up_pdl_only:
+    launchers.LOWRANK_UP_PDL)."""
+    monkeypatch.setattr(launchers, "PDL_ENABLED", mode == "pdl")
+    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", "fused" if mode == "z_overlap_only" else "launch")
+    monkeypatch.setattr(launchers, "LOWRANK_UP_PDL", mode == "up_pdl_only")
     if not launchers.pdl_capable(torch.device(DEVICE)):
         pytest.skip("this GPU has no programmatic dependent launch (compute capability < 9)")
     n = k = 4096
@@ -562,18 +567,24 @@ def test_pdl_chain_reads_the_previous_result(between, pdl, gen, monkeypatch):
     assert launchers._workspace_for(x_static.device).is_clean()
 
 
+@pytest.mark.parametrize("switch", ["pdl", "lowrank_up_pdl"])
 @pytest.mark.parametrize("raw,expected", [("", False), ("0", False), ("1", True), ("on", True), ("maybe", None)])
-def test_pdl_switch(raw, expected, monkeypatch):
-    """RSPARSE_PDL: 1 / 0 (unset: off), anything else a clear error; never on the interpreter."""
-    monkeypatch.setattr(launchers, "PDL_ENABLED", None)
-    monkeypatch.setenv(launchers.PDL_ENV, raw)
+def test_pdl_switch(raw, expected, switch, monkeypatch):
+    """RSPARSE_PDL (every kernel) and RSPARSE_LOWRANK_UP_PDL (R-Sparse's epilogue launch): 1 / 0
+    (unset: off), anything else a clear error; never on the interpreter."""
+    knob, env, requested, used = {
+        "pdl": ("PDL_ENABLED", launchers.PDL_ENV, launchers.pdl_requested, launchers.use_pdl),
+        "lowrank_up_pdl": ("LOWRANK_UP_PDL", launchers.LOWRANK_UP_PDL_ENV, launchers.lowrank_up_pdl_requested,
+                           launchers.lowrank_up_pdl)}[switch]
+    monkeypatch.setattr(launchers, knob, None)
+    monkeypatch.setenv(env, raw)
     if expected is None:
-        with pytest.raises(ValueError, match="RSPARSE_PDL='maybe': expected 1"):
-            launchers.pdl_requested()
+        with pytest.raises(ValueError, match=f"{env}='maybe': expected 1"):
+            requested()
         return
-    assert launchers.pdl_requested() is expected
+    assert requested() is expected
     if not HAS_CUDA:
-        assert not launchers.use_pdl(torch.device("cpu"))
+        assert not used(torch.device("cpu"))
 
 
 def test_crossover_interpolates_between_measured_sparsities():
@@ -711,7 +722,9 @@ def test_lowrank_epilogue_report_matches_committed_files():
     files = [str(results / f"lowrank_epilogue_h200_s{s}.json") for s in ("0.4", "0.5", "0.5_widez")]
     assert lowrank_time.report(files) == (results / "lowrank_epilogue_h200.md").read_text()
     assert launchers.LOWRANK_EPILOGUE == "launch"
-    assert set(lowrank_time.EPILOGUE_VARIANTS) == {"launch", "fused", "fused_serial"}
+    assert set(lowrank_time.EPILOGUE_VARIANTS) == {"launch", "launch_pdl", "fused", "fused_serial"}
+    assert launchers.LOWRANK_UP_PDL is None and not launchers.lowrank_up_pdl_requested()  # not timed on a GPU yet
+    assert lowrank_time.default_epilogue_variant() == "launch"
 
 
 def test_lowrank_table_takes_each_shapes_layout(tmp_path):

@@ -146,6 +146,14 @@ LOWRANK_EPILOGUES = ("launch", "fused")
 LOWRANK_EPILOGUE = "launch"
 # None: overlap the z launch where the GPU has PDL (pdl_capable), whatever RSPARSE_PDL says.
 LOWRANK_OVERLAP: bool | None = None
+# "launch" with PDL on the epilogue launch alone (where the GPU has it): the main kernel's programs
+# let it start at once, so its launch latency (most of its 2.4-5 us) overlaps the main kernel,
+# and its programs wait for the main kernel only before their first load. Its programs can be
+# scheduled only once every main program has started, so they never delay one. Not yet timed
+# on a GPU (benchmarks/gpu/steps_h200_session13a.txt): off. None: RSPARSE_LOWRANK_UP_PDL (1 on,
+# 0 / unset off).
+LOWRANK_UP_PDL_ENV = "RSPARSE_LOWRANK_UP_PDL"
+LOWRANK_UP_PDL: bool | None = None
 
 
 def lowrank_epilogue() -> str:
@@ -158,6 +166,21 @@ def lowrank_epilogue() -> str:
 def lowrank_overlap(device: torch.device) -> bool:
     """Whether a fused R-Sparse launch pair overlaps its z launch (PDL) on this device."""
     return pdl_capable(device) and (LOWRANK_OVERLAP is None or LOWRANK_OVERLAP)
+
+
+def lowrank_up_pdl_requested() -> bool:
+    """LOWRANK_UP_PDL, or RSPARSE_LOWRANK_UP_PDL when it is None: unset / "0" off, "1" on,
+    anything else an error."""
+    if LOWRANK_UP_PDL is not None:
+        return LOWRANK_UP_PDL
+    from vllm_rsparse.config import env_switch
+
+    return env_switch(LOWRANK_UP_PDL_ENV)
+
+
+def lowrank_up_pdl(device: torch.device) -> bool:
+    """Whether the epilogue launch after a compact kernel is launched with PDL on this device."""
+    return lowrank_up_pdl_requested() and pdl_capable(device)
 
 
 # ---------------------------------------------------------------------------
@@ -713,6 +736,7 @@ def sparse_gemv(
     launch_pdl = {"launch_pdl": True} if pdl else {}  # the keyword only where it is used
     evict = "evict_first" if WEIGHT_EVICT_FIRST or cfg.evict else ""
     fused_up = has_lowrank and compact and lowrank_epilogue() == "fused"
+    up_pdl = has_lowrank and compact and not fused_up and lowrank_up_pdl(x.device)
     if has_lowrank:
         y32 = dummy if fused_up else torch.empty((m, n), dtype=torch.float32, device=x.device)
         z = torch.empty((m, rank), dtype=torch.float32, device=x.device)
@@ -765,7 +789,7 @@ def sparse_gemv(
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
             BLOCK_R=v_tile.block_r, BLOCK_KV=v_tile.block_kv, CHUNK_V=v_tile.chunk, SPLIT_V=split_v > 1,
             HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, UP_FUSED=False, SPLIT=split_k > 1, FIXED=fixed,
-            GDC_WAIT=pdl, GDC_TRIGGER=pdl, GDC_Z_WAIT=False,
+            GDC_WAIT=pdl, GDC_TRIGGER=pdl or up_pdl, GDC_Z_WAIT=False,
             **selection, **launch_pdl,
         )
     else:
@@ -782,7 +806,7 @@ def sparse_gemv(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
         )
     if has_lowrank and not fused_up:
-        launch_lowrank_up(y32, z, lowrank_up, out, pdl)
+        launch_lowrank_up(y32, z, lowrank_up, out, pdl or up_pdl)
     return out
 
 

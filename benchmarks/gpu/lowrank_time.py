@@ -52,11 +52,18 @@ _LAYOUT_VARIANT = {layout: name for name, (layout, max_kv) in TILE_VARIANTS.item
                    if max_kv == launchers.LOWRANK_MAX_BLOCK_KV}
 
 
-# the u^T term's ways (launchers.LOWRANK_EPILOGUE, LOWRANK_OVERLAP): the epilogue launch after one
-# grid of v_t and w_t programs; u^T rows in the w_t programs after a z launch, overlapped with it
-# by PDL, or after it
-EPILOGUE_VARIANTS = {"launch": ("launch", None), "fused": ("fused", None), "fused_serial": ("fused", False)}
-_EPILOGUE_KNOBS = ("LOWRANK_EPILOGUE", "LOWRANK_OVERLAP")
+# the u^T term's ways (launchers.LOWRANK_EPILOGUE, LOWRANK_OVERLAP, LOWRANK_UP_PDL): the epilogue
+# launch after one grid of v_t and w_t programs, plainly or with PDL; u^T rows in the w_t programs
+# after a z launch, overlapped with it by PDL, or after it
+EPILOGUE_VARIANTS = {"launch": ("launch", None, False), "launch_pdl": ("launch", None, True),
+                     "fused": ("fused", None, False), "fused_serial": ("fused", False, False)}
+_EPILOGUE_KNOBS = ("LOWRANK_EPILOGUE", "LOWRANK_OVERLAP", "LOWRANK_UP_PDL")
+
+
+def default_epilogue_variant() -> str:
+    """The EPILOGUE_VARIANTS entry a launch with the launcher's current settings runs."""
+    current = (launchers.lowrank_epilogue(), launchers.LOWRANK_OVERLAP, launchers.lowrank_up_pdl_requested())
+    return next(name for name, values in EPILOGUE_VARIANTS.items() if values == current)
 
 
 def timed_alternately(calls, variants: dict, knobs: tuple, rounds: int = 2) -> tuple[dict, dict]:
@@ -218,14 +225,17 @@ def _table_head(title: str, intro: str, columns: list[str]) -> list[str]:
 def report_epilogues(results: list[dict]) -> str:
     """Markdown table of --epilogues files: per shape, the ratio to dense of the threshold kernel
     alone and of the committed layout with each way of adding the u^T term."""
-    names = list(EPILOGUE_VARIANTS)
+    # the ways the files timed (session 12's had no launch_pdl)
+    names = [v for v in EPILOGUE_VARIANTS if all(v in row["epilogues_us"] for r in results for row in r["rows"])]
     lines = _table_head(
         f"R-Sparse's u^T term at one token, {results[0]['gpu']}",
         "`python3 -P benchmarks/gpu/lowrank_time.py --epilogues --sparsity S --out ...` per level (CUDA graphs, "
         "weights rotated through >= 160 MB of copies, bf16, ranks as the calibration exports them, each shape's "
-        "committed v_t layout unless the table says otherwise); the ways of adding z u^T (`EPILOGUE_VARIANTS`: "
-        "the epilogue launch; u^T rows in the w_t programs after a z launch, overlapped with it by PDL or not) "
-        "timed alternately in one process, each the best of two rounds. Ratio to dense F.linear (us in brackets).",
+        "committed v_t layout unless the table says otherwise); the ways of adding z u^T that the files timed "
+        "(`EPILOGUE_VARIANTS`: launch = the epilogue launch, launch_pdl = the same launched with PDL, fused = u^T "
+        "rows in the w_t programs after a z launch overlapped with it by PDL, fused_serial = the same without "
+        "overlap) timed alternately in one process, each the best of two rounds. Ratio to dense F.linear (us in "
+        "brackets).",
         ["level", "commit", "v_t layout", "shape", "rank", "input sparsity", "dense us", "teal", *names,
          "max diff vs launch"])
     for result in results:
@@ -302,8 +312,7 @@ def main() -> None:
             # the committed layout under each way of adding the u^T term
             row["epilogues_us"], outs = timed_alternately(calls, EPILOGUE_VARIANTS, _EPILOGUE_KNOBS)
             row["epilogues_max_diff"] = {name: float((out - outs["launch"]).abs().max()) for name, out in outs.items()}
-            default = next(name for name, (epilogue, overlap) in EPILOGUE_VARIANTS.items()
-                           if epilogue == launchers.LOWRANK_EPILOGUE and overlap == launchers.LOWRANK_OVERLAP)
+            default = default_epilogue_variant()
             row["lowrank16_us"] = row["epilogues_us"][default]
         else:
             # every v_t tile shape alternately, so that all see the same clocks and neighbours
