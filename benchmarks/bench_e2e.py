@@ -364,6 +364,48 @@ def git_commit() -> str:
         return os.environ.get("RSPARSE_COMMIT", "unknown")
 
 
+def parse_spec(spec: str) -> tuple[str, float, dict]:
+    """A --configs entry -> (method, sparsity, environment). "method:sparsity" optionally followed by
+    ",RSPARSE_NAME=value" switches that hold while that engine is built and measured, so that a
+    plugin switch (e.g. RSPARSE_LOWRANK_UP_PDL=1) is compared with its default in one process."""
+    head, *switches = spec.split(",")
+    method, sep, sparsity = head.partition(":")
+    if not sep:
+        raise ValueError(f"config {spec!r}: expected method:sparsity[,RSPARSE_NAME=value...]")
+    env = {}
+    for switch in switches:
+        name, sep, value = switch.partition("=")
+        if not sep or not name.startswith("RSPARSE_"):
+            raise ValueError(f"config {spec!r}: {switch!r} is not an RSPARSE_NAME=value switch")
+        env[name] = value
+    return method, float(sparsity), env
+
+
+def method_label(spec: str) -> str:
+    """The method as results and reports name it: the switches of the spec in brackets."""
+    method, _, env = parse_spec(spec)
+    return method + (f"[{','.join(f'{k}={v}' for k, v in env.items())}]" if env else "")
+
+
+class spec_environment:
+    """Sets a spec's switches for the duration of a with block and restores what was there."""
+
+    def __init__(self, spec: str):
+        self.env = parse_spec(spec)[2]
+        self.saved: dict = {}
+
+    def __enter__(self):
+        self.saved = {name: os.environ.get(name) for name in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def result_rows(model: str, configs: list[str], engines: dict, achieved: dict, linear_ms: dict) -> list[dict]:
     """One row per (sparse config, batch, prompt length) against the dense engine of the same run."""
     dense = engines.get(configs[0])
@@ -374,8 +416,8 @@ def result_rows(model: str, configs: list[str], engines: dict, achieved: dict, l
     for spec, eng in engines.items():
         if spec == configs[0]:
             continue
-        method, sparsity = spec.split(":")
-        sparsity = float(sparsity)
+        sparsity = parse_spec(spec)[1]
+        method = method_label(spec)
         for d in eng["decode"]:
             base = dense_steps.get((d["batch"], d["prompt_len"]))
             if base is None:
@@ -403,7 +445,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["llama2-7b"], choices=sorted(MODEL_CONFIGS))
     p.add_argument("--models-dir", default=str(ROOT / "benchmarks" / "models"))
     p.add_argument("--configs", nargs="+", default=["dense:0", "teal:0.5", "rsparse-thr:0.5", "larosa:0.5"],
-                   help="method:sparsity, dense first")
+                   help="method:sparsity[,RSPARSE_NAME=value...] (switches held while that engine runs), dense first")
     p.add_argument("--short-configs", nargs="*", default=[],
                    help="configs (of --configs) measured at the first --prompt-lens only (the 0.6/0.7 curve points)")
     p.add_argument("--sparse-share", type=float, default=0.9, help="rsparse: share of the budget kept sparse")
@@ -429,6 +471,11 @@ def main() -> None:
     unknown = set(args.short_configs) - set(args.configs)
     if unknown:
         p.error(f"--short-configs not in --configs: {sorted(unknown)}")
+    for spec in args.configs:
+        try:
+            parse_spec(spec)
+        except ValueError as err:
+            p.error(str(err))
 
     results = {"commit": os.environ.get("RSPARSE_COMMIT") or git_commit(),
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke run)",
@@ -447,9 +494,10 @@ def main() -> None:
         print(f"{model}: linear-layer time per step {linear_ms}", flush=True)
         paths, targets = {}, []
         for spec in args.configs:
-            method, sparsity = spec.split(":")
-            paths[spec], modules = write_config_dir(work / model, cfg, method, float(sparsity), args.sparse_share)
-            if method in ("teal", "rsparse-thr"):
+            method, sparsity, _ = parse_spec(spec)
+            # specs that differ only in their switches share one checkpoint
+            paths[spec], modules = write_config_dir(work / model, cfg, method, sparsity, args.sparse_share)
+            if method in ("teal", "rsparse-thr") and all(path != paths[spec] for _, path, _ in targets):
                 targets.append((spec, paths[spec], modules))
         achieved = {}
         if targets:
@@ -457,8 +505,9 @@ def main() -> None:
             # the recording engine must have no low-rank factors: a teal checkpoint if there is one
             record = next((path for spec, path, _ in targets if spec.startswith("teal:")), targets[0][1])
             calibration = calibrate_dummy_thresholds(record, [(path, modules) for _, path, modules in targets], args)
-            for spec, _, modules in targets:
-                achieved[spec] = achieved_byte_sparsity(calibration, modules)
+            for spec, path, modules in targets:
+                for same in (other for other in args.configs if paths[other] == path):
+                    achieved[same] = achieved_byte_sparsity(calibration, modules)
             results["calibration"].append({
                 "model": model, "seconds": round(time.time() - t0, 1), "levels": calibration["levels"],
                 "achieved_sparsity": achieved,
@@ -468,9 +517,10 @@ def main() -> None:
             save()
         engines = {}
         for spec in args.configs:
-            method = spec.split(":")[0]
+            method = parse_spec(spec)[0]
             lens = args.prompt_lens[:1] if spec in args.short_configs else args.prompt_lens
-            engines[spec] = measure_engine(paths[spec], args, "dense" if method == "dense" else spec, lens)
+            with spec_environment(spec):
+                engines[spec] = measure_engine(paths[spec], args, "dense" if method == "dense" else spec, lens)
             results["engines"].append({"model": model, "config": spec, **engines[spec]})
             results["results"] = [r for r in results["results"] if r["model"] != model] + \
                 result_rows(model, args.configs, engines, achieved, linear_ms)

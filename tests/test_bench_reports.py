@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -106,3 +107,39 @@ def test_adopted_config_keeps_the_lowrank_layout(tmp_path, monkeypatch):
     wide_tiles.adopt(rows, str(out))
     adopted = json.loads(out.read_text())["configs"]["N28672_K4096"]["1"]
     assert adopted == {**faster, "lowrank": "w_tiles"}
+
+
+def _bench_e2e():
+    spec = importlib.util.spec_from_file_location("bench_e2e", REPO / "benchmarks" / "bench_e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_e2e_config_switches(monkeypatch):
+    """bench_e2e --configs: "method:sparsity[,RSPARSE_NAME=value...]" -- a plugin switch held while
+    that one engine is built and measured (a switch against its default in one process), named in
+    the results' method; anything else a clear error."""
+    bench = _bench_e2e()
+    assert bench.parse_spec("teal:0.5") == ("teal", 0.5, {})
+    spec = "rsparse-thr:0.5,RSPARSE_LOWRANK_UP_PDL=1"
+    assert bench.parse_spec(spec) == ("rsparse-thr", 0.5, {"RSPARSE_LOWRANK_UP_PDL": "1"})
+    assert bench.method_label(spec) == "rsparse-thr[RSPARSE_LOWRANK_UP_PDL=1]"
+    assert bench.method_label("dense:0") == "dense"
+    for bad in ("teal", "teal:0.5,PATH=/tmp", "teal:0.5,RSPARSE_PDL"):
+        with pytest.raises(ValueError, match="config"):
+            bench.parse_spec(bad)
+    monkeypatch.setenv("RSPARSE_PDL", "0")
+    monkeypatch.delenv("RSPARSE_LOWRANK_UP_PDL", raising=False)
+    with bench.spec_environment("rsparse-thr:0.5,RSPARSE_LOWRANK_UP_PDL=1,RSPARSE_PDL=1"):
+        assert os.environ["RSPARSE_LOWRANK_UP_PDL"] == "1" and os.environ["RSPARSE_PDL"] == "1"
+    assert "RSPARSE_LOWRANK_UP_PDL" not in os.environ and os.environ["RSPARSE_PDL"] == "0"
+    rows = bench.result_rows(
+        "m", ["dense:0", spec], {
+            "dense:0": {"decode": [{"batch": 1, "prompt_len": 8, "tok_s": 100.0, "ms_per_step": 10.0}],
+                        "prefill": {"tok_s": 1.0}, "bytes": {"rsparse": 0, "weights": 1}},
+            spec: {"decode": [{"batch": 1, "prompt_len": 8, "tok_s": 125.0, "ms_per_step": 8.0}],
+                   "prefill": {"tok_s": 1.0}, "bytes": {"rsparse": 0, "weights": 1}}},
+        {}, {1: 4.0})
+    assert [(r["method"], r["sparsity"], r["speedup"]) for r in rows] == [
+        ("rsparse-thr[RSPARSE_LOWRANK_UP_PDL=1]", 0.5, 1.25)]
