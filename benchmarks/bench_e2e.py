@@ -33,6 +33,8 @@ in a CUDA graph; a perfect sparse kernel at sparsity s removes s of that time:
 ideal = T_step / (T_step - s * T_linear).
 
     python benchmarks/bench_e2e.py --models llama2-7b --out $OUT/e2e.json
+    # a plugin switch against its default, side by side in one process
+    python benchmarks/bench_e2e.py --configs dense:0 rsparse-thr:0.5 rsparse-thr:0.5,RSPARSE_LOWRANK_UP_PDL=1 ...
 """
 
 from __future__ import annotations
