@@ -507,7 +507,7 @@ def main() -> None:
             # the recording engine must have no low-rank factors: a teal checkpoint if there is one
             record = next((path for spec, path, _ in targets if spec.startswith("teal:")), targets[0][1])
             calibration = calibrate_dummy_thresholds(record, [(path, modules) for _, path, modules in targets], args)
-            for spec, path, modules in targets:
+            for _, path, modules in targets:
                 for same in (other for other in args.configs if paths[other] == path):
                     achieved[same] = achieved_byte_sparsity(calibration, modules)
             results["calibration"].append({

@@ -482,7 +482,8 @@ def sparse_gemv_compact_kernel(
     #   main launch  HAS_LOWRANK off, UP_FUSED: w_t programs only (the TEAL grid), each of which
     #                also adds z [i_m, its rank slice] @ u^T [its slice, its tile] before its
     #                split-K finish -> out; no y32 round trip and no epilogue launch. u [N, R]
-    #                any strides, read as u^T rows (launchers.prepare_lowrank stores [R, N]).
+    #                any strides, read as u^T rows (launchers.prepare_lowrank stores it [R, N] for
+    #                this epilogue).
     #   GDC_Z_WAIT: the main launch was launched with PDL right after the z launch: its w_t
     #   work (which reads only what the kernel before the z launch wrote) overlaps the z
     #   launch, and it waits for z only before the u^T rows.

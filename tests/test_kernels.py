@@ -762,6 +762,10 @@ def test_prepare_lowrank_pads_exactly(rank, epilogue, gen, monkeypatch):
     padded = -(-rank // launchers.LOWRANK_RANK_MULTIPLE) * launchers.LOWRANK_RANK_MULTIPLE
     assert up.shape == (n, padded)
     assert up.is_contiguous() if epilogue == "launch" else up.stride(0) == 1  # [r', N] storage: u^T rows
+    # another epilogue's layout on request (benchmarks that time both)
+    other = "fused" if epilogue == "launch" else "launch"
+    assert torch.equal(launchers.prepare_lowrank(u, v, epilogue=other)[0], up)
+    assert launchers.prepare_lowrank(u, v, epilogue="fused")[0].stride(0) == 1
     assert down.shape == (padded, k) and down.stride(0) == 1  # [K, r'] storage
     assert torch.equal(up[:, :rank], u) and torch.equal(down[:rank], v)
     assert not up[:, rank:].any() and not down[rank:].any()

@@ -409,15 +409,16 @@ def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
 LOWRANK_RANK_MULTIPLE = 16
 
 
-def prepare_lowrank(lowrank_up: torch.Tensor, lowrank_down: torch.Tensor,
-                    multiple: int = LOWRANK_RANK_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_lowrank(lowrank_up: torch.Tensor, lowrank_down: torch.Tensor, multiple: int = LOWRANK_RANK_MULTIPLE,
+                    epilogue: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The R-Sparse factors in the layout the kernels read: the rank zero-padded to a
     multiple of ``multiple`` (exact: padded ranks add 0 in f32), lowrank_down [r', K] prepared
     like a weight ([K, r'] storage) and lowrank_up [N, r'] stored for the u^T epilogue that
     reads it (LOWRANK_EPILOGUE): contiguous for the epilogue launch, [r', N] storage for the
     fused one, whose w_t programs read u^T rows over their output tile -- each the layout it was
-    measured with (lowrank_epilogue_h200.md). Both kernels take either layout. One copy each;
-    the unpadded tensors can be freed. (Other multiples: benchmarks only.)"""
+    measured with (lowrank_epilogue_h200.md); `epilogue` names another one than the launcher's
+    (benchmarks that time both). Both kernels take either layout. One copy each; the unpadded
+    tensors can be freed. (Other multiples: benchmarks only.)"""
     if lowrank_up.dim() != 2 or lowrank_down.dim() != 2 or lowrank_up.shape[1] != lowrank_down.shape[0]:
         raise ValueError(f"lowrank_up [N, r] and lowrank_down [r, K] do not match: shapes "
                          f"{tuple(lowrank_up.shape)} and {tuple(lowrank_down.shape)}")
@@ -429,7 +430,7 @@ def prepare_lowrank(lowrank_up: torch.Tensor, lowrank_down: torch.Tensor,
         down = lowrank_down.new_zeros(padded, lowrank_down.shape[1])
         down[:r] = lowrank_down
         lowrank_up, lowrank_down = up, down
-    up = prepare_weight(lowrank_up) if lowrank_epilogue() == "fused" else lowrank_up.contiguous()
+    up = prepare_weight(lowrank_up) if (epilogue or lowrank_epilogue()) == "fused" else lowrank_up.contiguous()
     return up, prepare_weight(lowrank_down)
 
 
@@ -746,8 +747,10 @@ def sparse_gemv(
     scale_arg = channel_scale if channel_scale is not None else dummy
     jcut_arg = jcut if jcut is not None else thr
     bias_arg = bias if bias is not None else dummy
-    selection = dict(HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, AHEAD=LOAD_AHEAD_ENABLED,
-                     EVICT=evict, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # what every compact launch of this call shares (the fused path makes two)
+    compact_shared = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
+                          HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, AHEAD=LOAD_AHEAD_ENABLED,
+                          EVICT=evict, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if fused_up:
         overlap = lowrank_overlap(x.device)
         # z launch: the v_t programs alone. Its split-K counters lie past the main launch's, and
@@ -757,11 +760,10 @@ def sparse_gemv(
             ws.accumulator, ws.counters[tiles_w * m:], ws.fixed, out, y32, z, dummy,
             *common, 0, WORKSPACE_COLS, WORKSPACE_COLS, split_v, 0,
             x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0), 0, 0, out.stride(0), out.stride(1),
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
             BLOCK_R=v_tile.block_r, BLOCK_KV=v_tile.block_kv, CHUNK_V=v_tile.chunk, SPLIT_V=split_v > 1,
             HAS_BIAS=False, HAS_LOWRANK=True, UP_FUSED=False, SPLIT=split_k > 1,
             FIXED=fixed_point_finish(split_v), GDC_WAIT=pdl, GDC_TRIGGER=pdl or overlap, GDC_Z_WAIT=False,
-            **selection, **launch_pdl,
+            **compact_shared, **launch_pdl,
         )
         # main launch: the w_t programs (the TEAL grid), each adding u^T rows of its rank slice
         up_rows_per_split = triton_cdiv(triton_cdiv(rank, split_k), cfg.block_k) * cfg.block_k
@@ -771,11 +773,10 @@ def sparse_gemv(
             *common, tiles_w, WORKSPACE_COLS, WORKSPACE_COLS, 1, up_rows_per_split,
             x.stride(0), x.stride(1), w_t.stride(0), 0, lowrank_up.stride(0), lowrank_up.stride(1),
             out.stride(0), out.stride(1),
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
             BLOCK_R=16, BLOCK_KV=cfg.block_k, CHUNK_V=k_per_split, SPLIT_V=False,
             HAS_BIAS=bias is not None, HAS_LOWRANK=False, UP_FUSED=True, SPLIT=split_k > 1, FIXED=fixed,
             GDC_WAIT=pdl and not overlap, GDC_TRIGGER=pdl, GDC_Z_WAIT=overlap,
-            **selection, **({"launch_pdl": True} if pdl or overlap else {}),
+            **compact_shared, **({"launch_pdl": True} if pdl or overlap else {}),
         )
     elif compact:
         # one program per (output tile, K chunk, token row); each row reads only its own
@@ -786,11 +787,10 @@ def sparse_gemv(
             *common, tiles_w, WORKSPACE_COLS, WORKSPACE_COLS, split_v, 0,
             x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0, 0, 0,
             out.stride(0), out.stride(1),
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
             BLOCK_R=v_tile.block_r, BLOCK_KV=v_tile.block_kv, CHUNK_V=v_tile.chunk, SPLIT_V=split_v > 1,
             HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, UP_FUSED=False, SPLIT=split_k > 1, FIXED=fixed,
             GDC_WAIT=pdl, GDC_TRIGGER=pdl or up_pdl, GDC_Z_WAIT=False,
-            **selection, **launch_pdl,
+            **compact_shared, **launch_pdl,
         )
     else:
         sparse_gemv_kernel[(tiles, split_k, row_groups)](

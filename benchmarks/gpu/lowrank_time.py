@@ -88,9 +88,7 @@ def timed_alternately(calls, variants: dict, knobs: tuple, rounds: int = 2) -> t
 
 def config_variant(n: int, k: int) -> str:
     """The TILE_VARIANTS entry that shape (N, K) runs at one token with the committed configs."""
-    import torch as _torch
-
-    cfg = launchers.pick_config(n, k, 1, 16, _torch.device("cuda"))
+    cfg = launchers.pick_config(n, k, 1, 16, torch.device("cuda"))
     return _LAYOUT_VARIANT[launchers.lowrank_layout(cfg)]
 
 
@@ -205,7 +203,7 @@ def report(result_paths: list[str]) -> str:
         "alternately in one process, each the best of two rounds. Ratio to dense F.linear (us in brackets); "
         "`*` = the layout the committed config runs (`GemvConfig.lowrank`).",
         ["level", "commit", "shape", "rank", "input sparsity", "dense us", "teal", *names, "epilogue us"])
-    for path, result in zip(result_paths, results):
+    for result in results:
         for row in result["rows"]:
             dense = row["dense_us"]
             chosen = config_variant(row["n"], row["k"])
@@ -296,8 +294,10 @@ def main() -> None:
             w = (torch.randn(n, k, device="cuda", generator=gen) * k**-0.5).to(torch.bfloat16)
             u = (torch.randn(n, rank, device="cuda", generator=gen) * rank**-0.5).to(torch.bfloat16)
             v = (torch.randn(rank, k, device="cuda", generator=gen) * k**-0.5).to(torch.bfloat16)
-            up, vp = launchers.prepare_lowrank(u, v)
-            layers.append((w, launchers.prepare_weight(w), up, vp))
+            # u in the layout of each epilogue (launchers.prepare_lowrank), the one in force picked at capture
+            ups = {epilogue: launchers.prepare_lowrank(u, v, epilogue=epilogue)[0]
+                   for epilogue in launchers.LOWRANK_EPILOGUES}
+            layers.append((w, launchers.prepare_weight(w), ups, launchers.prepare_lowrank(u, v)[1]))
         x = torch.randn(1, k, device="cuda", generator=gen).to(torch.bfloat16)
         thr = torch.quantile(x.float().abs().flatten(), 1 - keep / k).reshape(1)
         row = {"shape": name, "n": n, "k": k, "rank": rank, "input_sparsity": 1 - keep / k}
@@ -305,9 +305,9 @@ def main() -> None:
         row["teal_us"] = graph_us([lambda wp=wp: launchers.sparse_linear(x, wp, None, thr, -1, None, None, None,
                                                                          use_crossover=False)
                                    for _, wp, _, _ in layers])
-        calls = [lambda wp=wp, up=up, vp=vp: launchers.sparse_linear(x, wp, None, thr, -1, None, up, vp,
-                                                                     use_crossover=False)
-                 for _, wp, up, vp in layers]
+        calls = [lambda wp=wp, ups=ups, vp=vp: launchers.sparse_linear(
+                     x, wp, None, thr, -1, None, ups[launchers.lowrank_epilogue()], vp, use_crossover=False)
+                 for _, wp, ups, vp in layers]
         if args.epilogues:
             # the committed layout under each way of adding the u^T term
             row["epilogues_us"], outs = timed_alternately(calls, EPILOGUE_VARIANTS, _EPILOGUE_KNOBS)
@@ -325,8 +325,8 @@ def main() -> None:
         y32 = torch.zeros(1, n, device="cuda")
         z = torch.randn(1, rank, device="cuda")
         outb = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-        row["up_only_us"] = graph_us([lambda up=up: launchers.launch_lowrank_up(y32, z, up, outb)
-                                      for _, _, up, _ in layers])
+        row["up_only_us"] = graph_us([lambda up=ups["launch"]: launchers.launch_lowrank_up(y32, z, up, outb)
+                                      for _, _, ups, _ in layers])
         row["config"] = launchers.describe_config(n, k, 1, rank)
         rows.append(row)
         print({key: (round(val, 2) if isinstance(val, float) else val) for key, val in row.items()}, flush=True)
