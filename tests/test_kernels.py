@@ -723,8 +723,21 @@ def test_lowrank_epilogue_report_matches_committed_files():
     assert lowrank_time.report(files) == (results / "lowrank_epilogue_h200.md").read_text()
     assert launchers.LOWRANK_EPILOGUE == "launch"
     assert set(lowrank_time.EPILOGUE_VARIANTS) == {"launch", "launch_pdl", "fused", "fused_serial"}
-    assert launchers.LOWRANK_UP_PDL is None and not launchers.lowrank_up_pdl_requested()  # not timed on a GPU yet
+    # timed in session 13 (lowrank_epilogue_pdl_h200.*, e2e_h200_rsparse runs 8-9): off by default
+    assert launchers.LOWRANK_UP_PDL is None and not launchers.lowrank_up_pdl_requested()
     assert lowrank_time.default_epilogue_variant() == "launch"
+
+
+def test_lowrank_epilogue_pdl_report_matches_committed_files():
+    """benchmarks/results/lowrank_epilogue_pdl_h200.md is what lowrank_time --report makes of the
+    committed --epilogues measurements of session 13, which add launch_pdl (the epilogue launch
+    with PDL alone, launchers.LOWRANK_UP_PDL)."""
+    lowrank_time = _lowrank_time_module()
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    files = [str(results / f"lowrank_epilogue_pdl_h200_s{s}.json") for s in ("0.4", "0.5")]
+    text = lowrank_time.report(files)
+    assert text == (results / "lowrank_epilogue_pdl_h200.md").read_text()
+    assert "| launch | launch_pdl | fused | fused_serial |" in text
 
 
 def test_lowrank_table_takes_each_shapes_layout(tmp_path):
