@@ -42,6 +42,23 @@ def test_committed_report_matches_committed_measurements(fixed_cost, tmp_path):
     assert out.read_text() == (RESULTS / "fixed_cost_h200.md").read_text()
 
 
+def test_target_budget_is_the_stricter_time_bound_less_the_bytes(fixed_cost):
+    """Issue 4's targets as a fixed-cost budget: at s = 0.5 both the 0.58x ratio and 80% of copy
+    bandwidth bound the time; at 0.9 only the 0.2x ratio does."""
+    # 40 MB selected at 4000 GB/s = 10 us; 0.58 x 20 us = 11.6 us beats 10 / 0.8 = 12.5 us
+    half = fixed_cost.target_budget(dense_us=20.0, nbytes=40e6, s=0.5, copy_gbs=4000.0, floor_us=2.0)
+    assert half["ratio_target_us"] == pytest.approx(11.6)
+    assert half["bandwidth_target_us"] == pytest.approx(12.5)
+    assert half["fixed_allowed_us"] == pytest.approx(1.6)
+    assert half["cublas_like_ratio"] == pytest.approx((2.0 + 0.5 * 18.0) / 20.0)
+    # a larger dense time: now the bandwidth bound is the stricter one
+    wide = fixed_cost.target_budget(dense_us=30.0, nbytes=40e6, s=0.5, copy_gbs=4000.0, floor_us=2.0)
+    assert wide["fixed_allowed_us"] == pytest.approx(2.5)
+    tenth = fixed_cost.target_budget(dense_us=20.0, nbytes=8e6, s=0.9, copy_gbs=4000.0, floor_us=2.0)
+    assert tenth["bandwidth_target_us"] is None
+    assert tenth["fixed_allowed_us"] == pytest.approx(0.2 * 20.0 - 2.0)
+
+
 def _band_rows(times, same_config=False):
     n, k = 4096, 4096
     rows = []

@@ -322,9 +322,66 @@ def write_report(out: str, fixed_path: str, chunks_path: str, *ab_paths: str) ->
         by.setdefault((r["shape"], chunk, -(-k // chunk), row_finish(r)), {})[r["sparsity"]] = r["sparse_us"]
     for (shape, chunk, along_k, finish), t in by.items():
         lines.append(f"| {shape} | {chunk} | {along_k} | {finish if along_k > 1 else '-'} | {t[0.5]:.1f} | {t[1.0]:.1f} |")
+    lines += target_budget_table(fixed)
     for ab_path in ab_paths:
         lines += finish_table(json.loads(Path(ab_path).read_text()), Path(ab_path).name)
     Path(out).write_text("\n".join(lines) + "\n")
+
+
+# issue 4's one-token targets: time <= this share of dense at each sparsity, and at s = 0.5 also
+# the bytes read at >= TARGET_SHARE_OF_COPY of the device copy bandwidth
+TARGET_RATIO = {0.5: 0.58, 0.9: 0.2}
+TARGET_SHARE_OF_COPY = 0.8
+BANDWIDTH_TARGET_SPARSITY = 0.5
+
+
+def target_budget(dense_us: float, nbytes: float, s: float, copy_gbs: float, floor_us: float) -> dict:
+    """What issue 4's targets leave for the fixed cost at sparsity s. Both targets bound the total
+    time: <= TARGET_RATIO[s] x dense, and (at s = 0.5) bytes / time >= TARGET_SHARE_OF_COPY x copy
+    bandwidth, i.e. time <= the bytes at that bandwidth. With time = fixed + bytes / bandwidth and the bytes
+    streaming at full copy speed (the best a kernel's marginal cost can be), the fixed cost may
+    be at most the stricter bound less the bytes at copy speed."""
+    ratio_us = TARGET_RATIO[s] * dense_us
+    bytes_us = nbytes / (copy_gbs * 1e9) * 1e6
+    bandwidth_us = bytes_us / TARGET_SHARE_OF_COPY if s == BANDWIDTH_TARGET_SPARSITY else None
+    return {
+        "ratio_target_us": ratio_us, "bandwidth_target_us": bandwidth_us,
+        "fixed_allowed_us": min(ratio_us, bandwidth_us or ratio_us) - bytes_us,
+        # a kernel with cuBLAS's floor reading the selected share of the bytes exactly as fast as
+        # cuBLAS reads them all (the dense time less its floor, scaled): what sparsity alone buys
+        "cublas_like_ratio": (floor_us + (1 - s) * (dense_us - floor_us)) / dense_us,
+    }
+
+
+def target_budget_table(fixed: dict) -> list[str]:
+    """Markdown lines: per shape and target sparsity, the band in force (launchers.pick_config's
+    choice), its measured time against both targets, and the fixed cost the targets leave."""
+    copy, floor = fixed["copy_bandwidth_gbs"], fixed["tiny_gemv_in_graph_us"]
+    empty = {(f["shape"], f["band"]): f["empty_us"] for f in fixed["fits"]}
+    lines = ["", "What issue 4's one-token targets leave for the fixed cost. Targets: time <= 0.58x dense and the "
+             f"bytes read at >= {TARGET_SHARE_OF_COPY:.0%} of copy bandwidth at s = 0.5 (time <= 'bytes at "
+             f"{TARGET_SHARE_OF_COPY:.0%}'), time <= 0.2x dense at 0.9; the band the launcher uses at that sparsity, default finish. "
+             "'fixed allowed' = the stricter time bound less the selected bytes at full copy bandwidth: the most "
+             "fixed cost (launch, selection, list, split-K finish) with which both targets can hold; one kernel's "
+             f"floor is {floor:.2f} us. 'empty' = this config's measured fixed cost (s = 1.0). 'cuBLAS-like' = a "
+             "kernel with cuBLAS's floor reading the selected bytes as fast as cuBLAS reads all of them.", "",
+             "| shape | s | band | dense us (% copy) | ratio target us | bytes at 80% us | measured us (x dense, % copy) | "
+             "fixed allowed us | empty us | cuBLAS-like x dense |", "|---|---|---|---|---|---|---|---|---|---|"]
+    default = default_finish()
+    dense_gbs = {f["shape"]: f["dense_gbs"] for f in fixed["fits"]}
+    for shape in dict.fromkeys(r["shape"] for r in fixed["rows"]):
+        n, k = next((r["n"], r["k"]) for r in fixed["rows"] if r["shape"] == shape)
+        for s in TARGET_RATIO:
+            band = "configs" if s < launchers.high_sparsity_from(n, k) else "configs_high"
+            row = next(r for r in fixed["rows"] if r["shape"] == shape and r["band"] == band
+                       and r["sparsity"] == s and row_finish(r) == default)
+            b = target_budget(row["dense_us"], row["bytes"], s, copy, floor)
+            lines.append(f"| {shape} | {s} | {band} | {row['dense_us']:.1f} ({100 * dense_gbs[shape] / copy:.0f}%) | "
+                         f"{b['ratio_target_us']:.1f} | "
+                         + (f"{b['bandwidth_target_us']:.1f}" if b["bandwidth_target_us"] else "-") + " | "
+                         f"{row['sparse_us']:.1f} ({row['ratio']:.2f}x, {100 * row['gbs'] / copy:.0f}%) | "
+                         f"{b['fixed_allowed_us']:.1f} | {empty[(shape, band)]:.1f} | {b['cublas_like_ratio']:.2f} |")
+    return lines
 
 
 def ab_variants(run: dict) -> list[tuple[str, str]]:
