@@ -723,7 +723,8 @@ def test_lowrank_epilogue_report_matches_committed_files():
     assert lowrank_time.report(files) == (results / "lowrank_epilogue_h200.md").read_text()
     assert launchers.LOWRANK_EPILOGUE == "launch"
     assert set(lowrank_time.EPILOGUE_VARIANTS) == {"launch", "launch_pdl", "fused", "fused_serial"}
-    # timed in session 13 (lowrank_epilogue_pdl_h200.*, e2e_h200_rsparse runs 8-9): off by default
+    # measured in session 13 (lowrank_epilogue_pdl_h200.*, e2e_h200_rsparse runs 8-11: no gain end to end
+    # with the engine order reversed in runs 10-11): stays off by default
     assert launchers.LOWRANK_UP_PDL is None and not launchers.lowrank_up_pdl_requested()
     assert lowrank_time.default_epilogue_variant() == "launch"
 

@@ -149,9 +149,9 @@ LOWRANK_OVERLAP: bool | None = None
 # "launch" with PDL on the epilogue launch alone (where the GPU has it): the main kernel's programs
 # let it start at once, so its launch latency (most of its 2.4-5 us) overlaps the main kernel,
 # and its programs wait for the main kernel only before their first load. Its programs can be
-# scheduled only once every main program has started, so they never delay one. Not yet timed
-# on a GPU (benchmarks/gpu/steps_h200_session13a.txt): off. None: RSPARSE_LOWRANK_UP_PDL (1 on,
-# 0 / unset off).
+# scheduled only once every main program has started, so they never delay one. Measured in
+# session 13 on the H200 with no end-to-end gain (benchmarks/results/e2e_h200_rsparse.md runs 8-11,
+# lowrank_epilogue_pdl_h200.md): off by default. None: RSPARSE_LOWRANK_UP_PDL (1 on, 0 / unset off).
 LOWRANK_UP_PDL_ENV = "RSPARSE_LOWRANK_UP_PDL"
 LOWRANK_UP_PDL: bool | None = None
 
