@@ -47,7 +47,14 @@ def test_interrupted_calibration_leaves_nothing_loadable_and_rerun_works(tiny_mo
     out = tmp_path / "ckpt"
     cmd = [sys.executable, "-m", "vllm_rsparse.calibration", str(tiny_model_dir), "-o", str(out),
            "--num-samples", "64", "--seq-len", "256"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The child gets Python's Ctrl-C handler whatever it inherits: a test run started in the
+    # background by a non-interactive shell has SIGINT ignored, and Python keeps an ignored SIGINT
+    # ignored, so the interrupt would be lost and the calibration would finish (a false failure).
+    interruptible = [sys.executable, "-c",
+                     "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                     "sys.argv = ['rsparse-calibrate', *sys.argv[1:]]; "
+                     "runpy.run_module('vllm_rsparse.calibration', run_name='__main__')", *cmd[3:]]
+    proc = subprocess.Popen(interruptible, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Wait until calibration is under way (its progress bar), then Ctrl-C it.
     deadline = time.time() + 180
     seen = ""
