@@ -383,6 +383,42 @@ def test_lowrank_tiles(rank, layout, epilogue, gen, monkeypatch):
             assert launchers._workspace_for(x.device).is_clean()
 
 
+@pytest.mark.parametrize("v_order", ["v_first", "v_last"])
+@pytest.mark.parametrize("layout", ["wide_chunks", "w_tiles"])
+@pytest.mark.parametrize("rank", [16, 300])
+def test_lowrank_claim_one_launch(rank, layout, v_order, gen, monkeypatch):
+    """R-Sparse at one token in one launch (launchers.LOWRANK_EPILOGUE = "claim"): the v_t items
+    first in block order (z usually complete before a w_t program needs it), or last (under the
+    interpreter the first w_t program finds z missing and computes every v_t item itself); one
+    and several v_t columns and programs along K, both split-K finishes, u^T rows as given and
+    prepared; each matches the reference, and the launch leaves its claim flags, arrival
+    counters and z_done at zero -- so a second call (a graph replay) works the same. Two tokens
+    take the epilogue launch."""
+    monkeypatch.setattr(launchers, "LOWRANK_LAYOUT", layout)
+    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", "claim")
+    monkeypatch.setattr(launchers, "LOWRANK_CLAIM_V_LAST", v_order == "v_last")
+    n, k = (48, 300) if not HAS_CUDA else (4096, 11008)
+    w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=rank, scale=True)
+    w_t = launchers.prepare_weight(w).t()
+    v_t = launchers.prepare_weight(v).t()
+    for finish in ("fixed", "counter"):
+        monkeypatch.setattr(launchers, "FIXED_POINT_SPLIT_ENABLED", finish == "fixed")
+        for split_k in (1, 3, k // launchers.MIN_CHUNK):
+            cfg = launchers.GemvConfig(rows=1, block_n=128 if HAS_CUDA else 16, block_k=8, split_k=split_k,
+                                       num_warps=4, num_stages=1, kernel="compact")
+            u_arg = u if split_k == 3 else launchers.prepare_weight(u)
+            for _ in range(2 if split_k == 3 else 1):
+                x = randn(1, k, gen=gen, dtype=torch.bfloat16)
+                thr = threshold_for(x, 0.55, s)
+                ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v)
+                check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u_arg, v_t, config=cfg), ref)
+                assert launchers._workspace_for(x.device).is_clean()
+    x2 = randn(2, k, gen=gen, dtype=torch.bfloat16)
+    thr2 = threshold_for(x2, 0.55, s)
+    check_close(launchers.sparse_gemv(x2, w_t, thr2.float(), None, b, s, u, v_t, config=cfg),
+                reference.sparse_linear(x2, w, b, threshold=thr2, channel_scale=s, lowrank_up=u, lowrank_down=v))
+
+
 def test_lowrank_layout_per_config(monkeypatch):
     """The v_t layout comes from the shape's committed config (GemvConfig.lowrank, default
     wide_chunks) unless LOWRANK_LAYOUT forces one; a layout name that does not exist is an error
@@ -485,13 +521,16 @@ def test_validation_errors(case, match, gen):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("epilogue", ["launch", "claim"])
 @pytest.mark.parametrize("pdl", [False, True], ids=["launch", "pdl"])
 @pytest.mark.parametrize("selection", ["threshold", "topk"])
 @pytest.mark.parametrize("tokens", [1, 4, 16], ids=lambda m: f"M{m}")
-def test_cuda_graph_replay(selection, tokens, pdl, gen, monkeypatch):
+def test_cuda_graph_replay(selection, tokens, pdl, epilogue, gen, monkeypatch):
     """Captured once, replayed on new inputs: right every time, counters left at zero
-    (also with programmatic dependent launch, where the GPU supports it)."""
+    (also with programmatic dependent launch, where the GPU supports it; and with R-Sparse's
+    one-launch claim epilogue, whose flags must be zero again for every replay)."""
     monkeypatch.setattr(launchers, "PDL_ENABLED", pdl)
+    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", epilogue)
     n, k = 4096, 4096
     dtype = torch.bfloat16
     w, b, s, u, v = make_layer(n, k, dtype, gen, rank=64, scale=True)
@@ -514,6 +553,56 @@ def test_cuda_graph_replay(selection, tokens, pdl, gen, monkeypatch):
         else:
             ref = reference.masked_linear(x_static, w, topk_mask_lowest_index(x_static, keep, s), b, u, v)
         check_close(out_static, ref)
+    assert launchers._workspace_for(x_static.device).is_clean()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("v_order", ["v_first", "v_last"])
+@pytest.mark.parametrize("config", ["committed", "deep"])
+def test_claim_chain_in_graph(config, v_order, gen, monkeypatch):
+    """R-Sparse's one-launch claim epilogue under real concurrency: a chain of layers (each one's
+    output the next one's input, R-Sparse and plain layers sharing the workspace) replayed in a
+    CUDA graph gives the chained reference and leaves the workspace clean. With the v_t items
+    last in block order the w_t programs that start first find z missing and claim the items
+    themselves (the path that must not deadlock); 'deep' also runs a split deep enough for the
+    counter finish, with more programs than the GPU holds at once."""
+    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", "claim")
+    monkeypatch.setattr(launchers, "LOWRANK_CLAIM_V_LAST", v_order == "v_last")
+    n, k = 4096, 11008
+    cfg = None if config == "committed" else launchers.GemvConfig(
+        rows=1, block_n=128, block_k=8, split_k=128, num_warps=4, num_stages=1, kernel="compact")
+    layers = [make_layer(n if i % 2 == 0 else k, k if i % 2 == 0 else n, torch.bfloat16, gen,
+                         rank=176 if i % 2 == 0 else 0, scale=i % 2 == 0) for i in range(4)]
+    prepared = [(launchers.prepare_weight(w), b, s, launchers.prepare_lowrank(u, v)[0] if u is not None else None,
+                 launchers.prepare_lowrank(u, v)[1] if u is not None else None) for w, b, s, u, v in layers]
+    x_static = randn(1, k, gen=gen, dtype=torch.bfloat16)
+    thresholds = [torch.tensor([0.6], device=DEVICE) for _ in layers]
+
+    def chain():
+        h, outs = x_static, []
+        for (w_p, b, s, u, v_p), thr in zip(prepared, thresholds):
+            if cfg is not None and u is not None:
+                h = launchers.sparse_gemv(h, w_p.t(), thr, None, b, s, u, v_p.t(), config=cfg)
+            else:
+                h = launchers.sparse_linear(h, w_p, b, thr, launchers.THRESHOLD_SELECTION, s, u, v_p,
+                                            use_crossover=False)
+            outs.append(h)
+        return outs
+
+    chain()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs_static = chain()
+    for _ in range(3):
+        x_static.copy_(randn(1, k, gen=gen, dtype=torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        h = x_static
+        for (w, b, s, u, v), thr, out in zip(layers, thresholds, outs_static):
+            check_close(out, reference.sparse_linear(h, w, b, threshold=thr, channel_scale=s, lowrank_up=u,
+                                                     lowrank_down=v))
+            h = out
     assert launchers._workspace_for(x_static.device).is_clean()
 
 
@@ -585,6 +674,25 @@ def test_pdl_switch(raw, expected, switch, monkeypatch):
     assert requested() is expected
     if not HAS_CUDA:
         assert not used(torch.device("cpu"))
+
+
+def test_lowrank_epilogue_switch(monkeypatch):
+    """RSPARSE_LOWRANK_EPILOGUE picks R-Sparse's u^T epilogue when launchers.LOWRANK_EPILOGUE is
+    None (unset: the default, launch); a name that is not an epilogue is an error naming it."""
+    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", None)
+    monkeypatch.delenv(launchers.LOWRANK_EPILOGUE_ENV, raising=False)
+    assert launchers.lowrank_epilogue() == launchers.LOWRANK_DEFAULT_EPILOGUE == "launch"
+    for raw, expected in (("claim", "claim"), (" Fused ", "fused"), ("", "launch")):
+        monkeypatch.setenv(launchers.LOWRANK_EPILOGUE_ENV, raw)
+        assert launchers.lowrank_epilogue() == expected
+    monkeypatch.setenv(launchers.LOWRANK_EPILOGUE_ENV, "sideways")
+    with pytest.raises(ValueError, match="RSPARSE_LOWRANK_EPILOGUE='sideways': expected one of launch, fused, claim"):
+        launchers.lowrank_epilogue()
+    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", "claim")  # the module setting wins
+    assert launchers.lowrank_epilogue() == "claim"
+    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", "sideways")
+    with pytest.raises(ValueError, match="LOWRANK_EPILOGUE must be one of"):
+        launchers.lowrank_epilogue()
 
 
 def test_crossover_interpolates_between_measured_sparsities():
@@ -721,8 +829,8 @@ def test_lowrank_epilogue_report_matches_committed_files():
     results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
     files = [str(results / f"lowrank_epilogue_h200_s{s}.json") for s in ("0.4", "0.5", "0.5_widez")]
     assert lowrank_time.report(files) == (results / "lowrank_epilogue_h200.md").read_text()
-    assert launchers.LOWRANK_EPILOGUE == "launch"
-    assert set(lowrank_time.EPILOGUE_VARIANTS) == {"launch", "launch_pdl", "fused", "fused_serial"}
+    assert launchers.LOWRANK_EPILOGUE is None and launchers.lowrank_epilogue() == "launch"
+    assert set(lowrank_time.EPILOGUE_VARIANTS) == {"launch", "launch_pdl", "fused", "fused_serial", "claim"}
     # measured in session 13 (lowrank_epilogue_pdl_h200.*, e2e_h200_rsparse runs 8-11: no gain end to end
     # with the engine order reversed in runs 10-11): stays off by default
     assert launchers.LOWRANK_UP_PDL is None and not launchers.lowrank_up_pdl_requested()

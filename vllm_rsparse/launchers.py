@@ -141,9 +141,23 @@ def use_pdl(device: torch.device) -> bool:
 # v_t programs are latency-bound (one 2-4-warp program per SM: about 6-19 us alone, "fused_serial"
 # minus the TEAL time), and the main launch waits for them; in one grid they ran beside the w_t
 # programs instead.
+#   "claim"   (session 13, not yet timed on a GPU) one launch at one token: the v_t and w_t programs
+#             in one grid, each w_t program adding its slice of z u^T before its split-K finish
+#             once z is complete. A w_t program that finds z incomplete computes every v_t item
+#             nobody has claimed yet itself, then waits, so the wait cannot deadlock whatever the
+#             block order (sparse_gemv_claim_kernel). More tokens take "launch".
 # The walk kernel (several rows per program) always uses "launch".
-LOWRANK_EPILOGUES = ("launch", "fused")
-LOWRANK_EPILOGUE = "launch"
+LOWRANK_EPILOGUES = ("launch", "fused", "claim")
+LOWRANK_DEFAULT_EPILOGUE = "launch"
+# None: RSPARSE_LOWRANK_EPILOGUE (one of LOWRANK_EPILOGUES; unset: the default) -- so that an
+# engine can be built with another epilogue (benchmarks/bench_e2e.py's per-config switches)
+LOWRANK_EPILOGUE_ENV = "RSPARSE_LOWRANK_EPILOGUE"
+LOWRANK_EPILOGUE: str | None = None
+# the epilogues whose w_t programs read u^T rows over their output tile ([r, N] storage)
+_UT_ROW_EPILOGUES = ("fused", "claim")
+# tests: the claim launch's v_t items last in block order instead of first, so that under the
+# interpreter (programs run in block order) the first w_t program finds z missing and claims them
+LOWRANK_CLAIM_V_LAST = False
 # None: overlap the z launch where the GPU has PDL (pdl_capable), whatever RSPARSE_PDL says.
 LOWRANK_OVERLAP: bool | None = None
 # "launch" with PDL on the epilogue launch alone (where the GPU has it): the main kernel's programs
@@ -157,10 +171,20 @@ LOWRANK_UP_PDL: bool | None = None
 
 
 def lowrank_epilogue() -> str:
-    """LOWRANK_EPILOGUE, checked (benchmarks and tests set it)."""
-    if LOWRANK_EPILOGUE not in LOWRANK_EPILOGUES:
-        raise ValueError(f"launchers.LOWRANK_EPILOGUE must be one of {LOWRANK_EPILOGUES}, got {LOWRANK_EPILOGUE!r}")
-    return LOWRANK_EPILOGUE
+    """LOWRANK_EPILOGUE (benchmarks and tests set it), or RSPARSE_LOWRANK_EPILOGUE when it is None
+    (unset: LOWRANK_DEFAULT_EPILOGUE); a name that is not an epilogue is an error that names it."""
+    if LOWRANK_EPILOGUE is not None:
+        if LOWRANK_EPILOGUE not in LOWRANK_EPILOGUES:
+            raise ValueError(f"launchers.LOWRANK_EPILOGUE must be one of {LOWRANK_EPILOGUES}, got {LOWRANK_EPILOGUE!r}")
+        return LOWRANK_EPILOGUE
+    raw = os.environ.get(LOWRANK_EPILOGUE_ENV, "").strip().lower()
+    if not raw:
+        return LOWRANK_DEFAULT_EPILOGUE
+    if raw not in LOWRANK_EPILOGUES:
+        from vllm_rsparse.config import RSparseConfigError
+
+        raise RSparseConfigError(f"{LOWRANK_EPILOGUE_ENV}={raw!r}: expected one of {', '.join(LOWRANK_EPILOGUES)}")
+    return raw
 
 
 def lowrank_overlap(device: torch.device) -> bool:
@@ -430,7 +454,8 @@ def prepare_lowrank(lowrank_up: torch.Tensor, lowrank_down: torch.Tensor, multip
         down = lowrank_down.new_zeros(padded, lowrank_down.shape[1])
         down[:r] = lowrank_down
         lowrank_up, lowrank_down = up, down
-    up = prepare_weight(lowrank_up) if (epilogue or lowrank_epilogue()) == "fused" else lowrank_up.contiguous()
+    up = (prepare_weight(lowrank_up) if (epilogue or lowrank_epilogue()) in _UT_ROW_EPILOGUES
+          else lowrank_up.contiguous())
     return up, prepare_weight(lowrank_down)
 
 
@@ -711,7 +736,8 @@ def sparse_gemv(
     # bias [N]  channel_scale [K]  lowrank_up [N, r] (any strides; prepare_lowrank: unit stride
     # along N)  v_t [K, r] (unit stride along r)  -> out [M, N] in x.dtype
     """
-    from vllm_rsparse.kernels.sparse_gemv import sparse_gemv_compact_kernel, sparse_gemv_kernel
+    from vllm_rsparse.kernels.sparse_gemv import (sparse_gemv_claim_kernel, sparse_gemv_compact_kernel,
+                                                  sparse_gemv_kernel)
 
     m, k = x.shape
     n = w_t.shape[1]
@@ -737,9 +763,10 @@ def sparse_gemv(
     launch_pdl = {"launch_pdl": True} if pdl else {}  # the keyword only where it is used
     evict = "evict_first" if WEIGHT_EVICT_FIRST or cfg.evict else ""
     fused_up = has_lowrank and compact and lowrank_epilogue() == "fused"
-    up_pdl = has_lowrank and compact and not fused_up and lowrank_up_pdl(x.device)
+    claim_up = has_lowrank and compact and m == 1 and lowrank_epilogue() == "claim"
+    up_pdl = has_lowrank and compact and not (fused_up or claim_up) and lowrank_up_pdl(x.device)
     if has_lowrank:
-        y32 = dummy if fused_up else torch.empty((m, n), dtype=torch.float32, device=x.device)
+        y32 = dummy if fused_up or claim_up else torch.empty((m, n), dtype=torch.float32, device=x.device)
         z = torch.empty((m, rank), dtype=torch.float32, device=x.device)
     else:
         y32 = z = dummy
@@ -751,7 +778,26 @@ def sparse_gemv(
     compact_shared = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
                           HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, AHEAD=LOAD_AHEAD_ENABLED,
                           EVICT=evict, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if fused_up:
+    if claim_up:
+        # one 1-D grid: the v_t items (column, K chunk) first, then the w_t programs; the claim
+        # flags, arrival counters and z_done lie past the split-K counters of both tile kinds
+        n_v_items = (tiles - tiles_w) * split_v
+        sync = ws.counters[tiles:]
+        if tiles + n_v_items + tiles + 2 > COUNTER_SLOTS:
+            raise ValueError(f"{n_v_items} v_t items exceed the {COUNTER_SLOTS} split-K counters")
+        up_rows_per_split = triton_cdiv(triton_cdiv(rank, split_k), cfg.block_k) * cfg.block_k
+        sparse_gemv_claim_kernel[(n_v_items + tiles_w * split_k,)](
+            x, w_t, v_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists,
+            ws.accumulator, ws.counters, ws.fixed, sync, out, z, lowrank_up,
+            *common, tiles_w, tiles - tiles_w, split_k, split_v, WORKSPACE_COLS, WORKSPACE_COLS, up_rows_per_split,
+            x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0), lowrank_up.stride(0), lowrank_up.stride(1),
+            out.stride(0), out.stride(1),
+            BLOCK_R=v_tile.block_r, BLOCK_KV=v_tile.block_kv, CHUNK_V=v_tile.chunk, SPLIT_V=split_v > 1,
+            HAS_BIAS=bias is not None, SPLIT=split_k > 1, FIXED=fixed, GDC_WAIT=pdl, GDC_TRIGGER=pdl,
+            V_LAST=LOWRANK_CLAIM_V_LAST, BLOCK_CLAIMS=_CLAIM_BLOCK, ATOMIC_FLAGS=interpreting(),
+            **compact_shared, **launch_pdl,
+        )
+    elif fused_up:
         overlap = lowrank_overlap(x.device)
         # z launch: the v_t programs alone. Its split-K counters lie past the main launch's, and
         # its workspace words at columns N.. (as in one grid): with overlap both run at once.
@@ -805,7 +851,7 @@ def sparse_gemv(
             AHEAD=LOAD_AHEAD_ENABLED, GDC=pdl, EVICT=evict,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
         )
-    if has_lowrank and not fused_up:
+    if has_lowrank and not (fused_up or claim_up):
         launch_lowrank_up(y32, z, lowrank_up, out, pdl or up_pdl)
     return out
 
@@ -827,6 +873,9 @@ def launch_lowrank_up(y32: torch.Tensor, z: torch.Tensor, lowrank_up: torch.Tens
         num_warps=4, **launch_pdl,
     )
 
+
+# the claim launch zeroes its claim flags this many at a time
+_CLAIM_BLOCK = 128
 
 # lowrank_up epilogue: reads u [N, r] densely; 64 outputs x 32 ranks per step keeps
 # >= 64-byte contiguous segments of u and enough programs for N >= 4096.

@@ -125,6 +125,7 @@ class RSparseConfig(QuantizationConfig):
         batch_invariant.enabled()
         launchers.pdl_requested()
         launchers.lowrank_up_pdl_requested()
+        launchers.lowrank_epilogue()
         if model_name and os.path.isdir(model_name):
             validate_checkpoint(model_name, hf_config=hf_config, qcfg=self.checkpoint_config)
 

@@ -54,9 +54,11 @@ _LAYOUT_VARIANT = {layout: name for name, (layout, max_kv) in TILE_VARIANTS.item
 
 # the u^T term's ways (launchers.LOWRANK_EPILOGUE, LOWRANK_OVERLAP, LOWRANK_UP_PDL): the epilogue
 # launch after one grid of v_t and w_t programs, plainly or with PDL; u^T rows in the w_t programs
-# after a z launch, overlapped with it by PDL, or after it
+# after a z launch, overlapped with it by PDL, or after it; u^T rows in the w_t programs of one
+# launch whose v_t items any program may claim (claim, session 13)
 EPILOGUE_VARIANTS = {"launch": ("launch", None, False), "launch_pdl": ("launch", None, True),
-                     "fused": ("fused", None, False), "fused_serial": ("fused", False, False)}
+                     "fused": ("fused", None, False), "fused_serial": ("fused", False, False),
+                     "claim": ("claim", None, False)}
 _EPILOGUE_KNOBS = ("LOWRANK_EPILOGUE", "LOWRANK_OVERLAP", "LOWRANK_UP_PDL")
 
 
@@ -233,7 +235,8 @@ def report_epilogues(results: list[dict]) -> str:
         "(`EPILOGUE_VARIANTS`: launch = the epilogue launch, launch_pdl = the same launched with PDL, fused = u^T "
         "rows in the w_t programs after a z launch overlapped with it by PDL, fused_serial = the same without "
         "overlap) timed alternately in one process, each the best of two rounds. Ratio to dense F.linear (us in "
-        "brackets).",
+        "brackets)." + (" claim = one launch: the u^T rows in the w_t programs, which compute any v_t item nobody "
+                        "has claimed when z is not complete (sparse_gemv_claim_kernel)." if "claim" in names else ""),
         ["level", "commit", "v_t layout", "shape", "rank", "input sparsity", "dense us", "teal", *names,
          "max diff vs launch"])
     for result in results:
@@ -335,7 +338,7 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump({"commit": os.environ.get("RSPARSE_COMMIT", "unknown"), "gpu": torch.cuda.get_device_name(),
                    "torch": torch.__version__, "sparsity": args.sparsity,
-                   "lowrank_epilogue": launchers.LOWRANK_EPILOGUE, "lowrank_layout_forced": launchers.LOWRANK_LAYOUT,
+                   "lowrank_epilogue": launchers.lowrank_epilogue(), "lowrank_layout_forced": launchers.LOWRANK_LAYOUT,
                    "share": args.share, "rows": rows}, f, indent=1)
 
 
