@@ -556,6 +556,27 @@ def test_cuda_graph_replay(selection, tokens, pdl, epilogue, gen, monkeypatch):
     assert launchers._workspace_for(x_static.device).is_clean()
 
 
+def _check_chain_replays(chain, x_static, layers, thresholds, gen, between=1.0):
+    """Capture `chain` (the outputs of a chain of layers fed from x_static) in a CUDA graph,
+    replay it on three new inputs, and check each layer against the reference on the input the
+    kernel chain gave it (the previous output times `between`); the workspace ends clean."""
+    chain()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs_static = chain()
+    for _ in range(3):
+        x_static.copy_(randn(*x_static.shape, gen=gen, dtype=x_static.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        h = x_static
+        for (w, b, s, u, v), thr, out in zip(layers, thresholds, outs_static):
+            check_close(out, reference.sparse_linear(h, w, b, threshold=thr, channel_scale=s, lowrank_up=u,
+                                                     lowrank_down=v))
+            h = out * between if between != 1.0 else out
+    assert launchers._workspace_for(x_static.device).is_clean()
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("v_order", ["v_first", "v_last"])
 @pytest.mark.parametrize("config", ["committed", "deep"])
@@ -589,21 +610,7 @@ def test_claim_chain_in_graph(config, v_order, gen, monkeypatch):
             outs.append(h)
         return outs
 
-    chain()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs_static = chain()
-    for _ in range(3):
-        x_static.copy_(randn(1, k, gen=gen, dtype=torch.bfloat16))
-        graph.replay()
-        torch.cuda.synchronize()
-        h = x_static
-        for (w, b, s, u, v), thr, out in zip(layers, thresholds, outs_static):
-            check_close(out, reference.sparse_linear(h, w, b, threshold=thr, channel_scale=s, lowrank_up=u,
-                                                     lowrank_down=v))
-            h = out
-    assert launchers._workspace_for(x_static.device).is_clean()
+    _check_chain_replays(chain, x_static, layers, thresholds, gen)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="programmatic dependent launch needs a GPU")
@@ -638,22 +645,7 @@ def test_pdl_chain_reads_the_previous_result(between, mode, gen, monkeypatch):
                 h = h * 0.5
         return outs
 
-    chain()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs_static = chain()
-    for _ in range(3):
-        x_static.copy_(randn(1, k, gen=gen, dtype=torch.bfloat16))
-        graph.replay()
-        torch.cuda.synchronize()
-        h = x_static
-        for (w, b, s, u, v), thr, out in zip(layers, thresholds, outs_static):
-            # each layer against the reference on the input the kernel chain gave it
-            check_close(out, reference.sparse_linear(h, w, b, threshold=thr, channel_scale=s, lowrank_up=u,
-                                                     lowrank_down=v))
-            h = out * 0.5 if between == "torch_op" else out
-    assert launchers._workspace_for(x_static.device).is_clean()
+    _check_chain_replays(chain, x_static, layers, thresholds, gen, 0.5 if between == "torch_op" else 1.0)
 
 
 @pytest.mark.parametrize("switch", ["pdl", "lowrank_up_pdl"])
