@@ -538,12 +538,8 @@ def test_cuda_graph_replay(selection, tokens, pdl, epilogue, gen, monkeypatch):
     keep = -1 if selection == "threshold" else k // 2
     x_static = randn(tokens, k, gen=gen, dtype=dtype)
     thr = threshold_for(x_static, 0.5, s)
-    run = lambda: launchers.sparse_linear(x_static, w_p, b, thr, keep, s, u, v_p, use_crossover=False)  # noqa: E731
-    run()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_static = run()
+    graph, out_static = _captured(
+        lambda: launchers.sparse_linear(x_static, w_p, b, thr, keep, s, u, v_p, use_crossover=False))
     for _ in range(3):
         x_static.copy_(randn(tokens, k, gen=gen, dtype=dtype))
         graph.replay()
@@ -556,15 +552,22 @@ def test_cuda_graph_replay(selection, tokens, pdl, epilogue, gen, monkeypatch):
     assert launchers._workspace_for(x_static.device).is_clean()
 
 
+def _captured(fn):
+    """(graph, fn's outputs) of fn captured in a CUDA graph, after one call outside the capture
+    (Triton compiles there, not during capture)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = fn()
+    return graph, outs
+
+
 def _check_chain_replays(chain, x_static, layers, thresholds, gen, between=1.0):
     """Capture `chain` (the outputs of a chain of layers fed from x_static) in a CUDA graph,
     replay it on three new inputs, and check each layer against the reference on the input the
     kernel chain gave it (the previous output times `between`); the workspace ends clean."""
-    chain()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs_static = chain()
+    graph, outs_static = _captured(chain)
     for _ in range(3):
         x_static.copy_(randn(*x_static.shape, gen=gen, dtype=x_static.dtype))
         graph.replay()
