@@ -281,11 +281,9 @@ def _finish(acc, is_v, i_n, i_g, col0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_
         # writes the result and zeroes the tile again for the next launch
         p_tile = p_acc + o_m[:, None] * ws_cols + col0 + o_n[None, :]
         tl.atomic_add(p_tile, acc, mask=m_out, sem="relaxed")
-        # every thread's atomics happen-before thread 0's release below
-        tl.debug_barrier()
+        # every thread's atomics happen-before thread 0's release in the arrival
         i_cnt = i_g * tl.num_programs(0) + i_n
-        n_arrived = tl.atomic_add(p_count + i_cnt, 1, sem="acq_rel", scope="gpu")
-        if n_arrived == n_split - 1:
+        if _arrive(p_count + i_cnt, n_split):
             # .cg: read through L2, where the other programs' atomics landed
             acc = tl.load(p_tile, mask=m_out, other=0.0, cache_modifier=".cg")
             # the zeroing store may use another thread layout than the load: no thread
@@ -583,9 +581,9 @@ def _lowrank_up_rows(p_zrow, p_u, r_lo, r_hi, o_n, m_n, s_un, s_ur, BLOCK_N: tl.
 
 @triton.jit
 def _arrive(p_counter, target):
-    # one arrival on a counter shared by several programs; true for the program whose arrival
-    # brings it to `target`. Every thread's earlier memory operations happen-before thread 0's
-    # release (block barrier first), as in the counter finish.
+    # one arrival on a counter shared by several programs (the counter finish's per-tile count, the
+    # claim launch's flags); true for the program whose arrival brings it to `target`. Every
+    # thread's earlier memory operations happen-before thread 0's release (block barrier first).
     tl.debug_barrier()
     n_before = tl.atomic_add(p_counter, 1, sem="acq_rel", scope="gpu")
     return n_before == target - 1

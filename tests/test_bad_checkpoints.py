@@ -105,13 +105,15 @@ def test_vllm_refuses_the_checkpoint_with_the_message(broken):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("name,value", [("RSPARSE_PDL", "maybe"), ("RSPARSE_BATCH_INVARIANT", "yes please"),
-                                        ("RSPARSE_LOWRANK_UP_PDL", "2"), ("RSPARSE_LOWRANK_EPILOGUE", "sideways")])
-def test_vllm_refuses_a_bad_switch_up_front(name, value, calibrated_dirs, monkeypatch):
+@pytest.mark.parametrize("name,value,expected", [
+    ("RSPARSE_PDL", "maybe", "expected 1"), ("RSPARSE_BATCH_INVARIANT", "yes please", "expected 1"),
+    ("RSPARSE_LOWRANK_UP_PDL", "2", "expected 1"),
+    ("RSPARSE_LOWRANK_EPILOGUE", "sideways", "expected one of launch, fused, claim")])
+def test_vllm_refuses_a_bad_switch_up_front(name, value, expected, calibrated_dirs, monkeypatch):
     """An environment switch with a value it does not take fails in the front end, before any
-    worker starts, with the variable and the value in the message."""
+    worker starts, with the variable, the value and what it takes in the message."""
     monkeypatch.setenv(name, value)
-    with pytest.raises(Exception, match=f"{name}='{value}': expected "):
+    with pytest.raises(Exception, match=f"{name}='{value}': {expected}"):
         with make_llm(calibrated_dirs[0.5]):
             pass
 

@@ -762,9 +762,12 @@ def sparse_gemv(
     pdl = use_pdl(x.device)
     launch_pdl = {"launch_pdl": True} if pdl else {}  # the keyword only where it is used
     evict = "evict_first" if WEIGHT_EVICT_FIRST or cfg.evict else ""
-    fused_up = has_lowrank and compact and lowrank_epilogue() == "fused"
-    claim_up = has_lowrank and compact and m == 1 and lowrank_epilogue() == "claim"
+    epilogue = lowrank_epilogue() if has_lowrank and compact else "launch"
+    fused_up = epilogue == "fused"
+    claim_up = epilogue == "claim" and m == 1
     up_pdl = has_lowrank and compact and not (fused_up or claim_up) and lowrank_up_pdl(x.device)
+    # the u^T rows each w_t program adds (fused and claim): its slice of the rank, whole list steps
+    up_rows_per_split = triton_cdiv(triton_cdiv(rank, split_k), cfg.block_k) * cfg.block_k
     if has_lowrank:
         y32 = dummy if fused_up or claim_up else torch.empty((m, n), dtype=torch.float32, device=x.device)
         z = torch.empty((m, rank), dtype=torch.float32, device=x.device)
@@ -785,7 +788,6 @@ def sparse_gemv(
         sync = ws.counters[tiles:]
         if tiles + n_v_items + tiles + 2 > COUNTER_SLOTS:
             raise ValueError(f"{n_v_items} v_t items exceed the {COUNTER_SLOTS} split-K counters")
-        up_rows_per_split = triton_cdiv(triton_cdiv(rank, split_k), cfg.block_k) * cfg.block_k
         sparse_gemv_claim_kernel[(n_v_items + tiles_w * split_k,)](
             x, w_t, v_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists,
             ws.accumulator, ws.counters, ws.fixed, sync, out, z, lowrank_up,
@@ -812,7 +814,6 @@ def sparse_gemv(
             **compact_shared, **launch_pdl,
         )
         # main launch: the w_t programs (the TEAL grid), each adding u^T rows of its rank slice
-        up_rows_per_split = triton_cdiv(triton_cdiv(rank, split_k), cfg.block_k) * cfg.block_k
         sparse_gemv_compact_kernel[(tiles_w, split_k, m)](
             x, w_t, w_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists,
             ws.accumulator, ws.counters, ws.fixed, out, y32, z, lowrank_up,
