@@ -94,6 +94,32 @@ def config_variant(n: int, k: int) -> str:
     return _LAYOUT_VARIANT[launchers.lowrank_layout(cfg)]
 
 
+def compiled_resources() -> list[dict]:
+    """Registers, spills and shared memory of every kernel of kernels.sparse_gemv compiled so far
+    in this process (one entry per specialization): the claim kernel's offline sm_90 build of
+    session 13 used calls and a stack, which a timing alone would not show."""
+    import triton
+
+    from vllm_rsparse.kernels import sparse_gemv
+
+    found = []
+    for name, fn in vars(sparse_gemv).items():
+        if not isinstance(fn, triton.runtime.JITFunction):
+            continue
+        for caches in getattr(fn, "device_caches", {}).values():
+            # (kernel_cache, kernel_key_cache, target, backend, binder) in Triton 3.x
+            kernel_cache = caches[0] if isinstance(caches, tuple) else caches
+            for compiled in list(kernel_cache.values()):
+                try:
+                    compiled._init_handles()
+                    found.append({"kernel": name, "num_warps": compiled.metadata.num_warps,
+                                  "n_regs": compiled.n_regs, "n_spills": compiled.n_spills,
+                                  "shared_bytes": compiled.metadata.shared})
+                except Exception as exc:  # a Triton whose internals differ: say so, keep the timings
+                    found.append({"kernel": name, "error": repr(exc)[:200]})
+    return found
+
+
 def graph_us(calls, reps: int = 4) -> float:
     """Per-call microseconds of `calls` (one per weight copy), `reps` rounds in one CUDA graph."""
     def rounds():
@@ -339,7 +365,7 @@ def main() -> None:
         json.dump({"commit": os.environ.get("RSPARSE_COMMIT", "unknown"), "gpu": torch.cuda.get_device_name(),
                    "torch": torch.__version__, "sparsity": args.sparsity,
                    "lowrank_epilogue": launchers.lowrank_epilogue(), "lowrank_layout_forced": launchers.LOWRANK_LAYOUT,
-                   "share": args.share, "rows": rows}, f, indent=1)
+                   "share": args.share, "rows": rows, "kernel_resources": compiled_resources()}, f, indent=1)
 
 
 if __name__ == "__main__":
