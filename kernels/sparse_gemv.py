@@ -590,17 +590,26 @@ def _arrive(p_counter, target):
 
 
 @triton.jit
-def _load_acquire(p_flag, ATOMIC: tl.constexpr):
-    # one i32 read with acquire semantics (what a program reads after it, here z, was written
-    # before the flag's release). On the GPU a plain ld.acquire, not an atomic: a whole wave of
-    # programs reads the same flag at about the same time, and same-address atomics would
-    # serialise at L2 (about a microsecond for 300-400 programs). The interpreter has no inline
-    # assembly: ATOMIC reads it with an atomic add of 0.
+def _load_acquire(p_flag, ATOMIC: tl.constexpr, LANES: tl.constexpr):
+    # one i32 flag read with acquire semantics (what a program reads after it, here z, was
+    # written before the flag's release), the SAME value in every thread of the program.
+    # On the GPU a plain ld.acquire, not an atomic: a whole wave of programs reads the same flag
+    # at about the same time, and same-address atomics would serialise at L2 (about a
+    # microsecond for 300-400 programs). But each thread's load may see another value while the
+    # flag moves, and a branch on it would split the program: threads that skip the claim loop
+    # miss its block barriers and the shared-memory broadcast of its scalar atomics (on the H200
+    # that was wrong sums, or a hang). So LANES = every thread of the program loads the flag and
+    # the minimum over them -- a block reduction, whose result all threads share -- is the
+    # value: complete only if every thread saw complete, i.e. every thread's own acquire
+    # orders its later z loads. The interpreter has no inline assembly: ATOMIC reads it with an
+    # atomic add of 0.
+    p_lanes = p_flag + tl.zeros([LANES], dtype=tl.int32)
     if ATOMIC:
-        return tl.atomic_add(p_flag, 0, sem="acquire", scope="gpu")
+        seen = tl.atomic_add(p_lanes, tl.zeros([LANES], dtype=tl.int32), sem="acquire", scope="gpu")
     else:
-        return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [p_flag], dtype=tl.int32,
+        seen = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [p_lanes], dtype=tl.int32,
                                          is_pure=False, pack=1)
+    return tl.min(seen, axis=0)
 
 
 @triton.jit
@@ -650,6 +659,7 @@ def sparse_gemv_claim_kernel(
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     FIXED: tl.constexpr, AHEAD: tl.constexpr, GDC_WAIT: tl.constexpr, GDC_TRIGGER: tl.constexpr,
     EVICT: tl.constexpr, V_LAST: tl.constexpr, BLOCK_CLAIMS: tl.constexpr, ATOMIC_FLAGS: tl.constexpr,
+    FLAG_LANES: tl.constexpr,
 ):
     # R-Sparse at one token in ONE launch (launchers.LOWRANK_EPILOGUE = "claim"): the compact
     # kernel's v_t and w_t programs in one 1-D grid, each w_t program adding z [its rank slice] @
@@ -700,7 +710,7 @@ def sparse_gemv_claim_kernel(
         k_hi = tl.minimum(k_lo + CHUNK, K)
         acc = _compact_tile(p_x, p_w, p_scale, p_list, 0, thr, jcut, k_lo, k_hi, i_n, N, s_xm, s_xk, s_wk,
                             BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD, EVICT)
-        z_ready = _load_acquire(p_zdone, ATOMIC_FLAGS)
+        z_ready = _load_acquire(p_zdone, ATOMIC_FLAGS, FLAG_LANES)
         if z_ready < n_tiles_v:
             for claim in range(0, n_v_items):
                 if tl.atomic_xchg(p_claim + claim, 1) == 0:
@@ -708,9 +718,9 @@ def sparse_gemv_claim_kernel(
                                     thr, jcut, M, N, K, R, n_tiles_w, n_split_v, ws_cols, list_cols, s_xm, s_xk,
                                     s_vk, BLOCK_R, BLOCK_KV, CHUNK_V, HAS_SCALE, PER_ROW, SPLIT_V, FIXED, AHEAD,
                                     EVICT)
-            z_ready = _load_acquire(p_zdone, ATOMIC_FLAGS)
+            z_ready = _load_acquire(p_zdone, ATOMIC_FLAGS, FLAG_LANES)
             while z_ready < n_tiles_v:
-                z_ready = _load_acquire(p_zdone, ATOMIC_FLAGS)
+                z_ready = _load_acquire(p_zdone, ATOMIC_FLAGS, FLAG_LANES)
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
         r_lo = i_k * up_rows_per_split
         r_hi = tl.minimum(r_lo + up_rows_per_split, R)

@@ -797,6 +797,7 @@ def sparse_gemv(
             BLOCK_R=v_tile.block_r, BLOCK_KV=v_tile.block_kv, CHUNK_V=v_tile.chunk, SPLIT_V=split_v > 1,
             HAS_BIAS=bias is not None, SPLIT=split_k > 1, FIXED=fixed, GDC_WAIT=pdl, GDC_TRIGGER=pdl,
             V_LAST=LOWRANK_CLAIM_V_LAST, BLOCK_CLAIMS=_CLAIM_BLOCK, ATOMIC_FLAGS=interpreting(),
+            FLAG_LANES=32 * cfg.num_warps,
             **compact_shared, **launch_pdl,
         )
     elif fused_up:
