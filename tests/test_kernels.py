@@ -844,6 +844,23 @@ def test_lowrank_epilogue_pdl_report_matches_committed_files():
     assert "| launch | launch_pdl | fused | fused_serial |" in text
 
 
+def test_lowrank_epilogue_claim_report_matches_committed_files():
+    """benchmarks/results/lowrank_epilogue_claim_h200.md is what lowrank_time --report makes of the
+    session-14 --epilogues measurement, which adds claim (R-Sparse in one launch) and the compiled
+    kernels' registers and spills. Claim was slower than the epilogue launch on every shape (and
+    end to end, e2e_h200_rsparse runs 12-13), so the launcher's default stays launch."""
+    lowrank_time = _lowrank_time_module()
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    path = results / "lowrank_epilogue_claim_h200_s0.5.json"
+    text = lowrank_time.report([str(path)])
+    assert text == (results / "lowrank_epilogue_claim_h200.md").read_text()
+    assert "| launch | launch_pdl | fused | fused_serial | claim |" in text
+    assert "| sparse_gemv_claim_kernel | 4 |" in text
+    rows = json.load(open(path))["rows"]
+    assert len(rows) == 7 and all(row["epilogues_us"]["claim"] > row["epilogues_us"]["launch"] for row in rows)
+    assert launchers.lowrank_epilogue() == "launch"
+
+
 def test_lowrank_table_takes_each_shapes_layout(tmp_path):
     """lowrank_time --merge --variant config: each shape's ratio comes from the v_t layout its
     committed config runs (Llama-3 gate_up pins w_tiles, o_proj has the default wide_chunks)."""

@@ -141,11 +141,13 @@ def use_pdl(device: torch.device) -> bool:
 # v_t programs are latency-bound (one 2-4-warp program per SM: about 6-19 us alone, "fused_serial"
 # minus the TEAL time), and the main launch waits for them; in one grid they ran beside the w_t
 # programs instead.
-#   "claim"   (session 13, not yet timed on a GPU) one launch at one token: the v_t and w_t programs
-#             in one grid, each w_t program adding its slice of z u^T before its split-K finish
-#             once z is complete. A w_t program that finds z incomplete computes every v_t item
-#             nobody has claimed yet itself, then waits, so the wait cannot deadlock whatever the
-#             block order (sparse_gemv_claim_kernel). More tokens take "launch".
+#   "claim"   (session 13) one launch at one token: the v_t and w_t programs in one grid, each
+#             w_t program adding its slice of z u^T before its split-K finish once z is complete.
+#             A w_t program that finds z incomplete computes every v_t item nobody has claimed
+#             yet itself, then waits, so the wait cannot deadlock whatever the block order
+#             (sparse_gemv_claim_kernel). More tokens take "launch". Measured slower in
+#             session 14 (lowrank_epilogue_claim_h200.md): 7-32 us more per module, because every
+#             w_t program waits for the slowest v_t item; R-Sparse 0.5 end to end 0.91x / 0.83x.
 # The walk kernel (several rows per program) always uses "launch".
 LOWRANK_EPILOGUES = ("launch", "fused", "claim")
 LOWRANK_DEFAULT_EPILOGUE = "launch"

@@ -275,7 +275,27 @@ def report_epilogues(results: list[dict]) -> str:
                          f"{row['rank']} | "
                          f"{row['input_sparsity']:.3f} | {dense:.1f} | {row['teal_us'] / dense:.2f} | "
                          + " | ".join(cells) + f" | {diff:.3g} |")
+    for result in results:
+        if result.get("kernel_resources"):
+            lines += ["", *resources_table(result)]
     return "\n".join(lines) + "\n"
+
+
+def resources_table(result: dict) -> list[str]:
+    """Markdown lines: the registers and spills of the kernels a file's run compiled, grouped
+    by kernel and warps (compiled_resources; a specialization is not tied to one shape)."""
+    groups = {}
+    for entry in result["kernel_resources"]:
+        if "error" not in entry:
+            groups.setdefault((entry["kernel"], entry["num_warps"]), []).append(entry)
+    lines = [f"Kernels compiled by the s = {result['sparsity']} run (`kernel_resources`), per kernel and warps: "
+             "specializations, registers per thread, spilled registers (min-max).", "",
+             "| kernel | warps | specializations | registers | spills |", "|---|---|---|---|---|"]
+    for (kernel, warps), entries in sorted(groups.items()):
+        regs = sorted(e["n_regs"] for e in entries)
+        spills = sorted(e["n_spills"] for e in entries)
+        lines.append(f"| {kernel} | {warps} | {len(entries)} | {regs[0]}-{regs[-1]} | {spills[0]}-{spills[-1]} |")
+    return lines
 
 
 def main() -> None:
