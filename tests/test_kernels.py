@@ -419,6 +419,28 @@ def test_lowrank_claim_one_launch(rank, layout, v_order, gen, monkeypatch):
                 reference.sparse_linear(x2, w, b, threshold=thr2, channel_scale=s, lowrank_up=u, lowrank_down=v))
 
 
+def test_claim_kernel_builds_for_sm90_offline():
+    """The one-launch kernel's GPU-only path (the inline-PTX z_done reads, which the interpreter
+    replaces by atomics) compiles for sm_90 on this CPU machine with the local Triton: no function
+    calls left in the PTX (session 13's build had calls and a 2.5 KB stack), the flag read an
+    ld.acquire, and no stack where the tile fits in 255 registers (4 and 8 warps; 2 warps spill, as
+    the compact kernel's does on the GPU: benchmarks/results/lowrank_epilogue_claim_h200.md)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "offline_build.py"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    builds = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(builds) == 6
+    for build in builds:
+        assert build["calls"] == 0 and build["acquire_loads"] >= 1, build
+        if build["num_warps"] >= 4:
+            assert build["stack_bytes"] == 0 and build["local_bytes"] == 0, build
+
+
 def test_lowrank_layout_per_config(monkeypatch):
     """The v_t layout comes from the shape's committed config (GemvConfig.lowrank, default
     wide_chunks) unless LOWRANK_LAYOUT forces one; a layout name that does not exist is an error

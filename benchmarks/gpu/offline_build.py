@@ -1,0 +1,88 @@
+"""Build the one-launch R-Sparse kernel (sparse_gemv_claim_kernel) for sm_90 WITHOUT a GPU and
+report what the machine code looks like: registers, stack and local memory per thread (the
+bundled cuobjdump), calls left in the PTX, and the flag reads (ld.acquire).
+
+Why: its GPU-only path (ATOMIC_FLAGS = False: the inline-PTX ld.acquire of z_done) never runs
+under the interpreter, and session 13's offline build of it had function calls and a 2.5 KB
+stack. CI builds it here (tests/test_kernels.py) so that a change that breaks the GPU build, or
+brings calls and a stack back, fails on a CPU machine. Local Triton (3.9 in CI) is not the GPU
+machine's (3.6): registers differ between them; compiling, calls and stack are what is checked.
+
+    python benchmarks/gpu/offline_build.py          # one line per build
+    python benchmarks/gpu/offline_build.py --json   # the same as JSON
+Run it without TRITON_INTERPRET (the interpreter's kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+# the claim kernel's pointer arguments and their element types (launchers.sparse_gemv, bf16
+# activations and weights); every other non-constexpr argument is an i32
+CLAIM_POINTERS = {"p_x": "*bf16", "p_w": "*bf16", "p_v": "*bf16", "p_scale": "*bf16", "p_thr": "*fp32",
+                  "p_jcut": "*fp32", "p_bias": "*bf16", "p_list": "*i32", "p_acc": "*fp32", "p_count": "*i32",
+                  "p_fx": "*i64", "p_sync": "*i32", "p_out": "*bf16", "p_z": "*fp32", "p_u": "*bf16"}
+
+# the committed one-token tiles the claim launch runs with (block_n, block_k, warps): Llama-2/3
+# qkv and gate_up (512 x 16, 4 warps), o_proj (2048 x 4, 8 warps), Llama-3 down (512 x 16, 2 warps),
+# each with both split-K finishes
+BUILDS = [dict(num_warps=w, BLOCK_N=bn, BLOCK_K=bk, FIXED=fixed)
+          for bn, bk, w in [(512, 16, 4), (2048, 4, 8), (512, 16, 2)] for fixed in (True, False)]
+
+
+def claim_constexprs(num_warps: int, **over) -> dict:
+    """The claim kernel's constexpr arguments as the launcher passes them on a GPU (one token)."""
+    values = dict(BLOCK_N=512, BLOCK_K=16, CHUNK=256, BLOCK_R=256, BLOCK_KV=16, CHUNK_V=1024, SPLIT_V=True,
+                  HAS_SCALE=True, PER_ROW=False, HAS_BIAS=False, SPLIT=True, FIXED=True, AHEAD=True,
+                  GDC_WAIT=True, GDC_TRIGGER=True, EVICT="evict_first", V_LAST=False, BLOCK_CLAIMS=128,
+                  ATOMIC_FLAGS=False, FLAG_LANES=32 * num_warps)
+    values.update(over)
+    return values
+
+
+def build_sm90(num_warps: int, **over) -> dict:
+    """Compile the claim kernel for sm_90 and describe the result."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vllm_rsparse.kernels.sparse_gemv import sparse_gemv_claim_kernel as kernel
+
+    if not isinstance(kernel, triton.runtime.JITFunction):
+        raise SystemExit("offline_build.py: TRITON_INTERPRET is set; the interpreter's kernels cannot be compiled")
+    constexprs = claim_constexprs(num_warps, **over)
+    signature = {name: "constexpr" if name in constexprs else CLAIM_POINTERS.get(name, "i32")
+                 for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": 1})
+    ptx = compiled.asm["ptx"]
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
+    return {"num_warps": num_warps, **over, "registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
+            "local_bytes": int(fields["LOCAL"]), "calls": ptx.count("call.uni"),
+            "acquire_loads": ptx.count("ld.acquire.gpu"), "triton": triton.__version__}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    builds = [build_sm90(**b) for b in BUILDS]
+    if args.json:
+        print(json.dumps(builds))
+    else:
+        for b in builds:
+            print(b)
+
+
+if __name__ == "__main__":
+    main()
