@@ -597,8 +597,8 @@ def _load_acquire(p_flag, ATOMIC: tl.constexpr, LANES: tl.constexpr):
     # at about the same time, and same-address atomics would serialise at L2 (about a
     # microsecond for 300-400 programs). But each thread's load may see another value while the
     # flag moves, and a branch on it would split the program: threads that skip the claim loop
-    # miss its block barriers and the shared-memory broadcast of its scalar atomics (on the H200
-    # that was wrong sums, or a hang). So LANES = every thread of the program loads the flag and
+    # miss its block barriers and the shared-memory broadcast of its scalar atomics (on the H200:
+    # failed tests, and a hang). So LANES = every thread of the program loads the flag and
     # the minimum over them -- a block reduction, whose result all threads share -- is the
     # value: complete only if every thread saw complete, i.e. every thread's own acquire
     # orders its later z loads. The interpreter has no inline assembly: ATOMIC reads it with an
