@@ -718,7 +718,6 @@ def sparse_gemv_claim_kernel(
                                     thr, jcut, M, N, K, R, n_tiles_w, n_split_v, ws_cols, list_cols, s_xm, s_xk,
                                     s_vk, BLOCK_R, BLOCK_KV, CHUNK_V, HAS_SCALE, PER_ROW, SPLIT_V, FIXED, AHEAD,
                                     EVICT)
-            z_ready = _load_acquire(p_zdone, ATOMIC_FLAGS, FLAG_LANES)
             while z_ready < n_tiles_v:
                 z_ready = _load_acquire(p_zdone, ATOMIC_FLAGS, FLAG_LANES)
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -31,6 +31,8 @@ triton = pytest.importorskip("triton")
 from vllm_rsparse import launchers, reference  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+RESULTS = BENCHMARKS / "results"  # committed measurements the report tests rebuild
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # One table per dtype. Kernel and reference both accumulate in f32 and round once to
@@ -428,7 +430,7 @@ def test_claim_kernel_builds_for_sm90_offline():
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "offline_build.py"
+    script = BENCHMARKS / "gpu" / "offline_build.py"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True, env=env,
                           timeout=600)
@@ -619,8 +621,8 @@ def test_claim_chain_in_graph(config, v_order, gen, monkeypatch):
         rows=1, block_n=128, block_k=8, split_k=128, num_warps=4, num_stages=1, kernel="compact")
     layers = [make_layer(n if i % 2 == 0 else k, k if i % 2 == 0 else n, torch.bfloat16, gen,
                          rank=176 if i % 2 == 0 else 0, scale=i % 2 == 0) for i in range(4)]
-    prepared = [(launchers.prepare_weight(w), b, s, launchers.prepare_lowrank(u, v)[0] if u is not None else None,
-                 launchers.prepare_lowrank(u, v)[1] if u is not None else None) for w, b, s, u, v in layers]
+    prepared = [(launchers.prepare_weight(w), b, s,
+                 *(launchers.prepare_lowrank(u, v) if u is not None else (None, None))) for w, b, s, u, v in layers]
     x_static = randn(1, k, gen=gen, dtype=torch.bfloat16)
     thresholds = [torch.tensor([0.6], device=DEVICE) for _ in layers]
 
@@ -790,7 +792,7 @@ def test_lowrank_ratios_transferred_to_another_gpu():
 def _lowrank_time_module():
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "lowrank_time.py"
+    path = BENCHMARKS / "gpu" / "lowrank_time.py"
     spec = importlib.util.spec_from_file_location("lowrank_time", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -827,9 +829,8 @@ def test_lowrank_report_matches_committed_files():
     """benchmarks/results/lowrank_h200.md is what lowrank_time --report makes of the committed
     measurements, and the committed low-rank table is their merge by each shape's layout."""
     lowrank_time = _lowrank_time_module()
-    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
-    files = [str(results / f"lowrank_h200_s{s}.json") for s in ("0.4", "0.5")]
-    assert lowrank_time.report(files) == (results / "lowrank_h200.md").read_text()
+    files = [str(RESULTS / f"lowrank_h200_s{s}.json") for s in ("0.4", "0.5")]
+    assert lowrank_time.report(files) == (RESULTS / "lowrank_h200.md").read_text()
     table = {}
     for path in files:
         for row in json.load(open(path))["rows"]:
@@ -843,9 +844,8 @@ def test_lowrank_epilogue_report_matches_committed_files():
     committed --epilogues measurements (session 12: the u^T term's ways), and the launcher's
     default way is the one those files measured faster end to end (launch)."""
     lowrank_time = _lowrank_time_module()
-    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
-    files = [str(results / f"lowrank_epilogue_h200_s{s}.json") for s in ("0.4", "0.5", "0.5_widez")]
-    assert lowrank_time.report(files) == (results / "lowrank_epilogue_h200.md").read_text()
+    files = [str(RESULTS / f"lowrank_epilogue_h200_s{s}.json") for s in ("0.4", "0.5", "0.5_widez")]
+    assert lowrank_time.report(files) == (RESULTS / "lowrank_epilogue_h200.md").read_text()
     assert launchers.LOWRANK_EPILOGUE is None and launchers.lowrank_epilogue() == "launch"
     assert set(lowrank_time.EPILOGUE_VARIANTS) == {"launch", "launch_pdl", "fused", "fused_serial", "claim"}
     # measured in session 13 (lowrank_epilogue_pdl_h200.*, e2e_h200_rsparse runs 8-11: no gain end to end
@@ -859,10 +859,9 @@ def test_lowrank_epilogue_pdl_report_matches_committed_files():
     committed --epilogues measurements of session 13, which add launch_pdl (the epilogue launch
     with PDL alone, launchers.LOWRANK_UP_PDL)."""
     lowrank_time = _lowrank_time_module()
-    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
-    files = [str(results / f"lowrank_epilogue_pdl_h200_s{s}.json") for s in ("0.4", "0.5")]
+    files = [str(RESULTS / f"lowrank_epilogue_pdl_h200_s{s}.json") for s in ("0.4", "0.5")]
     text = lowrank_time.report(files)
-    assert text == (results / "lowrank_epilogue_pdl_h200.md").read_text()
+    assert text == (RESULTS / "lowrank_epilogue_pdl_h200.md").read_text()
     assert "| launch | launch_pdl | fused | fused_serial |" in text
 
 
@@ -872,10 +871,9 @@ def test_lowrank_epilogue_claim_report_matches_committed_files():
     kernels' registers and spills. Claim was slower than the epilogue launch on every shape (and
     end to end, e2e_h200_rsparse runs 12-13), so the launcher's default stays launch."""
     lowrank_time = _lowrank_time_module()
-    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
-    path = results / "lowrank_epilogue_claim_h200_s0.5.json"
+    path = RESULTS / "lowrank_epilogue_claim_h200_s0.5.json"
     text = lowrank_time.report([str(path)])
-    assert text == (results / "lowrank_epilogue_claim_h200.md").read_text()
+    assert text == (RESULTS / "lowrank_epilogue_claim_h200.md").read_text()
     assert "| launch | launch_pdl | fused | fused_serial | claim |" in text
     assert "| sparse_gemv_claim_kernel | 4 |" in text
     rows = json.load(open(path))["rows"]

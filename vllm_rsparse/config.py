@@ -220,6 +220,18 @@ def env_switch(name: str) -> bool:
     raise RSparseConfigError(f"{name}={raw!r}: expected 1 (on) or 0 (off)")
 
 
+def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    """An environment variable naming one of `choices` (case and surrounding blanks ignored);
+    unset or "" -> default; anything else is an error that names the variable, the value and
+    the choices."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise RSparseConfigError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
+    return raw
+
+
 def max_sparse_tokens_overridden() -> bool:
     """Whether RSPARSE_MAX_SPARSE_TOKENS sets the limit (an explicit user decision)."""
     return bool(os.environ.get(MAX_SPARSE_TOKENS_ENV, "").strip())

@@ -179,14 +179,9 @@ def lowrank_epilogue() -> str:
         if LOWRANK_EPILOGUE not in LOWRANK_EPILOGUES:
             raise ValueError(f"launchers.LOWRANK_EPILOGUE must be one of {LOWRANK_EPILOGUES}, got {LOWRANK_EPILOGUE!r}")
         return LOWRANK_EPILOGUE
-    raw = os.environ.get(LOWRANK_EPILOGUE_ENV, "").strip().lower()
-    if not raw:
-        return LOWRANK_DEFAULT_EPILOGUE
-    if raw not in LOWRANK_EPILOGUES:
-        from vllm_rsparse.config import RSparseConfigError
+    from vllm_rsparse.config import env_choice
 
-        raise RSparseConfigError(f"{LOWRANK_EPILOGUE_ENV}={raw!r}: expected one of {', '.join(LOWRANK_EPILOGUES)}")
-    return raw
+    return env_choice(LOWRANK_EPILOGUE_ENV, LOWRANK_EPILOGUES, LOWRANK_DEFAULT_EPILOGUE)
 
 
 def lowrank_overlap(device: torch.device) -> bool:
