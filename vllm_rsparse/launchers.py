@@ -794,7 +794,7 @@ def sparse_gemv(
             BLOCK_R=v_tile.block_r, BLOCK_KV=v_tile.block_kv, CHUNK_V=v_tile.chunk, SPLIT_V=split_v > 1,
             HAS_BIAS=bias is not None, SPLIT=split_k > 1, FIXED=fixed, GDC_WAIT=pdl, GDC_TRIGGER=pdl,
             V_LAST=LOWRANK_CLAIM_V_LAST, BLOCK_CLAIMS=_CLAIM_BLOCK, ATOMIC_FLAGS=interpreting(),
-            FLAG_LANES=32 * cfg.num_warps,
+            FLAG_LANES=claim_flag_lanes(cfg.num_warps),
             **compact_shared, **launch_pdl,
         )
     elif fused_up:
@@ -875,6 +875,12 @@ def launch_lowrank_up(y32: torch.Tensor, z: torch.Tensor, lowrank_up: torch.Tens
 
 # the claim launch zeroes its claim flags this many at a time
 _CLAIM_BLOCK = 128
+
+
+def claim_flag_lanes(num_warps: int) -> int:
+    """FLAG_LANES of the claim kernel: every thread of a program reads z_done and the program
+    takes the minimum (kernels.sparse_gemv._load_acquire), so one lane per thread."""
+    return 32 * num_warps
 
 # lowrank_up epilogue: reads u [N, r] densely; 64 outputs x 32 ranks per step keeps
 # >= 64-byte contiguous segments of u and enough programs for N >= 4096.

@@ -39,10 +39,13 @@ BUILDS = [dict(num_warps=w, BLOCK_N=bn, BLOCK_K=bk, FIXED=fixed)
 
 def claim_constexprs(num_warps: int, **over) -> dict:
     """The claim kernel's constexpr arguments as the launcher passes them on a GPU (one token)."""
+    from vllm_rsparse import launchers
+
     values = dict(BLOCK_N=512, BLOCK_K=16, CHUNK=256, BLOCK_R=256, BLOCK_KV=16, CHUNK_V=1024, SPLIT_V=True,
                   HAS_SCALE=True, PER_ROW=False, HAS_BIAS=False, SPLIT=True, FIXED=True, AHEAD=True,
-                  GDC_WAIT=True, GDC_TRIGGER=True, EVICT="evict_first", V_LAST=False, BLOCK_CLAIMS=128,
-                  ATOMIC_FLAGS=False, FLAG_LANES=32 * num_warps)
+                  GDC_WAIT=True, GDC_TRIGGER=True, EVICT="evict_first", V_LAST=False,
+                  BLOCK_CLAIMS=launchers._CLAIM_BLOCK, ATOMIC_FLAGS=False,
+                  FLAG_LANES=launchers.claim_flag_lanes(num_warps))
     values.update(over)
     return values
 
