@@ -481,17 +481,66 @@ def test_compact_wide_block(block_n, warps, gen):
     check_close(out, reference.sparse_linear(x, w, b, threshold=thr))
 
 
-@pytest.mark.xfail(HAS_CUDA, strict=False,
-                   reason="union (tl.dot) program without low-rank: wrong results on the H100 in a share "
-                          "of runs (docs/kernels.md); disabled in launchers (UNION_ROWS_ENABLED)")
-def test_union_without_lowrank(gen):
-    n, k, m = (200, 300, 6) if not HAS_CUDA else (4096, 11008, 16)
-    w, b, _, _, _ = make_layer(n, k, torch.bfloat16, gen)
+# union programs (ROWS = 16, tl.dot): the tiles benchmarks/gpu/union_rows.py sweeps, at their
+# extremes -- (block_n, block_k, num_warps, num_stages, K steps per program); 1000 steps = no split
+UNION_TILES = [(64, 32, 4, 2, 1), (128, 64, 4, 3, 4), (256, 64, 8, 2, 2), (64, 128, 4, 4, 8), (128, 128, 8, 2, 1000)]
+UNION_SHAPES = [(4096, 11008), (14336, 4096), (1000, 4096)] if HAS_CUDA else [(200, 300)]
+UNION_TOKENS = [2, 7, 16] if HAS_CUDA else [3]
+
+
+@pytest.mark.parametrize("finish", ["fixed", "counter"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9], ids=lambda s: f"s{s}")
+@pytest.mark.parametrize("tokens", UNION_TOKENS, ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("tile", UNION_TILES, ids=lambda t: "bn{}-bk{}-w{}-st{}-steps{}".format(*t))
+@pytest.mark.parametrize("shape", UNION_SHAPES, ids=shape_id)
+def test_union_configs(shape, tile, tokens, sparsity, finish, gen, monkeypatch):
+    """The union program (every row in one program, a weight row read once if any row selected
+    it) over the tiles the union sweep can commit: each row gets only its own channels, twice in a
+    row on the same inputs (the fixed-point finish bit-identically), the workspace left zeroed.
+    Its H100 failures (session 2) were intermittent, so the GPU runs repeat it (steps files)."""
+    monkeypatch.setattr(launchers, "FIXED_POINT_SPLIT_ENABLED", finish == "fixed")
+    block_n, block_k, warps, stages, steps = tile
+    n, k = shape
+    if steps == 1000 and finish == "counter":
+        pytest.skip("one program along K has no split-K finish")
+    dtype = torch.bfloat16 if tokens % 2 == 0 else torch.float16
+    w, b, _, _, _ = make_layer(n, k, dtype, gen, bias=tokens % 3 == 1)
+    x = randn(tokens, k, gen=gen, dtype=dtype)
+    thr = threshold_for(x, sparsity, None)
+    split_k = launchers.triton_cdiv(k, block_k * steps)
+    cfg = launchers.GemvConfig(rows=launchers.MAX_ROWS, block_n=block_n, block_k=block_k, split_k=split_k,
+                               num_warps=warps, num_stages=stages)
+    w_t = launchers.prepare_weight(w).t()
+    first = launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, cfg)
+    again = launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, cfg)
+    check_close(first, reference.sparse_linear(x, w, b, threshold=thr))
+    check_close(again, reference.sparse_linear(x, w, b, threshold=thr))
+    if finish == "fixed" or split_k == 1:
+        assert torch.equal(first, again), "fixed-point split-K sums differ between two runs"
+    assert launchers._workspace_for(x.device).is_clean(), "split-K workspace left dirty"
+
+
+def _committed_union_configs() -> list[tuple[str, str, str]]:
+    table = launchers._load_json(launchers._CONFIG_FILE)
+    return [(band, key, tokens) for band in ("configs", "configs_high") for key, per in table.get(band, {}).items()
+            for tokens, cfg in per.items() if cfg["rows"] > 1]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="model-shape configs: GPU only")
+@pytest.mark.parametrize("band,key,tokens", _committed_union_configs() or [pytest.param("", "", "", marks=pytest.mark.skip(
+    reason="no union config committed"))])
+def test_committed_union_configs(band, key, tokens, gen):
+    """Every union config of the committed table, on its own shape and token count, at the sparsity
+    its band was ranked at (launchers.pick_config runs exactly these)."""
+    n, k = (int(part[1:]) for part in key.split("_"))
+    m = int(tokens)
+    cfg = launchers.GemvConfig.from_dict(launchers._load_json(launchers._CONFIG_FILE)[band][key][tokens])
+    w, b, _, _, _ = make_layer(n, k, torch.bfloat16, gen, bias=False)
     x = randn(m, k, gen=gen, dtype=torch.bfloat16)
-    thr = threshold_for(x, 0.5, None)
-    cfg = launchers.GemvConfig(rows=16, block_n=128, block_k=64, split_k=8, num_warps=4, num_stages=2)
-    out = launchers.sparse_gemv(x, launchers.prepare_weight(w).t(), thr.float(), None, b, None, None, None, cfg)
-    check_close(out, reference.sparse_linear(x, w, b, threshold=thr))
+    thr = threshold_for(x, 0.9 if band == "configs_high" else 0.5, None)
+    out = launchers.sparse_gemv(x, launchers.prepare_weight(w).t(), thr.float(), None, None, None, None, None, cfg)
+    check_close(out, reference.sparse_linear(x, w, None, threshold=thr))
+    assert launchers._workspace_for(x.device).is_clean(), "split-K workspace left dirty"
 
 
 def test_unprepared_weight_warns_and_is_correct(gen):
@@ -717,6 +766,59 @@ def test_lowrank_epilogue_switch(monkeypatch):
     monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", "sideways")
     with pytest.raises(ValueError, match="LOWRANK_EPILOGUE must be one of"):
         launchers.lowrank_epilogue()
+
+
+def test_union_rows_switch(monkeypatch):
+    """RSPARSE_UNION_ROWS picks how M > 1 rows run when launchers.UNION_ROWS is None (unset: the
+    committed table's choice); a name that is not a mode is an error naming it."""
+    monkeypatch.setattr(launchers, "UNION_ROWS", None)
+    monkeypatch.delenv(launchers.UNION_ROWS_ENV, raising=False)
+    assert launchers.union_rows_mode() == launchers.UNION_ROWS_DEFAULT == "table"
+    for raw, expected in (("on", "on"), (" OFF ", "off"), ("", "table")):
+        monkeypatch.setenv(launchers.UNION_ROWS_ENV, raw)
+        assert launchers.union_rows_mode() == expected
+    monkeypatch.setenv(launchers.UNION_ROWS_ENV, "always")
+    with pytest.raises(ValueError, match="RSPARSE_UNION_ROWS='always': expected one of table, on, off"):
+        launchers.union_rows_mode()
+    monkeypatch.setattr(launchers, "UNION_ROWS", "off")  # the module setting wins
+    assert launchers.union_rows_mode() == "off"
+    monkeypatch.setattr(launchers, "UNION_ROWS", "always")
+    with pytest.raises(ValueError, match="UNION_ROWS must be one of"):
+        launchers.union_rows_mode()
+
+
+def _fake_table(monkeypatch, per_shape: dict):
+    """sparse_gemv.json replaced by one shape's {tokens: config}, as if on a GPU."""
+    real = launchers._load_json
+
+    def fake(name):
+        return {"configs": {"N64_K96": per_shape}} if name == launchers._CONFIG_FILE else real(name)
+
+    monkeypatch.setattr(launchers, "_load_json", fake)
+    monkeypatch.setattr(launchers, "_sm_count", lambda index: 132)
+
+
+@pytest.mark.parametrize("mode", ["table", "on", "off"])
+def test_union_rows_config_choice(mode, monkeypatch):
+    """The committed table says per (shape, token count) whether rows run per-row or as one union
+    program; "on" / "off" override it for M > 1 only (one token is always one row)."""
+    one = dict(rows=1, block_n=64, block_k=32, split_k=3, num_warps=4, num_stages=1, kernel="compact")
+    union = dict(rows=16, block_n=128, block_k=64, split_k=2, num_warps=4, num_stages=3)
+    _fake_table(monkeypatch, {"1": one, "2": union, "4": one, "16": one})
+    monkeypatch.setattr(launchers, "UNION_ROWS", mode)
+    cuda = torch.device("cuda", 0)
+    rows = {t: launchers.pick_config(64, 96, t, 0, cuda).rows for t in (1, 2, 3, 16)}
+    assert rows[1] == 1
+    expected = {"table": {2: 16, 3: 1, 16: 1}, "on": {2: 16, 3: 16, 16: 16}, "off": {2: 1, 3: 1, 16: 1}}[mode]
+    assert {t: rows[t] for t in (2, 3, 16)} == expected
+    if mode == "on":
+        # the committed union config (the nearest measured token count), not the heuristic's
+        assert launchers.pick_config(64, 96, 16, 0, cuda) == launchers.GemvConfig.from_dict(union)
+    if mode == "off":
+        assert launchers.pick_config(64, 96, 2, 0, cuda) == launchers.GemvConfig.from_dict(one)
+    # no committed union config: "on" falls back to the heuristic union config
+    _fake_table(monkeypatch, {"1": one, "16": one})
+    assert launchers.pick_config(64, 96, 16, 0, cuda).rows == (16 if mode == "on" else 1)
 
 
 def test_crossover_interpolates_between_measured_sparsities():

@@ -31,12 +31,20 @@ import torch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # Decode rows in one launch: the union kernel pads rows to this (tl.dot needs >= 16).
 MAX_ROWS = 16
-# The union program (all rows in one program, tl.dot) gave wrong results on the H100 for
-# M > 1 without a low-rank term in a share of runs (benchmarks/results/kernel_tests_h100.log,
-# docs/kernels.md); until that is found and re-tested on the GPU, every row gets its own
-# program (per-row, ROWS = 1: the path every GPU test passed on). The union path stays
-# reachable through an explicit GemvConfig for tests and benchmarks.
-UNION_ROWS_ENABLED = False
+# M > 1 decode rows run as one program per row ("per-row", ROWS = 1: each row reads the weight
+# rows of its own channels) or all rows in one program ("union", ROWS = MAX_ROWS, tl.dot: a
+# weight row is read once if any row selected its channel). Which one a (shape, token count,
+# sparsity band) uses is its committed config's `rows` (sparse_gemv.json, measured side by side
+# by benchmarks/gpu/union_rows.py): "table". "on" runs every M > 1 launch as union (committed
+# union config, else the heuristic's), "off" every one per-row -- for tests (the union kernel on
+# every shape and token count) and A/B runs (bench_e2e.py's per-config switches).
+# The union program failed GPU tests on the H100 in session 2 (kernel_tests_union_h100.log); it
+# was off until session 16 re-ran the whole M > 1 set with it (docs/kernels.md).
+UNION_ROWS_MODES = ("table", "on", "off")
+UNION_ROWS_DEFAULT = "table"
+UNION_ROWS_ENV = "RSPARSE_UNION_ROWS"
+# None: RSPARSE_UNION_ROWS (one of UNION_ROWS_MODES; unset: UNION_ROWS_DEFAULT)
+UNION_ROWS: str | None = None
 # One-row programs come in two kernels: the walk over every K row of a split
 # (sparse_gemv_kernel, ROWS = 1) and the compact list of the selected channels
 # (sparse_gemv_compact_kernel). Which one a shape uses is part of its committed config
@@ -184,6 +192,18 @@ def lowrank_epilogue() -> str:
     return env_choice(LOWRANK_EPILOGUE_ENV, LOWRANK_EPILOGUES, LOWRANK_DEFAULT_EPILOGUE)
 
 
+def union_rows_mode() -> str:
+    """UNION_ROWS (tests and benchmarks set it), or RSPARSE_UNION_ROWS when it is None (unset:
+    UNION_ROWS_DEFAULT); a name that is not a mode is an error that names it."""
+    if UNION_ROWS is not None:
+        if UNION_ROWS not in UNION_ROWS_MODES:
+            raise ValueError(f"launchers.UNION_ROWS must be one of {UNION_ROWS_MODES}, got {UNION_ROWS!r}")
+        return UNION_ROWS
+    from vllm_rsparse.config import env_choice
+
+    return env_choice(UNION_ROWS_ENV, UNION_ROWS_MODES, UNION_ROWS_DEFAULT)
+
+
 def lowrank_overlap(device: torch.device) -> bool:
     """Whether a fused R-Sparse launch pair overlaps its z launch (PDL) on this device."""
     return pdl_capable(device) and (LOWRANK_OVERLAP is None or LOWRANK_OVERLAP)
@@ -280,7 +300,8 @@ _INTERPRETER_SMS = 4  # the interpreter runs programs one by one: split little
 
 
 def default_config(n: int, k: int, tokens: int, rank: int, device: torch.device) -> GemvConfig:
-    rows = MAX_ROWS if tokens > 1 and UNION_ROWS_ENABLED else 1
+    # per-row unless union is forced: a shape nobody measured gets the path with no union loss
+    rows = MAX_ROWS if tokens > 1 and union_rows_mode() == "on" else 1
     block_n = _DEFAULT_BLOCK_N
     block_k = _DEFAULT_BLOCK_K
     sms = _sm_count(device.index or 0) if device.type == "cuda" else _INTERPRETER_SMS
@@ -314,11 +335,18 @@ def pick_config(n: int, k: int, tokens: int, rank: int, device: torch.device,
         band = "configs_high" if high else "configs"
         per_shape = table.get(band, {}).get(_shape_key(n, k)) or table.get("configs", {}).get(_shape_key(n, k))
         if per_shape:
-            bucket = _bucket(tokens, [int(t) for t in per_shape])
-            cfg = GemvConfig.from_dict(per_shape[str(bucket)])
-            if cfg.rows > 1 and not UNION_ROWS_ENABLED:
+            measured = [int(t) for t in per_shape]
+            cfg = GemvConfig.from_dict(per_shape[str(_bucket(tokens, measured))])
+            mode = union_rows_mode() if tokens > 1 else "table"
+            if cfg.rows > 1 and mode == "off":
                 # per-row programs: the shape's one-token config, one row group per token
-                cfg = GemvConfig.from_dict(per_shape[str(_bucket(1, [int(t) for t in per_shape]))])
+                cfg = GemvConfig.from_dict(per_shape[str(_bucket(1, measured))])
+            elif cfg.rows == 1 and mode == "on":
+                # the shape's committed union config nearest in token count, else the heuristic's
+                unions = [t for t in measured if t > 1 and per_shape[str(t)]["rows"] > 1]
+                if not unions:
+                    return default_config(n, k, tokens, rank, device)
+                cfg = GemvConfig.from_dict(per_shape[str(min(unions, key=lambda t: abs(t - tokens)))])
             if tokens > 1 or cfg.rows == 1:
                 return cfg
     return default_config(n, k, tokens, rank, device)

@@ -1,0 +1,225 @@
+"""Issue 4 (d): decode steps of 2-16 tokens -- one program per row ("per-row") against all rows in
+one program ("union") -- timed side by side on the model shapes; --adopt writes the tables from it.
+
+Per-row programs read, for each token, the weight rows of that token's channels: M tokens at
+sparsity s read about M (1 - s) of the matrix, so from 2 tokens on at s = 0.5 they read more than
+dense (dispatch.json: 1.1-1.6x dense at 2 tokens). The union program (launchers.MAX_ROWS rows, one
+tl.dot per K step) reads a weight row once if any token selected its channel: 1 - s^M of the
+matrix for independent tokens. The union kernel was off from session 2 (wrong results on the H100
+in a share of runs; launchers.UNION_ROWS) and no union config was ever committed.
+
+Timing as the one-token sweep (bench_kernels.graph_time_ms: one CUDA graph over >= 160 MB of
+weight copies, so no call finds its weights in L2), bf16, TEAL threshold selection on random x:
+the tokens select independently, which is the least a union can save (real activations share
+channels). Per shape and token count (2, 4, 8, 16), in one process:
+  * dense cuBLAS (F.linear, vLLM's [N, K] weight);
+  * per-row: the committed config of the sparsity's band (launchers.pick_config with UNION_ROWS
+    = "off": what the launcher ran before this script);
+  * union: UNION_CANDIDATES ranked at s = 0.5 (band "configs") and at 0.9 ("configs_high"), all of
+    them at 2 tokens, the RANK_LEADERS fastest again at 4 / 8 / 16 tokens; then per-row and the
+    band's best union at s = 0, 0.5, 0.7, 0.9, each union output checked against per-row.
+--adopt DIR: DIR/sparse_gemv.json = the installed table with a union config for each (band, token
+count) where the union is ADOPT_MAX_RATIO faster than per-row at the band's ranking sparsity and
+agrees with it to bf16 rounding; DIR/dispatch.json = the installed dispatch table with the
+threshold ratios of 2-16 tokens at the levels 0 / 0.5 / 0.9 replaced by this run's, each with the
+config the launcher will now use at that level (one token keeps its own measurement).
+
+    python3 -P benchmarks/gpu/union_rows.py --adopt $RES/union_tables --out $RES/union_rows_h200.json
+    RSPARSE_BENCH_DRY=1 TRITON_INTERPRET=1 python benchmarks/gpu/union_rows.py --out /tmp/u.json   # CPU: script check
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vllm_rsparse import launchers
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_kernels", Path(__file__).resolve().parent.parent / "bench_kernels.py")
+bk = importlib.util.module_from_spec(_spec)
+sys.modules["bench_kernels"] = bk  # its dataclasses look their module up
+_spec.loader.exec_module(bk)
+
+SHAPES = [("llama2-7b/qkv", 12288, 4096), ("llama2-7b/o", 4096, 4096), ("llama2-7b/gate_up", 22016, 4096),
+          ("llama2-7b/down", 4096, 11008), ("llama3-8b/qkv", 6144, 4096), ("llama3-8b/gate_up", 28672, 4096),
+          ("llama3-8b/down", 4096, 14336)]
+TOKENS = [2, 4, 8, 16]
+LEVELS = [0.0, 0.5, 0.7, 0.9]  # the final points; dispatch.json keeps 0 / 0.5 / 0.9
+RATIO_LEVELS = [0.0, 0.5, 0.9]
+BAND_SPARSITY = {"configs": 0.5, "configs_high": 0.9}  # where each band's union is ranked
+RANK_LEADERS = 4
+ADOPT_MAX_RATIO = 0.97
+ADOPT_MAX_ERR = 1e-2
+# union tiles: (block_n, block_k, num_warps) x K steps per program x pipeline stages. tl.dot needs
+# block_k >= 16; the [16, block_k] x-tile and the [block_k, block_n] weight tile per stage stay
+# within shared memory at 3 stages (128 x 128 x 2 B x 3 = 96 KB)
+UNION_TILES = [(64, 64, 4), (128, 32, 4), (128, 64, 4), (128, 64, 8), (256, 32, 4), (256, 64, 8), (64, 128, 4),
+               (128, 128, 8)]
+UNION_STEPS = [1, 2, 4, 8]
+UNION_STAGES = [2, 3]
+
+
+def union_candidates(n: int, k: int, sms: int) -> list[launchers.GemvConfig]:
+    out = []
+    for (bn, bkk, warps), steps, stages in itertools.product(UNION_TILES, UNION_STEPS, UNION_STAGES):
+        split_k = launchers.triton_cdiv(k, bkk * steps)
+        cfg = launchers.GemvConfig(launchers.MAX_ROWS, bn, bkk, split_k, warps, stages)
+        tiles = launchers.triton_cdiv(n, bn)
+        # fewer programs than SMs leaves bandwidth idle; more output tiles than counters cannot run
+        if tiles * split_k < sms or tiles > launchers.COUNTER_SLOTS:
+            continue
+        out.append(cfg)
+    if bk.DRY_RUN:
+        return out[:2]
+    return out
+
+
+def label(cfg: launchers.GemvConfig) -> str:
+    if cfg.rows == 1:
+        return f"per-row {cfg.kernel} bn{cfg.block_n} bk{cfg.block_k} split{cfg.split_k} w{cfg.num_warps}"
+    return f"union bn{cfg.block_n} bk{cfg.block_k} split{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}"
+
+
+def band_of(n: int, k: int, sparsity: float) -> str:
+    return "configs_high" if sparsity >= launchers.high_sparsity_from(n, k) else "configs"
+
+
+def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log) -> list[dict]:
+    dev = torch.device(bk.DEVICE)
+    copies = 1 if bk.DRY_RUN else max(3, math.ceil(bk.L2_ROTATION_BYTES / (n * k * 2)))
+    layers = [bk.Layer(n, k, gen) for _ in range(copies)]
+    candidates = union_candidates(n, k, sms)
+    rows = []
+    leaders = {}
+    for tokens in TOKENS[:2] if bk.DRY_RUN else TOKENS:
+        xs = [torch.randn(tokens, k, device=dev, generator=gen).to(bk.DTYPE) for _ in layers]
+        dense_ms = bk.graph_time_ms([(lambda l=l, x=x: F.linear(x, l.w_dense)) for l, x in zip(layers, xs)])
+        inputs = {s: [bk.make_inputs(layer, bk.Case("teal", tokens, s), gen) for layer in layers] for s in LEVELS}
+
+        def timed(cfg, s):
+            calls = bk.one_token_calls(inputs[s], cfg)  # each copy's first x, all `tokens` rows
+            return bk.graph_time_ms(calls), calls[0]().float()
+
+        best = {}
+        for band, s_rank in BAND_SPARSITY.items():
+            pool = candidates if tokens == TOKENS[0] else leaders[band]
+            ranked = []
+            for cfg in pool:
+                try:
+                    ranked.append((timed(cfg, s_rank)[0], cfg))
+                except Exception as exc:  # a tile that does not compile is reported, not fatal
+                    log(f"  {name} M={tokens} {label(cfg)}: {type(exc).__name__}: {str(exc)[:200]}")
+            ranked.sort(key=lambda t: t[0])
+            if tokens == TOKENS[0]:
+                leaders[band] = [cfg for _, cfg in ranked[:RANK_LEADERS]]
+            best[band] = ranked[0][1]
+        for s in LEVELS:
+            band = band_of(n, k, s)
+            launchers.UNION_ROWS = "off"
+            try:
+                per_row = launchers.pick_config(n, k, tokens, 0, dev, s)
+            finally:
+                launchers.UNION_ROWS = None
+            per_row_ms, per_row_out = timed(per_row, s)
+            union_ms, union_out = timed(best[band], s)
+            err = float((union_out - per_row_out).abs().max() / per_row_out.abs().max().clamp_min(1e-6))
+            density = sum(u for _, _, _, u in inputs[s]) / len(inputs[s])
+            row = {"shape": name, "n": n, "k": k, "tokens": tokens, "sparsity": s, "band": band,
+                   "dense_us": dense_ms * 1e3, "per_row_us": per_row_ms * 1e3, "union_us": union_ms * 1e3,
+                   "per_row_ratio": per_row_ms / dense_ms, "union_ratio": union_ms / dense_ms,
+                   "union_density": density, "union_max_rel_err_vs_per_row": err,
+                   "per_row_config": dataclasses.asdict(per_row), "union_config": dataclasses.asdict(best[band])}
+            rows.append(row)
+            log(f"{name:18s} M={tokens:2d} s={s} dense {dense_ms * 1e3:6.1f} us  per-row {per_row_ms * 1e3:6.1f} "
+                f"({row['per_row_ratio']:.2f}x)  union {union_ms * 1e3:6.1f} ({row['union_ratio']:.2f}x, density "
+                f"{density:.2f}, err {err:.1e})  {label(best[band])}")
+    for layer in layers:
+        layer.free()
+    del layers
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+def adopt(rows: list[dict], out_dir: str, source: str) -> list[str]:
+    """The installed config and dispatch tables with this run's union choices (module docstring)."""
+    configs = json.loads(json.dumps(launchers._load_json(launchers._CONFIG_FILE)))
+    dispatch = json.loads(json.dumps(launchers._load_json(launchers._DISPATCH_FILE)))
+    adopted, union_at = [], set()
+    for row in rows:
+        band = row["band"]
+        if row["sparsity"] != BAND_SPARSITY[band]:
+            continue
+        if row["union_us"] < ADOPT_MAX_RATIO * row["per_row_us"] and row["union_max_rel_err_vs_per_row"] < ADOPT_MAX_ERR:
+            key = launchers._shape_key(row["n"], row["k"])
+            configs.setdefault(band, {}).setdefault(key, {})[str(row["tokens"])] = row["union_config"]
+            union_at.add((key, band, row["tokens"]))
+            adopted.append(f"{band}/{key}/{row['tokens']}: {label(launchers.GemvConfig.from_dict(row['union_config']))} "
+                           f"{row['union_us']:.1f} us vs per-row {row['per_row_us']:.1f} us")
+    ratios = dispatch.setdefault("ratios", {}).setdefault("threshold", {})
+    for row in rows:
+        if row["sparsity"] not in RATIO_LEVELS:
+            continue
+        key = launchers._shape_key(row["n"], row["k"])
+        union = (key, row["band"], row["tokens"]) in union_at
+        ratio = row["union_ratio"] if union else row["per_row_ratio"]
+        ratios.setdefault(key, {}).setdefault(f"{row['sparsity']:g}", {})[str(row["tokens"])] = round(ratio, 4)
+    commit = os.environ.get("RSPARSE_COMMIT", "unknown")
+    if adopted:
+        configs["note"] = (configs.get("note", "") + f"; union configs (2-16 tokens) adopted by "
+                           f"benchmarks/gpu/union_rows.py --adopt ({commit}): " + "; ".join(adopted))
+    dispatch["union_note"] = (f"threshold ratios of 2-16 tokens at levels 0 / 0.5 / 0.9 from benchmarks/gpu/union_rows.py "
+                              f"({commit}, {source}): per token count the config the launcher "
+                              f"uses (union where adopted, else the committed per-row config)")
+    os.makedirs(out_dir, exist_ok=True)
+    Path(out_dir, launchers._CONFIG_FILE).write_text(json.dumps(configs, indent=1) + "\n")
+    Path(out_dir, launchers._DISPATCH_FILE).write_text(json.dumps(dispatch, indent=1) + "\n")
+    return adopted
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--adopt", default="", help="write sparse_gemv.json and dispatch.json with the union choices here")
+    ap.add_argument("--shapes", nargs="*", default=[], help="names from SHAPES (default: all)")
+    args = ap.parse_args()
+    gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
+    launchers.COMPACT_ROWS_ENABLED = False
+    sms = 4 if bk.DRY_RUN else torch.cuda.get_device_properties(0).multi_processor_count
+    shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes]
+    if bk.DRY_RUN:
+        shapes = [("tiny/o", 256, 320)]
+    rows = []
+
+    def log(msg):
+        print(msg, flush=True)
+
+    meta = {"commit": os.environ.get("RSPARSE_COMMIT", "unknown"),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
+            "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__,
+                         "python": platform.python_version()},
+            "command": "python3 -P benchmarks/gpu/union_rows.py " + " ".join(sys.argv[1:]),
+            "timing": "cuda_graph", "dtype": "bf16", "selection": "teal threshold, random x (independent tokens)"}
+    for name, n, k in shapes:
+        rows += measure_shape(name, n, k, gen, sms, log)
+        # what is measured so far survives a time limit
+        Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    if args.adopt:
+        adopted = adopt(rows, args.adopt, os.path.basename(args.out))
+        meta["adopted"] = adopted
+        print("adopted:" if adopted else "adopted: none", *adopted, sep="\n  ", flush=True)
+    Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
