@@ -837,6 +837,22 @@ def test_crossover_interpolates_between_measured_sparsities():
     assert launchers.crossover_tokens(123, 456, "threshold", 0.5) is None
 
 
+def test_op_dispatch_at_the_modules_sparsity(monkeypatch):
+    """The op's own token limit is the crossover at the sparsity the LinearMethod passes (the limit
+    it caps max_sparse_tokens with), not the table's design sparsity: a module at 0.9 whose kernels
+    win at 2 tokens runs them at 2 tokens even where a module at 0.5 would not; no sparsity given:
+    the design sparsity; with a low-rank term the R-Sparse table where the shape has one."""
+    table = {"design_sparsity": 0.5, "ratios": {
+        "threshold": {"N64_K96": {"0": {"1": 1.0, "2": 1.6}, "0.5": {"1": 0.7, "2": 1.1}, "0.9": {"1": 0.3, "2": 0.5}}},
+        "threshold_lowrank": {"N64_K96": {"0.5": {"1": 1.2}}}}}
+    real = launchers._load_json
+    monkeypatch.setattr(launchers, "_load_json", lambda name: table if name == launchers._DISPATCH_FILE else real(name))
+    assert launchers._dispatch_tokens(64, 96, "threshold") == 1
+    assert launchers._dispatch_tokens(64, 96, "threshold", 0.5) == 1
+    assert launchers._dispatch_tokens(64, 96, "threshold", 0.9) == 2
+    assert launchers._dispatch_tokens(64, 96, "threshold", 0.5, lowrank=True) == 0
+
+
 def test_config_band_boundary_per_shape():
     """A module at or above its shape's measured boundary ("high_from" of sparse_gemv.json, H200,
     fixed_cost_h200.json, fixed-point finish) runs the configs ranked at 0.9, below it the 0.5-ranked ones; shapes

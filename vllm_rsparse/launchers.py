@@ -414,13 +414,16 @@ def _interpolated_crossover(ratios: dict, sparsity: float) -> int:
     return limit
 
 
-def _dispatch_tokens(n: int, k: int, selection: str) -> int | None:
-    """Token limit the op applies itself: the crossover at the design sparsity of the
-    table (dispatch.json "design_sparsity"), since the op cannot see the data's."""
+def _dispatch_tokens(n: int, k: int, selection: str, sparsity: float | None = None,
+                     lowrank: bool = False) -> int | None:
+    """Token limit the op applies itself: the crossover at the module's sparsity when the caller
+    passes it (the LinearMethod does: the same limit it caps max_sparse_tokens with), else at the
+    design sparsity of the table (dispatch.json "design_sparsity")."""
     data = _load_json(_DISPATCH_FILE)
     if not data:
         return None
-    return crossover_tokens(n, k, selection, float(data.get("design_sparsity", 0.5)))
+    level = float(data.get("design_sparsity", 0.5)) if sparsity is None else sparsity
+    return crossover_tokens(n, k, selection, level, lowrank=lowrank)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -934,7 +937,8 @@ def sparse_linear(
     # x [M, K]  weight [N, K] (prepared: [K, N] storage)  bias [N]  threshold [1] f32
     # keep: -1 = threshold selection, else exact top-k  channel_scale [K]
     # lowrank_up [N, r]  lowrank_down [r, K] (prepared)  ->  y [M, N] in x.dtype
-    Above the committed sparse/dense crossover for this shape the result is dense F.linear
+    Above the committed sparse/dense crossover for this shape at the module's sparsity (exact
+    top-k: its own; neither: the table's design sparsity) the result is dense F.linear
     (use_crossover=False: always the kernels, as the benchmark and tests need).
     sparsity: the module's calibrated input sparsity, which picks the kernel config band
     (pick_config); exact top-k knows its own (1 - keep / K).
@@ -943,7 +947,9 @@ def sparse_linear(
     m, k = x.shape
     n = weight.shape[0]
     selection = "threshold" if keep == THRESHOLD_SELECTION else "topk"
-    limit = _dispatch_tokens(n, k, selection) if x.is_cuda and use_crossover else None
+    has_lowrank = lowrank_up is not None and lowrank_up.shape[-1] > 0
+    level = sparsity if sparsity is not None or keep == THRESHOLD_SELECTION else 1.0 - keep / k
+    limit = _dispatch_tokens(n, k, selection, level, has_lowrank) if x.is_cuda and use_crossover else None
     if limit is not None and m > limit:
         return torch.nn.functional.linear(x, weight, bias)
     if lowrank_up is not None and lowrank_up.shape[-1] == 0:
