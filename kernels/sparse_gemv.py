@@ -44,6 +44,8 @@ Either way the workspace is left zeroed for the next launch (or CUDA-graph repla
 sparse_gemv_compact_kernel (one row per program, launchers.COMPACT_ROWS_ENABLED) does
 the same with work proportional to the selected channels: each program compacts its
 K chunk's selected indices into a scratch list, then loads only those weight rows.
+sparse_gemv_union_compact_kernel does it for up to 16 rows in one program: the list holds
+the channels any of its rows selected (a weight row is read once), the rows meet in tl.dot.
 """
 
 import triton
@@ -572,6 +574,84 @@ def _lowrank_up_rows(p_zrow, p_u, r_lo, r_hi, o_n, m_n, s_un, s_ur, BLOCK_N: tl.
                       other=0.0, eviction_policy=EVICT)
         acc2 += b_z[:, None] * b_u.to(tl.float32)
     return tl.sum(acc2, axis=0)[None, :]
+
+
+# ---------------------------------------------------------------------------
+# several rows per program over a compact list of the channels any of them selected
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def sparse_gemv_union_compact_kernel(
+    p_x, p_w, p_scale, p_thr, p_jcut, p_bias, p_list,
+    p_acc, p_count, p_fx, p_out,
+    M, N, K, ws_cols, list_cols,
+    s_xm, s_xk, s_wk, s_om, s_on,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr, FIXED: tl.constexpr, DOT_F32: tl.constexpr, GDC: tl.constexpr, EVICT: tl.constexpr,
+):
+    # x [M, K]  w_t [K, N]  scale [K]  thr [1] or [M] f32  jcut [M] i32  bias [N]
+    # list [row_groups, list_cols] i32 (scratch: the union list of each row group)
+    # acc / count / fx: the split-K workspace (sparse_gemv_kernel)  out [M, N]
+    # grid (cdiv(N, BLOCK_N), cdiv(K, CHUNK), cdiv(M, ROWS)). One program = ROWS token rows x one
+    # output tile x one K chunk.
+    # The union program of sparse_gemv_kernel (ROWS > 1) walks every K step of its split with
+    # predicated row loads: on the H200 its time hardly follows the selection (session 16,
+    # benchmarks/results/union_rows_h200.json: 1.0-1.3x dense at a union density of 0.19). Here
+    # the chunk's union of the rows' selections is compacted first, as the one-row compact kernel
+    # does for one row, so the loop runs n_union / BLOCK_K steps over gathered weight rows; each
+    # row still multiplies only its own channels (its selection re-evaluated on the gathered x).
+    # The loop is left to Triton's pipeliner (num_stages): no hand pipeline around tl.dot
+    # (_masked_tile says why).
+    _await_previous_kernel(GDC, GDC)
+    i_n = tl.program_id(0)
+    i_k = tl.program_id(1)
+    i_g = tl.program_id(2)
+    o_m = i_g * ROWS + tl.arange(0, ROWS)
+    m_m = o_m < M
+    if PER_ROW:
+        b_thr = tl.load(p_thr + o_m, mask=m_m, other=0.0)
+        b_jcut = tl.load(p_jcut + o_m, mask=m_m, other=-1)
+    else:
+        b_thr = tl.load(p_thr + o_m * 0)
+        b_jcut = o_m
+    k_lo = i_k * CHUNK
+    k_hi = tl.minimum(k_lo + CHUNK, K)
+    # the chunk's union list: every program of this (row group, chunk) writes the same entries
+    o_k = k_lo + tl.arange(0, CHUNK)
+    m_k = o_k < k_hi
+    b_x = tl.load(p_x + o_m[:, None] * s_xm + o_k[None, :] * s_xk, mask=m_m[:, None] & m_k[None, :],
+                  other=0.0).to(tl.float32)
+    b_sel = _select(b_x, o_k, m_k, b_thr, b_jcut, p_scale, HAS_SCALE, PER_ROW) & m_m[:, None] & m_k[None, :]
+    m_union = tl.max(b_sel.to(tl.int32), axis=0) > 0
+    b_rank = tl.cumsum(m_union.to(tl.int32), axis=0)
+    n_sel = tl.sum(m_union.to(tl.int32), axis=0)
+    p_lst = p_list + i_g * list_cols + k_lo
+    tl.store(p_lst + b_rank - 1, o_k, mask=m_union)
+    # the loop reads entries other threads wrote (block barrier: also orders the CTA's writes)
+    tl.debug_barrier()
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    for j0 in range(0, n_sel, BLOCK_K):
+        o_j = j0 + tl.arange(0, BLOCK_K)
+        m_j = o_j < n_sel
+        b_idx = tl.load(p_lst + o_j, mask=m_j, other=0)
+        m_xg = m_m[:, None] & m_j[None, :]
+        b_xg = tl.load(p_x + o_m[:, None] * s_xm + b_idx[None, :] * s_xk, mask=m_xg, other=0.0).to(tl.float32)
+        b_xs = tl.where(_select(b_xg, b_idx, m_j, b_thr, b_jcut, p_scale, HAS_SCALE, PER_ROW) & m_xg, b_xg, 0.0)
+        # every unmasked row is a channel some row selected: each weight load is useful bytes
+        b_w = tl.load(p_w + b_idx[:, None] * s_wk + o_n[None, :], mask=m_j[:, None] & m_n[None, :], other=0.0,
+                      eviction_policy=EVICT)
+        if DOT_F32:
+            acc = tl.dot(b_xs, b_w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            # x values are exact in the weight dtype, products exact in f32 (as _masked_tile)
+            acc = tl.dot(b_xs.to(b_w.dtype), b_w, acc)
+    m_out = m_m[:, None] & m_n[None, :]
+    _finish(acc, 0, i_n, i_g, 0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_out, p_out,
+            N, 0, ws_cols, s_om, s_on, tl.num_programs(1), ROWS, BLOCK_N, HAS_BIAS, False, SPLIT, FIXED)
 
 
 # ---------------------------------------------------------------------------

@@ -482,41 +482,73 @@ def test_compact_wide_block(block_n, warps, gen):
 
 
 # union programs (ROWS = 16, tl.dot): the tiles benchmarks/gpu/union_rows.py sweeps, at their
-# extremes -- (block_n, block_k, num_warps, num_stages, K steps per program); 1000 steps = no split
-UNION_TILES = [(64, 32, 4, 2, 1), (128, 64, 4, 3, 4), (256, 64, 8, 2, 2), (64, 128, 4, 4, 8), (128, 128, 8, 2, 1000)]
+# extremes -- (kernel, block_n, block_k, num_warps, num_stages, per): per = K steps per program
+# (walk; 1000 = no split) or the K chunk (compact: the union list's chunk)
+UNION_TILES = [("walk", 64, 32, 4, 2, 1), ("walk", 128, 64, 4, 3, 4), ("walk", 256, 64, 8, 2, 2),
+               ("walk", 64, 128, 4, 4, 8), ("walk", 128, 128, 8, 2, 1000),
+               ("compact", 64, 16, 4, 2, 64), ("compact", 128, 32, 4, 3, 256), ("compact", 256, 64, 8, 2, 512),
+               ("compact", 128, 16, 4, 1, 128)]
 UNION_SHAPES = [(4096, 11008), (14336, 4096), (1000, 4096)] if HAS_CUDA else [(200, 300)]
 UNION_TOKENS = [2, 7, 16] if HAS_CUDA else [3]
+
+
+def union_config(tile, k: int) -> launchers.GemvConfig:
+    kernel, block_n, block_k, warps, stages, per = tile
+    split_k = launchers.triton_cdiv(k, per if kernel == "compact" else block_k * per)
+    return launchers.GemvConfig(rows=launchers.MAX_ROWS, block_n=block_n, block_k=block_k, split_k=split_k,
+                                num_warps=warps, num_stages=stages, kernel=kernel)
 
 
 @pytest.mark.parametrize("finish", ["fixed", "counter"])
 @pytest.mark.parametrize("sparsity", [0.5, 0.9], ids=lambda s: f"s{s}")
 @pytest.mark.parametrize("tokens", UNION_TOKENS, ids=lambda m: f"M{m}")
-@pytest.mark.parametrize("tile", UNION_TILES, ids=lambda t: "bn{}-bk{}-w{}-st{}-steps{}".format(*t))
+@pytest.mark.parametrize("tile", UNION_TILES, ids=lambda t: "{}-bn{}-bk{}-w{}-st{}-per{}".format(*t))
 @pytest.mark.parametrize("shape", UNION_SHAPES, ids=shape_id)
 def test_union_configs(shape, tile, tokens, sparsity, finish, gen, monkeypatch):
-    """The union program (every row in one program, a weight row read once if any row selected
-    it) over the tiles the union sweep can commit: each row gets only its own channels, twice in a
-    row on the same inputs (the fixed-point finish bit-identically), the workspace left zeroed.
-    Its H100 failures (session 2) were intermittent, so the GPU runs repeat it (steps files)."""
+    """The union programs (every row in one program, a weight row read once if any row selected
+    it; walk and compact) over the tiles the union sweep can commit: each row gets only its own
+    channels, twice in a row on the same inputs (bit-identically where the split-K sum is order
+    independent), the workspace left zeroed. The walk's H100 failures (session 2) were
+    intermittent, so the GPU runs repeat it (steps files)."""
     monkeypatch.setattr(launchers, "FIXED_POINT_SPLIT_ENABLED", finish == "fixed")
-    block_n, block_k, warps, stages, steps = tile
     n, k = shape
-    if steps == 1000 and finish == "counter":
+    cfg = union_config(tile, k)
+    along_k = launchers.k_split(k, cfg)[1]
+    if along_k == 1 and finish == "counter":
         pytest.skip("one program along K has no split-K finish")
     dtype = torch.bfloat16 if tokens % 2 == 0 else torch.float16
-    w, b, _, _, _ = make_layer(n, k, dtype, gen, bias=tokens % 3 == 1)
+    scale = tile[0] == "compact" and tokens % 3 == 0  # R-Sparse scores on some cases
+    w, b, s, _, _ = make_layer(n, k, dtype, gen, bias=tokens % 3 == 1, scale=scale)
     x = randn(tokens, k, gen=gen, dtype=dtype)
-    thr = threshold_for(x, sparsity, None)
-    split_k = launchers.triton_cdiv(k, block_k * steps)
-    cfg = launchers.GemvConfig(rows=launchers.MAX_ROWS, block_n=block_n, block_k=block_k, split_k=split_k,
-                               num_warps=warps, num_stages=stages)
+    thr = threshold_for(x, sparsity, s)
     w_t = launchers.prepare_weight(w).t()
-    first = launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, cfg)
-    again = launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, cfg)
-    check_close(first, reference.sparse_linear(x, w, b, threshold=thr))
-    check_close(again, reference.sparse_linear(x, w, b, threshold=thr))
-    if finish == "fixed" or split_k == 1:
-        assert torch.equal(first, again), "fixed-point split-K sums differ between two runs"
+    first = launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, None, None, cfg)
+    again = launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, None, None, cfg)
+    ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s)
+    check_close(first, ref)
+    check_close(again, ref)
+    if along_k == 1 or launchers.fixed_point_finish(along_k):
+        assert torch.equal(first, again), "order-independent split-K sums differ between two runs"
+    assert launchers._workspace_for(x.device).is_clean(), "split-K workspace left dirty"
+
+
+def test_union_compact_topk_and_lowrank_fallback(gen):
+    """The union compact kernel with per-row exact top-k (thresholds and tie cuts per row), and a
+    union compact config on a layer with R-Sparse's low-rank term (that kernel has no v_t
+    programs: the launcher runs the union walk of the same tile, still exact)."""
+    n, k, m = (96, 200, 5) if not HAS_CUDA else (4096, 11008, 5)
+    cfg = union_config(("compact", 64, 16, 4, 2, 64), k)
+    w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=20, scale=True)
+    x = randn(m, k, gen=gen, dtype=torch.bfloat16)
+    keep = k // 3
+    thr, jcut = launchers.topk_thresholds(x, keep, s)
+    w_t = launchers.prepare_weight(w).t()
+    out = launchers.sparse_gemv(x, w_t, thr, jcut, b, s, None, None, cfg)
+    check_close(out, reference.masked_linear(x, w, topk_mask_lowest_index(x, keep, s), b))
+    thr = threshold_for(x, 0.5, s)
+    v_t = launchers.prepare_weight(v).t()
+    out = launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u, v_t, cfg)
+    check_close(out, reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v))
     assert launchers._workspace_for(x.device).is_clean(), "split-K workspace left dirty"
 
 

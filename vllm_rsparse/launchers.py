@@ -248,7 +248,10 @@ class GemvConfig:
     split_k: int  # compact: K chunk = next_pow2(cdiv(K, split_k)) in [MIN_CHUNK, MAX_CHUNK]
     num_warps: int
     num_stages: int
-    kernel: str = "walk"  # rows = 1 only: "walk" (every K row) or "compact" (selected rows)
+    # "walk" (every K row of the split, predicated) or "compact" (a list of the selected rows);
+    # rows > 1 with "compact": the union compact kernel (a list of the rows selected by any row;
+    # no low-rank term: with one, the walk)
+    kernel: str = "walk"
     evict: bool = False  # evict-first hint on the weight rows (WEIGHT_EVICT_FIRST)
     # compact kernel with a low-rank term: the v_t programs' layout (LOWRANK_LAYOUTS; "" = the
     # default, wide_chunks), chosen per shape by benchmarks/gpu/lowrank_time.py
@@ -677,6 +680,16 @@ def uses_compact_kernel(cfg: GemvConfig) -> bool:
     return cfg.rows == 1 and (COMPACT_ROWS_ENABLED or cfg.kernel == "compact")
 
 
+# K chunk of a union compact program: its x tile is [MAX_ROWS, chunk] f32 in registers (64 a
+# thread at 4 warps for 512)
+UNION_MAX_CHUNK = 512
+
+
+def uses_union_compact_kernel(cfg: GemvConfig) -> bool:
+    """Whether a launch with this config (and no low-rank term) runs sparse_gemv_union_compact_kernel."""
+    return cfg.rows > 1 and cfg.kernel == "compact"
+
+
 def k_split(k: int, cfg: GemvConfig) -> tuple[int, int]:
     """(K channels per program, programs along K) of a launch with this config: compact
     programs take power-of-two chunks, the walk whole BLOCK_K steps, so the programs along K
@@ -684,6 +697,8 @@ def k_split(k: int, cfg: GemvConfig) -> tuple[int, int]:
     if uses_compact_kernel(cfg):
         # compact programs: K chunks of a power-of-two size (one x vector per program)
         k_per_split = compact_chunk(k, cfg.split_k)
+    elif uses_union_compact_kernel(cfg):
+        k_per_split = min(UNION_MAX_CHUNK, compact_chunk(k, cfg.split_k))
     else:
         k_per_split = triton_cdiv(triton_cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     return k_per_split, triton_cdiv(k, k_per_split)
@@ -765,13 +780,16 @@ def sparse_gemv(
     # along N)  v_t [K, r] (unit stride along r)  -> out [M, N] in x.dtype
     """
     from vllm_rsparse.kernels.sparse_gemv import (sparse_gemv_claim_kernel, sparse_gemv_compact_kernel,
-                                                  sparse_gemv_kernel)
+                                                  sparse_gemv_kernel, sparse_gemv_union_compact_kernel)
 
     m, k = x.shape
     n = w_t.shape[1]
     rank = 0 if v_t is None else v_t.shape[1]
     has_lowrank = rank > 0
     cfg = config or pick_config(n, k, m, rank, x.device, sparsity)
+    if has_lowrank and uses_union_compact_kernel(cfg):
+        # the union compact kernel has no v_t programs: the union walk of the same tile
+        cfg = dataclasses.replace(cfg, kernel="walk")
     rows = cfg.rows
     row_groups = triton_cdiv(m, rows)
     tiles_w = triton_cdiv(n, cfg.block_n)
@@ -853,6 +871,19 @@ def sparse_gemv(
             HAS_BIAS=bias is not None, HAS_LOWRANK=False, UP_FUSED=True, SPLIT=split_k > 1, FIXED=fixed,
             GDC_WAIT=pdl and not overlap, GDC_TRIGGER=pdl, GDC_Z_WAIT=overlap,
             **compact_shared, **({"launch_pdl": True} if pdl or overlap else {}),
+        )
+    elif uses_union_compact_kernel(cfg):
+        # one program per (output tile, K chunk, group of MAX_ROWS rows): a weight row is read
+        # once if any row of the group selected its channel, through a list of those channels
+        sparse_gemv_union_compact_kernel[(tiles, split_k, row_groups)](
+            x, w_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists,
+            ws.accumulator, ws.counters, ws.fixed, out,
+            m, n, k, WORKSPACE_COLS, WORKSPACE_COLS,
+            x.stride(0), x.stride(1), w_t.stride(0), out.stride(0), out.stride(1),
+            ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
+            HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
+            SPLIT=split_k > 1, FIXED=fixed, DOT_F32=interpreting(), GDC=pdl, EVICT=evict,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
         )
     elif compact:
         # one program per (output tile, K chunk, token row); each row reads only its own

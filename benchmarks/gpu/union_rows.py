@@ -60,34 +60,41 @@ BAND_SPARSITY = {"configs": 0.5, "configs_high": 0.9}  # where each band's union
 RANK_LEADERS = 4
 ADOPT_MAX_RATIO = 0.97
 ADOPT_MAX_ERR = 1e-2
-# union tiles: (block_n, block_k, num_warps) x K steps per program x pipeline stages. tl.dot needs
-# block_k >= 16; the [16, block_k] x-tile and the [block_k, block_n] weight tile per stage stay
-# within shared memory at 3 stages (128 x 128 x 2 B x 3 = 96 KB)
-UNION_TILES = [(64, 64, 4), (128, 32, 4), (128, 64, 4), (128, 64, 8), (256, 32, 4), (256, 64, 8), (64, 128, 4),
-               (128, 128, 8)]
-UNION_STEPS = [1, 2, 4, 8]
-UNION_STAGES = [2, 3]
+# union walk tiles (sparse_gemv_kernel, ROWS = 16): (block_n, block_k, num_warps) x K steps per
+# program x pipeline stages. tl.dot needs block_k >= 16. Session 16's first run timed 64 of them:
+# 1.0-1.3x dense even at a union density of 0.19 (their time hardly follows the selection), so
+# a few stay as the reference.
+UNION_TILES = [(64, 64, 4), (128, 32, 4), (128, 64, 4), (256, 32, 4), (256, 64, 8)]
+UNION_STEPS = [1, 4]
+UNION_STAGES = [2]
+# union compact tiles (sparse_gemv_union_compact_kernel): (block_n, block_k, num_warps) x K chunk
+# (<= launchers.UNION_MAX_CHUNK) x pipeline stages of the gathered loop
+COMPACT_TILES = [(64, 16, 4), (128, 16, 4), (64, 32, 4), (128, 32, 4), (256, 16, 4), (256, 32, 8), (128, 64, 8)]
+COMPACT_CHUNKS = [128, 256, 512]
+COMPACT_STAGES = [1, 2, 3]
 
 
 def union_candidates(n: int, k: int, sms: int) -> list[launchers.GemvConfig]:
     out = []
     for (bn, bkk, warps), steps, stages in itertools.product(UNION_TILES, UNION_STEPS, UNION_STAGES):
-        split_k = launchers.triton_cdiv(k, bkk * steps)
-        cfg = launchers.GemvConfig(launchers.MAX_ROWS, bn, bkk, split_k, warps, stages)
-        tiles = launchers.triton_cdiv(n, bn)
-        # fewer programs than SMs leaves bandwidth idle; more output tiles than counters cannot run
-        if tiles * split_k < sms or tiles > launchers.COUNTER_SLOTS:
-            continue
-        out.append(cfg)
+        out.append(launchers.GemvConfig(launchers.MAX_ROWS, bn, bkk, launchers.triton_cdiv(k, bkk * steps), warps,
+                                        stages))
+    for (bn, bkk, warps), chunk, stages in itertools.product(COMPACT_TILES, COMPACT_CHUNKS, COMPACT_STAGES):
+        out.append(launchers.GemvConfig(launchers.MAX_ROWS, bn, bkk, launchers.triton_cdiv(k, chunk), warps, stages,
+                                        kernel="compact"))
+    # fewer programs than SMs leaves bandwidth idle; more output tiles than counters cannot run
+    out = [c for c in out if launchers.triton_cdiv(n, c.block_n) * launchers.k_split(k, c)[1] >= sms
+           and launchers.triton_cdiv(n, c.block_n) <= launchers.COUNTER_SLOTS]
     if bk.DRY_RUN:
-        return out[:2]
+        return out[:1] + [c for c in out if c.kernel == "compact"][:1]
     return out
 
 
 def label(cfg: launchers.GemvConfig) -> str:
     if cfg.rows == 1:
         return f"per-row {cfg.kernel} bn{cfg.block_n} bk{cfg.block_k} split{cfg.split_k} w{cfg.num_warps}"
-    return f"union bn{cfg.block_n} bk{cfg.block_k} split{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}"
+    return (f"union {cfg.kernel} bn{cfg.block_n} bk{cfg.block_k} split{cfg.split_k} w{cfg.num_warps} "
+            f"st{cfg.num_stages}")
 
 
 def band_of(n: int, k: int, sparsity: float) -> str:
