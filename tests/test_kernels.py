@@ -662,6 +662,38 @@ def test_cuda_graph_replay(selection, tokens, pdl, epilogue, gen, monkeypatch):
     assert launchers._workspace_for(x_static.device).is_clean()
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("selection", ["threshold", "topk"])
+@pytest.mark.parametrize("tokens", [3, 16], ids=lambda m: f"M{m}")
+def test_union_compact_cuda_graph_replay(selection, tokens, gen):
+    """The union compact kernel (its list and K loop depend on the data) captured once and replayed
+    on new inputs: right every time, the workspace left zeroed."""
+    n, k = 4096, 4096
+    cfg = union_config(("compact", 128, 32, 4, 2, 512), k)
+    w, b, s, _, _ = make_layer(n, k, torch.bfloat16, gen, scale=selection == "topk")
+    w_t = launchers.prepare_weight(w).t()
+    x_static = randn(tokens, k, gen=gen, dtype=torch.bfloat16)
+    keep = k // 2
+    if selection == "threshold":
+        thr = threshold_for(x_static, 0.7, None).float()
+        graph, out_static = _captured(lambda: launchers.sparse_gemv(x_static, w_t, thr, None, b, None, None, None, cfg))
+    else:
+        def run():
+            thr_k, jcut = launchers.topk_thresholds(x_static, keep, s)
+            return launchers.sparse_gemv(x_static, w_t, thr_k, jcut, b, s, None, None, cfg)
+        graph, out_static = _captured(run)
+    for _ in range(3):
+        x_static.copy_(randn(tokens, k, gen=gen, dtype=torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        if selection == "threshold":
+            ref = reference.sparse_linear(x_static, w, b, threshold=thr)
+        else:
+            ref = reference.masked_linear(x_static, w, topk_mask_lowest_index(x_static, keep, s), b)
+        check_close(out_static, ref)
+    assert launchers._workspace_for(x_static.device).is_clean()
+
+
 def _captured(fn):
     """(graph, fn's outputs) of fn captured in a CUDA graph, after one call outside the capture
     (Triton compiles there, not during capture)."""
