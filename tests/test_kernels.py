@@ -986,6 +986,37 @@ def _lowrank_time_module():
     return module
 
 
+def test_union_rows_report_and_tables_match_committed_files():
+    """benchmarks/results/union_rows_h200.md is what union_rows --report makes of the committed runs;
+    every union config of the committed table, and every 2-16 token threshold ratio of the dispatch
+    table for the measured shapes and levels, is the one union_rows --adopt derives from that run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("union_rows", BENCHMARKS / "gpu" / "union_rows.py")
+    union_rows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(union_rows)
+    data = json.loads((RESULTS / "union_rows_h200.json").read_text())
+    walk = json.loads((RESULTS / "union_rows_h200_walk.json").read_text())
+    assert union_rows.report(data, walk) == (RESULTS / "union_rows_h200.md").read_text()
+    table = launchers._load_json(launchers._CONFIG_FILE)
+    adopted = {}
+    for line in data["adopted"]:
+        band, key, tokens = line.split(":")[0].split("/")
+        adopted[band, key, tokens] = True
+    ratios = launchers._load_json(launchers._DISPATCH_FILE)["ratios"]["threshold"]
+    for row in data["rows"]:
+        key = launchers._shape_key(row["n"], row["k"])
+        band_cfg = table[row["band"]][key][str(row["tokens"])]
+        union = (row["band"], key, str(row["tokens"])) in adopted
+        if union:
+            assert band_cfg == row["union_config"]
+        else:
+            assert band_cfg["rows"] == 1
+        if row["sparsity"] in union_rows.RATIO_LEVELS:
+            expected = row["union_ratio"] if union else row["per_row_ratio"]
+            assert ratios[key][f"{row['sparsity']:g}"][str(row["tokens"])] == round(expected, 4)
+
+
 def test_lowrank_measurements_replace_the_table(tmp_path):
     """lowrank_time --merge: one GPU's files (one per sparsity) rebuild threshold_lowrank; levels
     of the table they replace (an estimate for this GPU, another GPU's) do not survive, and files

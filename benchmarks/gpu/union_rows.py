@@ -26,6 +26,8 @@ config the launcher will now use at that level (one token keeps its own measurem
 
     python3 -P benchmarks/gpu/union_rows.py --adopt $RES/union_tables --out $RES/union_rows_h200.json
     RSPARSE_BENCH_DRY=1 TRITON_INTERPRET=1 python benchmarks/gpu/union_rows.py --out /tmp/u.json   # CPU: script check
+    python benchmarks/gpu/union_rows.py --report benchmarks/results/union_rows_h200.json \
+        benchmarks/results/union_rows_h200_walk.json --out benchmarks/results/union_rows_h200.md
 """
 
 import argparse
@@ -62,10 +64,11 @@ ADOPT_MAX_RATIO = 0.97
 ADOPT_MAX_ERR = 1e-2
 # union walk tiles (sparse_gemv_kernel, ROWS = 16): (block_n, block_k, num_warps) x K steps per
 # program x pipeline stages. tl.dot needs block_k >= 16. Session 16's first run timed 64 of them:
-# 1.0-1.3x dense even at a union density of 0.19 (their time hardly follows the selection), so
-# a few stay as the reference.
+# 1.0-1.3x dense even at a union density of 0.19 (their time hardly follows the selection), but at
+# a density near 1 (8-16 tokens) 1.2-1.6x against the compact union's 1.4-2.3x. The second run
+# timed only steps 1 and 4 and so missed the first run's winners (steps 2), hence all three here.
 UNION_TILES = [(64, 64, 4), (128, 32, 4), (128, 64, 4), (256, 32, 4), (256, 64, 8)]
-UNION_STEPS = [1, 4]
+UNION_STEPS = [1, 2, 4]
 UNION_STAGES = [2]
 # union compact tiles (sparse_gemv_union_compact_kernel): (block_n, block_k, num_warps) x K chunk
 # (<= launchers.UNION_MAX_CHUNK) x pipeline stages of the gathered loop
@@ -128,7 +131,10 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log
                     log(f"  {name} M={tokens} {label(cfg)}: {type(exc).__name__}: {str(exc)[:200]}")
             ranked.sort(key=lambda t: t[0])
             if tokens == TOKENS[0]:
-                leaders[band] = [cfg for _, cfg in ranked[:RANK_LEADERS]]
+                # the leaders of each kernel: the union density grows with the tokens, and the walk's
+                # time hardly follows it while the compact's does, so the order can flip
+                leaders[band] = [cfg for kind in ("walk", "compact")
+                                 for cfg in [c for _, c in ranked if c.kernel == kind][:RANK_LEADERS // 2]]
             best[band] = ranked[0][1]
         for s in LEVELS:
             band = band_of(n, k, s)
@@ -194,12 +200,58 @@ def adopt(rows: list[dict], out_dir: str, source: str) -> list[str]:
     return adopted
 
 
+def report(data: dict, walk: dict | None = None) -> str:
+    """Markdown of a union_rows.py run (and the walk-only first run, for its column)."""
+    rows = data["rows"]
+    walk_us = {(r["shape"], r["tokens"], r["sparsity"]): r["union_us"] for r in (walk or {}).get("rows", [])}
+    lines = [
+        f"# Decode steps of 2-16 tokens: per-row vs union programs ({data['gpu']})",
+        "",
+        f"`benchmarks/gpu/union_rows.py`, commit `{data['commit']}`, versions {json.dumps(data['versions'])}. "
+        f"{data['selection']}; {data['dtype']}; CUDA-graph timing over rotating weight copies (as the one-token "
+        "sweep). Per shape and token count, in one process: dense cuBLAS, the committed per-row config of the "
+        "sparsity's band (what the launcher ran before), and the fastest union config of the band (walk or compact "
+        "union kernel, ranked at s = 0.5 / 0.9). 'union density' = the share of weight rows some token selected "
+        "(1 - s^M for independent tokens). Times in us, ratio to dense in brackets; bold = the launcher's choice "
+        "now (union where it beat per-row by 3% at the band's ranking sparsity), 'sparse' = at or below "
+        f"{launchers.DISPATCH_MAX_RATIO:g}x dense, where the dispatch runs the kernels.",
+    ]
+    if walk:
+        lines += ["", f"'walk only' = the first run (`{walk['commit']}`), whose union candidates were the walk "
+                  "kernel's alone (sparse_gemv_kernel, ROWS = 16: predicated row loads over every K step)."]
+    adopted = {tuple(a.split(":")[0].split("/")) for a in data.get("adopted", [])}
+    head = "| shape | tokens | s | union density | dense | per-row | union | union config |" + (
+        " walk only |" if walk else "")
+    lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        key = launchers._shape_key(r["n"], r["k"])
+        union_now = (r["band"], key, str(r["tokens"])) in adopted
+        cells = []
+        for name, us, ratio in (("per-row", r["per_row_us"], r["per_row_ratio"]), ("union", r["union_us"], r["union_ratio"])):
+            text = f"{us:.1f} ({ratio:.2f}x)" + (" sparse" if ratio <= launchers.DISPATCH_MAX_RATIO else "")
+            cells.append(f"**{text}**" if (name == "union") == union_now else text)
+        cfg = launchers.GemvConfig.from_dict(r["union_config"])
+        line = (f"| {r['shape']} | {r['tokens']} | {r['sparsity']:g} | {r['union_density']:.2f} | {r['dense_us']:.1f} | "
+                f"{cells[0]} | {cells[1]} | {label(cfg)} |")
+        if walk:
+            w = walk_us.get((r["shape"], r["tokens"], r["sparsity"]))
+            line += f" {w / r['dense_us']:.2f}x |" if w else " |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--adopt", default="", help="write sparse_gemv.json and dispatch.json with the union choices here")
     ap.add_argument("--shapes", nargs="*", default=[], help="names from SHAPES (default: all)")
+    ap.add_argument("--report", nargs="+", metavar="JSON",
+                    help="no run: the markdown of a run's JSON (and the walk-only run's) to --out")
     args = ap.parse_args()
+    if args.report:
+        data = [json.loads(Path(p).read_text()) for p in args.report]
+        Path(args.out).write_text(report(data[0], data[1] if len(data) > 1 else None))
+        return
     gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
     launchers.COMPACT_ROWS_ENABLED = False
     sms = 4 if bk.DRY_RUN else torch.cuda.get_device_properties(0).multi_processor_count
