@@ -91,6 +91,23 @@ def _select(b_x, o_k, m_k, b_thr, b_jcut, p_scale, HAS_SCALE: tl.constexpr, PER_
 
 
 @triton.jit
+def _row_group(p_thr, p_jcut, M, ROWS: tl.constexpr, PER_ROW: tl.constexpr):
+    # the row group of this program (grid axis 2): its index, rows, row mask, and each row's
+    # threshold (and tie cut): per row for exact top-k, else the layer's one threshold for every
+    # row (jcut unused: the rows themselves as a placeholder)
+    i_g = tl.program_id(2)
+    o_m = i_g * ROWS + tl.arange(0, ROWS)
+    m_m = o_m < M
+    if PER_ROW:
+        b_thr = tl.load(p_thr + o_m, mask=m_m, other=0.0)
+        b_jcut = tl.load(p_jcut + o_m, mask=m_m, other=-1)
+    else:
+        b_thr = tl.load(p_thr + o_m * 0)
+        b_jcut = o_m
+    return i_g, o_m, m_m, b_thr, b_jcut
+
+
+@triton.jit
 def _load_x(p_x, o_m, m_m, k0, k_hi, s_xm, s_xk, BLOCK_K: tl.constexpr):
     # x [ROWS, BLOCK_K] of the K step at k0, f32 (columns >= k_hi read as 0)
     o_k = k0 + tl.arange(0, BLOCK_K)
@@ -214,15 +231,7 @@ def sparse_gemv_kernel(
     _await_previous_kernel(GDC, GDC)
     i_n = tl.program_id(0)
     i_k = tl.program_id(1)
-    i_g = tl.program_id(2)
-    o_m = i_g * ROWS + tl.arange(0, ROWS)
-    m_m = o_m < M
-    if PER_ROW:
-        b_thr = tl.load(p_thr + o_m, mask=m_m, other=0.0)
-        b_jcut = tl.load(p_jcut + o_m, mask=m_m, other=-1)
-    else:
-        b_thr = tl.load(p_thr + o_m * 0)
-        b_jcut = o_m
+    i_g, o_m, m_m, b_thr, b_jcut = _row_group(p_thr, p_jcut, M, ROWS, PER_ROW)
     k_lo = i_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
 
@@ -607,15 +616,7 @@ def sparse_gemv_union_compact_kernel(
     _await_previous_kernel(GDC, GDC)
     i_n = tl.program_id(0)
     i_k = tl.program_id(1)
-    i_g = tl.program_id(2)
-    o_m = i_g * ROWS + tl.arange(0, ROWS)
-    m_m = o_m < M
-    if PER_ROW:
-        b_thr = tl.load(p_thr + o_m, mask=m_m, other=0.0)
-        b_jcut = tl.load(p_jcut + o_m, mask=m_m, other=-1)
-    else:
-        b_thr = tl.load(p_thr + o_m * 0)
-        b_jcut = o_m
+    i_g, o_m, m_m, b_thr, b_jcut = _row_group(p_thr, p_jcut, M, ROWS, PER_ROW)
     k_lo = i_k * CHUNK
     k_hi = tl.minimum(k_lo + CHUNK, K)
     # the chunk's union list: every program of this (row group, chunk) writes the same entries

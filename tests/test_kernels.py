@@ -813,42 +813,32 @@ def test_pdl_switch(raw, expected, switch, monkeypatch):
         assert not used(torch.device("cpu"))
 
 
-def test_lowrank_epilogue_switch(monkeypatch):
-    """RSPARSE_LOWRANK_EPILOGUE picks R-Sparse's u^T epilogue when launchers.LOWRANK_EPILOGUE is
-    None (unset: the default, launch); a name that is not an epilogue is an error naming it."""
-    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", None)
-    monkeypatch.delenv(launchers.LOWRANK_EPILOGUE_ENV, raising=False)
-    assert launchers.lowrank_epilogue() == launchers.LOWRANK_DEFAULT_EPILOGUE == "launch"
-    for raw, expected in (("claim", "claim"), (" Fused ", "fused"), ("", "launch")):
-        monkeypatch.setenv(launchers.LOWRANK_EPILOGUE_ENV, raw)
-        assert launchers.lowrank_epilogue() == expected
-    monkeypatch.setenv(launchers.LOWRANK_EPILOGUE_ENV, "sideways")
-    with pytest.raises(ValueError, match="RSPARSE_LOWRANK_EPILOGUE='sideways': expected one of launch, fused, claim"):
-        launchers.lowrank_epilogue()
-    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", "claim")  # the module setting wins
-    assert launchers.lowrank_epilogue() == "claim"
-    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", "sideways")
-    with pytest.raises(ValueError, match="LOWRANK_EPILOGUE must be one of"):
-        launchers.lowrank_epilogue()
-
-
-def test_union_rows_switch(monkeypatch):
-    """RSPARSE_UNION_ROWS picks how M > 1 rows run when launchers.UNION_ROWS is None (unset: the
-    committed table's choice); a name that is not a mode is an error naming it."""
-    monkeypatch.setattr(launchers, "UNION_ROWS", None)
-    monkeypatch.delenv(launchers.UNION_ROWS_ENV, raising=False)
-    assert launchers.union_rows_mode() == launchers.UNION_ROWS_DEFAULT == "table"
-    for raw, expected in (("on", "on"), (" OFF ", "off"), ("", "table")):
-        monkeypatch.setenv(launchers.UNION_ROWS_ENV, raw)
-        assert launchers.union_rows_mode() == expected
-    monkeypatch.setenv(launchers.UNION_ROWS_ENV, "always")
-    with pytest.raises(ValueError, match="RSPARSE_UNION_ROWS='always': expected one of table, on, off"):
-        launchers.union_rows_mode()
-    monkeypatch.setattr(launchers, "UNION_ROWS", "off")  # the module setting wins
-    assert launchers.union_rows_mode() == "off"
-    monkeypatch.setattr(launchers, "UNION_ROWS", "always")
-    with pytest.raises(ValueError, match="UNION_ROWS must be one of"):
-        launchers.union_rows_mode()
+@pytest.mark.parametrize("switch", ["lowrank_epilogue", "union_rows"])
+def test_choice_switches(switch, monkeypatch):
+    """RSPARSE_LOWRANK_EPILOGUE (R-Sparse's u^T epilogue) and RSPARSE_UNION_ROWS (how M > 1 rows run)
+    pick their mode when the launchers setting is None (unset: the default); a name that is not a
+    mode is an error naming the variable, the value and the modes; the module setting wins."""
+    knob, env, mode, default, modes = {
+        "lowrank_epilogue": ("LOWRANK_EPILOGUE", launchers.LOWRANK_EPILOGUE_ENV, launchers.lowrank_epilogue,
+                             launchers.LOWRANK_DEFAULT_EPILOGUE, launchers.LOWRANK_EPILOGUES),
+        "union_rows": ("UNION_ROWS", launchers.UNION_ROWS_ENV, launchers.union_rows_mode,
+                       launchers.UNION_ROWS_DEFAULT, launchers.UNION_ROWS_MODES)}[switch]
+    assert default == {"lowrank_epilogue": "launch", "union_rows": "table"}[switch]
+    monkeypatch.setattr(launchers, knob, None)
+    monkeypatch.delenv(env, raising=False)
+    assert mode() == default
+    other = modes[-1]
+    for raw, expected in ((other, other), (f" {modes[1].upper()} ", modes[1]), ("", default)):
+        monkeypatch.setenv(env, raw)
+        assert mode() == expected
+    monkeypatch.setenv(env, "sideways")
+    with pytest.raises(ValueError, match=f"{env}='sideways': expected one of {', '.join(modes)}"):
+        mode()
+    monkeypatch.setattr(launchers, knob, other)
+    assert mode() == other
+    monkeypatch.setattr(launchers, knob, "sideways")
+    with pytest.raises(ValueError, match=f"{knob} must be one of"):
+        mode()
 
 
 def _fake_table(monkeypatch, per_shape: dict):

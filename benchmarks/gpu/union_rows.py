@@ -52,9 +52,18 @@ bk = importlib.util.module_from_spec(_spec)
 sys.modules["bench_kernels"] = bk  # its dataclasses look their module up
 _spec.loader.exec_module(bk)
 
-SHAPES = [("llama2-7b/qkv", 12288, 4096), ("llama2-7b/o", 4096, 4096), ("llama2-7b/gate_up", 22016, 4096),
-          ("llama2-7b/down", 4096, 11008), ("llama3-8b/qkv", 6144, 4096), ("llama3-8b/gate_up", 28672, 4096),
-          ("llama3-8b/down", 4096, 14336)]
+
+def _distinct_shapes() -> list[tuple[str, int, int]]:
+    # Llama-2-7B and Llama-3-8B: qkv, o, gate_up, down; Llama-3's o_proj is Llama-2's shape
+    seen, out = set(), []
+    for name, n, k in bk.projection_shapes():
+        if (n, k) not in seen:
+            seen.add((n, k))
+            out.append((name, n, k))
+    return out
+
+
+SHAPES = _distinct_shapes()
 TOKENS = [2, 4, 8, 16]
 LEVELS = [0.0, 0.5, 0.7, 0.9]  # the final points; dispatch.json keeps 0 / 0.5 / 0.9
 RATIO_LEVELS = [0.0, 0.5, 0.9]
