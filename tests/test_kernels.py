@@ -499,18 +499,23 @@ def union_config(tile, k: int) -> launchers.GemvConfig:
                                 num_warps=warps, num_stages=stages, kernel=kernel)
 
 
+@pytest.mark.parametrize("list_ahead", [False, True], ids=["list_in_step", "list_ahead"])
 @pytest.mark.parametrize("finish", ["fixed", "counter"])
 @pytest.mark.parametrize("sparsity", [0.5, 0.9], ids=lambda s: f"s{s}")
 @pytest.mark.parametrize("tokens", UNION_TOKENS, ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("tile", UNION_TILES, ids=lambda t: "{}-bn{}-bk{}-w{}-st{}-per{}".format(*t))
 @pytest.mark.parametrize("shape", UNION_SHAPES, ids=shape_id)
-def test_union_configs(shape, tile, tokens, sparsity, finish, gen, monkeypatch):
+def test_union_configs(shape, tile, tokens, sparsity, finish, list_ahead, gen, monkeypatch):
     """The union programs (every row in one program, a weight row read once if any row selected
-    it; walk and compact) over the tiles the union sweep can commit: each row gets only its own
-    channels, twice in a row on the same inputs (bit-identically where the split-K sum is order
-    independent), the workspace left zeroed. The walk's H100 failures (session 2) were
-    intermittent, so the GPU runs repeat it (steps files)."""
+    it; walk and compact, the compact loop with its list entries in the step or one step ahead)
+    over the tiles the union sweep can commit: each row gets only its own channels, twice in a row
+    on the same inputs (bit-identically where the split-K sum is order independent), the workspace
+    left zeroed. The walk's H100 failures (session 2) were intermittent, so the GPU runs repeat it
+    (steps files)."""
+    if list_ahead and tile[0] != "compact":
+        pytest.skip("the list-ahead loop is the union compact kernel's")
     monkeypatch.setattr(launchers, "FIXED_POINT_SPLIT_ENABLED", finish == "fixed")
+    monkeypatch.setattr(launchers, "UNION_LIST_AHEAD", list_ahead)
     n, k = shape
     cfg = union_config(tile, k)
     along_k = launchers.k_split(k, cfg)[1]
@@ -663,11 +668,13 @@ def test_cuda_graph_replay(selection, tokens, pdl, epilogue, gen, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("list_ahead", [False, True], ids=["list_in_step", "list_ahead"])
 @pytest.mark.parametrize("selection", ["threshold", "topk"])
 @pytest.mark.parametrize("tokens", [3, 16], ids=lambda m: f"M{m}")
-def test_union_compact_cuda_graph_replay(selection, tokens, gen):
+def test_union_compact_cuda_graph_replay(selection, tokens, list_ahead, gen, monkeypatch):
     """The union compact kernel (its list and K loop depend on the data) captured once and replayed
     on new inputs: right every time, the workspace left zeroed."""
+    monkeypatch.setattr(launchers, "UNION_LIST_AHEAD", list_ahead)
     n, k = 4096, 4096
     cfg = union_config(("compact", 128, 32, 4, 2, 512), k)
     w, b, s, _, _ = make_layer(n, k, torch.bfloat16, gen, scale=selection == "topk")
@@ -1005,6 +1012,27 @@ def test_union_rows_report_and_tables_match_committed_files():
         if row["sparsity"] in union_rows.RATIO_LEVELS:
             expected = row["union_ratio"] if union else row["per_row_ratio"]
             assert ratios[key][f"{row['sparsity']:g}"][str(row["tokens"])] == round(expected, 4)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the dry run is the CPU check of a GPU script")
+def test_union_rows_script_dry_run(tmp_path):
+    """benchmarks/gpu/union_rows.py end to end on a tiny shape under the interpreter (fake timings):
+    the sweep, the list-ahead A/B, --adopt's two tables and --report run before GPU time is spent."""
+    import subprocess
+    import sys
+
+    script = BENCHMARKS / "gpu" / "union_rows.py"
+    env = {**os.environ, "RSPARSE_BENCH_DRY": "1", "TRITON_INTERPRET": "1"}
+    out = tmp_path / "u.json"
+    subprocess.run([sys.executable, str(script), "--list-ahead", "--adopt", str(tmp_path / "tables"), "--out", str(out)],
+                   check=True, env=env, capture_output=True, timeout=600)
+    data = json.loads(out.read_text())
+    assert data["union_list_ahead"] and any("union_other_list_ahead_us" in r for r in data["rows"])
+    for name in (launchers._CONFIG_FILE, launchers._DISPATCH_FILE):
+        assert json.loads((tmp_path / "tables" / name).read_text())
+    subprocess.run([sys.executable, str(script), "--report", str(out), "--out", str(tmp_path / "u.md")],
+                   check=True, env=env, capture_output=True, timeout=120)
+    assert (tmp_path / "u.md").read_text().startswith("# Decode steps of 2-16 tokens")
 
 
 def test_lowrank_measurements_replace_the_table(tmp_path):

@@ -685,6 +685,12 @@ def uses_compact_kernel(cfg: GemvConfig) -> bool:
 UNION_MAX_CHUNK = 512
 
 
+# The union compact loop with its list entries loaded one step ahead (the kernel's LIST_AHEAD).
+# Built in session 16 after the GPU sweep, not yet measured: off (the committed union configs
+# were ranked without it). benchmarks/gpu/union_rows.py --list-ahead times both.
+UNION_LIST_AHEAD = False
+
+
 def uses_union_compact_kernel(cfg: GemvConfig) -> bool:
     """Whether a launch with this config (and no low-rank term) runs sparse_gemv_union_compact_kernel."""
     return cfg.rows > 1 and cfg.kernel == "compact"
@@ -883,7 +889,7 @@ def sparse_gemv(
             ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
             HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
             SPLIT=split_k > 1, FIXED=fixed, DOT_F32=interpreting(), GDC=pdl, EVICT=evict,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
+            LIST_AHEAD=UNION_LIST_AHEAD, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
         )
     elif compact:
         # one program per (output tile, K chunk, token row); each row reads only its own

@@ -98,7 +98,9 @@ def union_candidates(n: int, k: int, sms: int) -> list[launchers.GemvConfig]:
     out = [c for c in out if launchers.triton_cdiv(n, c.block_n) * launchers.k_split(k, c)[1] >= sms
            and launchers.triton_cdiv(n, c.block_n) <= launchers.COUNTER_SLOTS]
     if bk.DRY_RUN:
-        return out[:1] + [c for c in out if c.kernel == "compact"][:1]
+        # one of each kernel, the compact first: with the dry run's equal timings it is the one
+        # chosen, so the --list-ahead A/B runs too
+        return [c for c in out if c.kernel == "compact"][:1] + out[:1]
     return out
 
 
@@ -113,7 +115,8 @@ def band_of(n: int, k: int, sparsity: float) -> str:
     return "configs_high" if sparsity >= launchers.high_sparsity_from(n, k) else "configs"
 
 
-def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log) -> list[dict]:
+def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log,
+                  list_ahead_ab: bool = False) -> list[dict]:
     dev = torch.device(bk.DEVICE)
     copies = 1 if bk.DRY_RUN else max(3, math.ceil(bk.L2_ROTATION_BYTES / (n * k * 2)))
     layers = [bk.Layer(n, k, gen) for _ in range(copies)]
@@ -155,12 +158,23 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log
             per_row_ms, per_row_out = timed(per_row, s)
             union_ms, union_out = timed(best[band], s)
             err = float((union_out - per_row_out).abs().max() / per_row_out.abs().max().clamp_min(1e-6))
+            other_ahead_us = None
+            if best[band].kernel == "compact" and list_ahead_ab:
+                # the same config with the union compact loop's list entries the other way
+                launchers.UNION_LIST_AHEAD = not launchers.UNION_LIST_AHEAD
+                try:
+                    other_ahead_us = timed(best[band], s)[0] * 1e3
+                finally:
+                    launchers.UNION_LIST_AHEAD = not launchers.UNION_LIST_AHEAD
             density = sum(u for _, _, _, u in inputs[s]) / len(inputs[s])
             row = {"shape": name, "n": n, "k": k, "tokens": tokens, "sparsity": s, "band": band,
                    "dense_us": dense_ms * 1e3, "per_row_us": per_row_ms * 1e3, "union_us": union_ms * 1e3,
                    "per_row_ratio": per_row_ms / dense_ms, "union_ratio": union_ms / dense_ms,
                    "union_density": density, "union_max_rel_err_vs_per_row": err,
-                   "per_row_config": dataclasses.asdict(per_row), "union_config": dataclasses.asdict(best[band])}
+                   "per_row_config": dataclasses.asdict(per_row), "union_config": dataclasses.asdict(best[band]),
+                   "union_list_ahead": launchers.UNION_LIST_AHEAD}
+            if other_ahead_us is not None:
+                row["union_other_list_ahead_us"] = other_ahead_us
             rows.append(row)
             log(f"{name:18s} M={tokens:2d} s={s} dense {dense_ms * 1e3:6.1f} us  per-row {per_row_ms * 1e3:6.1f} "
                 f"({row['per_row_ratio']:.2f}x)  union {union_ms * 1e3:6.1f} ({row['union_ratio']:.2f}x, density "
@@ -254,6 +268,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--adopt", default="", help="write sparse_gemv.json and dispatch.json with the union choices here")
     ap.add_argument("--shapes", nargs="*", default=[], help="names from SHAPES (default: all)")
+    ap.add_argument("--list-ahead", action="store_true",
+                    help="rank with launchers.UNION_LIST_AHEAD on, and time each chosen compact union with it off too")
     ap.add_argument("--report", nargs="+", metavar="JSON",
                     help="no run: the markdown of a run's JSON (and the walk-only run's) to --out")
     args = ap.parse_args()
@@ -278,8 +294,10 @@ def main() -> None:
                          "python": platform.python_version()},
             "command": "python3 -P benchmarks/gpu/union_rows.py " + " ".join(sys.argv[1:]),
             "timing": "cuda_graph", "dtype": "bf16", "selection": "teal threshold, random x (independent tokens)"}
+    launchers.UNION_LIST_AHEAD = args.list_ahead
+    meta["union_list_ahead"] = args.list_ahead
     for name, n, k in shapes:
-        rows += measure_shape(name, n, k, gen, sms, log)
+        rows += measure_shape(name, n, k, gen, sms, log, list_ahead_ab=args.list_ahead)
         # what is measured so far survives a time limit
         Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
     if args.adopt:
