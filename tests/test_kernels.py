@@ -421,6 +421,24 @@ def test_lowrank_claim_one_launch(rank, layout, v_order, gen, monkeypatch):
                 reference.sparse_linear(x2, w, b, threshold=thr2, channel_scale=s, lowrank_up=u, lowrank_down=v))
 
 
+def test_union_compact_kernel_builds_for_sm90_offline():
+    """The union compact kernel (tl.dot on gathered rows, Triton's pipeliner) compiles for sm_90 on
+    this CPU machine at its committed tiles, with the list entries in the step and one step ahead,
+    into code without function calls (the interpreter never compiles it)."""
+    import subprocess
+    import sys
+
+    script = BENCHMARKS / "gpu" / "offline_build.py"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script), "--union", "--json"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    builds = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(builds) == 8 and {b["LIST_AHEAD"] for b in builds} == {False, True}
+    for build in builds:
+        assert build["kernel"] == "sparse_gemv_union_compact_kernel" and build["calls"] == 0, build
+
+
 def test_claim_kernel_builds_for_sm90_offline():
     """The one-launch kernel's GPU-only path (the inline-PTX z_done reads, which the interpreter
     replaces by atomics) compiles for sm_90 on this CPU machine with the local Triton: no function

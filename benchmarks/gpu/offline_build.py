@@ -12,6 +12,7 @@ benchmarks/results/offline_build_triton36_h200.txt).
 
     python benchmarks/gpu/offline_build.py          # one line per build
     python benchmarks/gpu/offline_build.py --json   # the same as JSON
+    python benchmarks/gpu/offline_build.py --union  # the union compact kernel (session 16) instead
 Run it without TRITON_INTERPRET (the interpreter's kernels cannot be compiled).
 """
 
@@ -50,21 +51,39 @@ def claim_constexprs(num_warps: int, **over) -> dict:
     return values
 
 
-def build_sm90(num_warps: int, **over) -> dict:
-    """Compile the claim kernel for sm_90 and describe the result."""
+# the union compact kernel (session 16): the tiles its committed configs use (block_n, block_k, warps,
+# stages), each with the list entries in the step and one step ahead (launchers.UNION_LIST_AHEAD)
+UNION_POINTERS = {**CLAIM_POINTERS, "p_scale": "*fp32", "p_jcut": "*i32"}
+UNION_BUILDS = [dict(num_warps=w, num_stages=st, BLOCK_N=bn, BLOCK_K=bk, LIST_AHEAD=ahead)
+                for bn, bk, w, st in [(128, 32, 4, 1), (128, 32, 4, 3), (256, 16, 4, 2), (256, 64, 8, 2)]
+                for ahead in (False, True)]
+
+
+def union_constexprs(**over) -> dict:
+    """The union compact kernel's constexpr arguments as the launcher passes them on a GPU."""
+    values = dict(ROWS=16, BLOCK_N=128, BLOCK_K=32, CHUNK=512, HAS_SCALE=False, PER_ROW=False, HAS_BIAS=False,
+                  SPLIT=True, FIXED=True, DOT_F32=False, GDC=False, EVICT="", LIST_AHEAD=False)
+    values.update(over)
+    return values
+
+
+def build_sm90(num_warps: int, num_stages: int = 1, union: bool = False, **over) -> dict:
+    """Compile the claim kernel (or the union compact kernel) for sm_90 and describe the result."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from vllm_rsparse.kernels.sparse_gemv import sparse_gemv_claim_kernel as kernel
+    from vllm_rsparse.kernels import sparse_gemv
 
+    kernel = sparse_gemv.sparse_gemv_union_compact_kernel if union else sparse_gemv.sparse_gemv_claim_kernel
     if not isinstance(kernel, triton.runtime.JITFunction):
         raise SystemExit("offline_build.py: TRITON_INTERPRET is set; the interpreter's kernels cannot be compiled")
-    constexprs = claim_constexprs(num_warps, **over)
-    signature = {name: "constexpr" if name in constexprs else CLAIM_POINTERS.get(name, "i32")
+    constexprs = union_constexprs(**over) if union else claim_constexprs(num_warps, **over)
+    pointers = UNION_POINTERS if union else CLAIM_POINTERS
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
                  for name in kernel.arg_names}
     compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": 1})
+                              options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -72,7 +91,8 @@ def build_sm90(num_warps: int, **over) -> dict:
         f.flush()
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
-    return {"num_warps": num_warps, **over, "registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
+    return {"kernel": kernel.fn.__name__, "num_warps": num_warps, "num_stages": num_stages, **over,
+            "registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
             "local_bytes": int(fields["LOCAL"]), "calls": ptx.count("call.uni"),
             "acquire_loads": ptx.count("ld.acquire.gpu"), "triton": triton.__version__}
 
@@ -80,8 +100,9 @@ def build_sm90(num_warps: int, **over) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--union", action="store_true", help="the union compact kernel's builds instead")
     args = ap.parse_args()
-    builds = [build_sm90(**b) for b in BUILDS]
+    builds = [build_sm90(union=True, **b) for b in UNION_BUILDS] if args.union else [build_sm90(**b) for b in BUILDS]
     if args.json:
         print(json.dumps(builds))
     else:
