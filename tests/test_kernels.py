@@ -528,7 +528,7 @@ def test_union_configs(shape, tile, tokens, sparsity, finish, list_ahead, gen, m
     it; walk and compact, the compact loop with its list entries in the step or one step ahead)
     over the tiles the union sweep can commit: each row gets only its own channels, twice in a row
     on the same inputs (bit-identically where the split-K sum is order independent), the workspace
-    left zeroed. The walk's H100 failures (session 2) were intermittent, so the GPU runs repeat it
+    left zeroed. The walk's first H100 failures (e2a1af1) were intermittent, so the GPU runs repeat it
     (steps files)."""
     if list_ahead and tile[0] != "compact":
         pytest.skip("the list-ahead loop is the union compact kernel's")

@@ -38,7 +38,7 @@ MAX_ROWS = 16
 # by benchmarks/gpu/union_rows.py): "table". "on" runs every M > 1 launch as union (committed
 # union config, else the heuristic's), "off" every one per-row -- for tests (the union kernel on
 # every shape and token count) and A/B runs (bench_e2e.py's per-config switches).
-# The union program failed GPU tests on the H100 in session 2 (kernel_tests_union_h100.log); it
+# The union program failed GPU tests on its first H100 run (e2a1af1, kernel_tests_union_h100.log); it
 # was off until session 16 re-ran the whole M > 1 set with it (docs/kernels.md).
 UNION_ROWS_MODES = ("table", "on", "off")
 UNION_ROWS_DEFAULT = "table"

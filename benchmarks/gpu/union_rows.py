@@ -5,8 +5,10 @@ Per-row programs read, for each token, the weight rows of that token's channels:
 sparsity s read about M (1 - s) of the matrix, so from 2 tokens on at s = 0.5 they read more than
 dense (dispatch.json: 1.1-1.6x dense at 2 tokens). The union program (launchers.MAX_ROWS rows, one
 tl.dot per K step) reads a weight row once if any token selected its channel: 1 - s^M of the
-matrix for independent tokens. The union kernel was off from session 2 (wrong results on the H100
-in a share of runs; launchers.UNION_ROWS) and no union config was ever committed.
+matrix for independent tokens. Two union kernels: the walk (sparse_gemv_kernel, ROWS = 16, predicated
+loads over every K step; off from its first H100 run, e2a1af1, after wrong results in a share of runs)
+and the compact (sparse_gemv_union_compact_kernel, session 16: a list of the channels any row
+selected, gathered rows). No union config was committed before this script.
 
 Timing as the one-token sweep (bench_kernels.graph_time_ms: one CUDA graph over >= 160 MB of
 weight copies, so no call finds its weights in L2), bf16, TEAL threshold selection on random x:
