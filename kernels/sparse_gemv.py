@@ -151,6 +151,17 @@ def _load_step(
 
 
 @triton.jit
+def _rows_dot(b_xs, b_w, acc, DOT_F32: tl.constexpr):
+    # acc [ROWS, BLOCK_N] f32 += x [ROWS, BLOCK_K] f32 @ w [BLOCK_K, BLOCK_N] (the weight dtype)
+    if DOT_F32:
+        # interpreter: numpy has no bf16, compute in f32
+        return tl.dot(b_xs, b_w.to(tl.float32), acc, input_precision="ieee")
+    # x values are exact in the weight dtype, products are exact in f32, tensor cores
+    # accumulate in f32
+    return tl.dot(b_xs.to(b_w.dtype), b_w, acc)
+
+
+@triton.jit
 def _masked_tile(
     p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m,
     k_lo, k_hi, i_col, n_cols, s_xm, s_xk, s_row,
@@ -200,13 +211,7 @@ def _masked_tile(
         for k0 in range(k_lo, k_hi, BLOCK_K):
             b_xs, b_w = _load_step(p_x, p_mat, p_scale, b_thr, b_jcut, o_m, m_m, k0, k_hi, o_n, m_n,
                                    s_xm, s_xk, s_row, BLOCK_K, HAS_SCALE, PER_ROW, INVERT, EVICT)
-            if DOT_F32:
-                # interpreter: numpy has no bf16, compute in f32
-                acc = tl.dot(b_xs, b_w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                # x values are exact in the weight dtype, products are exact in f32,
-                # tensor cores accumulate in f32
-                acc = tl.dot(b_xs.to(b_w.dtype), b_w, acc)
+            acc = _rows_dot(b_xs, b_w, acc, DOT_F32)
     if ROWS == 1:
         acc = tl.sum(acc2, axis=0)[None, :]
     return acc
@@ -391,13 +396,18 @@ def _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
         m_sel = m_sel | ((b_score == thr) & (o_k <= jcut))
     if INVERT:
         m_sel = ~m_sel
-    m_sel = m_sel & m_k
+    return _store_list(p_list + k_lo, o_k, m_sel & m_k)
+
+
+@triton.jit
+def _store_list(p_list_chunk, o_k, m_sel):
+    # channels o_k [CHUNK] where m_sel -> list entries 0.. of the chunk, ascending; returns their
+    # number. Every program of the same (row or row group, chunk, w|v) writes the same values to
+    # the same slots, so concurrent writers cannot disagree; the list lives in L2 and is read back
     b_rank = tl.cumsum(m_sel.to(tl.int32), axis=0)
     n_sel = tl.sum(m_sel.to(tl.int32), axis=0)
-    # every program of this (row, chunk, w|v) writes the same values to the same slots,
-    # so concurrent writers cannot disagree; the list lives in L2 and is read back below
-    tl.store(p_list + k_lo + b_rank - 1, o_k, mask=m_sel)
-    # the loop reads slots other threads of this program wrote: block barrier (it also
+    tl.store(p_list_chunk + b_rank - 1, o_k, mask=m_sel)
+    # the caller's loop reads slots other threads of this program wrote: block barrier (it also
     # orders this CTA's global writes before its reads)
     tl.debug_barrier()
     return n_sel
@@ -623,19 +633,13 @@ def sparse_gemv_union_compact_kernel(
     i_g, o_m, m_m, b_thr, b_jcut = _row_group(p_thr, p_jcut, M, ROWS, PER_ROW)
     k_lo = i_k * CHUNK
     k_hi = tl.minimum(k_lo + CHUNK, K)
-    # the chunk's union list: every program of this (row group, chunk) writes the same entries
+    # the chunk's union list: the channels any row of the group selected
     o_k = k_lo + tl.arange(0, CHUNK)
     m_k = o_k < k_hi
-    b_x = tl.load(p_x + o_m[:, None] * s_xm + o_k[None, :] * s_xk, mask=m_m[:, None] & m_k[None, :],
-                  other=0.0).to(tl.float32)
+    b_x = _load_x(p_x, o_m, m_m, k_lo, k_hi, s_xm, s_xk, CHUNK)
     b_sel = _select(b_x, o_k, m_k, b_thr, b_jcut, p_scale, HAS_SCALE, PER_ROW) & m_m[:, None] & m_k[None, :]
-    m_union = tl.max(b_sel.to(tl.int32), axis=0) > 0
-    b_rank = tl.cumsum(m_union.to(tl.int32), axis=0)
-    n_sel = tl.sum(m_union.to(tl.int32), axis=0)
     p_lst = p_list + i_g * list_cols + k_lo
-    tl.store(p_lst + b_rank - 1, o_k, mask=m_union)
-    # the loop reads entries other threads wrote (block barrier: also orders the CTA's writes)
-    tl.debug_barrier()
+    n_sel = _store_list(p_lst, o_k, tl.max(b_sel.to(tl.int32), axis=0) > 0)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
@@ -655,11 +659,7 @@ def sparse_gemv_union_compact_kernel(
         # every unmasked row is a channel some row selected: each weight load is useful bytes
         b_w = tl.load(p_w + b_idx[:, None] * s_wk + o_n[None, :], mask=m_j[:, None] & m_n[None, :], other=0.0,
                       eviction_policy=EVICT)
-        if DOT_F32:
-            acc = tl.dot(b_xs, b_w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            # x values are exact in the weight dtype, products exact in f32 (as _masked_tile)
-            acc = tl.dot(b_xs.to(b_w.dtype), b_w, acc)
+        acc = _rows_dot(b_xs, b_w, acc, DOT_F32)
     m_out = m_m[:, None] & m_n[None, :]
     _finish(acc, 0, i_n, i_g, 0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_out, p_out,
             N, 0, ws_cols, s_om, s_on, tl.num_programs(1), ROWS, BLOCK_N, HAS_BIAS, False, SPLIT, FIXED)

@@ -984,13 +984,13 @@ def sparse_linear(
     m, k = x.shape
     n = weight.shape[0]
     selection = "threshold" if keep == THRESHOLD_SELECTION else "topk"
-    has_lowrank = lowrank_up is not None and lowrank_up.shape[-1] > 0
-    level = sparsity if sparsity is not None or keep == THRESHOLD_SELECTION else 1.0 - keep / k
-    limit = _dispatch_tokens(n, k, selection, level, has_lowrank) if x.is_cuda and use_crossover else None
-    if limit is not None and m > limit:
-        return torch.nn.functional.linear(x, weight, bias)
     if lowrank_up is not None and lowrank_up.shape[-1] == 0:
         lowrank_up = lowrank_down = None
+    if keep != THRESHOLD_SELECTION:
+        sparsity = 1.0 - keep / k
+    limit = _dispatch_tokens(n, k, selection, sparsity, lowrank_up is not None) if x.is_cuda and use_crossover else None
+    if limit is not None and m > limit:
+        return torch.nn.functional.linear(x, weight, bias)
     w_t = _as_kn(weight, "weight")
     v_t = _as_kn(lowrank_down, "lowrank_down") if lowrank_down is not None else None
     if keep == THRESHOLD_SELECTION:
@@ -1000,7 +1000,6 @@ def sparse_linear(
         jcut = None
     else:
         thr, jcut = topk_thresholds(x, keep, channel_scale)
-        sparsity = 1.0 - keep / k
     return sparse_gemv(x, w_t, thr, jcut, bias, channel_scale, lowrank_up, v_t, config, sparsity)
 
 
