@@ -1,0 +1,260 @@
+"""Issue 4's microbenchmark, run on what is committed: every method through the launcher with the
+committed tables, the results in the issue's format.
+
+The tuning scripts (bench_kernels.py --graph-sweep, wide_tiles.py, fixed_cost.py, union_rows.py) each
+time a slice: one method, one token count, candidate configs. This one times the product as it stands,
+the way the LinearMethod calls it: launchers.sparse_linear with the module's sparsity (which picks the
+config band, launchers.pick_config), the committed config of that band and token count (per-row or
+union, as the table says), and for R-Sparse's low-rank term the committed low-rank layout and epilogue.
+use_crossover=False, so the kernels run even where the op would send the call to dense; each row says
+which of the two the op does there ('op', from the committed dispatch table at the module's sparsity).
+
+Per distinct Llama-2-7B / Llama-3-8B projection shape (Llama-3's o_proj is Llama-2's), tokens
+1 / 2 / 4 / 8 / 16, sparsity 0 / 0.3 / 0.5 / 0.7 / 0.9, methods:
+  teal             threshold on |x|                                  (1 launch)
+  rsparse          threshold on |x| * column norm, no low-rank term  (1 launch)
+  rsparse_lowrank  the same + rank-64 term U V ((1 - m) x)           (2 launches: the epilogue)
+  larosa           exact top-k per token (select kernel + GEMV); LaRoSA's threshold variant runs
+                   the teal kernel on the rotated weights, so it is the teal row
+Dense = cuBLAS F.linear on vLLM's [N, K] layout, same dtype (bf16). Timing as the sweeps
+(bench_kernels.graph_time_ms: one CUDA graph over >= 160 MB of weight copies, so no call finds its
+weights in L2; no CPU launch cost, as in vLLM's decode graphs). x random, the tokens independent
+(the least a union of their selections can save).
+
+    RSPARSE_COMMIT=<sha> python3 -P benchmarks/gpu/committed_kernels.py --out $RES/kernels_committed_h200.json
+    python benchmarks/gpu/committed_kernels.py --report benchmarks/results/kernels_committed_h200.json \
+        --out benchmarks/results/kernels_committed_h200.md        # + one PNG per shape next to it
+    RSPARSE_BENCH_DRY=1 TRITON_INTERPRET=1 python benchmarks/gpu/committed_kernels.py --out /tmp/k.json  # CPU check
+"""
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vllm_rsparse import launchers
+
+_HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("fixed_cost", _HERE / "fixed_cost.py")
+fixed_cost = importlib.util.module_from_spec(_spec)
+sys.modules["fixed_cost"] = fixed_cost
+_spec.loader.exec_module(fixed_cost)
+bk = fixed_cost.bk  # benchmarks/bench_kernels.py: layers, inputs, graph timing
+
+METHODS = ["teal", "rsparse", "rsparse_lowrank", "larosa"]
+SELECTION = {"teal": "threshold", "rsparse": "threshold", "rsparse_lowrank": "threshold", "larosa": "topk"}
+TOKENS = bk.TOKENS
+SPARSITIES = bk.SPARSITIES
+TARGET_RATIO = fixed_cost.TARGET_RATIO  # {0.5: 0.58, 0.9: 0.2}
+TARGET_SHARE_OF_COPY = fixed_cost.TARGET_SHARE_OF_COPY
+
+
+def distinct_shapes() -> list[tuple[str, int, int]]:
+    seen, out = set(), []
+    for name, n, k in bk.projection_shapes():
+        if (n, k) not in seen:
+            seen.add((n, k))
+            out.append((name, n, k))
+    return out
+
+
+def op_choice(n: int, k: int, method: str, tokens: int, sparsity: float) -> str:
+    """What torch.ops.rsparse.sparse_linear does with this call: the kernels up to the committed
+    crossover at the module's sparsity, dense above it (launchers.sparse_linear)."""
+    if method == "larosa":
+        keep = round((1 - sparsity) * k)
+        sparsity = 1.0 - keep / k
+    limit = launchers.crossover_tokens(n, k, SELECTION[method], sparsity, lowrank=method == "rsparse_lowrank")
+    return "sparse" if limit is None or tokens <= limit else "dense"
+
+
+def measure_shape(name: str, n: int, k: int, gen: torch.Generator, log) -> list[dict]:
+    dev = torch.device(bk.DEVICE)
+    copies = 1 if bk.DRY_RUN else max(3, math.ceil(bk.L2_ROTATION_BYTES / (n * k * 2)))
+    layers = [bk.Layer(n, k, gen) for _ in range(copies)]
+    rows = []
+    for tokens in TOKENS[:2] if bk.DRY_RUN else TOKENS:
+        xs = [torch.randn(tokens, k, device=dev, generator=gen).to(bk.DTYPE) for _ in layers]
+        dense_ms = bk.graph_time_ms([(lambda l=l, x=x: F.linear(x, l.w_dense)) for l, x in zip(layers, xs)])
+        for method in METHODS:
+            for s in SPARSITIES:
+                inputs = [bk.make_inputs(layer, bk.Case(method, tokens, s), gen) for layer in layers]
+                calls = [lambda x=xs_[0], a=args: launchers.sparse_linear(x, **a, use_crossover=False, sparsity=s)
+                         for xs_, args, _, _ in inputs]
+                ms = bk.graph_time_ms(calls)
+                nbytes = sum(nb for _, _, nb, _ in inputs) / len(inputs)
+                rank = bk.LOWRANK_RANK if method == "rsparse_lowrank" else 0
+                # the band a top-k call uses is its own sparsity (1 - keep / K), as in sparse_linear
+                band_s = 1.0 - round((1 - s) * k) / k if method == "larosa" else s
+                row = {"shape": name, "n": n, "k": k, "method": method, "tokens": tokens, "sparsity": s,
+                       "dense_ms": dense_ms, "sparse_ms": ms, "gbs": nbytes / ms / 1e6, "ratio": ms / dense_ms,
+                       "ideal_ms": dense_ms * (1 - s), "bytes_read": nbytes,
+                       "union_density": sum(u for *_, u in inputs) / len(inputs),
+                       "config": launchers.describe_config(n, k, tokens, rank, bk.DEVICE, band_s),
+                       "op": op_choice(n, k, method, tokens, s)}
+                rows.append(row)
+            log(f"{name:18s} M={tokens:2d} {method:16s} dense {dense_ms * 1e3:6.1f} us  " + "  ".join(
+                f"s={r['sparsity']:g} {r['ratio']:.2f}x" for r in rows[-len(SPARSITIES):]))
+    for layer in layers:
+        layer.free()
+    del layers
+    if not bk.DRY_RUN:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _cell(r: dict) -> str:
+    return f"{r['ratio']:.2f}x" + ("" if r["op"] == "sparse" else "<sup>d</sup>")
+
+
+def report(data: dict) -> str:
+    rows, copy = data["results"], data["copy_bandwidth_gbs"]
+    by = {(r["shape"], r["method"], r["tokens"], r["sparsity"]): r for r in rows}
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    tokens = sorted({r["tokens"] for r in rows})
+    levels = sorted({r["sparsity"] for r in rows})
+    share = f"{TARGET_SHARE_OF_COPY:.0%}"
+    lines = [
+        f"# Decode kernels as committed: every method against cuBLAS ({data['gpu']})", "",
+        f"`benchmarks/gpu/committed_kernels.py`, commit `{data['commit']}`, versions {json.dumps(data['versions'])}, "
+        f"copy bandwidth {copy:.0f} GB/s (read + write). Command: `{data['command']}`.", "",
+        "Each call goes through `launchers.sparse_linear` with the module's sparsity, as the LinearMethod makes it: "
+        "the committed config of that sparsity's band and token count (per-row or union programs, as the table "
+        "says), R-Sparse's term with the committed low-rank layout and epilogue launch. CUDA-graph timing over "
+        "rotating weight copies (no call finds its weights in L2, no CPU launch cost); bf16; random x, tokens "
+        "independent. ratio = sparse / dense (cuBLAS F.linear, vLLM's [N, K] layout); GB/s = the bytes the "
+        "sparse call reads (weight rows some token selected, low-rank factors, x, output) / its time. "
+        "<sup>d</sup> = above the committed crossover at that sparsity: the op runs dense there (the kernels "
+        "were timed anyway). Llama-3-8B's o_proj is Llama-2-7B's shape.",
+        "", f"## Issue 4's one-token targets (teal): <= {TARGET_RATIO[0.5]}x dense and >= {share} of copy bandwidth "
+        f"at s = 0.5, <= {TARGET_RATIO[0.9]}x at 0.9", "",
+        "| shape | dense us | s=0.5 | GB/s @0.5 (% copy) | s=0.9 | met |", "|---|---|---|---|---|---|"]
+    for shape in shapes:
+        half, high = by.get((shape, "teal", 1, 0.5)), by.get((shape, "teal", 1, 0.9))
+        if not half or not high:
+            continue
+        met = [f"0.5 ratio {'yes' if half['ratio'] <= TARGET_RATIO[0.5] else 'no'}",
+               f"0.5 bandwidth {'yes' if half['gbs'] >= TARGET_SHARE_OF_COPY * copy else 'no'}",
+               f"0.9 {'yes' if high['ratio'] <= TARGET_RATIO[0.9] else 'no'}"]
+        lines.append(f"| {shape} | {half['dense_ms'] * 1e3:.1f} | {half['ratio']:.2f}x | {half['gbs']:.0f} "
+                     f"({100 * half['gbs'] / copy:.0f}%) | {high['ratio']:.2f}x | {', '.join(met)} |")
+    lines += ["", "## One token, every method (ratio to dense)", "",
+              "| shape | method | " + " | ".join(f"s={s:g}" for s in levels) + " | GB/s @0.5 | config @0.5 |",
+              "|---|---|" + "---|" * (len(levels) + 2)]
+    for shape in shapes:
+        for method in METHODS:
+            one = [by.get((shape, method, 1, s)) for s in levels]
+            if not any(one):
+                continue
+            half = by.get((shape, method, 1, 0.5))
+            cfg = launchers.GemvConfig.from_dict(half["config"]) if half else None
+            label = (f"{cfg.kernel} bn{cfg.block_n} bk{cfg.block_k} split{cfg.split_k} w{cfg.num_warps}"
+                     + (" evict" if cfg.evict else "")) if cfg else ""
+            lines.append(f"| {shape} | {method} | " + " | ".join(_cell(r) if r else "" for r in one)
+                         + (f" | {half['gbs']:.0f} | {label} |" if half else " | | |"))
+    for method in METHODS:
+        lines += ["", f"## {method} by token count (ratio to dense; programs per the committed table)", "",
+                  "| shape | s | " + " | ".join(f"M={t}" for t in tokens) + " |", "|---|---|" + "---|" * len(tokens)]
+        for shape in shapes:
+            for s in levels:
+                cells = [by.get((shape, method, t, s)) for t in tokens]
+                if any(cells):
+                    lines.append(f"| {shape} | {s:g} | " + " | ".join(
+                        (_cell(r) + (" u" if r["config"]["rows"] > 1 else "")) if r else "" for r in cells) + " |")
+        if method == "teal":
+            lines += ["", "(u = union programs: all tokens in one program; otherwise one program per token.)"]
+    lines += ["", "## Measured crossover (largest token count up to which every smaller count ran at or below "
+              f"{launchers.DISPATCH_MAX_RATIO:g}x dense, teal) against the committed dispatch at that sparsity", "",
+              "| shape | " + " | ".join(f"s={s:g}" for s in levels) + " |", "|---|" + "---|" * len(levels)]
+    for shape in shapes:
+        cells = []
+        for s in levels:
+            limit = 0
+            for t in tokens:
+                r = by.get((shape, "teal", t, s))
+                if r is None or r["ratio"] > launchers.DISPATCH_MAX_RATIO:
+                    break
+                limit = t
+            table = max([t for t in tokens if by.get((shape, "teal", t, s), {}).get("op") == "sparse"], default=0)
+            cells.append(f"{limit} (table {table})")
+        lines.append(f"| {shape} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, prefix: str) -> list[str]:
+    """One PNG per shape: time against sparsity at 1 / 4 / 16 tokens, every method, dense and the
+    ideal dense * (1 - s) line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, paths = data["results"], []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for ax, tokens in zip(axes, (1, 4, 16)):
+            pts = [r for r in rows if r["shape"] == shape and r["tokens"] == tokens]
+            if not pts:
+                continue
+            levels = sorted({r["sparsity"] for r in pts})
+            dense_us = pts[0]["dense_ms"] * 1e3
+            ax.plot(levels, [dense_us] * len(levels), "k-", label="dense cuBLAS")
+            ax.plot(levels, [dense_us * (1 - s) for s in levels], "k--", label="ideal dense*(1-s)")
+            for method in METHODS:
+                curve = sorted((r["sparsity"], r["sparse_ms"] * 1e3) for r in pts if r["method"] == method)
+                if curve:
+                    ax.plot(*zip(*curve), "o-", label=method)
+            ax.set_title(f"{shape}, {tokens} token(s)")
+            ax.set_xlabel("input-channel sparsity")
+            ax.set_ylabel("us")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        path = f"{prefix}_{shape.replace('/', '_')}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="the result JSON (with --report: the markdown)")
+    ap.add_argument("--shapes", nargs="*", default=[], help="names of distinct_shapes() (default: all)")
+    ap.add_argument("--report", default="", help="no run: the markdown and PNGs of a run's JSON")
+    args = ap.parse_args()
+    if args.report:
+        data = json.loads(Path(args.report).read_text())
+        Path(args.out).write_text(report(data))
+        plot(data, str(Path(args.out).with_suffix("")))
+        return
+    gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
+    shapes = [s for s in distinct_shapes() if not args.shapes or s[0] in args.shapes]
+    if bk.DRY_RUN:
+        shapes = [("tiny/o", 256, 320)]
+
+    def log(msg):
+        print(msg, flush=True)
+
+    meta = {"commit": os.environ.get("RSPARSE_COMMIT", "unknown"),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
+            "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__,
+                         "python": platform.python_version()},
+            "command": "python3 -P benchmarks/gpu/committed_kernels.py " + " ".join(sys.argv[1:]),
+            "timing": "cuda_graph", "dtype": "bf16", "lowrank_rank": bk.LOWRANK_RANK,
+            "copy_bandwidth_gbs": bk.copy_bandwidth_gbs(), "results": []}
+    for name, n, k in shapes:
+        meta["results"] += measure_shape(name, n, k, gen, log)
+        # what is measured so far survives a time limit
+        Path(args.out).write_text(json.dumps(meta, indent=1))
+
+
+if __name__ == "__main__":
+    main()
