@@ -385,6 +385,38 @@ def test_lowrank_tiles(rank, layout, epilogue, gen, monkeypatch):
             assert launchers._workspace_for(x.device).is_clean()
 
 
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7, 0.9, 0.97])
+def test_lowrank_chunks_follow_the_dropped_share(sparsity, gen):
+    """Above s = 0.5 the wide_chunks v_t programs take K chunks shorter by the dropped lists' extra
+    length (launchers.dropped_per_kept), so a v_t program's list steps stay about a w_t program's
+    instead of growing to 9x at 0.9; at and below 0.5 (and without a sparsity) the measured layout
+    is unchanged. The kernel at the module's sparsity matches the reference and leaves the
+    workspace clean."""
+    cfg = launchers.GemvConfig(rows=1, block_n=128, block_k=8, split_k=0, num_warps=4, num_stages=1, kernel="compact")
+    n, k, m, rank = (48, 300, 1, 64) if not HAS_CUDA else (6144, 4096, 1, 64)
+    cfg = dataclasses.replace(cfg, split_k=launchers.triton_cdiv(k, 16))
+    chunk = launchers.k_split(k, cfg)[0]
+    design = launchers.lowrank_tile(cfg, rank, chunk)
+    tile = launchers.lowrank_tile(cfg, rank, chunk, sparsity)
+    assert (tile.block_r, tile.block_kv) == (design.block_r, design.block_kv)
+    w_steps = chunk * (1 - sparsity) / cfg.block_k
+    v_steps = tile.chunk * sparsity / tile.block_kv
+    if sparsity <= 0.5:
+        assert tile == design
+    else:
+        assert tile.chunk < design.chunk and tile.chunk >= chunk
+        # a power of two of the ratio: within a factor of sqrt(2) of balanced, unless the w_t chunk bounds it
+        assert v_steps <= 1.5 * w_steps or tile.chunk == chunk
+    w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=rank, scale=True)
+    x = randn(m, k, gen=gen, dtype=torch.bfloat16)
+    thr = threshold_for(x, sparsity, s)
+    ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v)
+    w_p, (u_p, v_p) = launchers.prepare_weight(w), launchers.prepare_lowrank(u, v)
+    out = launchers.sparse_linear(x, w_p, b, thr, -1, s, u_p, v_p, config=cfg, use_crossover=False, sparsity=sparsity)
+    check_close(out, ref)
+    assert launchers._workspace_for(x.device).is_clean()
+
+
 @pytest.mark.parametrize("v_order", ["v_first", "v_last"])
 @pytest.mark.parametrize("layout", ["wide_chunks", "w_tiles"])
 @pytest.mark.parametrize("rank", [16, 300])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import typing
 import warnings
@@ -744,9 +745,29 @@ def lowrank_layout(cfg: GemvConfig) -> str:
     return LOWRANK_LAYOUT or cfg.lowrank or LOWRANK_DEFAULT_LAYOUT
 
 
-def lowrank_tile(cfg: GemvConfig, rank: int, chunk: int) -> LowrankTile:
+# False: the v_t chunks of the design sparsity at every sparsity (the layout before session 17;
+# benchmarks/gpu/committed_kernels.py --ab-lowrank-chunks times both in one process).
+LOWRANK_CHUNKS_FOLLOW_SPARSITY = True
+
+
+def dropped_per_kept(sparsity: float | None) -> int:
+    """How many times longer a v_t program's dropped-channel list is than a w_t program's kept list
+    on the same K range, at the module's sparsity, as a power of two (1 at or below the design
+    sparsity 0.5, where the wide_chunks layout was measured; None: the design sparsity)."""
+    if sparsity is None or sparsity <= 0.5 or not LOWRANK_CHUNKS_FOLLOW_SPARSITY:
+        return 1
+    ratio = sparsity / max(1.0 - sparsity, 1e-3)
+    return 1 << round(math.log2(ratio))
+
+
+def lowrank_tile(cfg: GemvConfig, rank: int, chunk: int, sparsity: float | None = None) -> LowrankTile:
     """The v_t program shape of a launch whose w_t programs take K chunks of `chunk`; only the
-    compact kernel has v_t programs of their own shape (the walk kernel's are w_t tiles)."""
+    compact kernel has v_t programs of their own shape (the walk kernel's are w_t tiles).
+    sparsity: the module's; above 0.5 the wide_chunks layout shortens its chunks by the dropped
+    lists' extra length, so a v_t program still takes about a w_t program's list steps. Without
+    it, at s = 0.9 two v_t programs each walked ~29 dependent list steps while the w_t programs
+    took ~3, and R-Sparse's qkv ran at 0.9-1.2x dense against 0.6-0.7x at s = 0.7
+    (benchmarks/results/kernels_committed_h200.md, session 17)."""
     layout = lowrank_layout(cfg)
     if layout not in LOWRANK_LAYOUTS:
         raise ValueError(f"launchers.LOWRANK_LAYOUT must be one of {LOWRANK_LAYOUTS} or None, got {layout!r}")
@@ -757,7 +778,8 @@ def lowrank_tile(cfg: GemvConfig, rank: int, chunk: int) -> LowrankTile:
     if layout == "own_tiles":
         return LowrankTile(block_r, max(cfg.block_k, min(block_kv, chunk)), chunk)
     # powers of two throughout, so the chunk stays one tl.arange
-    return LowrankTile(block_r, block_kv, min(MAX_CHUNK, max(chunk, chunk * block_kv // cfg.block_k)))
+    wide = chunk * block_kv // cfg.block_k // dropped_per_kept(sparsity)
+    return LowrankTile(block_r, block_kv, min(MAX_CHUNK, max(chunk, wide)))
 
 
 def fixed_point_finish(split_k: int) -> bool:
@@ -801,7 +823,7 @@ def sparse_gemv(
     tiles_w = triton_cdiv(n, cfg.block_n)
     compact = uses_compact_kernel(cfg)
     k_per_split, split_k = k_split(k, cfg)
-    v_tile = lowrank_tile(cfg, rank, k_per_split)
+    v_tile = lowrank_tile(cfg, rank, k_per_split, sparsity)
     tiles = tiles_w + (triton_cdiv(rank, v_tile.block_r) if has_lowrank else 0)
     split_v = triton_cdiv(k, v_tile.chunk)
     if tiles * row_groups > COUNTER_SLOTS:

@@ -75,20 +75,29 @@ def op_choice(n: int, k: int, method: str, tokens: int, sparsity: float) -> str:
     return "sparse" if limit is None or tokens <= limit else "dense"
 
 
-def measure_shape(name: str, n: int, k: int, gen: torch.Generator, log) -> list[dict]:
+def measure_shape(name: str, n: int, k: int, gen: torch.Generator, log, methods=tuple(METHODS),
+                  tokens_list=tuple(TOKENS), ab_lowrank_chunks: bool = False) -> list[dict]:
     dev = torch.device(bk.DEVICE)
     copies = 1 if bk.DRY_RUN else max(3, math.ceil(bk.L2_ROTATION_BYTES / (n * k * 2)))
     layers = [bk.Layer(n, k, gen) for _ in range(copies)]
     rows = []
-    for tokens in TOKENS[:2] if bk.DRY_RUN else TOKENS:
+    for tokens in tokens_list[:2] if bk.DRY_RUN else tokens_list:
         xs = [torch.randn(tokens, k, device=dev, generator=gen).to(bk.DTYPE) for _ in layers]
         dense_ms = bk.graph_time_ms([(lambda l=l, x=x: F.linear(x, l.w_dense)) for l, x in zip(layers, xs)])
-        for method in METHODS:
+        for method in methods:
             for s in SPARSITIES:
                 inputs = [bk.make_inputs(layer, bk.Case(method, tokens, s), gen) for layer in layers]
                 calls = [lambda x=xs_[0], a=args: launchers.sparse_linear(x, **a, use_crossover=False, sparsity=s)
                          for xs_, args, _, _ in inputs]
                 ms = bk.graph_time_ms(calls)
+                extra = {}
+                if ab_lowrank_chunks and method == "rsparse_lowrank" and s > 0.5:
+                    # the same calls with the v_t chunks of the design sparsity, in the same process
+                    launchers.LOWRANK_CHUNKS_FOLLOW_SPARSITY = False
+                    try:
+                        extra["design_chunks_ms"] = bk.graph_time_ms(calls)
+                    finally:
+                        launchers.LOWRANK_CHUNKS_FOLLOW_SPARSITY = True
                 nbytes = sum(nb for _, _, nb, _ in inputs) / len(inputs)
                 rank = bk.LOWRANK_RANK if method == "rsparse_lowrank" else 0
                 # the band a top-k call uses is its own sparsity (1 - keep / K), as in sparse_linear
@@ -98,7 +107,7 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, log) -> list[
                        "ideal_ms": dense_ms * (1 - s), "bytes_read": nbytes,
                        "union_density": sum(u for *_, u in inputs) / len(inputs),
                        "config": launchers.describe_config(n, k, tokens, rank, bk.DEVICE, band_s),
-                       "op": op_choice(n, k, method, tokens, s)}
+                       "op": op_choice(n, k, method, tokens, s), **extra}
                 rows.append(row)
             log(f"{name:18s} M={tokens:2d} {method:16s} dense {dense_ms * 1e3:6.1f} us  " + "  ".join(
                 f"s={r['sparsity']:g} {r['ratio']:.2f}x" for r in rows[-len(SPARSITIES):]))
@@ -120,6 +129,7 @@ def report(data: dict) -> str:
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     tokens = sorted({r["tokens"] for r in rows})
     levels = sorted({r["sparsity"] for r in rows})
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     share = f"{TARGET_SHARE_OF_COPY:.0%}"
     lines = [
         f"# Decode kernels as committed: every method against cuBLAS ({data['gpu']})", "",
@@ -149,7 +159,7 @@ def report(data: dict) -> str:
               "| shape | method | " + " | ".join(f"s={s:g}" for s in levels) + " | GB/s @0.5 | config @0.5 |",
               "|---|---|" + "---|" * (len(levels) + 2)]
     for shape in shapes:
-        for method in METHODS:
+        for method in methods:
             one = [by.get((shape, method, 1, s)) for s in levels]
             if not any(one):
                 continue
@@ -159,7 +169,16 @@ def report(data: dict) -> str:
                      + (" evict" if cfg.evict else "")) if cfg else ""
             lines.append(f"| {shape} | {method} | " + " | ".join(_cell(r) if r else "" for r in one)
                          + (f" | {half['gbs']:.0f} | {label} |" if half else " | | |"))
-    for method in METHODS:
+    ab = [r for r in rows if "design_chunks_ms" in r]
+    if ab:
+        lines += ["", "## R-Sparse's v_t chunks at the module's sparsity (launchers.dropped_per_kept) against the "
+                  "design sparsity's, timed in the same process (ratio to dense, us in brackets)", "",
+                  "| shape | tokens | s | design chunks | chunks at s | change |", "|---|---|---|---|---|---|"]
+        for r in ab:
+            before, after = r["design_chunks_ms"], r["sparse_ms"]
+            lines.append(f"| {r['shape']} | {r['tokens']} | {r['sparsity']:g} | {before / r['dense_ms']:.2f}x "
+                         f"({before * 1e3:.1f}) | {r['ratio']:.2f}x ({after * 1e3:.1f}) | {after / before - 1:+.0%} |")
+    for method in methods:
         lines += ["", f"## {method} by token count (ratio to dense; programs per the committed table)", "",
                   "| shape | s | " + " | ".join(f"M={t}" for t in tokens) + " |", "|---|---|" + "---|" * len(tokens)]
         for shape in shapes:
@@ -228,6 +247,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="the result JSON (with --report: the markdown)")
     ap.add_argument("--shapes", nargs="*", default=[], help="names of distinct_shapes() (default: all)")
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
+    ap.add_argument("--ab-lowrank-chunks", action="store_true",
+                    help="rsparse_lowrank above s = 0.5 also with launchers.LOWRANK_CHUNKS_FOLLOW_SPARSITY off")
     ap.add_argument("--report", default="", help="no run: the markdown and PNGs of a run's JSON")
     args = ap.parse_args()
     if args.report:
@@ -251,7 +274,7 @@ def main() -> None:
             "timing": "cuda_graph", "dtype": "bf16", "lowrank_rank": bk.LOWRANK_RANK,
             "copy_bandwidth_gbs": bk.copy_bandwidth_gbs(), "results": []}
     for name, n, k in shapes:
-        meta["results"] += measure_shape(name, n, k, gen, log)
+        meta["results"] += measure_shape(name, n, k, gen, log, args.methods, args.tokens, args.ab_lowrank_chunks)
         # what is measured so far survives a time limit
         Path(args.out).write_text(json.dumps(meta, indent=1))
 

@@ -88,9 +88,10 @@ def timed_alternately(calls, variants: dict, knobs: tuple, rounds: int = 2) -> t
     return {name: min(t) for name, t in times.items()}, outs
 
 
-def config_variant(n: int, k: int) -> str:
-    """The TILE_VARIANTS entry that shape (N, K) runs at one token with the committed configs."""
-    cfg = launchers.pick_config(n, k, 1, 16, torch.device("cuda"))
+def config_variant(n: int, k: int, sparsity: float | None = None) -> str:
+    """The TILE_VARIANTS entry that shape (N, K) runs at one token with the committed configs at
+    input sparsity `sparsity` (its band; None: the design band)."""
+    cfg = launchers.pick_config(n, k, 1, 16, torch.device("cuda"), sparsity)
     return _LAYOUT_VARIANT[launchers.lowrank_layout(cfg)]
 
 
@@ -118,6 +119,12 @@ def compiled_resources() -> list[dict]:
                 except Exception as exc:  # a Triton whose internals differ: say so, keep the timings
                     found.append({"kernel": name, "error": repr(exc)[:200]})
     return found
+
+
+def _row_sparsity(row: dict) -> float | None:
+    """The sparsity a file's row was measured at as far as the launcher saw it: files before session
+    17 did not pass the module's sparsity to sparse_linear (the design band, the v_t chunks of 0.5)."""
+    return row["input_sparsity"] if row.get("sparsity_passed") else None
 
 
 def graph_us(calls, reps: int = 4) -> float:
@@ -150,7 +157,7 @@ def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "
     for result in results:
         for row in result["rows"]:
             level = f"{round(row['input_sparsity'], 4):g}"
-            name = config_variant(row["n"], row["k"]) if variant == "config" else variant
+            name = config_variant(row["n"], row["k"], _row_sparsity(row)) if variant == "config" else variant
             lowrank_us = row["variants_us"][name] if name else row["lowrank16_us"]
             table.setdefault(f"N{row['n']}_K{row['k']}", {})[level] = {"1": round(lowrank_us / row["dense_us"], 4)}
     dispatch.setdefault("ratios", {})["threshold_lowrank"] = table
@@ -234,7 +241,7 @@ def report(result_paths: list[str]) -> str:
     for result in results:
         for row in result["rows"]:
             dense = row["dense_us"]
-            chosen = config_variant(row["n"], row["k"])
+            chosen = config_variant(row["n"], row["k"], _row_sparsity(row))
             cells = [f"{row['variants_us'][v] / dense:.2f}{'*' if v == chosen else ''} ({row['variants_us'][v]:.1f})"
                      for v in names]
             lines.append(f"| {result['sparsity']} | {result.get('commit', '?')} | {row['shape']} | {row['rank']} | "
@@ -351,11 +358,15 @@ def main() -> None:
         thr = torch.quantile(x.float().abs().flatten(), 1 - keep / k).reshape(1)
         row = {"shape": name, "n": n, "k": k, "rank": rank, "input_sparsity": 1 - keep / k}
         row["dense_us"] = graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w, _, _, _ in layers])
+        # the module's input sparsity, as the LinearMethod passes it: the config band and the v_t chunks
+        s_in = row["input_sparsity"]
+        row["sparsity_passed"] = True
         row["teal_us"] = graph_us([lambda wp=wp: launchers.sparse_linear(x, wp, None, thr, -1, None, None, None,
-                                                                         use_crossover=False)
+                                                                         use_crossover=False, sparsity=s_in)
                                    for _, wp, _, _ in layers])
         calls = [lambda wp=wp, ups=ups, vp=vp: launchers.sparse_linear(
-                     x, wp, None, thr, -1, None, ups[launchers.lowrank_epilogue()], vp, use_crossover=False)
+                     x, wp, None, thr, -1, None, ups[launchers.lowrank_epilogue()], vp, use_crossover=False,
+                     sparsity=s_in)
                  for _, wp, ups, vp in layers]
         if args.epilogues:
             # the committed layout under each way of adding the u^T term
@@ -368,7 +379,7 @@ def main() -> None:
             row["variants_us"], outs = timed_alternately(calls, TILE_VARIANTS, _TILE_KNOBS)
             row["variants_max_diff"] = {name: float((out - outs["wtiles"]).abs().max()) for name, out in outs.items()}
             # the layout the shape's committed config runs: the dispatch table's number
-            row["lowrank16_us"] = row["variants_us"][config_variant(n, k)]
+            row["lowrank16_us"] = row["variants_us"][config_variant(n, k, s_in)]
             row["lowrank_wtiles_us"] = row["variants_us"]["wtiles"]
         # the epilogue alone: y32 + z u^T
         y32 = torch.zeros(1, n, device="cuda")
@@ -376,7 +387,7 @@ def main() -> None:
         outb = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
         row["up_only_us"] = graph_us([lambda up=ups["launch"]: launchers.launch_lowrank_up(y32, z, up, outb)
                                       for _, _, ups, _ in layers])
-        row["config"] = launchers.describe_config(n, k, 1, rank)
+        row["config"] = launchers.describe_config(n, k, 1, rank, sparsity=s_in)
         rows.append(row)
         print({key: (round(val, 2) if isinstance(val, float) else val) for key, val in row.items()}, flush=True)
         del layers
