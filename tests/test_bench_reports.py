@@ -160,3 +160,42 @@ def test_e2e_config_switches(monkeypatch):
         {}, {1: 4.0})
     assert [(r["method"], r["sparsity"], r["speedup"]) for r in rows] == [
         ("rsparse-thr[RSPARSE_LOWRANK_UP_PDL=1]", 0.5, 1.25)]
+
+
+def _committed_kernels():
+    spec = importlib.util.spec_from_file_location("committed_kernels", REPO / "benchmarks" / "gpu" / "committed_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["kernels_committed_h200", "kernels_committed_lowrank_h200"])
+def test_committed_kernels_report_matches_committed_measurements(name):
+    """benchmarks/results/kernels_committed*_h200.md is what committed_kernels --report makes of
+    the committed runs with today's tables (the op's dense/sparse choice per point is read from
+    kernels/configs: a dispatch change that moves a measured point shows up here)."""
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    assert _committed_kernels().report(data) == (RESULTS / f"{name}.md").read_text()
+
+
+def test_committed_kernels_script_dry_run(tmp_path):
+    """benchmarks/gpu/committed_kernels.py end to end on a tiny shape under the interpreter (fake
+    timings): every method, two token counts, the v_t chunk A/B and --report run before GPU time
+    is spent, and the JSON has issue 4's fields."""
+    import subprocess
+
+    script = REPO / "benchmarks" / "gpu" / "committed_kernels.py"
+    env = {**os.environ, "RSPARSE_BENCH_DRY": "1", "TRITON_INTERPRET": "1"}
+    out = tmp_path / "k.json"
+    subprocess.run([sys.executable, str(script), "--ab-lowrank-chunks", "--out", str(out)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    data = json.loads(out.read_text())
+    assert {"commit", "gpu", "versions", "command", "copy_bandwidth_gbs", "results"} <= set(data)
+    assert {r["method"] for r in data["results"]} == {"teal", "rsparse", "rsparse_lowrank", "larosa"}
+    assert {"shape", "method", "tokens", "sparsity", "dense_ms", "sparse_ms", "gbs"} <= set(data["results"][0])
+    assert any("design_chunks_ms" in r for r in data["results"])
+    subprocess.run([sys.executable, str(script), "--report", str(out), "--out", str(tmp_path / "k.md")],
+                   check=True, env=env, capture_output=True, timeout=120)
+    assert (tmp_path / "k.md").read_text().startswith("# Decode kernels as committed")
+    if importlib.util.find_spec("matplotlib"):  # the [bench] extra; CI has the markdown only
+        assert list(tmp_path.glob("k_*.png"))

@@ -991,20 +991,23 @@ def test_config_band_boundary_per_shape():
 
 def test_crossover_lowrank_table():
     """Modules with R-Sparse's low-rank term are dispatched by their own table, measured on the
-    H200 at R-Sparse 0.4 / 0.5 (input sparsity 0.46 / 0.55, the exported 16-aligned ranks, each
-    shape's v_t layout; lowrank_h200_s*.json, session 11): o_proj loses to dense with the term at
-    both levels (0.95x at 0.55), Llama-3 qkv wins from 0.55 only, every other shape at both;
-    between the levels the ratio is interpolated; shapes without a low-rank entry use the
-    threshold table."""
+    H200 at R-Sparse 0.4 / 0.5 / 0.7 / 0.9 (input sparsity 0.46 / 0.55 / 0.73 / 0.91, the exported
+    16-aligned ranks, each shape's v_t layout at its band and chunks; lowrank_h200_s*.json,
+    session 17 at 3129cd1): o_proj loses to dense with the term up to 0.55 (0.96x, inside the
+    0.95 margin) and wins from 0.73 (0.83x), Llama-3 qkv wins from 0.55 only, every other shape
+    at every level; between the levels the ratio is interpolated; shapes without a low-rank
+    entry use the threshold table."""
     for s in (0.46, 0.55):
         assert launchers.crossover_tokens(4096, 4096, "threshold", s, lowrank=True) == 0
         assert launchers.crossover_tokens(4096, 4096, "threshold", s) >= 1
-    # Llama-3 qkv: 1.19 of dense at 0.459 (dense), 0.85 at 0.546 (kernels)
+    for s in (0.73, 0.91):
+        assert launchers.crossover_tokens(4096, 4096, "threshold", s, lowrank=True) == 1
+    # Llama-3 qkv: 1.12 of dense at 0.459 (dense), 0.83 at 0.546 (kernels)
     assert launchers.crossover_tokens(6144, 4096, "threshold", 0.46, lowrank=True) == 0
     assert launchers.crossover_tokens(6144, 4096, "threshold", 0.55, lowrank=True) == 1
     for n, k in [(12288, 4096), (22016, 4096), (28672, 4096), (4096, 11008), (4096, 14336)]:
-        assert launchers.crossover_tokens(n, k, "threshold", 0.46, lowrank=True) == 1
-        assert launchers.crossover_tokens(n, k, "threshold", 0.55, lowrank=True) == 1
+        for s in (0.46, 0.55, 0.73, 0.91):
+            assert launchers.crossover_tokens(n, k, "threshold", s, lowrank=True) == 1
     assert launchers.crossover_tokens(123, 456, "threshold", 0.5, lowrank=True) is None
 
 
@@ -1115,12 +1118,13 @@ def test_lowrank_report_matches_committed_files():
     """benchmarks/results/lowrank_h200.md is what lowrank_time --report makes of the committed
     measurements, and the committed low-rank table is their merge by each shape's layout."""
     lowrank_time = _lowrank_time_module()
-    files = [str(RESULTS / f"lowrank_h200_s{s}.json") for s in ("0.4", "0.5")]
+    files = [str(RESULTS / f"lowrank_h200_s{s}.json") for s in ("0.4", "0.5", "0.7", "0.9")]
     assert lowrank_time.report(files) == (RESULTS / "lowrank_h200.md").read_text()
     table = {}
     for path in files:
         for row in json.load(open(path))["rows"]:
-            ratio = row["variants_us"][lowrank_time.config_variant(row["n"], row["k"])] / row["dense_us"]
+            layout = lowrank_time.config_variant(row["n"], row["k"], lowrank_time._row_sparsity(row))
+            ratio = row["variants_us"][layout] / row["dense_us"]
             table.setdefault(f"N{row['n']}_K{row['k']}", {})[f"{round(row['input_sparsity'], 4):g}"] = {"1": round(ratio, 4)}
     assert launchers._load_json("dispatch.json")["ratios"]["threshold_lowrank"] == table
 

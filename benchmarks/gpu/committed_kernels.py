@@ -256,7 +256,10 @@ def main() -> None:
     if args.report:
         data = json.loads(Path(args.report).read_text())
         Path(args.out).write_text(report(data))
-        plot(data, str(Path(args.out).with_suffix("")))
+        try:
+            plot(data, str(Path(args.out).with_suffix("")))
+        except ImportError:  # the table is the result; the plots are the optional [bench] extra
+            print("matplotlib is not installed (pip install -e '.[bench]'): the markdown only, no PNGs")
         return
     gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
     shapes = [s for s in distinct_shapes() if not args.shapes or s[0] in args.shapes]
