@@ -162,6 +162,39 @@ def test_e2e_config_switches(monkeypatch):
         ("rsparse-thr[RSPARSE_LOWRANK_UP_PDL=1]", 0.5, 1.25)]
 
 
+def _report_e2e():
+    spec = importlib.util.spec_from_file_location("report_e2e", REPO / "benchmarks" / "report_e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+MERGED_E2E = sorted(p.stem for p in RESULTS.glob("e2e_*.json")
+                    if "runs" in json.loads(p.read_text()) and p.with_suffix(".md").is_file())
+
+
+@pytest.mark.parametrize("name", MERGED_E2E)
+def test_committed_e2e_report_matches_committed_measurements(name):
+    """Every merged end-to-end report (report_e2e.py) is what its committed JSON and notes give, and
+    each run's rows are that run's speedups: a hand edit of a number in the markdown, or notes
+    written after the table was rendered and never appended, show up here."""
+    report = _report_e2e()
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    assert report.markdown(data, RESULTS / f"{name}.notes.md") == (RESULTS / f"{name}.md").read_text()
+    for row in data["results"]:
+        assert row["speedup"] == pytest.approx(row["sparse_tok_s"] / row["dense_tok_s"], rel=1e-9)
+        assert data["runs"][row["run"]]["run"] == row["run"]
+
+
+def test_session18_e2e_report_merges_the_committed_runs():
+    """e2e_h200_s18 is the merge of the three committed single-run files, in that order."""
+    sources = ["e2e_h200_llama2_s17.json", "e2e_h200_llama2_s18.json", "e2e_h200_llama3_s18.json"]
+    merged = _report_e2e().merge([str(RESULTS / s) for s in sources])
+    committed = json.loads((RESULTS / "e2e_h200_s18.json").read_text())
+    assert merged["results"] == committed["results"]
+    assert [r["command"] for r in merged["runs"]] == [r["command"] for r in committed["runs"]]
+
+
 def _committed_kernels():
     spec = importlib.util.spec_from_file_location("committed_kernels", REPO / "benchmarks" / "gpu" / "committed_kernels.py")
     module = importlib.util.module_from_spec(spec)
