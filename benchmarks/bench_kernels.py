@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -68,6 +69,16 @@ def projection_shapes() -> list[tuple[str, int, int]]:
             (f"{model}/down", h, inter),
         ]
     return shapes
+
+
+def distinct_shapes() -> list[tuple[str, int, int]]:
+    """projection_shapes() without repeats of an (N, K) (Llama-3-8B's o_proj is Llama-2-7B's), first name kept."""
+    seen, out = set(), []
+    for name, n, k in projection_shapes():
+        if (n, k) not in seen:
+            seen.add((n, k))
+            out.append((name, n, k))
+    return out
 
 
 def bench(fn, rep_ms: float = 20.0) -> float:
@@ -659,34 +670,54 @@ def write_graph_markdown(path, meta, rows, dobench_name: str = "kernels_h100_dob
         f.write("\n".join(lines) + "\n")
 
 
-def plot(out_dir, results, methods=None):
+def plot_shape(path: str, shape: str, results: list[dict], methods, levels=None) -> None:
+    """One PNG for one shape: time against sparsity at 1 / 4 / 16 tokens, each method, dense cuBLAS and
+    the ideal dense * (1 - s) line (issue 4's plot). levels: the x points of the two dense lines
+    (default: the sparsities measured in each panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, tokens in zip(axes, (1, 4, 16)):
+        rows = [r for r in results if r["shape"] == shape and r["tokens"] == tokens]
+        if not rows:
+            continue
+        xs = levels if levels is not None else sorted({r["sparsity"] for r in rows})
+        dense_us = rows[0]["dense_ms"] * 1e3
+        ax.plot(xs, [dense_us] * len(xs), "k-", label="dense cuBLAS")
+        ax.plot(xs, [dense_us * (1 - s) for s in xs], "k--", label="ideal dense*(1-s)")
+        for method in methods:
+            pts = sorted((r["sparsity"], r["sparse_ms"] * 1e3) for r in rows if r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=method)
+        ax.set_title(f"{shape}, {tokens} token(s)")
+        ax.set_xlabel("input-channel sparsity")
+        ax.set_ylabel("us")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot(out_dir, results, methods=None):
     for name in dict.fromkeys(r["shape"] for r in results):
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=False)
-        for ax, tokens in zip(axes, (1, 4, 16)):
-            rows = [r for r in results if r["shape"] == name and r["tokens"] == tokens]
-            if not rows:
-                continue
-            dense_us = rows[0]["dense_ms"] * 1e3
-            xs = SPARSITIES
-            ax.plot(xs, [dense_us] * len(xs), "k-", label="dense cuBLAS")
-            ax.plot(xs, [dense_us * (1 - s) for s in xs], "k--", label="ideal dense*(1-s)")
-            for method in methods or METHODS:
-                pts = sorted((r["sparsity"], r["sparse_ms"] * 1e3) for r in rows if r["method"] == method)
-                if pts:
-                    ax.plot(*zip(*pts), "o-", label=method)
-            ax.set_title(f"{name}, {tokens} token(s)")
-            ax.set_xlabel("input-channel sparsity")
-            ax.set_ylabel("us")
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, name.replace("/", "_") + ".png"), dpi=80)
-        plt.close(fig)
+        plot_shape(os.path.join(out_dir, name.replace("/", "_") + ".png"), name, results, methods or METHODS,
+                   levels=SPARSITIES)
+
+
+def run_header(script: str) -> dict:
+    """Where a GPU probe's numbers come from, first in its JSON: the commit from $RSPARSE_COMMIT (the
+    device machine's copy of the tree has no usable .git), the GPU, the versions and the command."""
+    import triton
+
+    return {"commit": os.environ.get("RSPARSE_COMMIT", "unknown"),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
+            "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                         "python": platform.python_version()},
+            "command": f"python3 -P {script} " + " ".join(sys.argv[1:])}
 
 
 def main() -> None:

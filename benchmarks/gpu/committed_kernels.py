@@ -31,8 +31,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -54,15 +52,6 @@ TOKENS = bk.TOKENS
 SPARSITIES = bk.SPARSITIES
 TARGET_RATIO = fixed_cost.TARGET_RATIO  # {0.5: 0.58, 0.9: 0.2}
 TARGET_SHARE_OF_COPY = fixed_cost.TARGET_SHARE_OF_COPY
-
-
-def distinct_shapes() -> list[tuple[str, int, int]]:
-    seen, out = set(), []
-    for name, n, k in bk.projection_shapes():
-        if (n, k) not in seen:
-            seen.add((n, k))
-            out.append((name, n, k))
-    return out
 
 
 def op_choice(n: int, k: int, method: str, tokens: int, sparsity: float) -> str:
@@ -210,43 +199,17 @@ def report(data: dict) -> str:
 def plot(data: dict, prefix: str) -> list[str]:
     """One PNG per shape: time against sparsity at 1 / 4 / 16 tokens, every method, dense and the
     ideal dense * (1 - s) line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, paths = data["results"], []
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for ax, tokens in zip(axes, (1, 4, 16)):
-            pts = [r for r in rows if r["shape"] == shape and r["tokens"] == tokens]
-            if not pts:
-                continue
-            levels = sorted({r["sparsity"] for r in pts})
-            dense_us = pts[0]["dense_ms"] * 1e3
-            ax.plot(levels, [dense_us] * len(levels), "k-", label="dense cuBLAS")
-            ax.plot(levels, [dense_us * (1 - s) for s in levels], "k--", label="ideal dense*(1-s)")
-            for method in METHODS:
-                curve = sorted((r["sparsity"], r["sparse_ms"] * 1e3) for r in pts if r["method"] == method)
-                if curve:
-                    ax.plot(*zip(*curve), "o-", label=method)
-            ax.set_title(f"{shape}, {tokens} token(s)")
-            ax.set_xlabel("input-channel sparsity")
-            ax.set_ylabel("us")
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        path = f"{prefix}_{shape.replace('/', '_')}.png"
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        paths.append(path)
+    paths = []
+    for shape in dict.fromkeys(r["shape"] for r in data["results"]):
+        paths.append(f"{prefix}_{shape.replace('/', '_')}.png")
+        bk.plot_shape(paths[-1], shape, data["results"], METHODS)
     return paths
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="the result JSON (with --report: the markdown)")
-    ap.add_argument("--shapes", nargs="*", default=[], help="names of distinct_shapes() (default: all)")
+    ap.add_argument("--shapes", nargs="*", default=[], help="names of bench_kernels.distinct_shapes() (default: all)")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
     ap.add_argument("--ab-lowrank-chunks", action="store_true",
@@ -262,18 +225,14 @@ def main() -> None:
             print("matplotlib is not installed (pip install -e '.[bench]'): the markdown only, no PNGs")
         return
     gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
-    shapes = [s for s in distinct_shapes() if not args.shapes or s[0] in args.shapes]
+    shapes = [s for s in bk.distinct_shapes() if not args.shapes or s[0] in args.shapes]
     if bk.DRY_RUN:
         shapes = [("tiny/o", 256, 320)]
 
     def log(msg):
         print(msg, flush=True)
 
-    meta = {"commit": os.environ.get("RSPARSE_COMMIT", "unknown"),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
-            "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__,
-                         "python": platform.python_version()},
-            "command": "python3 -P benchmarks/gpu/committed_kernels.py " + " ".join(sys.argv[1:]),
+    meta = {**bk.run_header("benchmarks/gpu/committed_kernels.py"),
             "timing": "cuda_graph", "dtype": "bf16", "lowrank_rank": bk.LOWRANK_RANK,
             "copy_bandwidth_gbs": bk.copy_bandwidth_gbs(), "results": []}
     for name, n, k in shapes:

@@ -23,8 +23,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -125,14 +123,6 @@ def teal_inputs(layers, sparsity: float, gen) -> tuple[list, float]:
     return inputs, (n + k) * 2  # x and the output only
 
 
-def run_header(script: str = "benchmarks/gpu/fixed_cost.py") -> dict:
-    return {"commit": os.environ.get("RSPARSE_COMMIT", "unknown"),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
-            "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__,
-                         "python": platform.python_version()},
-            "command": f"python3 -P {script} " + " ".join(sys.argv[1:])}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -210,7 +200,7 @@ def main() -> None:
         del layers
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     Path(args.out).write_text(json.dumps({
-        **run_header(), "copy_bandwidth_gbs": copy_gbs, "tiny_gemv_in_graph_us": floor_us,
+        **bk.run_header("benchmarks/gpu/fixed_cost.py"), "copy_bandwidth_gbs": copy_gbs, "tiny_gemv_in_graph_us": floor_us,
         "fit_range": FIT_RANGE, "fits": fits, "rows": rows}, indent=1))
 
 
@@ -451,7 +441,7 @@ def chunk_probe(args) -> None:
                           f"{us:7.2f} us", flush=True)
                 set_finish(launcher_finish)
         del layers
-    Path(args.out).write_text(json.dumps({**run_header(), "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({**bk.run_header("benchmarks/gpu/fixed_cost.py"), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

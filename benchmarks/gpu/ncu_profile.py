@@ -115,7 +115,7 @@ def profile(args) -> None:
         print(f"{case['shape']:18s} {case['kind']:6s} s={case.get('sparsity', '-')} {case.get('gemv_config', '')}",
               flush=True)
         layer.free()
-    header = fixed_cost.run_header("benchmarks/gpu/ncu_profile.py")
+    header = fixed_cost.bk.run_header("benchmarks/gpu/ncu_profile.py")
     Path(args.cases).write_text(json.dumps({**header, "cases": todo}, indent=1))
 
 

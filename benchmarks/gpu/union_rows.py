@@ -39,7 +39,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -55,17 +54,7 @@ sys.modules["bench_kernels"] = bk  # its dataclasses look their module up
 _spec.loader.exec_module(bk)
 
 
-def _distinct_shapes() -> list[tuple[str, int, int]]:
-    # Llama-2-7B and Llama-3-8B: qkv, o, gate_up, down; Llama-3's o_proj is Llama-2's shape
-    seen, out = set(), []
-    for name, n, k in bk.projection_shapes():
-        if (n, k) not in seen:
-            seen.add((n, k))
-            out.append((name, n, k))
-    return out
-
-
-SHAPES = _distinct_shapes()
+SHAPES = bk.distinct_shapes()  # Llama-2-7B and Llama-3-8B: qkv, o, gate_up, down
 TOKENS = [2, 4, 8, 16]
 LEVELS = [0.0, 0.5, 0.7, 0.9]  # the final points; dispatch.json keeps 0 / 0.5 / 0.9
 RATIO_LEVELS = [0.0, 0.5, 0.9]
@@ -290,11 +279,7 @@ def main() -> None:
     def log(msg):
         print(msg, flush=True)
 
-    meta = {"commit": os.environ.get("RSPARSE_COMMIT", "unknown"),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
-            "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__,
-                         "python": platform.python_version()},
-            "command": "python3 -P benchmarks/gpu/union_rows.py " + " ".join(sys.argv[1:]),
+    meta = {**bk.run_header("benchmarks/gpu/union_rows.py"),
             "timing": "cuda_graph", "dtype": "bf16", "selection": "teal threshold, random x (independent tokens)"}
     launchers.UNION_LIST_AHEAD = args.list_ahead
     meta["union_list_ahead"] = args.list_ahead

@@ -25,8 +25,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -183,11 +181,7 @@ def main() -> None:
     if args.adopt:
         adopt(rows, args.adopt, args.set)
     Path(args.out).write_text(json.dumps({
-        "commit": os.environ.get("RSPARSE_COMMIT", "unknown"),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
-        "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__,
-                     "python": platform.python_version()},
-        "command": "python3 -P benchmarks/gpu/wide_tiles.py " + " ".join(os.sys.argv[1:]),
+        **bk.run_header("benchmarks/gpu/wide_tiles.py"),
         "fixed_point_split": launchers.FIXED_POINT_SPLIT_ENABLED, "rows": rows}, indent=1))
 
 
