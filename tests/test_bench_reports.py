@@ -15,13 +15,20 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
 
-@pytest.fixture(scope="module")
-def fixed_cost():
-    spec = importlib.util.spec_from_file_location("fixed_cost", REPO / "benchmarks" / "gpu" / "fixed_cost.py")
+def _load_benchmark(relpath: str):
+    """A script under benchmarks/ as a module (the scripts are no package: loaded by path), registered
+    under its name in sys.modules because their dataclasses look their module up."""
+    path = REPO / "benchmarks" / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["fixed_cost"] = module
+    sys.modules[path.stem] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def fixed_cost():
+    return _load_benchmark("gpu/fixed_cost.py")
 
 
 def test_fit_line_recovers_fixed_cost_and_bandwidth(fixed_cost):
@@ -95,9 +102,7 @@ def test_committed_band_boundaries_match_the_measurement(fixed_cost):
 def test_committed_ncu_report_matches_committed_counters(tmp_path):
     """benchmarks/gpu/ncu_profile.py --report rebuilds the committed Nsight Compute table from the
     committed raw counters, case list and stall samples (every sparse case matched to its kernel)."""
-    spec = importlib.util.spec_from_file_location("ncu_profile", REPO / "benchmarks" / "gpu" / "ncu_profile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_benchmark("gpu/ncu_profile.py")
     out = tmp_path / "ncu.md"
     module.write_report(str(RESULTS / "ncu_raw_h200.csv"), str(RESULTS / "ncu_cases_h200.json"), str(out),
                         str(RESULTS / "ncu_source_h200.csv.gz"))
@@ -107,9 +112,7 @@ def test_committed_ncu_report_matches_committed_counters(tmp_path):
 def test_adopted_config_keeps_the_lowrank_layout(tmp_path, monkeypatch):
     """wide_tiles.py --adopt replaces a shape's one-token config by a faster one and keeps the
     R-Sparse v_t layout (GemvConfig.lowrank) that lowrank_time.py chose for that shape."""
-    spec = importlib.util.spec_from_file_location("wide_tiles", REPO / "benchmarks" / "gpu" / "wide_tiles.py")
-    wide_tiles = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(wide_tiles)
+    wide_tiles = _load_benchmark("gpu/wide_tiles.py")
     committed = {"rows": 1, "block_n": 2048, "block_k": 4, "split_k": 64, "num_warps": 4, "num_stages": 1,
                  "kernel": "compact", "lowrank": "w_tiles"}
     table = {"note": "n", "configs": {"N28672_K4096": {"1": committed}}}
@@ -126,18 +129,11 @@ def test_adopted_config_keeps_the_lowrank_layout(tmp_path, monkeypatch):
     assert adopted == {**faster, "lowrank": "w_tiles"}
 
 
-def _bench_e2e():
-    spec = importlib.util.spec_from_file_location("bench_e2e", REPO / "benchmarks" / "bench_e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_e2e_config_switches(monkeypatch):
     """bench_e2e --configs: "method:sparsity[,RSPARSE_NAME=value...]" -- a plugin switch held while
     that one engine is built and measured (a switch against its default in one process), named in
     the results' method; anything else a clear error."""
-    bench = _bench_e2e()
+    bench = _load_benchmark("bench_e2e.py")
     assert bench.parse_spec("teal:0.5") == ("teal", 0.5, {})
     spec = "rsparse-thr:0.5,RSPARSE_LOWRANK_UP_PDL=1"
     assert bench.parse_spec(spec) == ("rsparse-thr", 0.5, {"RSPARSE_LOWRANK_UP_PDL": "1"})
@@ -162,11 +158,9 @@ def test_e2e_config_switches(monkeypatch):
         ("rsparse-thr[RSPARSE_LOWRANK_UP_PDL=1]", 0.5, 1.25)]
 
 
-def _report_e2e():
-    spec = importlib.util.spec_from_file_location("report_e2e", REPO / "benchmarks" / "report_e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def report_e2e():
+    return _load_benchmark("report_e2e.py")
 
 
 MERGED_E2E = sorted(p.stem for p in RESULTS.glob("e2e_*.json")
@@ -174,32 +168,24 @@ MERGED_E2E = sorted(p.stem for p in RESULTS.glob("e2e_*.json")
 
 
 @pytest.mark.parametrize("name", MERGED_E2E)
-def test_committed_e2e_report_matches_committed_measurements(name):
+def test_committed_e2e_report_matches_committed_measurements(name, report_e2e):
     """Every merged end-to-end report (report_e2e.py) is what its committed JSON and notes give, and
     each run's rows are that run's speedups: a hand edit of a number in the markdown, or notes
     written after the table was rendered and never appended, show up here."""
-    report = _report_e2e()
     data = json.loads((RESULTS / f"{name}.json").read_text())
-    assert report.markdown(data, RESULTS / f"{name}.notes.md") == (RESULTS / f"{name}.md").read_text()
+    assert report_e2e.markdown(data, RESULTS / f"{name}.notes.md") == (RESULTS / f"{name}.md").read_text()
     for row in data["results"]:
         assert row["speedup"] == pytest.approx(row["sparse_tok_s"] / row["dense_tok_s"], rel=1e-9)
         assert data["runs"][row["run"]]["run"] == row["run"]
 
 
-def test_session18_e2e_report_merges_the_committed_runs():
+def test_session18_e2e_report_merges_the_committed_runs(report_e2e):
     """e2e_h200_s18 is the merge of the three committed single-run files, in that order."""
     sources = ["e2e_h200_llama2_s17.json", "e2e_h200_llama2_s18.json", "e2e_h200_llama3_s18.json"]
-    merged = _report_e2e().merge([str(RESULTS / s) for s in sources])
+    merged = report_e2e.merge([str(RESULTS / s) for s in sources])
     committed = json.loads((RESULTS / "e2e_h200_s18.json").read_text())
     assert merged["results"] == committed["results"]
     assert [r["command"] for r in merged["runs"]] == [r["command"] for r in committed["runs"]]
-
-
-def _committed_kernels():
-    spec = importlib.util.spec_from_file_location("committed_kernels", REPO / "benchmarks" / "gpu" / "committed_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("name", ["kernels_committed_h200", "kernels_committed_lowrank_h200"])
@@ -208,7 +194,7 @@ def test_committed_kernels_report_matches_committed_measurements(name):
     the committed runs with today's tables (the op's dense/sparse choice per point is read from
     kernels/configs: a dispatch change that moves a measured point shows up here)."""
     data = json.loads((RESULTS / f"{name}.json").read_text())
-    assert _committed_kernels().report(data) == (RESULTS / f"{name}.md").read_text()
+    assert _load_benchmark("gpu/committed_kernels.py").report(data) == (RESULTS / f"{name}.md").read_text()
 
 
 def test_committed_kernels_script_dry_run(tmp_path):
