@@ -601,6 +601,46 @@ def _lowrank_up_rows(p_zrow, p_u, r_lo, r_hi, o_n, m_n, s_un, s_ur, BLOCK_N: tl.
 
 
 @triton.jit
+def _union_gather(p_x, p_w, p_scale, b_idx, j0, n_sel, o_m, m_m, b_thr, b_jcut, o_n, m_n, s_xm, s_xk, s_wk,
+                  BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, EVICT: tl.constexpr):
+    # union list entries [j0, j0 + BLOCK_K) (channel indices b_idx) -> each row's x on them, 0 where
+    # that row did not select the channel ([ROWS, BLOCK_K] f32: a row multiplies only its own
+    # channels, its selection re-evaluated on the gathered x), and the weight rows [BLOCK_K, BLOCK_N]
+    m_j = (j0 + tl.arange(0, BLOCK_K)) < n_sel
+    m_xg = m_m[:, None] & m_j[None, :]
+    b_xg = tl.load(p_x + o_m[:, None] * s_xm + b_idx[None, :] * s_xk, mask=m_xg, other=0.0).to(tl.float32)
+    b_xs = tl.where(_select(b_xg, b_idx, m_j, b_thr, b_jcut, p_scale, HAS_SCALE, PER_ROW) & m_xg, b_xg, 0.0)
+    # every unmasked row is a channel some row selected: each weight load is useful bytes
+    b_w = tl.load(p_w + b_idx[:, None] * s_wk + o_n[None, :], mask=m_j[:, None] & m_n[None, :], other=0.0,
+                  eviction_policy=EVICT)
+    return b_xs, b_w
+
+
+@triton.jit
+def _union_fma_rows(p_x, p_w, p_scale, p_lst, o_m, m_m, b_thr, b_jcut, n_sel, o_n, m_n, s_xm, s_xk, s_wk,
+                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, EVICT: tl.constexpr):
+    # -> acc [ROWS, BLOCK_N] f32 over the union list's n_sel channels, without tl.dot: each gathered
+    # weight element feeds ROWS FMAs from registers ([ROWS, BLOCK_K, BLOCK_N] tile, reduced over
+    # BLOCK_K once after the loop, as _compact_tile does for one row). The same hand pipeline as
+    # _compact_tile with AHEAD: the list entries two steps ahead of the FMAs, the gathers one.
+    acc3 = tl.zeros([ROWS, BLOCK_K, BLOCK_N], dtype=tl.float32)
+    b_idx = _load_list(p_lst, 0, n_sel, BLOCK_K)
+    b_xs, b_w = _union_gather(p_x, p_w, p_scale, b_idx, 0, n_sel, o_m, m_m, b_thr, b_jcut, o_n, m_n,
+                              s_xm, s_xk, s_wk, BLOCK_K, HAS_SCALE, PER_ROW, EVICT)
+    b_idx = _load_list(p_lst, BLOCK_K, n_sel, BLOCK_K)
+    for j0 in range(BLOCK_K, n_sel + BLOCK_K, BLOCK_K):
+        # the last trip loads nothing (every entry masked off) and only computes
+        b_xs_next, b_w_next = _union_gather(p_x, p_w, p_scale, b_idx, j0, n_sel, o_m, m_m, b_thr, b_jcut, o_n, m_n,
+                                            s_xm, s_xk, s_wk, BLOCK_K, HAS_SCALE, PER_ROW, EVICT)
+        b_idx = _load_list(p_lst, j0 + BLOCK_K, n_sel, BLOCK_K)
+        acc3 += b_xs[:, :, None] * b_w.to(tl.float32)[None, :, :]
+        b_xs = b_xs_next
+        b_w = b_w_next
+    return tl.sum(acc3, axis=1)
+
+
+@triton.jit
 def sparse_gemv_union_compact_kernel(
     p_x, p_w, p_scale, p_thr, p_jcut, p_bias, p_list,
     p_acc, p_count, p_fx, p_out,
@@ -627,6 +667,9 @@ def sparse_gemv_union_compact_kernel(
     # entries one step ahead, not dot operands: a step's gathers then wait for their own weight
     # and x loads, not for the list load before them (the chain the one-row compact kernel's
     # AHEAD removed). Measured in session 16 without it: 1.4-2.3x dense on a dense union.
+    # ROWS < 16 (2, 4, 8): no tl.dot (it needs 16 rows) but FMAs on a register tile, hand
+    # pipelined as the one-row compact loop that streams its rows at 87-105% of copy bandwidth
+    # (_union_fma_rows); a step of 2 tokens no longer pays 16 rows of dot operands.
     _await_previous_kernel(GDC, GDC)
     i_n = tl.program_id(0)
     i_k = tl.program_id(1)
@@ -642,24 +685,22 @@ def sparse_gemv_union_compact_kernel(
     n_sel = _store_list(p_lst, o_k, tl.max(b_sel.to(tl.int32), axis=0) > 0)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
-    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    if LIST_AHEAD:
-        b_idx_next = _load_list(p_lst, 0, n_sel, BLOCK_K)
-    for j0 in range(0, n_sel, BLOCK_K):
-        o_j = j0 + tl.arange(0, BLOCK_K)
-        m_j = o_j < n_sel
+    if ROWS < 16:
+        acc = _union_fma_rows(p_x, p_w, p_scale, p_lst, o_m, m_m, b_thr, b_jcut, n_sel, o_n, m_n, s_xm, s_xk, s_wk,
+                              ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, EVICT)
+    else:
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         if LIST_AHEAD:
-            b_idx = b_idx_next
-            b_idx_next = _load_list(p_lst, j0 + BLOCK_K, n_sel, BLOCK_K)
-        else:
-            b_idx = _load_list(p_lst, j0, n_sel, BLOCK_K)
-        m_xg = m_m[:, None] & m_j[None, :]
-        b_xg = tl.load(p_x + o_m[:, None] * s_xm + b_idx[None, :] * s_xk, mask=m_xg, other=0.0).to(tl.float32)
-        b_xs = tl.where(_select(b_xg, b_idx, m_j, b_thr, b_jcut, p_scale, HAS_SCALE, PER_ROW) & m_xg, b_xg, 0.0)
-        # every unmasked row is a channel some row selected: each weight load is useful bytes
-        b_w = tl.load(p_w + b_idx[:, None] * s_wk + o_n[None, :], mask=m_j[:, None] & m_n[None, :], other=0.0,
-                      eviction_policy=EVICT)
-        acc = _rows_dot(b_xs, b_w, acc, DOT_F32)
+            b_idx_next = _load_list(p_lst, 0, n_sel, BLOCK_K)
+        for j0 in range(0, n_sel, BLOCK_K):
+            if LIST_AHEAD:
+                b_idx = b_idx_next
+                b_idx_next = _load_list(p_lst, j0 + BLOCK_K, n_sel, BLOCK_K)
+            else:
+                b_idx = _load_list(p_lst, j0, n_sel, BLOCK_K)
+            b_xs, b_w = _union_gather(p_x, p_w, p_scale, b_idx, j0, n_sel, o_m, m_m, b_thr, b_jcut, o_n, m_n,
+                                      s_xm, s_xk, s_wk, BLOCK_K, HAS_SCALE, PER_ROW, EVICT)
+            acc = _rows_dot(b_xs, b_w, acc, DOT_F32)
     m_out = m_m[:, None] & m_n[None, :]
     _finish(acc, 0, i_n, i_g, 0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_out, p_out,
             N, 0, ws_cols, s_om, s_on, tl.num_programs(1), ROWS, BLOCK_N, HAS_BIAS, False, SPLIT, FIXED)

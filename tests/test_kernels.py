@@ -456,7 +456,8 @@ def test_lowrank_claim_one_launch(rank, layout, v_order, gen, monkeypatch):
 def test_union_compact_kernel_builds_for_sm90_offline():
     """The union compact kernel (tl.dot on gathered rows, Triton's pipeliner) compiles for sm_90 on
     this CPU machine at its committed tiles, with the list entries in the step and one step ahead,
-    into code without function calls (the interpreter never compiles it)."""
+    into code without function calls (the interpreter never compiles it); its FMA loop of 2 / 4 / 8
+    rows also without a stack (a spilling tile would not stream its rows)."""
     import subprocess
     import sys
 
@@ -466,9 +467,12 @@ def test_union_compact_kernel_builds_for_sm90_offline():
                           env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     builds = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(builds) == 8 and {b["LIST_AHEAD"] for b in builds} == {False, True}
+    assert len(builds) == 11 and {b["LIST_AHEAD"] for b in builds[:8]} == {False, True}
+    assert [b["ROWS"] for b in builds[8:]] == [2, 4, 8]
     for build in builds:
         assert build["kernel"] == "sparse_gemv_union_compact_kernel" and build["calls"] == 0, build
+    for build in builds[8:]:
+        assert build["stack_bytes"] == 0 and build["local_bytes"] == 0, build
 
 
 def test_claim_kernel_builds_for_sm90_offline():
@@ -531,21 +535,25 @@ def test_compact_wide_block(block_n, warps, gen):
     check_close(out, reference.sparse_linear(x, w, b, threshold=thr))
 
 
-# union programs (ROWS = 16, tl.dot): the tiles benchmarks/gpu/union_rows.py sweeps, at their
-# extremes -- (kernel, block_n, block_k, num_warps, num_stages, per): per = K steps per program
-# (walk; 1000 = no split) or the K chunk (compact: the union list's chunk)
-UNION_TILES = [("walk", 64, 32, 4, 2, 1), ("walk", 128, 64, 4, 3, 4), ("walk", 256, 64, 8, 2, 2),
-               ("walk", 64, 128, 4, 4, 8), ("walk", 128, 128, 8, 2, 1000),
-               ("compact", 64, 16, 4, 2, 64), ("compact", 128, 32, 4, 3, 256), ("compact", 256, 64, 8, 2, 512),
-               ("compact", 128, 16, 4, 1, 128)]
+# union programs: the tiles benchmarks/gpu/union_rows.py sweeps, at their extremes -- (kernel, rows,
+# block_n, block_k, num_warps, num_stages, per): rows 16 = tl.dot, 2 / 4 / 8 = the FMA loop
+# (compact only); per = K steps per program (walk; 1000 = no split) or the K chunk (compact: the
+# union list's chunk)
+UNION_TILES = [("walk", 16, 64, 32, 4, 2, 1), ("walk", 16, 128, 64, 4, 3, 4), ("walk", 16, 256, 64, 8, 2, 2),
+               ("walk", 16, 64, 128, 4, 4, 8), ("walk", 16, 128, 128, 8, 2, 1000),
+               ("compact", 16, 64, 16, 4, 2, 64), ("compact", 16, 128, 32, 4, 3, 256),
+               ("compact", 16, 256, 64, 8, 2, 512), ("compact", 16, 128, 16, 4, 1, 128),
+               ("compact", 2, 512, 8, 4, 1, 256), ("compact", 2, 64, 16, 4, 1, 2048),
+               ("compact", 4, 256, 8, 4, 1, 512), ("compact", 4, 128, 4, 2, 1, 64),
+               ("compact", 8, 128, 8, 4, 1, 128)]
 UNION_SHAPES = [(4096, 11008), (14336, 4096), (1000, 4096)] if HAS_CUDA else [(200, 300)]
 UNION_TOKENS = [2, 7, 16] if HAS_CUDA else [3]
 
 
 def union_config(tile, k: int) -> launchers.GemvConfig:
-    kernel, block_n, block_k, warps, stages, per = tile
+    kernel, rows, block_n, block_k, warps, stages, per = tile
     split_k = launchers.triton_cdiv(k, per if kernel == "compact" else block_k * per)
-    return launchers.GemvConfig(rows=launchers.MAX_ROWS, block_n=block_n, block_k=block_k, split_k=split_k,
+    return launchers.GemvConfig(rows=rows, block_n=block_n, block_k=block_k, split_k=split_k,
                                 num_warps=warps, num_stages=stages, kernel=kernel)
 
 
@@ -553,7 +561,7 @@ def union_config(tile, k: int) -> launchers.GemvConfig:
 @pytest.mark.parametrize("finish", ["fixed", "counter"])
 @pytest.mark.parametrize("sparsity", [0.5, 0.9], ids=lambda s: f"s{s}")
 @pytest.mark.parametrize("tokens", UNION_TOKENS, ids=lambda m: f"M{m}")
-@pytest.mark.parametrize("tile", UNION_TILES, ids=lambda t: "{}-bn{}-bk{}-w{}-st{}-per{}".format(*t))
+@pytest.mark.parametrize("tile", UNION_TILES, ids=lambda t: "{}-r{}-bn{}-bk{}-w{}-st{}-per{}".format(*t))
 @pytest.mark.parametrize("shape", UNION_SHAPES, ids=shape_id)
 def test_union_configs(shape, tile, tokens, sparsity, finish, list_ahead, gen, monkeypatch):
     """The union programs (every row in one program, a weight row read once if any row selected
@@ -562,8 +570,8 @@ def test_union_configs(shape, tile, tokens, sparsity, finish, list_ahead, gen, m
     on the same inputs (bit-identically where the split-K sum is order independent), the workspace
     left zeroed. The walk's first H100 failures (e2a1af1) were intermittent, so the GPU runs repeat it
     (steps files)."""
-    if list_ahead and tile[0] != "compact":
-        pytest.skip("the list-ahead loop is the union compact kernel's")
+    if list_ahead and (tile[0] != "compact" or tile[1] < launchers.MAX_ROWS):
+        pytest.skip("the list-ahead switch is the union compact kernel's tl.dot loop's (the FMA loop always loads ahead)")
     monkeypatch.setattr(launchers, "FIXED_POINT_SPLIT_ENABLED", finish == "fixed")
     monkeypatch.setattr(launchers, "UNION_LIST_AHEAD", list_ahead)
     n, k = shape
@@ -587,12 +595,13 @@ def test_union_configs(shape, tile, tokens, sparsity, finish, list_ahead, gen, m
     assert launchers._workspace_for(x.device).is_clean(), "split-K workspace left dirty"
 
 
-def test_union_compact_topk_and_lowrank_fallback(gen):
-    """The union compact kernel with per-row exact top-k (thresholds and tie cuts per row), and a
-    union compact config on a layer with R-Sparse's low-rank term (that kernel has no v_t
-    programs: the launcher runs the union walk of the same tile, still exact)."""
+@pytest.mark.parametrize("rows", [16, 4], ids=lambda r: f"rows{r}")
+def test_union_compact_topk_and_lowrank_fallback(rows, gen):
+    """The union compact kernel (tl.dot and FMA loops) with per-row exact top-k (thresholds and
+    tie cuts per row), and a union compact config on a layer with R-Sparse's low-rank term (that
+    kernel has no v_t programs: the launcher runs the 16-row union walk of the tile, still exact)."""
     n, k, m = (96, 200, 5) if not HAS_CUDA else (4096, 11008, 5)
-    cfg = union_config(("compact", 64, 16, 4, 2, 64), k)
+    cfg = union_config(("compact", rows, 64, 16 if rows == 16 else 8, 4, 2, 64), k)
     w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=20, scale=True)
     x = randn(m, k, gen=gen, dtype=torch.bfloat16)
     keep = k // 3
@@ -685,6 +694,18 @@ def test_validation_errors(case, match, gen):
         launchers.sparse_linear(**args)
 
 
+@pytest.mark.parametrize("fields,match", [
+    (dict(rows=3, kernel="compact"), "rows must be 1, 16 or one of"),
+    (dict(rows=4, kernel="walk"), "needs kernel='compact'"),
+    (dict(rows=1, kernel="gather"), "kernel must be one of"),
+])
+def test_gemv_config_errors_name_the_field(fields, match):
+    """A config the kernels cannot run (a committed table edited by hand, a benchmark's candidate)
+    fails when built, naming the field: 16 rows for tl.dot, 2 / 4 / 8 only on the FMA loop."""
+    with pytest.raises(ValueError, match=match):
+        launchers.GemvConfig(block_n=64, block_k=16, split_k=2, num_warps=4, num_stages=1, **fields)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("epilogue", ["launch", "claim"])
 @pytest.mark.parametrize("pdl", [False, True], ids=["launch", "pdl"])
@@ -718,15 +739,19 @@ def test_cuda_graph_replay(selection, tokens, pdl, epilogue, gen, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("list_ahead", [False, True], ids=["list_in_step", "list_ahead"])
+@pytest.mark.parametrize("loop", ["dot_list_in_step", "dot_list_ahead", "fma_rows2", "fma_rows4"])
 @pytest.mark.parametrize("selection", ["threshold", "topk"])
 @pytest.mark.parametrize("tokens", [3, 16], ids=lambda m: f"M{m}")
-def test_union_compact_cuda_graph_replay(selection, tokens, list_ahead, gen, monkeypatch):
-    """The union compact kernel (its list and K loop depend on the data) captured once and replayed
-    on new inputs: right every time, the workspace left zeroed."""
-    monkeypatch.setattr(launchers, "UNION_LIST_AHEAD", list_ahead)
+def test_union_compact_cuda_graph_replay(selection, tokens, loop, gen, monkeypatch):
+    """The union compact kernel (its list and K loop depend on the data; the tl.dot loop with the
+    list in the step or ahead, the FMA loop of 2 / 4 rows) captured once and replayed on new
+    inputs: right every time, the workspace left zeroed."""
+    monkeypatch.setattr(launchers, "UNION_LIST_AHEAD", loop == "dot_list_ahead")
     n, k = 4096, 4096
-    cfg = union_config(("compact", 128, 32, 4, 2, 512), k)
+    if loop.startswith("fma"):
+        cfg = union_config(("compact", int(loop[-1]), 256, 8, 4, 1, 512), k)
+    else:
+        cfg = union_config(("compact", 16, 128, 32, 4, 2, 512), k)
     w, b, s, _, _ = make_layer(n, k, torch.bfloat16, gen, scale=selection == "topk")
     w_t = launchers.prepare_weight(w).t()
     x_static = randn(tokens, k, gen=gen, dtype=torch.bfloat16)

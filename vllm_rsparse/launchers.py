@@ -32,6 +32,9 @@ import torch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # Decode rows in one launch: the union kernel pads rows to this (tl.dot needs >= 16).
 MAX_ROWS = 16
+# Row groups of the union compact kernel without tl.dot (FMAs on a register tile, session 20):
+# a 2-token step pays for 2 rows, not 16, and its loop is the one-row compact kernel's pipeline.
+UNION_FMA_ROWS = (2, 4, 8)
 # M > 1 decode rows run as one program per row ("per-row", ROWS = 1: each row reads the weight
 # rows of its own channels) or all rows in one program ("union", ROWS = MAX_ROWS, tl.dot: a
 # weight row is read once if any row selected its channel). Which one a (shape, token count,
@@ -240,7 +243,8 @@ class GemvConfig:
 
     rows: rows per program; 1 = one program per row ("per-row": each row reads its own
     channels), 16 = all rows in one program ("union": a weight row is read once if any
-    row needs it). split_k: programs along K.
+    row needs it; tl.dot), 2 / 4 / 8 = union programs of that many rows with FMAs
+    (UNION_FMA_ROWS; compact kernel only). split_k: programs along K.
     """
 
     rows: int
@@ -263,6 +267,10 @@ class GemvConfig:
             raise ValueError(f"GemvConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.lowrank not in ("", *LOWRANK_LAYOUTS):
             raise ValueError(f"GemvConfig.lowrank must be one of {LOWRANK_LAYOUTS} or empty, got {self.lowrank!r}")
+        if self.rows not in (1, MAX_ROWS, *UNION_FMA_ROWS):
+            raise ValueError(f"GemvConfig.rows must be 1, {MAX_ROWS} or one of {UNION_FMA_ROWS}, got {self.rows}")
+        if self.rows in UNION_FMA_ROWS and self.kernel != "compact":
+            raise ValueError(f"GemvConfig.rows = {self.rows} (no tl.dot) needs kernel='compact', got {self.kernel!r}")
 
     @classmethod
     def from_dict(cls, raw: dict) -> "GemvConfig":
@@ -681,9 +689,16 @@ def uses_compact_kernel(cfg: GemvConfig) -> bool:
     return cfg.rows == 1 and (COMPACT_ROWS_ENABLED or cfg.kernel == "compact")
 
 
-# K chunk of a union compact program: its x tile is [MAX_ROWS, chunk] f32 in registers (64 a
-# thread at 4 warps for 512)
+# K chunk of a union compact program: its x tile is [rows, chunk] f32 in registers (64 a
+# thread at 4 warps for 16 x 512); fewer rows (UNION_FMA_ROWS) take longer chunks for the same
+# registers (union_max_chunk)
 UNION_MAX_CHUNK = 512
+
+
+def union_max_chunk(rows: int) -> int:
+    """The longest K chunk of a union compact program of `rows` rows: UNION_MAX_CHUNK's
+    register budget at 16 rows, at most MAX_CHUNK."""
+    return min(MAX_CHUNK, UNION_MAX_CHUNK * MAX_ROWS // rows)
 
 
 # The union compact loop with its list entries loaded one step ahead (the kernel's LIST_AHEAD).
@@ -705,7 +720,7 @@ def k_split(k: int, cfg: GemvConfig) -> tuple[int, int]:
         # compact programs: K chunks of a power-of-two size (one x vector per program)
         k_per_split = compact_chunk(k, cfg.split_k)
     elif uses_union_compact_kernel(cfg):
-        k_per_split = min(UNION_MAX_CHUNK, compact_chunk(k, cfg.split_k))
+        k_per_split = min(union_max_chunk(cfg.rows), compact_chunk(k, cfg.split_k))
     else:
         k_per_split = triton_cdiv(triton_cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     return k_per_split, triton_cdiv(k, k_per_split)
@@ -816,8 +831,9 @@ def sparse_gemv(
     has_lowrank = rank > 0
     cfg = config or pick_config(n, k, m, rank, x.device, sparsity)
     if has_lowrank and uses_union_compact_kernel(cfg):
-        # the union compact kernel has no v_t programs: the union walk of the same tile
-        cfg = dataclasses.replace(cfg, kernel="walk")
+        # the union compact kernel has no v_t programs: the union walk of the same tile (its
+        # tl.dot needs 16 rows and K steps of >= 16)
+        cfg = dataclasses.replace(cfg, kernel="walk", rows=MAX_ROWS, block_k=max(16, cfg.block_k))
     rows = cfg.rows
     row_groups = triton_cdiv(m, rows)
     tiles_w = triton_cdiv(n, cfg.block_n)
@@ -901,7 +917,7 @@ def sparse_gemv(
             **compact_shared, **({"launch_pdl": True} if pdl or overlap else {}),
         )
     elif uses_union_compact_kernel(cfg):
-        # one program per (output tile, K chunk, group of MAX_ROWS rows): a weight row is read
+        # one program per (output tile, K chunk, group of `rows` rows): a weight row is read
         # once if any row of the group selected its channel, through a list of those channels
         sparse_gemv_union_compact_kernel[(tiles, split_k, row_groups)](
             x, w_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists,

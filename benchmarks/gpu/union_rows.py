@@ -75,30 +75,58 @@ UNION_STAGES = [2]
 COMPACT_TILES = [(64, 16, 4), (128, 16, 4), (64, 32, 4), (128, 32, 4), (256, 16, 4), (256, 32, 8), (128, 64, 8)]
 COMPACT_CHUNKS = [128, 256, 512]
 COMPACT_STAGES = [1, 2, 3]
+# union FMA tiles (the union compact kernel with 2 / 4 / 8 rows, no tl.dot; session 20): rows ->
+# (block_n, block_k, num_warps), the one-row compact kernel's tile family, each built for sm_90
+# offline without a stack (offline_build.py --union); a program's rows <= the step's tokens, as
+# more would only run masked-off rows. K chunks up to launchers.union_max_chunk(rows).
+FMA_TILES = {2: [(512, 8, 4), (256, 16, 4), (256, 8, 4), (1024, 4, 4), (1024, 8, 8)],
+             4: [(256, 8, 4), (128, 16, 4), (128, 8, 4), (512, 4, 4)],
+             8: [(64, 16, 4), (128, 4, 4), (128, 8, 8), (64, 8, 4)]}
+FMA_CHUNKS = [256, 512, 1024]
+# candidate families: "walk" / "compact" (16 rows, tl.dot) and "fma" (2 / 4 / 8 rows); --kernels
+KINDS = ("walk", "compact", "fma")
 
 
-def union_candidates(n: int, k: int, sms: int) -> list[launchers.GemvConfig]:
+def kind_of(cfg: launchers.GemvConfig) -> str:
+    """The candidate family of a union config (KINDS)."""
+    return "fma" if cfg.rows in launchers.UNION_FMA_ROWS else cfg.kernel
+
+
+def union_candidates(n: int, k: int, sms: int, kinds=KINDS[:2], tokens: int = TOKENS[-1]) -> list[launchers.GemvConfig]:
     out = []
-    for (bn, bkk, warps), steps, stages in itertools.product(UNION_TILES, UNION_STEPS, UNION_STAGES):
-        out.append(launchers.GemvConfig(launchers.MAX_ROWS, bn, bkk, launchers.triton_cdiv(k, bkk * steps), warps,
-                                        stages))
-    for (bn, bkk, warps), chunk, stages in itertools.product(COMPACT_TILES, COMPACT_CHUNKS, COMPACT_STAGES):
-        out.append(launchers.GemvConfig(launchers.MAX_ROWS, bn, bkk, launchers.triton_cdiv(k, chunk), warps, stages,
-                                        kernel="compact"))
+    if "walk" in kinds:
+        for (bn, bkk, warps), steps, stages in itertools.product(UNION_TILES, UNION_STEPS, UNION_STAGES):
+            out.append(launchers.GemvConfig(launchers.MAX_ROWS, bn, bkk, launchers.triton_cdiv(k, bkk * steps), warps,
+                                            stages))
+    if "compact" in kinds:
+        for (bn, bkk, warps), chunk, stages in itertools.product(COMPACT_TILES, COMPACT_CHUNKS, COMPACT_STAGES):
+            out.append(launchers.GemvConfig(launchers.MAX_ROWS, bn, bkk, launchers.triton_cdiv(k, chunk), warps,
+                                            stages, kernel="compact"))
+    if "fma" in kinds:
+        for rows, tiles in FMA_TILES.items():
+            chunks = [c for c in FMA_CHUNKS if c <= launchers.union_max_chunk(rows)]
+            for (bn, bkk, warps), chunk in itertools.product(tiles, chunks):
+                if rows <= tokens:
+                    out.append(launchers.GemvConfig(rows, bn, bkk, launchers.triton_cdiv(k, chunk), warps, 1,
+                                                    kernel="compact"))
+    every = out
     # fewer programs than SMs leaves bandwidth idle; more output tiles than counters cannot run
     out = [c for c in out if launchers.triton_cdiv(n, c.block_n) * launchers.k_split(k, c)[1] >= sms
            and launchers.triton_cdiv(n, c.block_n) <= launchers.COUNTER_SLOTS]
     if bk.DRY_RUN:
-        # one of each kernel, the compact first: with the dry run's equal timings it is the one
-        # chosen, so the --list-ahead A/B runs too
-        return [c for c in out if c.kernel == "compact"][:1] + out[:1]
+        # one of each family, the compact first: with the dry run's equal timings it is the one
+        # chosen, so the --list-ahead A/B runs too (a family the tiny shape filters out entirely:
+        # its first candidate all the same)
+        return [next((c for c in out if kind_of(c) == kind), next(c for c in every if kind_of(c) == kind))
+                for kind in ("compact", "walk", "fma") if any(kind_of(c) == kind for c in every)]
     return out
 
 
 def label(cfg: launchers.GemvConfig) -> str:
     if cfg.rows == 1:
         return f"per-row {cfg.kernel} bn{cfg.block_n} bk{cfg.block_k} split{cfg.split_k} w{cfg.num_warps}"
-    return (f"union {cfg.kernel} bn{cfg.block_n} bk{cfg.block_k} split{cfg.split_k} w{cfg.num_warps} "
+    rows = f" r{cfg.rows}" if cfg.rows != launchers.MAX_ROWS else ""
+    return (f"union {cfg.kernel}{rows} bn{cfg.block_n} bk{cfg.block_k} split{cfg.split_k} w{cfg.num_warps} "
             f"st{cfg.num_stages}")
 
 
@@ -107,11 +135,10 @@ def band_of(n: int, k: int, sparsity: float) -> str:
 
 
 def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log,
-                  list_ahead_ab: bool = False) -> list[dict]:
+                  list_ahead_ab: bool = False, kinds=KINDS[:2]) -> list[dict]:
     dev = torch.device(bk.DEVICE)
     copies = 1 if bk.DRY_RUN else max(3, math.ceil(bk.L2_ROTATION_BYTES / (n * k * 2)))
     layers = [bk.Layer(n, k, gen) for _ in range(copies)]
-    candidates = union_candidates(n, k, sms)
     rows = []
     leaders = {}
     for tokens in TOKENS[:2] if bk.DRY_RUN else TOKENS:
@@ -125,7 +152,9 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log
 
         best = {}
         for band, s_rank in BAND_SPARSITY.items():
-            pool = candidates if tokens == TOKENS[0] else leaders[band]
+            # the FMA family is ranked again at every token count: which row group wins depends on it
+            fma_pool = [c for c in union_candidates(n, k, sms, ("fma",), tokens) if "fma" in kinds]
+            pool = union_candidates(n, k, sms, kinds, tokens) if tokens == TOKENS[0] else leaders[band] + fma_pool
             ranked = []
             for cfg in pool:
                 try:
@@ -137,7 +166,7 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log
                 # the leaders of each kernel: the union density grows with the tokens, and the walk's
                 # time hardly follows it while the compact's does, so the order can flip
                 leaders[band] = [cfg for kind in ("walk", "compact")
-                                 for cfg in [c for _, c in ranked if c.kernel == kind][:RANK_LEADERS // 2]]
+                                 for cfg in [c for _, c in ranked if kind_of(c) == kind][:RANK_LEADERS // 2]]
             best[band] = ranked[0][1]
         for s in LEVELS:
             band = band_of(n, k, s)
@@ -147,10 +176,13 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log
             finally:
                 launchers.UNION_ROWS = None
             per_row_ms, per_row_out = timed(per_row, s)
+            # what the launcher runs now (a union config an earlier run adopted, else per-row)
+            committed = launchers.pick_config(n, k, tokens, 0, dev, s)
+            committed_ms = per_row_ms if committed == per_row else timed(committed, s)[0]
             union_ms, union_out = timed(best[band], s)
             err = float((union_out - per_row_out).abs().max() / per_row_out.abs().max().clamp_min(1e-6))
             other_ahead_us = None
-            if best[band].kernel == "compact" and list_ahead_ab:
+            if kind_of(best[band]) == "compact" and list_ahead_ab:
                 # the same config with the union compact loop's list entries the other way
                 launchers.UNION_LIST_AHEAD = not launchers.UNION_LIST_AHEAD
                 try:
@@ -163,7 +195,8 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log
                    "per_row_ratio": per_row_ms / dense_ms, "union_ratio": union_ms / dense_ms,
                    "union_density": density, "union_max_rel_err_vs_per_row": err,
                    "per_row_config": dataclasses.asdict(per_row), "union_config": dataclasses.asdict(best[band]),
-                   "union_list_ahead": launchers.UNION_LIST_AHEAD}
+                   "union_list_ahead": launchers.UNION_LIST_AHEAD,
+                   "committed_us": committed_ms * 1e3, "committed_config": dataclasses.asdict(committed)}
             if other_ahead_us is not None:
                 row["union_other_list_ahead_us"] = other_ahead_us
             rows.append(row)
@@ -178,6 +211,17 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log
     return rows
 
 
+def now_label(row: dict) -> str:
+    committed = row.get("committed_config")
+    return "per-row" if committed is None or committed["rows"] == 1 else "committed union"
+
+
+def now_us(row: dict) -> float:
+    """The time of what the launcher ran at this point before the run: the committed config (a
+    union an earlier run adopted), or per-row (runs before session 20 timed only that)."""
+    return row.get("committed_us", row["per_row_us"])
+
+
 def adopt(rows: list[dict], out_dir: str, source: str) -> list[str]:
     """The installed config and dispatch tables with this run's union choices (module docstring)."""
     configs = json.loads(json.dumps(launchers._load_json(launchers._CONFIG_FILE)))
@@ -187,19 +231,19 @@ def adopt(rows: list[dict], out_dir: str, source: str) -> list[str]:
         band = row["band"]
         if row["sparsity"] != BAND_SPARSITY[band]:
             continue
-        if row["union_us"] < ADOPT_MAX_RATIO * row["per_row_us"] and row["union_max_rel_err_vs_per_row"] < ADOPT_MAX_ERR:
+        if row["union_us"] < ADOPT_MAX_RATIO * now_us(row) and row["union_max_rel_err_vs_per_row"] < ADOPT_MAX_ERR:
             key = launchers._shape_key(row["n"], row["k"])
             configs.setdefault(band, {}).setdefault(key, {})[str(row["tokens"])] = row["union_config"]
             union_at.add((key, band, row["tokens"]))
             adopted.append(f"{band}/{key}/{row['tokens']}: {label(launchers.GemvConfig.from_dict(row['union_config']))} "
-                           f"{row['union_us']:.1f} us vs per-row {row['per_row_us']:.1f} us")
+                           f"{row['union_us']:.1f} us vs {now_label(row)} {now_us(row):.1f} us")
     ratios = dispatch.setdefault("ratios", {}).setdefault("threshold", {})
     for row in rows:
         if row["sparsity"] not in RATIO_LEVELS:
             continue
         key = launchers._shape_key(row["n"], row["k"])
         union = (key, row["band"], row["tokens"]) in union_at
-        ratio = row["union_ratio"] if union else row["per_row_ratio"]
+        ratio = row["union_ratio"] if union else now_us(row) / row["dense_us"]
         ratios.setdefault(key, {}).setdefault(f"{row['sparsity']:g}", {})[str(row["tokens"])] = round(ratio, 4)
     commit = os.environ.get("RSPARSE_COMMIT", "unknown")
     if adopted:
@@ -259,6 +303,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--adopt", default="", help="write sparse_gemv.json and dispatch.json with the union choices here")
     ap.add_argument("--shapes", nargs="*", default=[], help="names from SHAPES (default: all)")
+    ap.add_argument("--kernels", nargs="+", choices=KINDS, default=list(KINDS[:2]),
+                    help="union candidate families (default: walk compact, the 16-row programs)")
     ap.add_argument("--list-ahead", action="store_true",
                     help="rank with launchers.UNION_LIST_AHEAD on, and time each chosen compact union with it off too")
     ap.add_argument("--report", nargs="+", metavar="JSON",
@@ -283,8 +329,9 @@ def main() -> None:
             "timing": "cuda_graph", "dtype": "bf16", "selection": "teal threshold, random x (independent tokens)"}
     launchers.UNION_LIST_AHEAD = args.list_ahead
     meta["union_list_ahead"] = args.list_ahead
+    meta["union_kernels"] = args.kernels
     for name, n, k in shapes:
-        rows += measure_shape(name, n, k, gen, sms, log, list_ahead_ab=args.list_ahead)
+        rows += measure_shape(name, n, k, gen, sms, log, list_ahead_ab=args.list_ahead, kinds=args.kernels)
         # what is measured so far survives a time limit
         Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
     if args.adopt:
