@@ -617,27 +617,108 @@ def _union_gather(p_x, p_w, p_scale, b_idx, j0, n_sel, o_m, m_m, b_thr, b_jcut, 
 
 
 @triton.jit
-def _union_fma_rows(p_x, p_w, p_scale, p_lst, o_m, m_m, b_thr, b_jcut, n_sel, o_n, m_n, s_xm, s_xk, s_wk,
+def _row_threshold(p_thr, p_jcut, row, M, PER_ROW: tl.constexpr):
+    # one token row's threshold and tie cut (exact top-k: per row; else the layer's one threshold,
+    # tie cut unused), as _row_group loads them for a group
+    if PER_ROW:
+        return (tl.load(p_thr + row, mask=row < M, other=0.0),
+                tl.load(p_jcut + row, mask=row < M, other=-1))
+    return tl.load(p_thr), row
+
+
+@triton.jit
+def _row_selected_x(p_x, b_scale, row, M, thr, jcut, b_idx, m_j, s_xm, s_xk,
+                    HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr):
+    # one row's x on the gathered channels b_idx [BLOCK_K], f32, 0 where that row did not select the
+    # channel (the same f32 score and comparisons as _select) or the row is past M
+    # the row test as a vector (the interpreter rejects a scalar-and-vector mask)
+    m_x = m_j & ((b_idx * 0 + row) < M)
+    b_x = tl.load(p_x + row * s_xm + b_idx * s_xk, mask=m_x, other=0.0).to(tl.float32)
+    b_score = tl.abs(b_x)
+    if HAS_SCALE:
+        b_score = b_score * b_scale
+    b_sel = b_score > thr
+    if PER_ROW:
+        b_sel = b_sel | ((b_score == thr) & (b_idx <= jcut))
+    return tl.where(b_sel & m_x, b_x, 0.0)
+
+
+@triton.jit
+def _union_fma_step(p_x, p_w, p_scale, b_idx, row0, M, j0, n_sel, o_n, m_n, s_xm, s_xk, s_wk,
+                    t0, c0, t1, c1, t2, c2, t3, c3,
+                    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr,
+                    EVICT: tl.constexpr):
+    # union list entries [j0, j0 + BLOCK_K) (channel indices b_idx) -> the weight rows
+    # [BLOCK_K, BLOCK_N] and each row's selected x [BLOCK_K] (rows 2 and 3 only with ROWS = 4; else
+    # copies of row 1 that the caller never adds)
+    m_j = (j0 + tl.arange(0, BLOCK_K)) < n_sel
+    b_scale = m_j.to(tl.float32)  # unused without channel scores
+    if HAS_SCALE:
+        b_scale = tl.load(p_scale + b_idx, mask=m_j, other=0.0).to(tl.float32)
+    # every unmasked row is a channel some row selected: each weight load is useful bytes
+    b_w = tl.load(p_w + b_idx[:, None] * s_wk + o_n[None, :], mask=m_j[:, None] & m_n[None, :], other=0.0,
+                  eviction_policy=EVICT)
+    x0 = _row_selected_x(p_x, b_scale, row0, M, t0, c0, b_idx, m_j, s_xm, s_xk, HAS_SCALE, PER_ROW)
+    x1 = _row_selected_x(p_x, b_scale, row0 + 1, M, t1, c1, b_idx, m_j, s_xm, s_xk, HAS_SCALE, PER_ROW)
+    if ROWS == 4:
+        x2 = _row_selected_x(p_x, b_scale, row0 + 2, M, t2, c2, b_idx, m_j, s_xm, s_xk, HAS_SCALE, PER_ROW)
+        x3 = _row_selected_x(p_x, b_scale, row0 + 3, M, t3, c3, b_idx, m_j, s_xm, s_xk, HAS_SCALE, PER_ROW)
+    else:
+        x2 = x1
+        x3 = x1
+    return b_w, x0, x1, x2, x3
+
+
+@triton.jit
+def _union_fma_rows(p_x, p_w, p_scale, p_thr, p_jcut, p_lst, i_g, M, n_sel, o_n, m_n, s_xm, s_xk, s_wk,
                     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, EVICT: tl.constexpr):
-    # -> acc [ROWS, BLOCK_N] f32 over the union list's n_sel channels, without tl.dot: each gathered
-    # weight element feeds ROWS FMAs from registers ([ROWS, BLOCK_K, BLOCK_N] tile, reduced over
-    # BLOCK_K once after the loop, as _compact_tile does for one row). The same hand pipeline as
-    # _compact_tile with AHEAD: the list entries two steps ahead of the FMAs, the gathers one.
-    acc3 = tl.zeros([ROWS, BLOCK_K, BLOCK_N], dtype=tl.float32)
+    # -> acc [ROWS, BLOCK_N] f32 over the union list's n_sel channels, ROWS = 2 or 4, without tl.dot:
+    # one [BLOCK_K, BLOCK_N] register tile of FMAs per row, in the weight load's own layout, reduced
+    # once after the loop -- the one-row compact loop (_compact_tile) with each gathered weight row
+    # feeding ROWS tiles. A first version kept one [ROWS, BLOCK_K, BLOCK_N] tile: Triton gave it a
+    # layout of one element per thread, so every step moved the weight tile through shared memory
+    # to it (a convert_layout in the loop) and the union streamed at 1.2-1.7x dense where per-row
+    # streamed at its usual speed (session 20, benchmarks/results/union_rows_fma_3d_h200.json).
+    row0 = i_g * ROWS
+    t0, c0 = _row_threshold(p_thr, p_jcut, row0, M, PER_ROW)
+    t1, c1 = _row_threshold(p_thr, p_jcut, row0 + 1, M, PER_ROW)
+    t2, c2 = _row_threshold(p_thr, p_jcut, row0 + 2, M, PER_ROW)
+    t3, c3 = _row_threshold(p_thr, p_jcut, row0 + 3, M, PER_ROW)
+    acc0 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    # hand pipeline as _compact_tile with AHEAD: the list entries two steps ahead of the FMAs, the
+    # gathers one, so no gather waits for its own list load
     b_idx = _load_list(p_lst, 0, n_sel, BLOCK_K)
-    b_xs, b_w = _union_gather(p_x, p_w, p_scale, b_idx, 0, n_sel, o_m, m_m, b_thr, b_jcut, o_n, m_n,
-                              s_xm, s_xk, s_wk, BLOCK_K, HAS_SCALE, PER_ROW, EVICT)
+    b_w, x0, x1, x2, x3 = _union_fma_step(p_x, p_w, p_scale, b_idx, row0, M, 0, n_sel, o_n, m_n, s_xm, s_xk,
+                                          s_wk, t0, c0, t1, c1, t2, c2, t3, c3,
+                                          ROWS, BLOCK_K, HAS_SCALE, PER_ROW, EVICT)
     b_idx = _load_list(p_lst, BLOCK_K, n_sel, BLOCK_K)
     for j0 in range(BLOCK_K, n_sel + BLOCK_K, BLOCK_K):
         # the last trip loads nothing (every entry masked off) and only computes
-        b_xs_next, b_w_next = _union_gather(p_x, p_w, p_scale, b_idx, j0, n_sel, o_m, m_m, b_thr, b_jcut, o_n, m_n,
-                                            s_xm, s_xk, s_wk, BLOCK_K, HAS_SCALE, PER_ROW, EVICT)
+        b_w_next, x0_next, x1_next, x2_next, x3_next = _union_fma_step(
+            p_x, p_w, p_scale, b_idx, row0, M, j0, n_sel, o_n, m_n, s_xm, s_xk, s_wk,
+            t0, c0, t1, c1, t2, c2, t3, c3, ROWS, BLOCK_K, HAS_SCALE, PER_ROW, EVICT)
         b_idx = _load_list(p_lst, j0 + BLOCK_K, n_sel, BLOCK_K)
-        acc3 += b_xs[:, :, None] * b_w.to(tl.float32)[None, :, :]
-        b_xs = b_xs_next
+        b_wf = b_w.to(tl.float32)
+        acc0 += x0[:, None] * b_wf
+        acc1 += x1[:, None] * b_wf
+        if ROWS == 4:
+            acc2 += x2[:, None] * b_wf
+            acc3 += x3[:, None] * b_wf
         b_w = b_w_next
-    return tl.sum(acc3, axis=1)
+        x0 = x0_next
+        x1 = x1_next
+        x2 = x2_next
+        x3 = x3_next
+    o_r = tl.arange(0, ROWS)[:, None]
+    acc = tl.where(o_r == 0, tl.sum(acc0, axis=0)[None, :], tl.sum(acc1, axis=0)[None, :])
+    if ROWS == 4:
+        acc = tl.where(o_r == 2, tl.sum(acc2, axis=0)[None, :], acc)
+        acc = tl.where(o_r == 3, tl.sum(acc3, axis=0)[None, :], acc)
+    return acc
 
 
 @triton.jit
@@ -667,7 +748,7 @@ def sparse_gemv_union_compact_kernel(
     # entries one step ahead, not dot operands: a step's gathers then wait for their own weight
     # and x loads, not for the list load before them (the chain the one-row compact kernel's
     # AHEAD removed). Measured in session 16 without it: 1.4-2.3x dense on a dense union.
-    # ROWS < 16 (2, 4, 8): no tl.dot (it needs 16 rows) but FMAs on a register tile, hand
+    # ROWS < 16 (2, 4): no tl.dot (it needs 16 rows) but FMAs on register tiles, hand
     # pipelined as the one-row compact loop that streams its rows at 87-105% of copy bandwidth
     # (_union_fma_rows); a step of 2 tokens no longer pays 16 rows of dot operands.
     _await_previous_kernel(GDC, GDC)
@@ -686,7 +767,7 @@ def sparse_gemv_union_compact_kernel(
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     if ROWS < 16:
-        acc = _union_fma_rows(p_x, p_w, p_scale, p_lst, o_m, m_m, b_thr, b_jcut, n_sel, o_n, m_n, s_xm, s_xk, s_wk,
+        acc = _union_fma_rows(p_x, p_w, p_scale, p_thr, p_jcut, p_lst, i_g, M, n_sel, o_n, m_n, s_xm, s_xk, s_wk,
                               ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, EVICT)
     else:
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)

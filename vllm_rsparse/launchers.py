@@ -34,7 +34,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_ROWS = 16
 # Row groups of the union compact kernel without tl.dot (FMAs on a register tile, session 20):
 # a 2-token step pays for 2 rows, not 16, and its loop is the one-row compact kernel's pipeline.
-UNION_FMA_ROWS = (2, 4, 8)
+UNION_FMA_ROWS = (2, 4)
 # M > 1 decode rows run as one program per row ("per-row", ROWS = 1: each row reads the weight
 # rows of its own channels) or all rows in one program ("union", ROWS = MAX_ROWS, tl.dot: a
 # weight row is read once if any row selected its channel). Which one a (shape, token count,
@@ -243,7 +243,7 @@ class GemvConfig:
 
     rows: rows per program; 1 = one program per row ("per-row": each row reads its own
     channels), 16 = all rows in one program ("union": a weight row is read once if any
-    row needs it; tl.dot), 2 / 4 / 8 = union programs of that many rows with FMAs
+    row needs it; tl.dot), 2 / 4 = union programs of that many rows with FMAs
     (UNION_FMA_ROWS; compact kernel only). split_k: programs along K.
     """
 

@@ -57,11 +57,11 @@ UNION_POINTERS = {**CLAIM_POINTERS, "p_scale": "*fp32", "p_jcut": "*i32"}
 UNION_BUILDS = [dict(num_warps=w, num_stages=st, BLOCK_N=bn, BLOCK_K=bk, LIST_AHEAD=ahead)
                 for bn, bk, w, st in [(128, 32, 4, 1), (128, 32, 4, 3), (256, 16, 4, 2), (256, 64, 8, 2)]
                 for ahead in (False, True)]
-# its FMA loop (2 / 4 / 8 rows, session 20) at the first tile of each row count in
+# its FMA loop (2 / 4 rows, session 20) at the first tile of each row count in
 # benchmarks/gpu/union_rows.py's FMA_TILES: no stack on Triton 3.9 (135-215 registers; 8 rows of
 # 128 x 8 at 4 warps had a 40-byte stack, so that tile is not among them)
 UNION_FMA_BUILDS = [dict(num_warps=w, num_stages=1, ROWS=rows, BLOCK_N=bn, BLOCK_K=bk, CHUNK=512)
-                    for rows, bn, bk, w in [(2, 512, 8, 4), (4, 256, 8, 4), (8, 64, 16, 4)]]
+                    for rows, bn, bk, w in [(2, 512, 8, 4), (4, 256, 8, 4)]]
 
 
 def union_constexprs(**over) -> dict:

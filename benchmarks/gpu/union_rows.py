@@ -75,15 +75,14 @@ UNION_STAGES = [2]
 COMPACT_TILES = [(64, 16, 4), (128, 16, 4), (64, 32, 4), (128, 32, 4), (256, 16, 4), (256, 32, 8), (128, 64, 8)]
 COMPACT_CHUNKS = [128, 256, 512]
 COMPACT_STAGES = [1, 2, 3]
-# union FMA tiles (the union compact kernel with 2 / 4 / 8 rows, no tl.dot; session 20): rows ->
+# union FMA tiles (the union compact kernel with 2 / 4 rows, no tl.dot; session 20): rows ->
 # (block_n, block_k, num_warps), the one-row compact kernel's tile family, each built for sm_90
 # offline without a stack (offline_build.py --union); a program's rows <= the step's tokens, as
 # more would only run masked-off rows. K chunks up to launchers.union_max_chunk(rows).
 FMA_TILES = {2: [(512, 8, 4), (256, 16, 4), (256, 8, 4), (1024, 4, 4), (1024, 8, 8)],
-             4: [(256, 8, 4), (128, 16, 4), (128, 8, 4), (512, 4, 4)],
-             8: [(64, 16, 4), (128, 4, 4), (128, 8, 8), (64, 8, 4)]}
+             4: [(256, 8, 4), (128, 16, 4), (128, 8, 4), (512, 4, 4)]}
 FMA_CHUNKS = [256, 512, 1024]
-# candidate families: "walk" / "compact" (16 rows, tl.dot) and "fma" (2 / 4 / 8 rows); --kernels
+# candidate families: "walk" / "compact" (16 rows, tl.dot) and "fma" (2 / 4 rows); --kernels
 KINDS = ("walk", "compact", "fma")
 
 
