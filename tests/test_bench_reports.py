@@ -179,11 +179,14 @@ def test_committed_e2e_report_matches_committed_measurements(name, report_e2e):
         assert data["runs"][row["run"]]["run"] == row["run"]
 
 
-def test_session18_e2e_report_merges_the_committed_runs(report_e2e):
-    """e2e_h200_s18 is the merge of the three committed single-run files, in that order."""
-    sources = ["e2e_h200_llama2_s17.json", "e2e_h200_llama2_s18.json", "e2e_h200_llama3_s18.json"]
+@pytest.mark.parametrize("name,sources", [
+    ("e2e_h200_s18", ["e2e_h200_llama2_s17.json", "e2e_h200_llama2_s18.json", "e2e_h200_llama3_s18.json"]),
+    ("e2e_h200_s20", ["e2e_h200_llama3_s20.json", "e2e_h200_llama2_fma3d_s20.json"]),
+])
+def test_session_e2e_report_merges_the_committed_runs(name, sources, report_e2e):
+    """A session's merged end-to-end report is the merge of its committed single-run files, in that order."""
     merged = report_e2e.merge([str(RESULTS / s) for s in sources])
-    committed = json.loads((RESULTS / "e2e_h200_s18.json").read_text())
+    committed = json.loads((RESULTS / f"{name}.json").read_text())
     assert merged["results"] == committed["results"]
     assert [r["command"] for r in merged["runs"]] == [r["command"] for r in committed["runs"]]
 

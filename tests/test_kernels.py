@@ -1062,9 +1062,11 @@ def _lowrank_time_module():
 
 
 def test_union_rows_report_and_tables_match_committed_files():
-    """benchmarks/results/union_rows_h200.md is what union_rows --report makes of the committed runs;
-    every union config of the committed table, and every 2-16 token threshold ratio of the dispatch
-    table for the measured shapes and levels, is the one union_rows --adopt derives from that run."""
+    """benchmarks/results/union_rows_h200.md is what union_rows --report makes of session 16's runs;
+    the 2-16 token configs of the committed table and the dispatch table's 2-16 token threshold
+    ratios of the measured shapes and levels are what union_rows --adopt derives from the newest run
+    (union_rows_fma_h200.json, session 20: per point the committed config, per-row or the FMA union,
+    whichever union_rows.choose takes)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("union_rows", BENCHMARKS / "gpu" / "union_rows.py")
@@ -1073,23 +1075,40 @@ def test_union_rows_report_and_tables_match_committed_files():
     data = json.loads((RESULTS / "union_rows_h200.json").read_text())
     walk = json.loads((RESULTS / "union_rows_h200_walk.json").read_text())
     assert union_rows.report(data, walk) == (RESULTS / "union_rows_h200.md").read_text()
+    newest = json.loads((RESULTS / "union_rows_fma_h200.json").read_text())
+    assert union_rows.report_choices(newest) == (RESULTS / "union_rows_fma_h200.md").read_text()
     table = launchers._load_json(launchers._CONFIG_FILE)
-    adopted = {}
-    for line in data["adopted"]:
-        band, key, tokens = line.split(":")[0].split("/")
-        adopted[band, key, tokens] = True
     ratios = launchers._load_json(launchers._DISPATCH_FILE)["ratios"]["threshold"]
-    for row in data["rows"]:
-        key = launchers._shape_key(row["n"], row["k"])
-        band_cfg = table[row["band"]][key][str(row["tokens"])]
-        union = (row["band"], key, str(row["tokens"])) in adopted
-        if union:
-            assert band_cfg == row["union_config"]
-        else:
-            assert band_cfg["rows"] == 1
+    chosen = {}
+    for row in newest["rows"]:
+        if row["sparsity"] == union_rows.BAND_SPARSITY[row["band"]]:
+            key = launchers._shape_key(row["n"], row["k"])
+            choice = chosen[key, row["band"], row["tokens"]] = union_rows.choose(row)
+            assert (launchers.GemvConfig.from_dict(table[row["band"]][key][str(row["tokens"])])
+                    == launchers.GemvConfig.from_dict(union_rows.choice_config(row, choice)))
+    assert set(chosen.values()) == {"committed", "per-row", "union"}
+    for row in newest["rows"]:
         if row["sparsity"] in union_rows.RATIO_LEVELS:
-            expected = row["union_ratio"] if union else row["per_row_ratio"]
+            key = launchers._shape_key(row["n"], row["k"])
+            expected = union_rows.choice_us(row, chosen[key, row["band"], row["tokens"]]) / row["dense_us"]
             assert ratios[key][f"{row['sparsity']:g}"][str(row["tokens"])] == round(expected, 4)
+
+
+def test_union_rows_choice_keeps_the_committed_config_within_the_margin():
+    """union_rows.choose: the committed config stays unless per-row or the union is 3% faster; a
+    union that disagrees with per-row beyond bf16 rounding is never taken; runs before session 20
+    (no committed time) compare with per-row."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("union_rows", BENCHMARKS / "gpu" / "union_rows.py")
+    union_rows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(union_rows)
+    row = {"committed_us": 10.0, "per_row_us": 9.8, "union_us": 9.9, "union_max_rel_err_vs_per_row": 1e-3}
+    assert union_rows.choose(row) == "committed"
+    assert union_rows.choose({**row, "per_row_us": 9.0}) == "per-row"
+    assert union_rows.choose({**row, "per_row_us": 9.0, "union_us": 8.0}) == "union"
+    assert union_rows.choose({**row, "union_us": 8.0, "union_max_rel_err_vs_per_row": 0.1}) == "committed"
+    assert union_rows.choose({"per_row_us": 10.0, "union_us": 9.0, "union_max_rel_err_vs_per_row": 0.0}) == "union"
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the dry run is the CPU check of a GPU script")

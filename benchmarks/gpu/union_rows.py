@@ -30,6 +30,10 @@ config the launcher will now use at that level (one token keeps its own measurem
     RSPARSE_BENCH_DRY=1 TRITON_INTERPRET=1 python benchmarks/gpu/union_rows.py --out /tmp/u.json   # CPU: script check
     python benchmarks/gpu/union_rows.py --report benchmarks/results/union_rows_h200.json \
         benchmarks/results/union_rows_h200_walk.json --out benchmarks/results/union_rows_h200.md
+    python benchmarks/gpu/union_rows.py --report benchmarks/results/union_rows_fma_h200.json \
+        --out benchmarks/results/union_rows_fma_h200.md     # a run with committed times: three columns
+    python benchmarks/gpu/union_rows.py --adopt-from benchmarks/results/union_rows_fma_h200.json \
+        --adopt vllm_rsparse/kernels/configs --out /dev/null   # the tables from a committed run
 """
 
 import argparse
@@ -210,43 +214,65 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log
     return rows
 
 
-def now_label(row: dict) -> str:
-    committed = row.get("committed_config")
-    return "per-row" if committed is None or committed["rows"] == 1 else "committed union"
+# what the launcher can run at a point, as union_rows.py times it: (name, row key of its time, of its config)
+CHOICES = (("committed", "committed_us", "committed_config"), ("per-row", "per_row_us", "per_row_config"),
+           ("union", "union_us", "union_config"))
 
 
-def now_us(row: dict) -> float:
-    """The time of what the launcher ran at this point before the run: the committed config (a
-    union an earlier run adopted), or per-row (runs before session 20 timed only that)."""
-    return row.get("committed_us", row["per_row_us"])
+def choice_us(row: dict, choice: str) -> float:
+    """A point's time with one of CHOICES; runs before session 20 timed no committed config, which
+    was per-row wherever they ran."""
+    key = dict((name, us) for name, us, _ in CHOICES)[choice]
+    return row.get(key, row["per_row_us"])
+
+
+def choose(row: dict) -> str:
+    """Which of CHOICES the launcher should run at this point (measured at its band's ranking
+    sparsity): the committed config unless per-row or the union is ADOPT_MAX_RATIO faster (the union
+    only if it agrees with per-row to bf16 rounding); the fastest of those that are. Per-row is a
+    choice too: a union adopted at one ranking sparsity can lose to it in a later run."""
+    now = choice_us(row, "committed")
+    better = [(choice_us(row, name), name) for name in ("per-row", "union")
+              if choice_us(row, name) < ADOPT_MAX_RATIO * now
+              and (name == "per-row" or row["union_max_rel_err_vs_per_row"] < ADOPT_MAX_ERR)]
+    return min(better)[1] if better else "committed"
+
+
+def choice_config(row: dict, choice: str) -> dict:
+    key = dict((name, cfg) for name, _, cfg in CHOICES)[choice]
+    return row.get(key, row["per_row_config"])
 
 
 def adopt(rows: list[dict], out_dir: str, source: str) -> list[str]:
-    """The installed config and dispatch tables with this run's union choices (module docstring)."""
+    """The installed config and dispatch tables with this run's choices (module docstring, choose)."""
     configs = json.loads(json.dumps(launchers._load_json(launchers._CONFIG_FILE)))
     dispatch = json.loads(json.dumps(launchers._load_json(launchers._DISPATCH_FILE)))
-    adopted, union_at = [], set()
+    adopted, chosen = [], {}
     for row in rows:
         band = row["band"]
         if row["sparsity"] != BAND_SPARSITY[band]:
             continue
-        if row["union_us"] < ADOPT_MAX_RATIO * now_us(row) and row["union_max_rel_err_vs_per_row"] < ADOPT_MAX_ERR:
-            key = launchers._shape_key(row["n"], row["k"])
-            configs.setdefault(band, {}).setdefault(key, {})[str(row["tokens"])] = row["union_config"]
-            union_at.add((key, band, row["tokens"]))
-            adopted.append(f"{band}/{key}/{row['tokens']}: {label(launchers.GemvConfig.from_dict(row['union_config']))} "
-                           f"{row['union_us']:.1f} us vs {now_label(row)} {now_us(row):.1f} us")
+        key = launchers._shape_key(row["n"], row["k"])
+        choice = choose(row)
+        chosen[key, band, row["tokens"]] = choice
+        if choice != "committed":
+            cfg = choice_config(row, choice)
+            configs.setdefault(band, {}).setdefault(key, {})[str(row["tokens"])] = cfg
+            was = choice_config(row, "committed")
+            adopted.append(f"{band}/{key}/{row['tokens']}: {label(launchers.GemvConfig.from_dict(cfg))} "
+                           f"{choice_us(row, choice):.1f} us vs {'per-row' if was['rows'] == 1 else 'committed union'} "
+                           f"{choice_us(row, 'committed'):.1f} us")
     ratios = dispatch.setdefault("ratios", {}).setdefault("threshold", {})
     for row in rows:
         if row["sparsity"] not in RATIO_LEVELS:
             continue
         key = launchers._shape_key(row["n"], row["k"])
-        union = (key, row["band"], row["tokens"]) in union_at
-        ratio = row["union_ratio"] if union else now_us(row) / row["dense_us"]
+        choice = chosen.get((key, row["band"], row["tokens"]), "committed")
+        ratio = choice_us(row, choice) / row["dense_us"]
         ratios.setdefault(key, {}).setdefault(f"{row['sparsity']:g}", {})[str(row["tokens"])] = round(ratio, 4)
     commit = os.environ.get("RSPARSE_COMMIT", "unknown")
     if adopted:
-        configs["note"] = (configs.get("note", "") + f"; union configs (2-16 tokens) adopted by "
+        configs["note"] = (configs.get("note", "") + f"; configs of 2-16 tokens adopted by "
                            f"benchmarks/gpu/union_rows.py --adopt ({commit}): " + "; ".join(adopted))
     dispatch["union_note"] = (f"threshold ratios of 2-16 tokens at levels 0 / 0.5 / 0.9 from benchmarks/gpu/union_rows.py "
                               f"({commit}, {source}): per token count the config the launcher "
@@ -297,6 +323,42 @@ def report(data: dict, walk: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_choices(data: dict) -> str:
+    """Markdown of a run that also timed each point's committed config (session 20 on): the three
+    choices side by side and, in bold, the one --adopt takes (choose, at the band's ranking sparsity)."""
+    rows = data["rows"]
+    chosen = {(r["shape"], r["band"], r["tokens"]): choose(r) for r in rows if r["sparsity"] == BAND_SPARSITY[r["band"]]}
+    lines = [
+        f"# Decode steps of 2-16 tokens: committed vs per-row vs {'/'.join(data.get('union_kernels', ['union']))} "
+        f"union ({data['gpu']})",
+        "",
+        f"`benchmarks/gpu/union_rows.py --kernels {' '.join(data.get('union_kernels', []))}`, commit `{data['commit']}`, "
+        f"versions {json.dumps(data['versions'])}. {data['selection']}; {data['dtype']}; CUDA-graph timing over "
+        "rotating weight copies. Per shape and token count, in one process: dense cuBLAS, the config the launcher "
+        "ran before this run ('committed': per-row, or a 16-row union an earlier run adopted), per-row (the band's "
+        "one-token config, one program per row), and the fastest union candidate of the band (ranked at s = 0.5 / "
+        "0.9 at every token count). Times in us, ratio to dense in brackets; bold = the launcher's choice after "
+        f"`--adopt` (union_rows.choose at the band's ranking sparsity: the committed config unless another is "
+        f"{1 - ADOPT_MAX_RATIO:.0%} faster), 'sparse' = at or below {launchers.DISPATCH_MAX_RATIO:g}x dense, where "
+        "the dispatch runs the kernels.",
+        "",
+        "| shape | tokens | s | union density | dense | committed | per-row | union | union config |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        choice = chosen.get((r["shape"], r["band"], r["tokens"]), "committed")
+        cells = []
+        for name in ("committed", "per-row", "union"):
+            us = choice_us(r, name)
+            ratio = us / r["dense_us"]
+            text = f"{us:.1f} ({ratio:.2f}x)" + (" sparse" if ratio <= launchers.DISPATCH_MAX_RATIO else "")
+            cells.append(f"**{text}**" if name == choice else text)
+        cfg = launchers.GemvConfig.from_dict(r["union_config"])
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['sparsity']:g} | {r['union_density']:.2f} | "
+                     f"{r['dense_us']:.1f} | {' | '.join(cells)} | {label(cfg)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -306,12 +368,23 @@ def main() -> None:
                     help="union candidate families (default: walk compact, the 16-row programs)")
     ap.add_argument("--list-ahead", action="store_true",
                     help="rank with launchers.UNION_LIST_AHEAD on, and time each chosen compact union with it off too")
+    ap.add_argument("--adopt-from", metavar="JSON",
+                    help="no run: --adopt's tables from a run's JSON (the installed tables as the base)")
     ap.add_argument("--report", nargs="+", metavar="JSON",
                     help="no run: the markdown of a run's JSON (and the walk-only run's) to --out")
     args = ap.parse_args()
+    if args.adopt_from:
+        data = json.loads(Path(args.adopt_from).read_text())
+        os.environ.setdefault("RSPARSE_COMMIT", data["commit"])
+        adopted = adopt(data["rows"], args.adopt, os.path.basename(args.adopt_from))
+        print("adopted:" if adopted else "adopted: none", *adopted, sep="\n  ", flush=True)
+        return
     if args.report:
         data = [json.loads(Path(p).read_text()) for p in args.report]
-        Path(args.out).write_text(report(data[0], data[1] if len(data) > 1 else None))
+        if "committed_us" in data[0]["rows"][0]:
+            Path(args.out).write_text(report_choices(data[0]))
+        else:
+            Path(args.out).write_text(report(data[0], data[1] if len(data) > 1 else None))
         return
     gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
     launchers.COMPACT_ROWS_ENABLED = False
