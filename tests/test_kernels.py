@@ -467,8 +467,8 @@ def test_union_compact_kernel_builds_for_sm90_offline():
                           env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     builds = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(builds) == 10 and {b["LIST_AHEAD"] for b in builds[:8]} == {False, True}
-    assert [b["ROWS"] for b in builds[8:]] == [2, 4]
+    assert len(builds) == 12 and {b["LIST_AHEAD"] for b in builds[:8]} == {False, True}
+    assert [(b["ROWS"], b["STAGED_X"]) for b in builds[8:]] == [(2, False), (2, True), (4, False), (4, True)]
     for build in builds:
         assert build["kernel"] == "sparse_gemv_union_compact_kernel" and build["calls"] == 0, build
     for build in builds[8:]:
@@ -615,6 +615,35 @@ def test_union_compact_topk_and_lowrank_fallback(rows, gen):
     assert launchers._workspace_for(x.device).is_clean(), "split-K workspace left dirty"
 
 
+@pytest.mark.parametrize("selection", ["threshold", "topk"])
+@pytest.mark.parametrize("tile", [t for t in UNION_TILES if t[1] in launchers.UNION_FMA_ROWS],
+                         ids=lambda t: "{}-r{}-bn{}-bk{}-w{}-st{}-per{}".format(*t))
+def test_union_fma_staged_x_matches_the_gathered_x(tile, selection, gen, monkeypatch):
+    """The FMA union loop with each row's selected x staged next to the union list
+    (launchers.UNION_FMA_STAGED_X) gives bit for bit what the loop that gathers and re-selects x per
+    step gives (the same f32 values meet the same weights in the same order), and the reference."""
+    n, k = UNION_SHAPES[0]
+    m = 5
+    cfg = union_config(tile, k)
+    w, b, s, _, _ = make_layer(n, k, torch.bfloat16, gen, bias=True, scale=True)
+    w_t = launchers.prepare_weight(w).t()
+    x = randn(m, k, gen=gen, dtype=torch.bfloat16)
+    if selection == "threshold":
+        thr, jcut = threshold_for(x, 0.6, s).float(), None
+        ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s)
+    else:
+        thr, jcut = launchers.topk_thresholds(x, k // 3, s)
+        ref = reference.masked_linear(x, w, topk_mask_lowest_index(x, k // 3, s), b)
+    outs = []
+    for staged in (False, True):
+        monkeypatch.setattr(launchers, "UNION_FMA_STAGED_X", staged)
+        outs.append(launchers.sparse_gemv(x, w_t, thr, jcut, b, s, None, None, cfg))
+    check_close(outs[1], ref)
+    if launchers.k_split(k, cfg)[1] == 1 or launchers.fixed_point_finish(launchers.k_split(k, cfg)[1]):
+        assert torch.equal(outs[0], outs[1])
+    assert launchers._workspace_for(x.device).is_clean(), "split-K workspace left dirty"
+
+
 def _committed_union_configs() -> list[tuple[str, str, str]]:
     table = launchers._load_json(launchers._CONFIG_FILE)
     return [(band, key, tokens) for band in ("configs", "configs_high") for key, per in table.get(band, {}).items()
@@ -739,7 +768,7 @@ def test_cuda_graph_replay(selection, tokens, pdl, epilogue, gen, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("loop", ["dot_list_in_step", "dot_list_ahead", "fma_rows2", "fma_rows4"])
+@pytest.mark.parametrize("loop", ["dot_list_in_step", "dot_list_ahead", "fma_rows2", "fma_rows4", "fma_staged_rows2"])
 @pytest.mark.parametrize("selection", ["threshold", "topk"])
 @pytest.mark.parametrize("tokens", [3, 16], ids=lambda m: f"M{m}")
 def test_union_compact_cuda_graph_replay(selection, tokens, loop, gen, monkeypatch):
@@ -747,6 +776,7 @@ def test_union_compact_cuda_graph_replay(selection, tokens, loop, gen, monkeypat
     list in the step or ahead, the FMA loop of 2 / 4 rows) captured once and replayed on new
     inputs: right every time, the workspace left zeroed."""
     monkeypatch.setattr(launchers, "UNION_LIST_AHEAD", loop == "dot_list_ahead")
+    monkeypatch.setattr(launchers, "UNION_FMA_STAGED_X", "staged" in loop)
     n, k = 4096, 4096
     if loop.startswith("fma"):
         cfg = union_config(("compact", int(loop[-1]), 256, 8, 4, 1, 512), k)
@@ -1114,7 +1144,8 @@ def test_union_rows_choice_keeps_the_committed_config_within_the_margin():
 @pytest.mark.skipif(HAS_CUDA, reason="the dry run is the CPU check of a GPU script")
 def test_union_rows_script_dry_run(tmp_path):
     """benchmarks/gpu/union_rows.py end to end on a tiny shape under the interpreter (fake timings):
-    the sweep, the list-ahead A/B, --adopt's two tables and --report run before GPU time is spent."""
+    the sweep, the list-ahead and staged-x A/Bs, --adopt's two tables (also from a JSON) and --report run
+    before GPU time is spent."""
     import subprocess
     import sys
 
@@ -1130,6 +1161,15 @@ def test_union_rows_script_dry_run(tmp_path):
     subprocess.run([sys.executable, str(script), "--report", str(out), "--out", str(tmp_path / "u.md")],
                    check=True, env=env, capture_output=True, timeout=120)
     assert (tmp_path / "u.md").read_text().startswith("# Decode steps of 2-16 tokens")
+    # the FMA family alone, with the staged-x A/B, and its tables re-derived offline from the JSON
+    fma = tmp_path / "fma.json"
+    subprocess.run([sys.executable, str(script), "--kernels", "fma", "--staged-x", "--out", str(fma)],
+                   check=True, env=env, capture_output=True, timeout=600)
+    rows = json.loads(fma.read_text())["rows"]
+    assert all(r["union_config"]["rows"] in launchers.UNION_FMA_ROWS and "union_staged_x_us" in r for r in rows)
+    subprocess.run([sys.executable, str(script), "--adopt-from", str(fma), "--adopt", str(tmp_path / "fma_tables"),
+                    "--out", os.devnull], check=True, env=env, capture_output=True, timeout=120)
+    assert json.loads((tmp_path / "fma_tables" / launchers._DISPATCH_FILE).read_text())["union_note"]
 
 
 def test_lowrank_measurements_replace_the_table(tmp_path):

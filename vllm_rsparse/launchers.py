@@ -531,6 +531,8 @@ class Workspace(typing.NamedTuple):
     accumulator: torch.Tensor  # [MAX_ROWS, WORKSPACE_COLS] f32: partial sums (counter finish)
     fixed: torch.Tensor  # [MAX_ROWS, WORKSPACE_COLS] i64: fixed-point words (fixed-point finish)
     lists: torch.Tensor  # [LIST_ROWS, WORKSPACE_COLS] i32: compact channel lists
+    # [MAX_ROWS, WORKSPACE_COLS] f32: each row's selected x on its group's union list (UNION_FMA_STAGED_X)
+    staged_x: torch.Tensor
 
     def is_clean(self) -> bool:
         """True when the split-K buffers are all zero (a test's check that nothing leaked)."""
@@ -550,6 +552,7 @@ def _workspace_for(device: torch.device) -> Workspace:
             accumulator=torch.zeros((MAX_ROWS, WORKSPACE_COLS), dtype=torch.float32, device=device),
             fixed=torch.zeros((MAX_ROWS, WORKSPACE_COLS), dtype=torch.int64, device=device),
             lists=torch.zeros((LIST_ROWS, WORKSPACE_COLS), dtype=torch.int32, device=device),
+            staged_x=torch.zeros((MAX_ROWS, WORKSPACE_COLS), dtype=torch.float32, device=device),
         )
         _workspaces[device] = ws
     return ws
@@ -705,6 +708,15 @@ def union_max_chunk(rows: int) -> int:
 # Built in session 16 after the GPU sweep, not yet measured: off (the committed union configs
 # were ranked without it). benchmarks/gpu/union_rows.py --list-ahead times both.
 UNION_LIST_AHEAD = False
+
+
+# The FMA union loop (2 / 4 rows) with each row's selected x written next to the union list when
+# the list is built (one [rows, chunk] store per program), so a list step loads every row's x as one
+# contiguous vector instead of gathering it by channel index and re-evaluating the row's selection
+# (scale gather, compares) -- the suspected cause of that loop reading a dense union 20-60% below
+# cuBLAS (session 20). Built after the session's GPU time was spent: off until measured
+# (benchmarks/gpu/union_rows.py --staged-x times both).
+UNION_FMA_STAGED_X = False
 
 
 def uses_union_compact_kernel(cfg: GemvConfig) -> bool:
@@ -920,14 +932,15 @@ def sparse_gemv(
         # one program per (output tile, K chunk, group of `rows` rows): a weight row is read
         # once if any row of the group selected its channel, through a list of those channels
         sparse_gemv_union_compact_kernel[(tiles, split_k, row_groups)](
-            x, w_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists,
+            x, w_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists, ws.staged_x,
             ws.accumulator, ws.counters, ws.fixed, out,
             m, n, k, WORKSPACE_COLS, WORKSPACE_COLS,
             x.stride(0), x.stride(1), w_t.stride(0), out.stride(0), out.stride(1),
             ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
             HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
             SPLIT=split_k > 1, FIXED=fixed, DOT_F32=interpreting(), GDC=pdl, EVICT=evict,
-            LIST_AHEAD=UNION_LIST_AHEAD, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
+            LIST_AHEAD=UNION_LIST_AHEAD, STAGED_X=UNION_FMA_STAGED_X and rows in UNION_FMA_ROWS,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
         )
     elif compact:
         # one program per (output tile, K chunk, token row); each row reads only its own

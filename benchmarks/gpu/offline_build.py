@@ -53,21 +53,21 @@ def claim_constexprs(num_warps: int, **over) -> dict:
 
 # the union compact kernel (session 16): the tiles its committed configs use (block_n, block_k, warps,
 # stages), each with the list entries in the step and one step ahead (launchers.UNION_LIST_AHEAD)
-UNION_POINTERS = {**CLAIM_POINTERS, "p_scale": "*fp32", "p_jcut": "*i32"}
+UNION_POINTERS = {**CLAIM_POINTERS, "p_scale": "*fp32", "p_jcut": "*i32", "p_xs": "*fp32"}
 UNION_BUILDS = [dict(num_warps=w, num_stages=st, BLOCK_N=bn, BLOCK_K=bk, LIST_AHEAD=ahead)
                 for bn, bk, w, st in [(128, 32, 4, 1), (128, 32, 4, 3), (256, 16, 4, 2), (256, 64, 8, 2)]
                 for ahead in (False, True)]
-# its FMA loop (2 / 4 rows, session 20) at the first tile of each row count in
+# its FMA loop (2 / 4 rows, session 20; x gathered or staged) at the first tile of each row count in
 # benchmarks/gpu/union_rows.py's FMA_TILES: no stack on Triton 3.9 (135-215 registers; 8 rows of
 # 128 x 8 at 4 warps had a 40-byte stack, so that tile is not among them)
-UNION_FMA_BUILDS = [dict(num_warps=w, num_stages=1, ROWS=rows, BLOCK_N=bn, BLOCK_K=bk, CHUNK=512)
-                    for rows, bn, bk, w in [(2, 512, 8, 4), (4, 256, 8, 4)]]
+UNION_FMA_BUILDS = [dict(num_warps=w, num_stages=1, ROWS=rows, BLOCK_N=bn, BLOCK_K=bk, CHUNK=512, STAGED_X=staged)
+                    for rows, bn, bk, w in [(2, 512, 8, 4), (4, 256, 8, 4)] for staged in (False, True)]
 
 
 def union_constexprs(**over) -> dict:
     """The union compact kernel's constexpr arguments as the launcher passes them on a GPU."""
     values = dict(ROWS=16, BLOCK_N=128, BLOCK_K=32, CHUNK=512, HAS_SCALE=False, PER_ROW=False, HAS_BIAS=False,
-                  SPLIT=True, FIXED=True, DOT_F32=False, GDC=False, EVICT="", LIST_AHEAD=False)
+                  SPLIT=True, FIXED=True, DOT_F32=False, GDC=False, EVICT="", LIST_AHEAD=False, STAGED_X=False)
     values.update(over)
     return values
 
