@@ -639,7 +639,8 @@ def test_union_fma_staged_x_matches_the_gathered_x(tile, selection, gen, monkeyp
         monkeypatch.setattr(launchers, "UNION_FMA_STAGED_X", staged)
         outs.append(launchers.sparse_gemv(x, w_t, thr, jcut, b, s, None, None, cfg))
     check_close(outs[1], ref)
-    if launchers.k_split(k, cfg)[1] == 1 or launchers.fixed_point_finish(launchers.k_split(k, cfg)[1]):
+    along_k = launchers.k_split(k, cfg)[1]
+    if along_k == 1 or launchers.fixed_point_finish(along_k):
         assert torch.equal(outs[0], outs[1])
     assert launchers._workspace_for(x.device).is_clean(), "split-K workspace left dirty"
 
@@ -1081,14 +1082,18 @@ def test_lowrank_ratios_transferred_to_another_gpu():
     assert lowrank_time.transferred_ratios(measured, []) == {}
 
 
-def _lowrank_time_module():
+def _gpu_benchmark_module(name: str):
+    """benchmarks/gpu/<name>.py loaded by path (the benchmarks are scripts, not a package)."""
     import importlib.util
 
-    path = BENCHMARKS / "gpu" / "lowrank_time.py"
-    spec = importlib.util.spec_from_file_location("lowrank_time", path)
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / "gpu" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _lowrank_time_module():
+    return _gpu_benchmark_module("lowrank_time")
 
 
 def test_union_rows_report_and_tables_match_committed_files():
@@ -1097,11 +1102,7 @@ def test_union_rows_report_and_tables_match_committed_files():
     ratios of the measured shapes and levels are what union_rows --adopt derives from the newest run
     (union_rows_fma_h200.json, session 20: per point the committed config, per-row or the FMA union,
     whichever union_rows.choose takes)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("union_rows", BENCHMARKS / "gpu" / "union_rows.py")
-    union_rows = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(union_rows)
+    union_rows = _gpu_benchmark_module("union_rows")
     data = json.loads((RESULTS / "union_rows_h200.json").read_text())
     walk = json.loads((RESULTS / "union_rows_h200_walk.json").read_text())
     assert union_rows.report(data, walk) == (RESULTS / "union_rows_h200.md").read_text()
@@ -1109,11 +1110,11 @@ def test_union_rows_report_and_tables_match_committed_files():
     assert union_rows.report_choices(newest) == (RESULTS / "union_rows_fma_h200.md").read_text()
     table = launchers._load_json(launchers._CONFIG_FILE)
     ratios = launchers._load_json(launchers._DISPATCH_FILE)["ratios"]["threshold"]
-    chosen = {}
+    chosen = union_rows.choices_at_ranking(newest["rows"])
     for row in newest["rows"]:
         if row["sparsity"] == union_rows.BAND_SPARSITY[row["band"]]:
             key = launchers._shape_key(row["n"], row["k"])
-            choice = chosen[key, row["band"], row["tokens"]] = union_rows.choose(row)
+            choice = chosen[key, row["band"], row["tokens"]]
             assert (launchers.GemvConfig.from_dict(table[row["band"]][key][str(row["tokens"])])
                     == launchers.GemvConfig.from_dict(union_rows.choice_config(row, choice)))
     assert set(chosen.values()) == {"committed", "per-row", "union"}
@@ -1128,11 +1129,7 @@ def test_union_rows_choice_keeps_the_committed_config_within_the_margin():
     """union_rows.choose: the committed config stays unless per-row or the union is 3% faster; a
     union that disagrees with per-row beyond bf16 rounding is never taken; runs before session 20
     (no committed time) compare with per-row."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("union_rows", BENCHMARKS / "gpu" / "union_rows.py")
-    union_rows = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(union_rows)
+    union_rows = _gpu_benchmark_module("union_rows")
     row = {"committed_us": 10.0, "per_row_us": 9.8, "union_us": 9.9, "union_max_rel_err_vs_per_row": 1e-3}
     assert union_rows.choose(row) == "committed"
     assert union_rows.choose({**row, "per_row_us": 9.0}) == "per-row"

@@ -20,9 +20,9 @@ channels). Per shape and token count (2, 4, 8, 16), in one process:
   * union: UNION_CANDIDATES ranked at s = 0.5 (band "configs") and at 0.9 ("configs_high"), all of
     them at 2 tokens, the RANK_LEADERS fastest again at 4 / 8 / 16 tokens; then per-row and the
     band's best union at s = 0, 0.5, 0.7, 0.9, each union output checked against per-row.
---adopt DIR: DIR/sparse_gemv.json = the installed table with a union config for each (band, token
-count) where the union is ADOPT_MAX_RATIO faster than per-row at the band's ranking sparsity and
-agrees with it to bf16 rounding; DIR/dispatch.json = the installed dispatch table with the
+--adopt DIR: DIR/sparse_gemv.json = the installed table with, for each (band, token count), the
+config `choose` takes at the band's ranking sparsity (the committed one unless per-row or the union
+is ADOPT_MAX_RATIO faster; the union only where it agrees with per-row to bf16 rounding); DIR/dispatch.json = the installed dispatch table with the
 threshold ratios of 2-16 tokens at the levels 0 / 0.5 / 0.9 replaced by this run's, each with the
 config the launcher will now use at that level (one token keeps its own measurement).
 
@@ -154,9 +154,9 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log
             return bk.graph_time_ms(calls), calls[0]().float()
 
         best = {}
+        # the FMA family is ranked again at every token count: which row group wins depends on it
+        fma_pool = union_candidates(n, k, sms, ("fma",), tokens) if "fma" in kinds else []
         for band, s_rank in BAND_SPARSITY.items():
-            # the FMA family is ranked again at every token count: which row group wins depends on it
-            fma_pool = [c for c in union_candidates(n, k, sms, ("fma",), tokens) if "fma" in kinds]
             pool = union_candidates(n, k, sms, kinds, tokens) if tokens == TOKENS[0] else leaders[band] + fma_pool
             ranked = []
             for cfg in pool:
@@ -179,11 +179,15 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log
             finally:
                 launchers.UNION_ROWS = None
             per_row_ms, per_row_out = timed(per_row, s)
+
+            def err_vs_per_row(out):
+                return float((out - per_row_out).abs().max() / per_row_out.abs().max().clamp_min(1e-6))
+
             # what the launcher runs now (a union config an earlier run adopted, else per-row)
             committed = launchers.pick_config(n, k, tokens, 0, dev, s)
             committed_ms = per_row_ms if committed == per_row else timed(committed, s)[0]
             union_ms, union_out = timed(best[band], s)
-            err = float((union_out - per_row_out).abs().max() / per_row_out.abs().max().clamp_min(1e-6))
+            err = err_vs_per_row(union_out)
             other_ahead_us = None
             if kind_of(best[band]) == "compact" and list_ahead_ab:
                 # the same config with the union compact loop's list entries the other way
@@ -199,7 +203,7 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log
                 try:
                     staged_ms, staged_out = timed(best[band], s)
                     staged_us = staged_ms * 1e3
-                    staged_err = float((staged_out - per_row_out).abs().max() / per_row_out.abs().max().clamp_min(1e-6))
+                    staged_err = err_vs_per_row(staged_out)
                 finally:
                     launchers.UNION_FMA_STAGED_X = False
             density = sum(u for _, _, _, u in inputs[s]) / len(inputs[s])
@@ -228,16 +232,15 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log
     return rows
 
 
-# what the launcher can run at a point, as union_rows.py times it: (name, row key of its time, of its config)
-CHOICES = (("committed", "committed_us", "committed_config"), ("per-row", "per_row_us", "per_row_config"),
-           ("union", "union_us", "union_config"))
+# what the launcher can run at a point, as union_rows.py times it: name -> row keys of its time and config
+CHOICES = {"committed": ("committed_us", "committed_config"), "per-row": ("per_row_us", "per_row_config"),
+           "union": ("union_us", "union_config")}
 
 
 def choice_us(row: dict, choice: str) -> float:
     """A point's time with one of CHOICES; runs before session 20 timed no committed config, which
     was per-row wherever they ran."""
-    key = dict((name, us) for name, us, _ in CHOICES)[choice]
-    return row.get(key, row["per_row_us"])
+    return row.get(CHOICES[choice][0], row["per_row_us"])
 
 
 def choose(row: dict) -> str:
@@ -253,22 +256,24 @@ def choose(row: dict) -> str:
 
 
 def choice_config(row: dict, choice: str) -> dict:
-    key = dict((name, cfg) for name, _, cfg in CHOICES)[choice]
-    return row.get(key, row["per_row_config"])
+    return row.get(CHOICES[choice][1], row["per_row_config"])
+
+
+def choices_at_ranking(rows: list[dict]) -> dict:
+    """(shape key, band, tokens) -> what `choose` takes there, from the rows at the band's ranking sparsity."""
+    return {(launchers._shape_key(r["n"], r["k"]), r["band"], r["tokens"]): choose(r)
+            for r in rows if r["sparsity"] == BAND_SPARSITY[r["band"]]}
 
 
 def adopt(rows: list[dict], out_dir: str, source: str) -> list[str]:
     """The installed config and dispatch tables with this run's choices (module docstring, choose)."""
     configs = json.loads(json.dumps(launchers._load_json(launchers._CONFIG_FILE)))
     dispatch = json.loads(json.dumps(launchers._load_json(launchers._DISPATCH_FILE)))
-    adopted, chosen = [], {}
+    adopted, chosen = [], choices_at_ranking(rows)
     for row in rows:
         band = row["band"]
-        if row["sparsity"] != BAND_SPARSITY[band]:
-            continue
         key = launchers._shape_key(row["n"], row["k"])
-        choice = choose(row)
-        chosen[key, band, row["tokens"]] = choice
+        choice = chosen[key, band, row["tokens"]] if row["sparsity"] == BAND_SPARSITY[band] else "committed"
         if choice != "committed":
             cfg = choice_config(row, choice)
             configs.setdefault(band, {}).setdefault(key, {})[str(row["tokens"])] = cfg
@@ -285,9 +290,11 @@ def adopt(rows: list[dict], out_dir: str, source: str) -> list[str]:
         ratio = choice_us(row, choice) / row["dense_us"]
         ratios.setdefault(key, {}).setdefault(f"{row['sparsity']:g}", {})[str(row["tokens"])] = round(ratio, 4)
     commit = os.environ.get("RSPARSE_COMMIT", "unknown")
-    if adopted:
-        configs["note"] = (configs.get("note", "") + f"; configs of 2-16 tokens adopted by "
-                           f"benchmarks/gpu/union_rows.py --adopt ({commit}): " + "; ".join(adopted))
+    record = (f"; configs of 2-16 tokens adopted by benchmarks/gpu/union_rows.py --adopt ({commit}): "
+              + "; ".join(adopted))
+    if adopted and record not in configs.get("note", ""):
+        # the same run adopted again (--adopt-from onto tables that already hold it) is recorded once
+        configs["note"] = configs.get("note", "") + record
     dispatch["union_note"] = (f"threshold ratios of 2-16 tokens at levels 0 / 0.5 / 0.9 from benchmarks/gpu/union_rows.py "
                               f"({commit}, {source}): per token count the config the launcher "
                               f"uses (union where adopted, else the committed per-row config)")
@@ -295,6 +302,10 @@ def adopt(rows: list[dict], out_dir: str, source: str) -> list[str]:
     Path(out_dir, launchers._CONFIG_FILE).write_text(json.dumps(configs, indent=1) + "\n")
     Path(out_dir, launchers._DISPATCH_FILE).write_text(json.dumps(dispatch, indent=1) + "\n")
     return adopted
+
+
+def print_adopted(adopted: list[str]) -> None:
+    print("adopted:" if adopted else "adopted: none", *adopted, sep="\n  ", flush=True)
 
 
 def report(data: dict, walk: dict | None = None) -> str:
@@ -341,7 +352,7 @@ def report_choices(data: dict) -> str:
     """Markdown of a run that also timed each point's committed config (session 20 on): the three
     choices side by side and, in bold, the one --adopt takes (choose, at the band's ranking sparsity)."""
     rows = data["rows"]
-    chosen = {(r["shape"], r["band"], r["tokens"]): choose(r) for r in rows if r["sparsity"] == BAND_SPARSITY[r["band"]]}
+    chosen = choices_at_ranking(rows)
     lines = [
         f"# Decode steps of 2-16 tokens: committed vs per-row vs {'/'.join(data.get('union_kernels', ['union']))} "
         f"union ({data['gpu']})",
@@ -360,7 +371,7 @@ def report_choices(data: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        choice = chosen.get((r["shape"], r["band"], r["tokens"]), "committed")
+        choice = chosen.get((launchers._shape_key(r["n"], r["k"]), r["band"], r["tokens"]), "committed")
         cells = []
         for name in ("committed", "per-row", "union"):
             us = choice_us(r, name)
@@ -392,8 +403,7 @@ def main() -> None:
     if args.adopt_from:
         data = json.loads(Path(args.adopt_from).read_text())
         os.environ.setdefault("RSPARSE_COMMIT", data["commit"])
-        adopted = adopt(data["rows"], args.adopt, os.path.basename(args.adopt_from))
-        print("adopted:" if adopted else "adopted: none", *adopted, sep="\n  ", flush=True)
+        print_adopted(adopt(data["rows"], args.adopt, os.path.basename(args.adopt_from)))
         return
     if args.report:
         data = [json.loads(Path(p).read_text()) for p in args.report]
@@ -426,7 +436,7 @@ def main() -> None:
     if args.adopt:
         adopted = adopt(rows, args.adopt, os.path.basename(args.out))
         meta["adopted"] = adopted
-        print("adopted:" if adopted else "adopted: none", *adopted, sep="\n  ", flush=True)
+        print_adopted(adopted)
     Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
 
