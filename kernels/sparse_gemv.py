@@ -78,16 +78,23 @@ def _await_previous_kernel(WAIT: tl.constexpr, TRIGGER: tl.constexpr):
 
 
 @triton.jit
+def _kept(b_score, thr, o_k, jcut, PER_ROW: tl.constexpr):
+    # the selection rule of every kernel (operands broadcast by the caller): a score above the
+    # threshold; with exact top-k (PER_ROW) also a score equal to it at a channel up to the tie cut
+    b_sel = b_score > thr
+    if PER_ROW:
+        b_sel = b_sel | ((b_score == thr) & (o_k <= jcut))
+    return b_sel
+
+
+@triton.jit
 def _select(b_x, o_k, m_k, b_thr, b_jcut, p_scale, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr):
     # b_x [ROWS, BLOCK_K] f32  ->  sel [ROWS, BLOCK_K] (padding columns not cleared)
     b_score = tl.abs(b_x)
     if HAS_SCALE:
         b_scale = tl.load(p_scale + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_score = b_score * b_scale[None, :]
-    b_sel = b_score > b_thr[:, None]
-    if PER_ROW:
-        b_sel = b_sel | ((b_score == b_thr[:, None]) & (o_k[None, :] <= b_jcut[:, None]))
-    return b_sel
+    return _kept(b_score, b_thr[:, None], o_k[None, :], b_jcut[:, None], PER_ROW)
 
 
 @triton.jit
@@ -391,9 +398,7 @@ def _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
     if HAS_SCALE:
         # the same f32 arithmetic as reference.channel_scores and topk_select._score_bits
         b_score = b_score * tl.load(p_scale + o_k, mask=m_k, other=0.0).to(tl.float32)
-    m_sel = b_score > thr
-    if PER_ROW:
-        m_sel = m_sel | ((b_score == thr) & (o_k <= jcut))
+    m_sel = _kept(b_score, thr, o_k, jcut, PER_ROW)
     if INVERT:
         m_sel = ~m_sel
     return _store_list(p_list + k_lo, o_k, m_sel & m_k)
@@ -630,17 +635,14 @@ def _row_threshold(p_thr, p_jcut, row, M, PER_ROW: tl.constexpr):
 def _row_selected_x(p_x, b_scale, row, M, thr, jcut, b_idx, m_j, s_xm, s_xk,
                     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr):
     # one row's x on the gathered channels b_idx [BLOCK_K], f32, 0 where that row did not select the
-    # channel (the same f32 score and comparisons as _select) or the row is past M
+    # channel (the same f32 score as _select, the rule of _kept) or the row is past M
     # the row test as a vector (the interpreter rejects a scalar-and-vector mask)
     m_x = m_j & ((b_idx * 0 + row) < M)
     b_x = tl.load(p_x + row * s_xm + b_idx * s_xk, mask=m_x, other=0.0).to(tl.float32)
     b_score = tl.abs(b_x)
     if HAS_SCALE:
         b_score = b_score * b_scale
-    b_sel = b_score > thr
-    if PER_ROW:
-        b_sel = b_sel | ((b_score == thr) & (b_idx <= jcut))
-    return tl.where(b_sel & m_x, b_x, 0.0)
+    return tl.where(_kept(b_score, thr, b_idx, jcut, PER_ROW) & m_x, b_x, 0.0)
 
 
 @triton.jit
