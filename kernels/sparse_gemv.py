@@ -688,9 +688,42 @@ def _union_fma_step(p_x, p_w, p_scale, p_xs_chunk, b_idx, row0, M, j0, n_sel, o_
 
 
 @triton.jit
+def _fma_zeros(BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, STEP_SUM: tl.constexpr):
+    # one row's accumulator of the FMA union loop: [BLOCK_N] with per-step sums, else the
+    # [BLOCK_K, BLOCK_N] register tile summed after the loop (one return: Triton checks every
+    # return of a function against the others, also in a branch its constexpr drops)
+    if STEP_SUM:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _fma_add(acc, b_x, b_wf, STEP_SUM: tl.constexpr):
+    # one row's FMAs of a list step: x [BLOCK_K] times the weight rows [BLOCK_K, BLOCK_N]
+    if STEP_SUM:
+        acc += tl.sum(b_x[:, None] * b_wf, axis=0)
+    else:
+        acc += b_x[:, None] * b_wf
+    return acc
+
+
+@triton.jit
+def _fma_total(acc, STEP_SUM: tl.constexpr):
+    # one row's accumulator -> [1, BLOCK_N]
+    if STEP_SUM:
+        out = acc[None, :]
+    else:
+        out = tl.sum(acc, axis=0)[None, :]
+    return out
+
+
+@triton.jit
 def _union_fma_rows(p_x, p_w, p_scale, p_thr, p_jcut, p_lst, p_xs_chunk, i_g, M, n_sel, o_n, m_n,
                     s_xm, s_xk, s_wk, xs_cols, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, EVICT: tl.constexpr, STAGED_X: tl.constexpr):
+                    HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, EVICT: tl.constexpr, STAGED_X: tl.constexpr,
+                    AHEAD_STEPS: tl.constexpr, STEP_SUM: tl.constexpr):
     # -> acc [ROWS, BLOCK_N] f32 over the union list's n_sel channels, ROWS = 2 or 4, without tl.dot:
     # one [BLOCK_K, BLOCK_N] register tile of FMAs per row, in the weight load's own layout, reduced
     # once after the loop -- the one-row compact loop (_compact_tile) with each gathered weight row
@@ -698,44 +731,72 @@ def _union_fma_rows(p_x, p_w, p_scale, p_thr, p_jcut, p_lst, p_xs_chunk, i_g, M,
     # layout of one element per thread, so every step moved the weight tile through shared memory
     # to it (a convert_layout in the loop) and the union streamed at 1.2-1.7x dense where per-row
     # streamed at its usual speed (session 20, benchmarks/results/union_rows_fma_3d_h200.json).
+    # Why the 2-row loop read a dense union at 2.8 TB/s where the one-row loop reads 3.3 (session 21,
+    # ncu_fma_h200.md): ROWS accumulator tiles of f32 take the registers the one-row loop spends on a
+    # twice larger weight step, so the 2-row loop could only afford 8 KB steps, the one-row loop 16 KB.
+    # AHEAD_STEPS (1 or 2): list steps whose gathers are in flight while a step's FMAs run. Two steps
+    # ahead was the first answer to that; measured slower on the H200 (session 21), the sweep ranks one.
+    # STEP_SUM: each step's products summed over its BLOCK_K rows at once into a [BLOCK_N] accumulator
+    # per row. The launcher sets it where Triton's layout of the weight tile puts all its warps along N
+    # (launchers.fma_step_sum): each thread then holds whole columns of the step and the sum stays in
+    # its registers, so 16 KB steps (1024 x 8, 2048 x 4 at 4 warps) build in 154-167 registers without
+    # a stack (union_rows_fma_sum_h200.md: a dense union at 2 tokens 1.20-1.42x dense, was 1.23-1.64x).
     row0 = i_g * ROWS
     t0, c0 = _row_threshold(p_thr, p_jcut, row0, M, PER_ROW)
     t1, c1 = _row_threshold(p_thr, p_jcut, row0 + 1, M, PER_ROW)
     t2, c2 = _row_threshold(p_thr, p_jcut, row0 + 2, M, PER_ROW)
     t3, c3 = _row_threshold(p_thr, p_jcut, row0 + 3, M, PER_ROW)
-    acc0 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    # hand pipeline as _compact_tile with AHEAD: the list entries two steps ahead of the FMAs, the
-    # gathers one, so no gather waits for its own list load
+    acc0 = _fma_zeros(BLOCK_K, BLOCK_N, STEP_SUM)
+    acc1 = _fma_zeros(BLOCK_K, BLOCK_N, STEP_SUM)
+    acc2 = _fma_zeros(BLOCK_K, BLOCK_N, STEP_SUM)
+    acc3 = _fma_zeros(BLOCK_K, BLOCK_N, STEP_SUM)
+    # hand pipeline as _compact_tile with AHEAD: the list entries one step ahead of the gathers, the
+    # gathers AHEAD_STEPS ahead of the FMAs, so no gather waits for its own list load
     b_idx = _load_list(p_lst, 0, n_sel, BLOCK_K)
     b_w, x0, x1, x2, x3 = _union_fma_step(p_x, p_w, p_scale, p_xs_chunk, b_idx, row0, M, 0, n_sel, o_n, m_n,
                                           s_xm, s_xk, s_wk, xs_cols, t0, c0, t1, c1, t2, c2, t3, c3,
                                           ROWS, BLOCK_K, HAS_SCALE, PER_ROW, EVICT, STAGED_X)
-    b_idx = _load_list(p_lst, BLOCK_K, n_sel, BLOCK_K)
-    for j0 in range(BLOCK_K, n_sel + BLOCK_K, BLOCK_K):
-        # the last trip loads nothing (every entry masked off) and only computes
+    if AHEAD_STEPS == 2:
+        b_idx = _load_list(p_lst, BLOCK_K, n_sel, BLOCK_K)
+        b_w_2nd, y0, y1, y2, y3 = _union_fma_step(p_x, p_w, p_scale, p_xs_chunk, b_idx, row0, M, BLOCK_K, n_sel,
+                                                  o_n, m_n, s_xm, s_xk, s_wk, xs_cols, t0, c0, t1, c1, t2, c2,
+                                                  t3, c3, ROWS, BLOCK_K, HAS_SCALE, PER_ROW, EVICT, STAGED_X)
+    b_idx = _load_list(p_lst, AHEAD_STEPS * BLOCK_K, n_sel, BLOCK_K)
+    for j0 in range(AHEAD_STEPS * BLOCK_K, n_sel + AHEAD_STEPS * BLOCK_K, BLOCK_K):
+        # the last AHEAD_STEPS trips load nothing (every entry masked off) and only compute
         b_w_next, x0_next, x1_next, x2_next, x3_next = _union_fma_step(
             p_x, p_w, p_scale, p_xs_chunk, b_idx, row0, M, j0, n_sel, o_n, m_n, s_xm, s_xk, s_wk, xs_cols,
             t0, c0, t1, c1, t2, c2, t3, c3, ROWS, BLOCK_K, HAS_SCALE, PER_ROW, EVICT, STAGED_X)
         b_idx = _load_list(p_lst, j0 + BLOCK_K, n_sel, BLOCK_K)
         b_wf = b_w.to(tl.float32)
-        acc0 += x0[:, None] * b_wf
-        acc1 += x1[:, None] * b_wf
+        acc0 = _fma_add(acc0, x0, b_wf, STEP_SUM)
+        acc1 = _fma_add(acc1, x1, b_wf, STEP_SUM)
         if ROWS == 4:
-            acc2 += x2[:, None] * b_wf
-            acc3 += x3[:, None] * b_wf
-        b_w = b_w_next
-        x0 = x0_next
-        x1 = x1_next
-        x2 = x2_next
-        x3 = x3_next
+            acc2 = _fma_add(acc2, x2, b_wf, STEP_SUM)
+            acc3 = _fma_add(acc3, x3, b_wf, STEP_SUM)
+        if AHEAD_STEPS == 2:
+            # the second step in flight moves up; the step just issued takes its place
+            b_w = b_w_2nd
+            x0 = y0
+            x1 = y1
+            x2 = y2
+            x3 = y3
+            b_w_2nd = b_w_next
+            y0 = x0_next
+            y1 = x1_next
+            y2 = x2_next
+            y3 = x3_next
+        else:
+            b_w = b_w_next
+            x0 = x0_next
+            x1 = x1_next
+            x2 = x2_next
+            x3 = x3_next
     o_r = tl.arange(0, ROWS)[:, None]
-    acc = tl.where(o_r == 0, tl.sum(acc0, axis=0)[None, :], tl.sum(acc1, axis=0)[None, :])
+    acc = tl.where(o_r == 0, _fma_total(acc0, STEP_SUM), _fma_total(acc1, STEP_SUM))
     if ROWS == 4:
-        acc = tl.where(o_r == 2, tl.sum(acc2, axis=0)[None, :], acc)
-        acc = tl.where(o_r == 3, tl.sum(acc3, axis=0)[None, :], acc)
+        acc = tl.where(o_r == 2, _fma_total(acc2, STEP_SUM), acc)
+        acc = tl.where(o_r == 3, _fma_total(acc3, STEP_SUM), acc)
     return acc
 
 
@@ -748,7 +809,7 @@ def sparse_gemv_union_compact_kernel(
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, FIXED: tl.constexpr, DOT_F32: tl.constexpr, GDC: tl.constexpr, EVICT: tl.constexpr,
-    LIST_AHEAD: tl.constexpr, STAGED_X: tl.constexpr,
+    LIST_AHEAD: tl.constexpr, STAGED_X: tl.constexpr, AHEAD_STEPS: tl.constexpr, STEP_SUM: tl.constexpr,
 ):
     # x [M, K]  w_t [K, N]  scale [K]  thr [1] or [M] f32  jcut [M] i32  bias [N]
     # list [row_groups, list_cols] i32 (scratch: the union list of each row group)
@@ -795,7 +856,8 @@ def sparse_gemv_union_compact_kernel(
     m_n = o_n < N
     if ROWS < 16:
         acc = _union_fma_rows(p_x, p_w, p_scale, p_thr, p_jcut, p_lst, p_xs + k_lo, i_g, M, n_sel, o_n, m_n,
-                              s_xm, s_xk, s_wk, list_cols, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, EVICT, STAGED_X)
+                              s_xm, s_xk, s_wk, list_cols, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, EVICT, STAGED_X,
+                              AHEAD_STEPS, STEP_SUM)
     else:
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         if LIST_AHEAD:

@@ -99,14 +99,32 @@ def test_committed_band_boundaries_match_the_measurement(fixed_cost):
     assert fixed_cost.band_boundaries(measured, launchers.HIGH_SPARSITY_FROM) == table["high_from"]
 
 
-def test_committed_ncu_report_matches_committed_counters(tmp_path):
-    """benchmarks/gpu/ncu_profile.py --report rebuilds the committed Nsight Compute table from the
-    committed raw counters, case list and stall samples (every sparse case matched to its kernel)."""
+@pytest.mark.parametrize("name", ["ncu", "ncu_fma"])
+def test_committed_ncu_report_matches_committed_counters(name, tmp_path):
+    """benchmarks/gpu/ncu_profile.py --report rebuilds the committed Nsight Compute tables (the one-token
+    probe of session 10, the 1 / 2-token FMA union probe of session 21) from the committed raw counters,
+    case list and stall samples (every sparse case matched to its kernel)."""
     module = _load_benchmark("gpu/ncu_profile.py")
     out = tmp_path / "ncu.md"
-    module.write_report(str(RESULTS / "ncu_raw_h200.csv"), str(RESULTS / "ncu_cases_h200.json"), str(out),
-                        str(RESULTS / "ncu_source_h200.csv.gz"))
-    assert out.read_text() == (RESULTS / "ncu_h200.md").read_text()
+    module.write_report(str(RESULTS / f"{name}_raw_h200.csv"), str(RESULTS / f"{name}_cases_h200.json"), str(out),
+                        str(RESULTS / f"{name}_source_h200.csv.gz"))
+    assert out.read_text() == (RESULTS / f"{name}_h200.md").read_text()
+
+
+def test_ncu_profile_variants_make_one_case_per_sparsity_and_variant():
+    """ncu_profile.py --variants: a dense case per token count, then per sparsity one sparse case per
+    variant, each running its own config or what the launcher picks (per-row with union_rows off)."""
+    module = _load_benchmark("gpu/ncu_profile.py")
+    fma = {"rows": 2, "block_n": 512, "block_k": 8, "split_k": 16, "num_warps": 4, "num_stages": 2,
+           "kernel": "compact"}
+    variants = [{"tokens": 2, "config": fma}, {"tokens": 2, "union_rows": "off"}, {"tokens": 1}]
+    cases = module.cases(["llama2-7b/qkv"], [0.0, 0.5], variants)
+    assert [(c["kind"], c["tokens"], c.get("sparsity")) for c in cases] == [
+        ("dense", 1, None), ("dense", 2, None)] + [("sparse", t, s) for s in (0.0, 0.5) for t in (2, 2, 1)]
+    n, k = cases[0]["n"], cases[0]["k"]
+    assert module.variant_config(cases[2], n, k) == module.launchers.GemvConfig.from_dict(fma)
+    assert module.variant_config(cases[3], n, k).rows == 1
+    assert module.launchers.UNION_ROWS is None
 
 
 def test_adopted_config_keeps_the_lowrank_layout(tmp_path, monkeypatch):
@@ -182,6 +200,8 @@ def test_committed_e2e_report_matches_committed_measurements(name, report_e2e):
 @pytest.mark.parametrize("name,sources", [
     ("e2e_h200_s18", ["e2e_h200_llama2_s17.json", "e2e_h200_llama2_s18.json", "e2e_h200_llama3_s18.json"]),
     ("e2e_h200_s20", ["e2e_h200_llama3_s20.json", "e2e_h200_llama2_fma3d_s20.json"]),
+    ("e2e_h200_s21", ["e2e_h200_llama2_s21.json", "e2e_h200_llama2_fma_ahead_s21.json",
+                      "e2e_h200_llama3_fma_ahead_s21.json"]),
 ])
 def test_session_e2e_report_merges_the_committed_runs(name, sources, report_e2e):
     """A session's merged end-to-end report is the merge of its committed single-run files, in that order."""
@@ -221,3 +241,34 @@ def test_committed_kernels_script_dry_run(tmp_path):
     assert (tmp_path / "k.md").read_text().startswith("# Decode kernels as committed")
     if importlib.util.find_spec("matplotlib"):  # the [bench] extra; CI has the markdown only
         assert list(tmp_path.glob("k_*.png"))
+
+
+def test_union_density_counts_shared_and_independent_channels():
+    """union_density.union_stats: M tokens that select the same channels have a union no larger than
+    one token's selection; tokens with disjoint selections a union of the sum; the independent
+    prediction is 1 - prod(1 - d_i) of the same tokens' densities; windows past the last whole group
+    are left out."""
+    import torch
+
+    module = _load_benchmark("union_density.py")
+    k = 8
+    same = torch.zeros(4, 3, k, dtype=torch.bool)
+    same[:, :, :2] = True  # every token keeps channels 0-1: density 0.25
+    per_token, union, independent, steps = module.union_stats(same, 2)
+    assert steps == 2 * 3
+    assert per_token / steps == pytest.approx(0.25) and union / steps == pytest.approx(0.25)
+    assert independent / steps == pytest.approx(1 - 0.75 ** 2)
+    disjoint = torch.zeros(5, 1, k, dtype=torch.bool)
+    for w in range(4):
+        disjoint[w, 0, 2 * w: 2 * w + 2] = True
+    disjoint[4, 0, :] = True  # a fifth window, past the last group of 4: not counted
+    per_token, union, independent, steps = module.union_stats(disjoint, 4)
+    assert steps == 1 and union == pytest.approx(1.0) and per_token == pytest.approx(0.25)
+    assert independent == pytest.approx(1 - 0.75 ** 4)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RESULTS.glob("union_density_*.json")))
+def test_committed_union_density_report_matches_its_json(name):
+    """benchmarks/results/union_density_*.md is what union_density.py --report makes of its JSON."""
+    module = _load_benchmark("union_density.py")
+    assert module.markdown(json.loads((RESULTS / f"{name}.json").read_text())) == (RESULTS / f"{name}.md").read_text()

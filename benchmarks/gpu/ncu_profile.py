@@ -72,7 +72,12 @@ def top_stalls(kern: dict) -> list[tuple[str, float]]:
     return sorted(found, key=lambda t: -t[1])[:TOP_STALLS]
 
 
-def cases(shape_names: list[str], sparsities: list[float]) -> list[dict]:
+# one sparse case per sparsity and variant; a variant = the token count and the config: given, or the
+# committed table's (launchers.pick_config), or with union_rows "off" the committed per-row config
+DEFAULT_VARIANTS = [{"tokens": 1}]
+
+
+def cases(shape_names: list[str], sparsities: list[float], variants: list[dict] = DEFAULT_VARIANTS) -> list[dict]:
     shapes = {name: (n, k) for name, n, k in fixed_cost.SHAPES}
     unknown = [s for s in shape_names if s not in shapes]
     if unknown:
@@ -80,26 +85,47 @@ def cases(shape_names: list[str], sparsities: list[float]) -> list[dict]:
     out = []
     for name in shape_names:
         n, k = shapes[name]
-        out.append({"shape": name, "n": n, "k": k, "kind": "dense"})
-        out += [{"shape": name, "n": n, "k": k, "kind": "sparse", "sparsity": s} for s in sparsities]
+        for tokens in sorted({v.get("tokens", 1) for v in variants}):
+            out.append({"shape": name, "n": n, "k": k, "kind": "dense", "tokens": tokens})
+        out += [{"shape": name, "n": n, "k": k, "kind": "sparse", "sparsity": s, **v}
+                for s in sparsities for v in variants]
     return out
+
+
+def variant_config(case: dict, n: int, k: int) -> launchers.GemvConfig:
+    """The config a sparse case runs: its own, or what the launcher picks at its token count
+    (per-row with union_rows "off")."""
+    if "config" in case:
+        return launchers.GemvConfig.from_dict(case["config"])
+    mode = case.get("union_rows")
+    launchers.UNION_ROWS = mode
+    try:
+        return launchers.pick_config(n, k, case.get("tokens", 1), 0, torch.device(bk.DEVICE), case["sparsity"])
+    finally:
+        launchers.UNION_ROWS = None
 
 
 def profile(args) -> None:
     gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
-    todo = cases(args.shapes, args.sparsities)
+    todo = cases(args.shapes, args.sparsities, json.loads(args.variants) if args.variants else DEFAULT_VARIANTS)
     cudart = torch.cuda.cudart() if torch.cuda.is_available() else None
     for case in todo:
         n, k = (1024, 512) if bk.DRY_RUN else (case["n"], case["k"])
+        tokens = case.get("tokens", 1)
         layer = bk.Layer(n, k, gen)
         if case["kind"] == "dense":
-            x = torch.randn(1, k, device=bk.DEVICE, generator=gen).to(bk.DTYPE)
+            x = torch.randn(tokens, k, device=bk.DEVICE, generator=gen).to(bk.DTYPE)
             call = lambda: F.linear(x, layer.w_dense)  # noqa: E731
-            case["bytes"] = n * k * 2 + (n + k) * 2
+            case["bytes"] = n * k * 2 + (n + k) * 2 * tokens
         else:
             s = case["sparsity"]
-            inputs, nbytes = fixed_cost.teal_inputs([layer], s, gen)
-            cfg = launchers.pick_config(n, k, 1, 0, torch.device(bk.DEVICE), s)
+            if tokens == 1:
+                inputs, nbytes = fixed_cost.teal_inputs([layer], s, gen)
+            else:
+                # independent tokens, as union_rows.py times them; the bytes of their union of channels
+                inputs = [bk.make_inputs(layer, bk.Case("teal", tokens, s), gen)]
+                nbytes = inputs[0][2]
+            cfg = variant_config(case, n, k)
             call = bk.one_token_calls(inputs, cfg)[0]
             case["bytes"], case["gemv_config"] = nbytes, vars(cfg)
             case["finish"] = fixed_cost.split_finish_run(k, cfg)
@@ -112,7 +138,8 @@ def profile(args) -> None:
         if cudart is not None:
             torch.cuda.synchronize()
             cudart.cudaProfilerStop()
-        print(f"{case['shape']:18s} {case['kind']:6s} s={case.get('sparsity', '-')} {case.get('gemv_config', '')}",
+        print(f"{case['shape']:18s} {case['kind']:6s} M={tokens} s={case.get('sparsity', '-')} "
+              f"{case.get('gemv_config', '')}",
               flush=True)
         layer.free()
     header = fixed_cost.bk.run_header("benchmarks/gpu/ncu_profile.py")
@@ -205,13 +232,19 @@ def write_report(raw_path: str, cases_path: str, out: str, source_path: str | No
     may launch more than one kernel per case: the rows keep every kernel's name)."""
     run = json.loads(Path(cases_path).read_text())
     kernels = read_raw(raw_path)
-    lines = [f"# Nsight Compute, one-token GEMV (commit {run['commit']}, {run['gpu']})", "",
+    tokens = sorted({c.get("tokens", 1) for c in run["cases"]})
+    title = "one-token GEMV" if tokens == [1] else f"sparse GEMV at {' / '.join(map(str, tokens))} tokens"
+    lines = [f"# Nsight Compute, {title} (commit {run['commit']}, {run['gpu']})", "",
              f"`{run['command']}`; caches flushed before each replay (weights from DRAM), clocks not locked.", "",
              "| shape | case | kernel | " + " | ".join(REPORT_METRICS.values()) + " | top stalls (warps per issue) |",
              "|---|---|---|" + "---|" * (len(REPORT_METRICS) + 1)]
     records = []
     for case, kern in match_cases(run["cases"], kernels):
         label = "dense cuBLAS" if case["kind"] == "dense" else f"s = {case['sparsity']} ({case.get('finish')})"
+        if any(c.get("tokens", 1) > 1 for c in run["cases"]):
+            cfg = case.get("gemv_config") or {}
+            label = f"M = {case.get('tokens', 1)}, {label}" + (
+                f", r{cfg['rows']} bn{cfg['block_n']} bk{cfg['block_k']} st{cfg['num_stages']}" if cfg else "")
         values = {col: _number(kern.get(metric, "")) for metric, col in REPORT_METRICS.items()}
         units = {col: kern["_units"].get(metric, "") for metric, col in REPORT_METRICS.items()}
         stalls = top_stalls(kern)
@@ -234,6 +267,8 @@ def main() -> None:
     ap.add_argument("--cases", help="profile: run the cases (under ncu) and write their list here")
     ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES)
     ap.add_argument("--sparsities", nargs="+", type=float, default=DEFAULT_SPARSITIES)
+    ap.add_argument("--variants", help='JSON list of sparse variants per sparsity, e.g. [{"tokens": 2, "config": '
+                    '{GemvConfig fields}}, {"tokens": 2, "union_rows": "off"}] (default: one token, committed config)')
     ap.add_argument("--report", nargs=2, metavar=("RAW_CSV", "CASES_JSON"),
                     help="instead: the markdown table (+ .json) of an earlier profile to --out")
     ap.add_argument("--source", metavar="SOURCE_CSV",

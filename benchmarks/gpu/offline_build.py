@@ -57,19 +57,35 @@ UNION_POINTERS = {**CLAIM_POINTERS, "p_scale": "*fp32", "p_jcut": "*i32", "p_xs"
 UNION_BUILDS = [dict(num_warps=w, num_stages=st, BLOCK_N=bn, BLOCK_K=bk, LIST_AHEAD=ahead)
                 for bn, bk, w, st in [(128, 32, 4, 1), (128, 32, 4, 3), (256, 16, 4, 2), (256, 64, 8, 2)]
                 for ahead in (False, True)]
-# its FMA loop (2 / 4 rows, session 20; x gathered or staged) at the first tile of each row count in
-# benchmarks/gpu/union_rows.py's FMA_TILES: no stack on Triton 3.9 (135-215 registers; 8 rows of
-# 128 x 8 at 4 warps had a 40-byte stack, so that tile is not among them)
-UNION_FMA_BUILDS = [dict(num_warps=w, num_stages=1, ROWS=rows, BLOCK_N=bn, BLOCK_K=bk, CHUNK=512, STAGED_X=staged)
-                    for rows, bn, bk, w in [(2, 512, 8, 4), (4, 256, 8, 4)] for staged in (False, True)]
+# its FMA loop (2 / 4 rows, session 20; x gathered or staged; gathers one or two list steps ahead,
+# session 21) at the first tile of each row count in benchmarks/gpu/union_rows.py's FMA_TILES, then the
+# 16 KB tiles that sum each step over K in registers (launchers.fma_step_sum, session 21): no stack on
+# Triton 3.9 (127-168 registers; 8 rows of 128 x 8 at 4 warps had a 40-byte stack, so that tile is not
+# among them)
+UNION_FMA_BUILDS = [dict(num_warps=w, num_stages=1, ROWS=rows, BLOCK_N=bn, BLOCK_K=bk, CHUNK=512, STAGED_X=staged,
+                         AHEAD_STEPS=ahead)
+                    for rows, bn, bk, w in [(2, 512, 8, 4), (4, 256, 8, 4)] for staged in (False, True)
+                    for ahead in (1, 2)]
+UNION_FMA_BUILDS += [dict(num_warps=4, num_stages=1, ROWS=2, BLOCK_N=bn, BLOCK_K=bk, CHUNK=512, STEP_SUM=True)
+                     for bn, bk in [(1024, 8), (2048, 4)]]
 
 
 def union_constexprs(**over) -> dict:
     """The union compact kernel's constexpr arguments as the launcher passes them on a GPU."""
     values = dict(ROWS=16, BLOCK_N=128, BLOCK_K=32, CHUNK=512, HAS_SCALE=False, PER_ROW=False, HAS_BIAS=False,
-                  SPLIT=True, FIXED=True, DOT_F32=False, GDC=False, EVICT="", LIST_AHEAD=False, STAGED_X=False)
+                  SPLIT=True, FIXED=True, DOT_F32=False, GDC=False, EVICT="", LIST_AHEAD=False, STAGED_X=False,
+                  AHEAD_STEPS=1, STEP_SUM=False)
     values.update(over)
     return values
+
+
+# What the JIT specializes on the GPU and a bare signature does not say: every pointer (torch
+# allocations) and these integer arguments (model sizes and row strides) are multiples of 16, and the
+# unit strides of x and the output are 1. Without these hints the weight loads are not vectorized
+# and the register counts are not the GPU's (session 21: the 2-row FMA tile built in 184 registers
+# here, 138 on the GPU).
+DIVISIBLE_BY_16 = {"N", "K", "R", "ws_cols", "list_cols", "s_xm", "s_wk", "s_vk", "s_un", "s_om"}
+UNIT_STRIDES = {"s_xk": 1, "s_on": 1}
 
 
 def build_sm90(num_warps: int, num_stages: int = 1, union: bool = False, **over) -> dict:
@@ -84,10 +100,13 @@ def build_sm90(num_warps: int, num_stages: int = 1, union: bool = False, **over)
     if not isinstance(kernel, triton.runtime.JITFunction):
         raise SystemExit("offline_build.py: TRITON_INTERPRET is set; the interpreter's kernels cannot be compiled")
     constexprs = union_constexprs(**over) if union else claim_constexprs(num_warps, **over)
+    constexprs.update(UNIT_STRIDES)
     pointers = UNION_POINTERS if union else CLAIM_POINTERS
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
                  for name in kernel.arg_names}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+               if name not in constexprs and (name in pointers or name in DIVISIBLE_BY_16)}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, aligned), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

@@ -13,7 +13,8 @@ selected, gathered rows). No union config was committed before this script.
 Timing as the one-token sweep (bench_kernels.graph_time_ms: one CUDA graph over >= 160 MB of
 weight copies, so no call finds its weights in L2), bf16, TEAL threshold selection on random x:
 the tokens select independently, which is the least a union can save (real activations share
-channels). Per shape and token count (2, 4, 8, 16), in one process:
+channels, but little: benchmarks/union_density.py measured real decode requests' unions at 0.87-0.99
+of the independent ones on SmolLM2 and Qwen2.5-0.5B). Per shape and token count (2, 4, 8, 16), in one process:
   * dense cuBLAS (F.linear, vLLM's [N, K] weight);
   * per-row: the committed config of the sparsity's band (launchers.pick_config with UNION_ROWS
     = "off": what the launcher ran before this script);
@@ -33,7 +34,7 @@ config the launcher will now use at that level (one token keeps its own measurem
     python benchmarks/gpu/union_rows.py --report benchmarks/results/union_rows_fma_h200.json \
         --out benchmarks/results/union_rows_fma_h200.md     # a run with committed times: three columns
     python benchmarks/gpu/union_rows.py --adopt-from benchmarks/results/union_rows_fma_h200.json \
-        --adopt vllm_rsparse/kernels/configs --out /dev/null   # the tables from a committed run
+        --adopt kernels/configs --out /dev/null   # the tables from a committed run (the source tree's)
 """
 
 import argparse
@@ -83,9 +84,17 @@ COMPACT_STAGES = [1, 2, 3]
 # (block_n, block_k, num_warps), the one-row compact kernel's tile family, each built for sm_90
 # offline without a stack (offline_build.py --union); a program's rows <= the step's tokens, as
 # more would only run masked-off rows. K chunks up to launchers.union_max_chunk(rows).
-FMA_TILES = {2: [(512, 8, 4), (256, 16, 4), (256, 8, 4), (1024, 4, 4), (1024, 8, 8)],
-             4: [(256, 8, 4), (128, 16, 4), (128, 8, 4), (512, 4, 4)]}
-FMA_CHUNKS = [256, 512, 1024]
+# Session 21: the tiles whose warps all lie along N (block_n >= 256 x warps: launchers.fma_step_sum sums
+# each step over K in registers) take 16 KB steps at 154-178 registers: (1024, 8, 4), (2048, 4, 4),
+# (2048, 8, 8), 4 rows (1024, 4, 4); and K chunks of 128, so that those wide tiles still fill the GPU.
+FMA_TILES = {2: [(512, 8, 4), (256, 16, 4), (256, 8, 4), (1024, 4, 4), (1024, 8, 8), (1024, 8, 4), (2048, 4, 4),
+                 (2048, 8, 8)],
+             4: [(256, 8, 4), (128, 16, 4), (128, 8, 4), (512, 4, 4), (1024, 4, 4)]}
+FMA_CHUNKS = [128, 256, 512, 1024]
+# the FMA loop's hand pipeline depth (GemvConfig.num_stages of an FMA union: list steps gathered ahead
+# of the FMAs; launchers.FMA_AHEAD_STEPS). Two steps ahead ran slower on the H200 (session 21,
+# union_rows_fma_ahead_h200.json, ncu_fma_h200.md), so the sweep no longer ranks them.
+FMA_STAGES = [1]
 # candidate families: "walk" / "compact" (16 rows, tl.dot) and "fma" (2 / 4 rows); --kernels
 KINDS = ("walk", "compact", "fma")
 
@@ -108,9 +117,9 @@ def union_candidates(n: int, k: int, sms: int, kinds=KINDS[:2], tokens: int = TO
     if "fma" in kinds:
         for rows, tiles in FMA_TILES.items():
             chunks = [c for c in FMA_CHUNKS if c <= launchers.union_max_chunk(rows)]
-            for (bn, bkk, warps), chunk in itertools.product(tiles, chunks):
+            for (bn, bkk, warps), chunk, ahead in itertools.product(tiles, chunks, FMA_STAGES):
                 if rows <= tokens:
-                    out.append(launchers.GemvConfig(rows, bn, bkk, launchers.triton_cdiv(k, chunk), warps, 1,
+                    out.append(launchers.GemvConfig(rows, bn, bkk, launchers.triton_cdiv(k, chunk), warps, ahead,
                                                     kernel="compact"))
     every = out
     # fewer programs than SMs leaves bandwidth idle; more output tiles than counters cannot run

@@ -38,6 +38,22 @@ def group_bytes_fraction_read(d_out: int, d_in: int, input_kept: float, rank: in
     return (input_kept * d_in * d_out + rank * (d_in + d_out)) / (d_in * d_out)
 
 
+def group_mask_fn(qcfg: RSparseCheckpointConfig, tensors: dict, groups: dict):
+    """-> mask(group name, x [tokens, K]) -> bool [tokens, K]: the channels the runtime keeps for
+    that group's input, from the checkpoint's selection settings and tensors (reference masks)."""
+    def mask(name: str, x: torch.Tensor) -> torch.Tensor:
+        s = qcfg.modules[name]
+        member = name[: -len(groups[name].merged_name)] + groups[name].members[0]
+        score_weight = tensors.get(tensor_name(member, "score_weight"))
+        if s.selection == "threshold":
+            return reference.threshold_mask(x, tensors[tensor_name(member, "threshold")], score_weight)
+        if s.selection == "topk":
+            return reference.topk_mask(x, s.keep, score_weight)
+        return torch.ones_like(x, dtype=torch.bool)
+
+    return mask
+
+
 @torch.no_grad()
 def measure_achieved_sparsity(checkpoint_dir: str | Path, windows: torch.Tensor) -> dict:
     """windows [B, T] token ids -> {"model_sparsity", "input_sparsity", "per_kind", "per_group"}."""
@@ -54,20 +70,10 @@ def measure_achieved_sparsity(checkpoint_dir: str | Path, windows: torch.Tensor)
     groups = dict(architectures.iter_groups(shapes))
     skipped = {name: 0.0 for name in groups}
     seen = {name: 0 for name in groups}
-
-    def first_member(name: str) -> str:
-        return name[: -len(groups[name].merged_name)] + groups[name].members[0]
+    group_mask = group_mask_fn(qcfg, tensors, groups)
 
     def observe(name: str, x: torch.Tensor) -> None:
-        s = qcfg.modules[name]
-        member = first_member(name)
-        score_weight = tensors.get(tensor_name(member, "score_weight"))
-        if s.selection == "threshold":
-            mask = reference.threshold_mask(x, tensors[tensor_name(member, "threshold")], score_weight)
-        elif s.selection == "topk":
-            mask = reference.topk_mask(x, s.keep, score_weight)
-        else:
-            mask = torch.ones_like(x, dtype=torch.bool)
+        mask = group_mask(name, x)
         skipped[name] += float((~mask).sum())
         seen[name] += mask.numel()
 
