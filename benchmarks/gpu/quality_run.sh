@@ -17,7 +17,7 @@
 #     benchmarks/gpu/README-quality.md.
 #
 # SmolLM2 needs (in this order, back to back: the machine goes back ~30 s after a run):
-#   bash .gpu/p1/stash.sh; bash benchmarks/gpu/quality_recv.sh q1; ... quality_recv.sh q2
+#   bash .gpu/p1a/stash.sh; bash .gpu/p1b/stash.sh; bash benchmarks/gpu/quality_recv.sh q1; ... quality_recv.sh q2
 #   source .gpu/p2/setup.sh && bash benchmarks/gpu/quality_run.sh
 # Settings (environment): MODEL, METHODS (comma list, most important first; defaults below),
 # PARALLEL (methods at once, default 5: one H200 holds 5 vLLM instances, 16 cores their host
@@ -43,7 +43,7 @@
 # so over one 10-minute call: hence DETACH.
 # Qwen call sequence (fresh machine, back to back; after `MODEL=qwen bash benchmarks/gpu/quality_pack.sh`
 # here, which makes .gpu/qw1 .. .gpu/qw8, 59.25 MiB each):
-#   1  carry [".gpu/p1"]   bash .gpu/p1/stash.sh
+#   1  carry [".gpu/p1a"]  bash .gpu/p1a/stash.sh, then [".gpu/p1b"] bash .gpu/p1b/stash.sh (pack_gpu.sh)
 #   2  carry [".gpu/p2"]   source .gpu/p2/setup.sh
 #   3-9 carry [".gpu/qwK"] bash benchmarks/gpu/quality_recv.sh qwK            (K = 1..7, qw1 first)
 #   10 carry [".gpu/qw8"]  bash benchmarks/gpu/quality_recv.sh qw8 && MODEL=qwen bash benchmarks/gpu/quality_run.sh
