@@ -10,25 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def _load_benchmark(relpath: str):
-    """A script under benchmarks/ as a module (the scripts are no package: loaded by path), registered
-    under its name in sys.modules because their dataclasses look their module up."""
-    path = REPO / "benchmarks" / relpath
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def fixed_cost():
-    return _load_benchmark("gpu/fixed_cost.py")
+    return load_benchmark("gpu/fixed_cost.py")
 
 
 def test_fit_line_recovers_fixed_cost_and_bandwidth(fixed_cost):
@@ -104,7 +94,7 @@ def test_committed_ncu_report_matches_committed_counters(name, tmp_path):
     """benchmarks/gpu/ncu_profile.py --report rebuilds the committed Nsight Compute tables (the one-token
     probe of session 10, the 1 / 2-token FMA union probe of session 21) from the committed raw counters,
     case list and stall samples (every sparse case matched to its kernel)."""
-    module = _load_benchmark("gpu/ncu_profile.py")
+    module = load_benchmark("gpu/ncu_profile.py")
     out = tmp_path / "ncu.md"
     module.write_report(str(RESULTS / f"{name}_raw_h200.csv"), str(RESULTS / f"{name}_cases_h200.json"), str(out),
                         str(RESULTS / f"{name}_source_h200.csv.gz"))
@@ -114,7 +104,7 @@ def test_committed_ncu_report_matches_committed_counters(name, tmp_path):
 def test_ncu_profile_variants_make_one_case_per_sparsity_and_variant():
     """ncu_profile.py --variants: a dense case per token count, then per sparsity one sparse case per
     variant, each running its own config or what the launcher picks (per-row with union_rows off)."""
-    module = _load_benchmark("gpu/ncu_profile.py")
+    module = load_benchmark("gpu/ncu_profile.py")
     fma = {"rows": 2, "block_n": 512, "block_k": 8, "split_k": 16, "num_warps": 4, "num_stages": 2,
            "kernel": "compact"}
     variants = [{"tokens": 2, "config": fma}, {"tokens": 2, "union_rows": "off"}, {"tokens": 1}]
@@ -130,7 +120,7 @@ def test_ncu_profile_variants_make_one_case_per_sparsity_and_variant():
 def test_adopted_config_keeps_the_lowrank_layout(tmp_path, monkeypatch):
     """wide_tiles.py --adopt replaces a shape's one-token config by a faster one and keeps the
     R-Sparse v_t layout (GemvConfig.lowrank) that lowrank_time.py chose for that shape."""
-    wide_tiles = _load_benchmark("gpu/wide_tiles.py")
+    wide_tiles = load_benchmark("gpu/wide_tiles.py")
     committed = {"rows": 1, "block_n": 2048, "block_k": 4, "split_k": 64, "num_warps": 4, "num_stages": 1,
                  "kernel": "compact", "lowrank": "w_tiles"}
     table = {"note": "n", "configs": {"N28672_K4096": {"1": committed}}}
@@ -151,7 +141,7 @@ def test_e2e_config_switches(monkeypatch):
     """bench_e2e --configs: "method:sparsity[,RSPARSE_NAME=value...]" -- a plugin switch held while
     that one engine is built and measured (a switch against its default in one process), named in
     the results' method; anything else a clear error."""
-    bench = _load_benchmark("bench_e2e.py")
+    bench = load_benchmark("bench_e2e.py")
     assert bench.parse_spec("teal:0.5") == ("teal", 0.5, {})
     spec = "rsparse-thr:0.5,RSPARSE_LOWRANK_UP_PDL=1"
     assert bench.parse_spec(spec) == ("rsparse-thr", 0.5, {"RSPARSE_LOWRANK_UP_PDL": "1"})
@@ -178,7 +168,7 @@ def test_e2e_config_switches(monkeypatch):
 
 @pytest.fixture(scope="module")
 def report_e2e():
-    return _load_benchmark("report_e2e.py")
+    return load_benchmark("report_e2e.py")
 
 
 MERGED_E2E = sorted(p.stem for p in RESULTS.glob("e2e_*.json")
@@ -217,7 +207,7 @@ def test_committed_kernels_report_matches_committed_measurements(name):
     the committed runs with today's tables (the op's dense/sparse choice per point is read from
     kernels/configs: a dispatch change that moves a measured point shows up here)."""
     data = json.loads((RESULTS / f"{name}.json").read_text())
-    assert _load_benchmark("gpu/committed_kernels.py").report(data) == (RESULTS / f"{name}.md").read_text()
+    assert load_benchmark("gpu/committed_kernels.py").report(data) == (RESULTS / f"{name}.md").read_text()
 
 
 def test_committed_kernels_script_dry_run(tmp_path):
@@ -250,7 +240,7 @@ def test_union_density_counts_shared_and_independent_channels():
     are left out."""
     import torch
 
-    module = _load_benchmark("union_density.py")
+    module = load_benchmark("union_density.py")
     k = 8
     same = torch.zeros(4, 3, k, dtype=torch.bool)
     same[:, :, :2] = True  # every token keeps channels 0-1: density 0.25
@@ -270,5 +260,5 @@ def test_union_density_counts_shared_and_independent_channels():
 @pytest.mark.parametrize("name", sorted(p.stem for p in RESULTS.glob("union_density_*.json")))
 def test_committed_union_density_report_matches_its_json(name):
     """benchmarks/results/union_density_*.md is what union_density.py --report makes of its JSON."""
-    module = _load_benchmark("union_density.py")
+    module = load_benchmark("union_density.py")
     assert module.markdown(json.loads((RESULTS / f"{name}.json").read_text())) == (RESULTS / f"{name}.md").read_text()

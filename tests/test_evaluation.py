@@ -63,13 +63,9 @@ def test_zeroshot_accounting_with_a_fake_scorer():
 def test_report_paired_delta():
     """The report's zero-shot delta vs dense pairs examples: mean of per-example
     differences, se from their spread (here task a: +1 on 1 of 4, task b: 0)."""
-    import importlib.util
-    from pathlib import Path
+    from benchmark_scripts import load_benchmark
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "eval_quality.py"
-    spec = importlib.util.spec_from_file_location("eval_quality", path)
-    eq = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eq)
+    eq = load_benchmark("eval_quality.py")
     dense = {"limit": 4, "zeroshot_correct": {"a": [1, 0, 0, 1], "b": [1, 1, 0, 0]}}
     row = {"limit": 4, "zeroshot_correct": {"a": [1, 1, 0, 1], "b": [1, 1, 0, 0]}}
     delta, se = eq.paired_delta(row, dense)
@@ -81,13 +77,9 @@ def test_report_paired_delta():
 def test_report_markdown_lists_superseded_values(tmp_path):
     """A row re-measured after a calibration change keeps its old numbers in
     'before_rank_alignment'; quality.md prints them under the model's table."""
-    import importlib.util
-    from pathlib import Path
+    from benchmark_scripts import load_benchmark
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "eval_quality.py"
-    spec = importlib.util.spec_from_file_location("eval_quality", path)
-    eq = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eq)
+    eq = load_benchmark("eval_quality.py")
     base = {"model": "m", "zeroshot": {}, "zeroshot_n": {}, "zeroshot_avg": None, "calibration": {}}
     rows = [{**base, "method": "dense", "sparsity": 0.0, "ppl": 10.0, "achieved_sparsity": None},
             {**base, "method": "rsparse", "sparsity": 0.4, "ppl": 12.0, "achieved_sparsity": 0.39,

@@ -29,6 +29,7 @@ if not HAS_CUDA:
 
 triton = pytest.importorskip("triton")
 
+from benchmark_scripts import load_benchmark  # noqa: E402
 from vllm_rsparse import launchers, reference  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -1111,18 +1112,8 @@ def test_lowrank_ratios_transferred_to_another_gpu():
     assert lowrank_time.transferred_ratios(measured, []) == {}
 
 
-def _gpu_benchmark_module(name: str):
-    """benchmarks/gpu/<name>.py loaded by path (the benchmarks are scripts, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / "gpu" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _lowrank_time_module():
-    return _gpu_benchmark_module("lowrank_time")
+    return load_benchmark("gpu/lowrank_time.py")
 
 
 def test_union_rows_report_and_tables_match_committed_files():
@@ -1131,7 +1122,7 @@ def test_union_rows_report_and_tables_match_committed_files():
     ratios of the measured shapes and levels are what union_rows --adopt derives from the newest run
     (union_rows_fma_sum_h200.json, session 21: per point the committed config, per-row or the FMA union,
     whichever union_rows.choose takes); the FMA runs' reports (sessions 20-21) are their JSON's."""
-    union_rows = _gpu_benchmark_module("union_rows")
+    union_rows = load_benchmark("gpu/union_rows.py")
     data = json.loads((RESULTS / "union_rows_h200.json").read_text())
     walk = json.loads((RESULTS / "union_rows_h200_walk.json").read_text())
     assert union_rows.report(data, walk) == (RESULTS / "union_rows_h200.md").read_text()
@@ -1161,7 +1152,7 @@ def test_union_rows_choice_keeps_the_committed_config_within_the_margin():
     """union_rows.choose: the committed config stays unless per-row or the union is 3% faster; a
     union that disagrees with per-row beyond bf16 rounding is never taken; runs before session 20
     (no committed time) compare with per-row."""
-    union_rows = _gpu_benchmark_module("union_rows")
+    union_rows = load_benchmark("gpu/union_rows.py")
     row = {"committed_us": 10.0, "per_row_us": 9.8, "union_us": 9.9, "union_max_rel_err_vs_per_row": 1e-3}
     assert union_rows.choose(row) == "committed"
     assert union_rows.choose({**row, "per_row_us": 9.0}) == "per-row"

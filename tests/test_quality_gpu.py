@@ -4,13 +4,13 @@ articles without gensim, the engine options, and the report's separate GPU table
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 from vllm_rsparse.evaluation import tasks
 from vllm_rsparse.evaluation.harness import EngineOptions, EvalConfig
@@ -19,10 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _eval_quality():
-    spec = importlib.util.spec_from_file_location("eval_quality", REPO / "benchmarks" / "eval_quality.py")
-    eq = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eq)
-    return eq
+    return load_benchmark("eval_quality.py")
 
 
 @pytest.mark.parametrize("task", sorted(tasks.TASKS))

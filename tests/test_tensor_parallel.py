@@ -10,11 +10,11 @@ comparison parts at near-ties (measured in benchmarks/results/tp_cpu.md).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 REPO = Path(__file__).resolve().parent.parent
 DTYPE = "float32"
@@ -27,14 +27,7 @@ pytestmark = [
 ]
 
 
-def _load_tp_cpu():
-    spec = importlib.util.spec_from_file_location("tp_cpu", REPO / "benchmarks" / "tp_cpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tp_cpu = _load_tp_cpu()
+tp_cpu = load_benchmark("tp_cpu.py")
 
 
 @pytest.fixture(scope="module")
