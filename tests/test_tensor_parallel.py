@@ -27,7 +27,7 @@ pytestmark = [
 ]
 
 
-tp_cpu = load_benchmark("tp_cpu.py")
+tp_cpu = load_benchmark("tp_cpu.py", register=False)  # its inspect function runs in the TP workers
 
 
 @pytest.fixture(scope="module")
