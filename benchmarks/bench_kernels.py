@@ -379,6 +379,18 @@ HIGH_SPARSITY = 0.9
 SWEEP_LEADERS = 4
 
 
+def config_with_union_rows(mode: str | None, n: int, k: int, tokens: int, sparsity: float) -> launchers.GemvConfig:
+    """The config the launcher picks for a decode step of `tokens` rows with launchers.UNION_ROWS held
+    at `mode` ("off": the committed per-row config; None: what RSPARSE_UNION_ROWS says), the previous
+    value restored after."""
+    held = launchers.UNION_ROWS
+    launchers.UNION_ROWS = mode
+    try:
+        return launchers.pick_config(n, k, tokens, 0, torch.device(DEVICE), sparsity)
+    finally:
+        launchers.UNION_ROWS = held
+
+
 def one_row_config(kernel: str, block_n: int, block_k: int, num_warps: int, per: int, k: int) -> launchers.GemvConfig:
     """A one-row config from the sweep's terms: per = K chunk (compact) or K steps per program
     (walk); the walk loop is left to Triton's 2-stage pipeliner, the compact one is hand-pipelined."""

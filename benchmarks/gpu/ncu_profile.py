@@ -97,12 +97,7 @@ def variant_config(case: dict, n: int, k: int) -> launchers.GemvConfig:
     (per-row with union_rows "off")."""
     if "config" in case:
         return launchers.GemvConfig.from_dict(case["config"])
-    mode = case.get("union_rows")
-    launchers.UNION_ROWS = mode
-    try:
-        return launchers.pick_config(n, k, case.get("tokens", 1), 0, torch.device(bk.DEVICE), case["sparsity"])
-    finally:
-        launchers.UNION_ROWS = None
+    return bk.config_with_union_rows(case.get("union_rows"), n, k, case.get("tokens", 1), case["sparsity"])
 
 
 def profile(args) -> None:

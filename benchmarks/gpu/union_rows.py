@@ -182,11 +182,7 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log
             best[band] = ranked[0][1]
         for s in LEVELS:
             band = band_of(n, k, s)
-            launchers.UNION_ROWS = "off"
-            try:
-                per_row = launchers.pick_config(n, k, tokens, 0, dev, s)
-            finally:
-                launchers.UNION_ROWS = None
+            per_row = bk.config_with_union_rows("off", n, k, tokens, s)
             per_row_ms, per_row_out = timed(per_row, s)
 
             def err_vs_per_row(out):
