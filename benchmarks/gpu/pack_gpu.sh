@@ -25,10 +25,11 @@ rm -rf .gpu/p1a .gpu/p1b && mkdir -p .gpu/p1a .gpu/p1b
 split -b 29M .gpu/p1/vllm.part.aa .gpu/p1a/vllm.part.aa-
 mv .gpu/p1a/vllm.part.aa-a[b-z] .gpu/p1b/
 mv .gpu/p2/vllm.part.* .gpu/p1b/
-tree=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+. benchmarks/gpu/carry_lib.sh
+tree=$(tracked_tree_bytes)
 for part in p1a p1b p2; do
   size=$(( $(du -sb ".gpu/$part" | cut -f1) + tree ))
-  [ "$size" -le $(( 64 * 1024 * 1024 )) ] ||
+  [ "$size" -le "$CALL_CARRY_LIMIT_BYTES" ] ||
     echo "pack_gpu.sh: WARNING: .gpu/$part + the tracked tree = $(( size >> 20 )) MiB, over a call's 64 MiB" >&2
 done
 for part in p1a p1b; do

@@ -70,8 +70,8 @@ g=$(stat -c %s "$gguf")
 e=$(du -cb "$stage/cache" | tail -n 1 | cut -f1)
 # a call carries the tracked tree and one folder in 64 MiB: by default a folder takes what the tree leaves
 # of 63 MiB (1 MiB spare for meta/ and untracked files)
-tree=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
-max=$(python3 -c "print(int(float('${QW_PART_MIB:-0}') * 2**20) or 63 * 2**20 - $tree)")
+. "$(dirname "${BASH_SOURCE[0]}")/carry_lib.sh"
+max=$(python3 -c "print(int(float('${QW_PART_MIB:-0}') * 2**20) or $CALL_CARRY_LIMIT_BYTES - 2**20 - $(tracked_tree_bytes))")
 n=$(( (g + e + max - 1) / max ))
 [ "$n" -le 10 ] || { echo "quality_pack.sh: $n parts; at most 10 (one-digit suffixes)" >&2; exit 1; }
 chunk=$(( ((g + e + n - 1) / n + 65535) / 65536 * 65536 ))  # equal folders, 64 KiB multiples
