@@ -736,6 +736,12 @@ def fma_ahead_steps(cfg: GemvConfig) -> int:
     return cfg.num_stages
 
 
+def triton_num_stages(cfg: GemvConfig) -> int:
+    """Triton's own pipelining depth for a launch with this config: 1 for the FMA union loop, whose
+    num_stages is its hand pipeline's depth (fma_ahead_steps); num_stages for every other loop."""
+    return 1 if cfg.rows in UNION_FMA_ROWS else cfg.num_stages
+
+
 # Triton lays a [BLOCK_K, BLOCK_N] tile of 16-bit weights out as 16-byte vectors along N, 32 threads
 # of a warp side by side, and the warps along N while they fit: from this many columns per warp on,
 # every warp lies along N and each thread holds whole columns of the tile.
@@ -971,7 +977,7 @@ def sparse_gemv(
             SPLIT=split_k > 1, FIXED=fixed, DOT_F32=interpreting(), GDC=pdl, EVICT=evict,
             LIST_AHEAD=UNION_LIST_AHEAD, STAGED_X=UNION_FMA_STAGED_X and rows in UNION_FMA_ROWS,
             AHEAD_STEPS=fma_ahead_steps(cfg), STEP_SUM=fma_step_sum(cfg), num_warps=cfg.num_warps,
-            num_stages=1 if rows in UNION_FMA_ROWS else cfg.num_stages, **launch_pdl,
+            num_stages=triton_num_stages(cfg), **launch_pdl,
         )
     elif compact:
         # one program per (output tile, K chunk, token row); each row reads only its own
