@@ -67,25 +67,13 @@ def union_stats(mask: torch.Tensor, tokens: int) -> tuple[float, float, float, i
 
 @torch.no_grad()
 def measure(checkpoint: str, windows: torch.Tensor, token_counts: list[int]) -> dict:
-    from safetensors.torch import load_file
-
-    from vllm_rsparse import architectures
-    from vllm_rsparse.architectures import ModelShapes
     from vllm_rsparse.calibration.stats import run_calibration_forward
-    from vllm_rsparse.checkpoint import RSPARSE_FILE
-    from vllm_rsparse.config import RSparseCheckpointConfig
-    from vllm_rsparse.evaluation.sparsity import group_mask_fn, load_checkpoint_in_transformers
+    from vllm_rsparse.evaluation.sparsity import load_for_masks
 
     ckpt = Path(checkpoint)
-    raw = json.loads((ckpt / "config.json").read_text())
-    qcfg = RSparseCheckpointConfig.from_dict(raw["quantization_config"])
-    shapes = ModelShapes.from_hf_config(raw)
-    tensors = load_file(str(ckpt / RSPARSE_FILE))
-    model, _ = load_checkpoint_in_transformers(ckpt)
-    groups = dict(architectures.iter_groups(shapes))
+    qcfg, shapes, groups, model, group_mask = load_for_masks(ckpt)
     n_windows, seq = windows.shape
     sums = {name: {m: [0.0, 0.0, 0.0, 0] for m in token_counts} for name in groups}
-    group_mask = group_mask_fn(qcfg, tensors, groups)
 
     def observe(name: str, x: torch.Tensor) -> None:
         spec = qcfg.modules[name]

@@ -54,12 +54,10 @@ def group_mask_fn(qcfg: RSparseCheckpointConfig, tensors: dict, groups: dict):
     return mask
 
 
-@torch.no_grad()
-def measure_achieved_sparsity(checkpoint_dir: str | Path, windows: torch.Tensor) -> dict:
-    """windows [B, T] token ids -> {"model_sparsity", "input_sparsity", "per_kind", "per_group"}."""
+def load_for_masks(checkpoint_dir: str | Path):
+    """-> (qcfg, shapes, groups {name: group}, model in transformers, mask(group name, x)): what a
+    measurement of the runtime's selections on real activations needs from a checkpoint."""
     from safetensors.torch import load_file
-
-    from vllm_rsparse.calibration.stats import run_calibration_forward
 
     checkpoint_dir = Path(checkpoint_dir)
     raw = json.loads((checkpoint_dir / "config.json").read_text())
@@ -68,9 +66,17 @@ def measure_achieved_sparsity(checkpoint_dir: str | Path, windows: torch.Tensor)
     tensors = load_file(str(checkpoint_dir / RSPARSE_FILE)) if (checkpoint_dir / RSPARSE_FILE).exists() else {}
     model, _ = load_checkpoint_in_transformers(checkpoint_dir)
     groups = dict(architectures.iter_groups(shapes))
+    return qcfg, shapes, groups, model, group_mask_fn(qcfg, tensors, groups)
+
+
+@torch.no_grad()
+def measure_achieved_sparsity(checkpoint_dir: str | Path, windows: torch.Tensor) -> dict:
+    """windows [B, T] token ids -> {"model_sparsity", "input_sparsity", "per_kind", "per_group"}."""
+    from vllm_rsparse.calibration.stats import run_calibration_forward
+
+    qcfg, shapes, groups, model, group_mask = load_for_masks(checkpoint_dir)
     skipped = {name: 0.0 for name in groups}
     seen = {name: 0 for name in groups}
-    group_mask = group_mask_fn(qcfg, tensors, groups)
 
     def observe(name: str, x: torch.Tensor) -> None:
         mask = group_mask(name, x)
