@@ -228,7 +228,8 @@ def write_report(raw_path: str, cases_path: str, out: str, source_path: str | No
     run = json.loads(Path(cases_path).read_text())
     kernels = read_raw(raw_path)
     tokens = sorted({c.get("tokens", 1) for c in run["cases"]})
-    title = "one-token GEMV" if tokens == [1] else f"sparse GEMV at {' / '.join(map(str, tokens))} tokens"
+    several = tokens != [1]  # rows then name their token count and config
+    title = f"sparse GEMV at {' / '.join(map(str, tokens))} tokens" if several else "one-token GEMV"
     lines = [f"# Nsight Compute, {title} (commit {run['commit']}, {run['gpu']})", "",
              f"`{run['command']}`; caches flushed before each replay (weights from DRAM), clocks not locked.", "",
              "| shape | case | kernel | " + " | ".join(REPORT_METRICS.values()) + " | top stalls (warps per issue) |",
@@ -236,7 +237,7 @@ def write_report(raw_path: str, cases_path: str, out: str, source_path: str | No
     records = []
     for case, kern in match_cases(run["cases"], kernels):
         label = "dense cuBLAS" if case["kind"] == "dense" else f"s = {case['sparsity']} ({case.get('finish')})"
-        if any(c.get("tokens", 1) > 1 for c in run["cases"]):
+        if several:
             cfg = case.get("gemv_config") or {}
             label = f"M = {case.get('tokens', 1)}, {label}" + (
                 f", r{cfg['rows']} bn{cfg['block_n']} bk{cfg['block_k']} st{cfg['num_stages']}" if cfg else "")
