@@ -89,16 +89,30 @@ def test_committed_band_boundaries_match_the_measurement(fixed_cost):
     assert fixed_cost.band_boundaries(measured, launchers.HIGH_SPARSITY_FROM) == table["high_from"]
 
 
-@pytest.mark.parametrize("name", ["ncu", "ncu_fma"])
+@pytest.mark.parametrize("name", ["ncu", "ncu_fma", "ncu_fma_sum"])
 def test_committed_ncu_report_matches_committed_counters(name, tmp_path):
     """benchmarks/gpu/ncu_profile.py --report rebuilds the committed Nsight Compute tables (the one-token
-    probe of session 10, the 1 / 2-token FMA union probe of session 21) from the committed raw counters,
+    probe of session 10, the 1 / 2-token FMA union probes of sessions 21 and 23) from the committed raw counters,
     case list and stall samples (every sparse case matched to its kernel)."""
     module = load_benchmark("gpu/ncu_profile.py")
     out = tmp_path / "ncu.md"
     module.write_report(str(RESULTS / f"{name}_raw_h200.csv"), str(RESULTS / f"{name}_cases_h200.json"), str(out),
                         str(RESULTS / f"{name}_source_h200.csv.gz"))
     assert out.read_text() == (RESULTS / f"{name}_h200.md").read_text()
+
+
+def test_ncu_match_cases_shares_cublas_kernels_among_adjacent_dense_cases():
+    """Adjacent dense cases (1 and 2 tokens of one shape) each get their own cuBLAS launches, in order;
+    a run of cuBLAS kernels that cannot be shared evenly stops the report with the shape named."""
+    module = load_benchmark("gpu/ncu_profile.py")
+    dense = [{"kind": "dense", "shape": "down", "tokens": t} for t in (1, 2)]
+    sparse = {"kind": "sparse", "shape": "down", "tokens": 2, "sparsity": 0.5}
+    names = ["gemv_a", "reduce_a", "gemv_b", "reduce_b", "sparse_gemv_compact_kernel"]
+    pairs = module.match_cases(dense + [sparse], [{"Kernel Name": n} for n in names])
+    assert [(c.get("tokens"), k["Kernel Name"]) for c, k in pairs] == [
+        (1, "gemv_a"), (1, "reduce_a"), (2, "gemv_b"), (2, "reduce_b"), (2, "sparse_gemv_compact_kernel")]
+    with pytest.raises(SystemExit, match="3 cuBLAS kernels .* 2 adjacent dense cases of down"):
+        module.match_cases(dense + [sparse], [{"Kernel Name": n} for n in names[1:]])
 
 
 def test_ncu_profile_variants_make_one_case_per_sparsity_and_variant():
@@ -192,6 +206,7 @@ def test_committed_e2e_report_matches_committed_measurements(name, report_e2e):
     ("e2e_h200_s20", ["e2e_h200_llama3_s20.json", "e2e_h200_llama2_fma3d_s20.json"]),
     ("e2e_h200_s21", ["e2e_h200_llama2_s21.json", "e2e_h200_llama2_fma_ahead_s21.json",
                       "e2e_h200_llama3_fma_ahead_s21.json"]),
+    ("e2e_h200_s23", ["e2e_h200_llama2_s23.json", "e2e_h200_llama3_s23.json"]),
 ])
 def test_session_e2e_report_merges_the_committed_runs(name, sources, report_e2e):
     """A session's merged end-to-end report is the merge of its committed single-run files, in that order."""

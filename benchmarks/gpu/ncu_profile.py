@@ -163,18 +163,32 @@ def read_raw(path: str) -> list[dict]:
 
 def match_cases(cases_run: list[dict], kernels: list[dict]) -> list[tuple[dict, dict]]:
     """Pair the profiled kernels (launch order) with the cases: a TEAL sparse case launches one
-    sparse_gemv kernel, a dense case whatever cuBLAS launches (every kernel up to the next sparse one)."""
-    pairs, i = [], 0
-    for case in cases_run:
+    sparse_gemv kernel, a dense case whatever cuBLAS launches (every kernel up to the next sparse one).
+    Adjacent dense cases (one per token count) share that run of cuBLAS kernels in equal parts, in
+    case order: each is one torch.matmul of the same shape, and nothing in the raw counters tells
+    one case's launches from the next (until session 23 the first took them all)."""
+    pairs, i, c = [], 0, 0
+    while c < len(cases_run):
+        case = cases_run[c]
         if case["kind"] == "sparse":
             if i >= len(kernels) or not kernels[i].get("Kernel Name", "").startswith("sparse_gemv"):
                 raise SystemExit(f"ncu_profile.py: kernel {i} is not the sparse GEMV of case {case}")
             pairs.append((case, kernels[i]))
+            i, c = i + 1, c + 1
+            continue
+        dense = [case]
+        while c + len(dense) < len(cases_run) and cases_run[c + len(dense)]["kind"] != "sparse":
+            dense.append(cases_run[c + len(dense)])
+        start = i
+        while i < len(kernels) and not kernels[i].get("Kernel Name", "").startswith("sparse_gemv"):
             i += 1
-        else:
-            while i < len(kernels) and not kernels[i].get("Kernel Name", "").startswith("sparse_gemv"):
-                pairs.append((case, kernels[i]))
-                i += 1
+        if (i - start) % len(dense):
+            raise SystemExit(f"ncu_profile.py: {i - start} cuBLAS kernels (from kernel {start}) cannot be shared "
+                             f"evenly by {len(dense)} adjacent dense cases of {case['shape']}")
+        per_case = (i - start) // len(dense)
+        for j, dense_case in enumerate(dense):
+            pairs += [(dense_case, kern) for kern in kernels[start + j * per_case:start + (j + 1) * per_case]]
+        c += len(dense)
     return pairs
 
 

@@ -5,8 +5,10 @@
 # 8 MiB + the wheels), and this tree's tracked files take about 11 MiB, so neither fits beside it.
 # This script splits the archive's first part in two (.gpu/p1a, .gpu/p1b, each with its own stash
 # script) and moves the archive's last part from p2 into p1b, so p2 holds setup.sh and the wheels.
-# setup.sh joins /root/stash/vllm.part.* in name order (aa-aa, aa-ab, ab), then p2's parts (none now:
-# its glob stays unmatched and cat says so on stderr; the joined stream is whole).
+# setup.sh joins /root/stash/vllm.part.* in name order (aa, aab, ab), then p2's parts (none now:
+# its glob stays unmatched and cat says so on stderr; the joined stream is whole). The first piece
+# keeps the name vllm.part.aa: setup.sh takes a missing /root/stash/vllm.part.aa for a fresh machine
+# and stops (session 23 lost a call to pieces named aa-aa / aa-ab).
 #
 #   bash benchmarks/gpu/pack_gpu.sh
 # Then, on a fresh GPU machine, three calls back to back (the machine goes back ~30 s after a call):
@@ -21,9 +23,11 @@ PACKER="${RSPARSE_GPU_PACKER:-../shared/gpu/pack-vllm-gpu.sh}"
 bash "$PACKER"
 [ -f .gpu/p1/vllm.part.aa ] || { echo "pack_gpu.sh: the packer made no .gpu/p1/vllm.part.aa" >&2; exit 1; }
 rm -rf .gpu/p1a .gpu/p1b && mkdir -p .gpu/p1a .gpu/p1b
-# the stash folder holds pieces whose names sort in the archive's order: aa-a*, then aa-b*, then p2's ab...
-split -b 29M .gpu/p1/vllm.part.aa .gpu/p1a/vllm.part.aa-
-mv .gpu/p1a/vllm.part.aa-a[b-z] .gpu/p1b/
+# the stash folder holds pieces whose names sort in the archive's order: aa, then aab, aac..., then
+# p2's ab (a name sorts before any longer name it starts, and aa? before ab)
+split -b 29M -a 1 .gpu/p1/vllm.part.aa .gpu/p1a/vllm.part.aa
+mv .gpu/p1a/vllm.part.aaa .gpu/p1a/vllm.part.aa
+mv .gpu/p1a/vllm.part.aa[b-z] .gpu/p1b/
 mv .gpu/p2/vllm.part.* .gpu/p1b/
 . benchmarks/gpu/carry_lib.sh
 tree=$(tracked_tree_bytes)
