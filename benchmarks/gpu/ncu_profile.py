@@ -22,6 +22,7 @@ import argparse
 import csv
 import gzip
 import importlib.util
+import itertools
 import json
 import re
 import sys
@@ -167,28 +168,28 @@ def match_cases(cases_run: list[dict], kernels: list[dict]) -> list[tuple[dict, 
     Adjacent dense cases (one per token count) share that run of cuBLAS kernels in equal parts, in
     case order: each is one torch.matmul of the same shape, and nothing in the raw counters tells
     one case's launches from the next (until session 23 the first took them all)."""
-    pairs, i, c = [], 0, 0
-    while c < len(cases_run):
-        case = cases_run[c]
-        if case["kind"] == "sparse":
-            if i >= len(kernels) or not kernels[i].get("Kernel Name", "").startswith("sparse_gemv"):
-                raise SystemExit(f"ncu_profile.py: kernel {i} is not the sparse GEMV of case {case}")
-            pairs.append((case, kernels[i]))
-            i, c = i + 1, c + 1
+    def is_sparse_gemv(i: int) -> bool:
+        return i < len(kernels) and kernels[i].get("Kernel Name", "").startswith("sparse_gemv")
+
+    pairs, i = [], 0
+    for sparse, group in itertools.groupby(cases_run, key=lambda case: case["kind"] == "sparse"):
+        group = list(group)
+        if sparse:
+            for case in group:
+                if not is_sparse_gemv(i):
+                    raise SystemExit(f"ncu_profile.py: kernel {i} is not the sparse GEMV of case {case}")
+                pairs.append((case, kernels[i]))
+                i += 1
             continue
-        dense = [case]
-        while c + len(dense) < len(cases_run) and cases_run[c + len(dense)]["kind"] != "sparse":
-            dense.append(cases_run[c + len(dense)])
         start = i
-        while i < len(kernels) and not kernels[i].get("Kernel Name", "").startswith("sparse_gemv"):
+        while i < len(kernels) and not is_sparse_gemv(i):
             i += 1
-        if (i - start) % len(dense):
+        if (i - start) % len(group):
             raise SystemExit(f"ncu_profile.py: {i - start} cuBLAS kernels (from kernel {start}) cannot be shared "
-                             f"evenly by {len(dense)} adjacent dense cases of {case['shape']}")
-        per_case = (i - start) // len(dense)
-        for j, dense_case in enumerate(dense):
-            pairs += [(dense_case, kern) for kern in kernels[start + j * per_case:start + (j + 1) * per_case]]
-        c += len(dense)
+                             f"evenly by {len(group)} adjacent dense cases of {group[0]['shape']}")
+        per_case = (i - start) // len(group)
+        for j, case in enumerate(group):
+            pairs += [(case, kern) for kern in kernels[start + j * per_case:start + (j + 1) * per_case]]
     return pairs
 
 
