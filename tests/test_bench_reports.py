@@ -115,6 +115,32 @@ def test_ncu_match_cases_shares_cublas_kernels_among_adjacent_dense_cases():
         module.match_cases(dense + [sparse], [{"Kernel Name": n} for n in names[1:]])
 
 
+def test_ncu_match_cases_by_case_markers():
+    """A profile whose cases each open with a marker launch gives every case exactly its own kernels
+    (two dense cases with a different cuBLAS kernel count, an R-Sparse case's two launches); a profile
+    that does not fit the case list stops the report and names what does not fit."""
+    module = load_benchmark("gpu/ncu_profile.py")
+    marker = {"Kernel Name": "void at::cuda::<unnamed>::spin_kernel(long)"}
+    dense = [{"kind": "dense", "shape": "down", "tokens": t} for t in (1, 2)]
+    sparse = {"kind": "sparse", "shape": "down", "tokens": 1, "sparsity": 0.5}
+    runs = [["gemv_split", "reduce"], ["gemv"], ["sparse_gemv_compact_kernel", "lowrank_up_kernel"]]
+    kernels = [k for run in runs for k in [marker] + [{"Kernel Name": n} for n in run]]
+    pairs = module.match_cases(dense + [sparse], kernels)
+    assert [(c["kind"], c["tokens"], k["Kernel Name"]) for c, k in pairs] == [
+        ("dense", 1, "gemv_split"), ("dense", 1, "reduce"), ("dense", 2, "gemv"),
+        ("sparse", 1, "sparse_gemv_compact_kernel"), ("sparse", 1, "lowrank_up_kernel")]
+    with pytest.raises(SystemExit, match="3 case markers and the case list 2 cases"):
+        module.match_cases(dense, kernels)
+    with pytest.raises(SystemExit, match="before the first case marker"):
+        module.match_cases(dense + [sparse], kernels[1:])
+    with pytest.raises(SystemExit, match=r"\['gemv'\] do not fit the sparse case"):
+        module.match_cases([dense[0], sparse, sparse], kernels)
+    with pytest.raises(SystemExit, match="do not fit the dense case"):
+        module.match_cases(dense + [dense[0]], kernels)
+    with pytest.raises(SystemExit, match=r"\[\] do not fit the dense case"):
+        module.match_cases(dense[:1], [marker])
+
+
 def test_ncu_profile_variants_make_one_case_per_sparsity_and_variant():
     """ncu_profile.py --variants: a dense case per token count, then per sparsity one sparse case per
     variant, each running its own config or what the launcher picks (per-row with union_rows off)."""

@@ -7,7 +7,8 @@ GPU, the DRAM bytes and throughput, the grid, and where the warps stall. Cases: 
 config of each named shape at the given sparsities (the band launchers.pick_config picks for that
 sparsity; 1.0 = no channel selected) and dense cuBLAS of the same shape.
 
-    # on the GPU: profile (one launch per case between cudaProfilerStart/Stop), then the report
+    # on the GPU: profile (each case's launches between cudaProfilerStart/Stop, after a marker
+    # launch that tells the report where the case begins), then the report
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section LaunchStats \
         --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
         --section SchedulerStats --section SourceCounters -o $RES/ncu python3 -P benchmarks/gpu/ncu_profile.py --cases $RES/ncu_cases.json
@@ -42,6 +43,9 @@ bk = fixed_cost.bk
 DEFAULT_SHAPES = ["llama2-7b/o", "llama3-8b/qkv", "llama3-8b/gate_up", "llama2-7b/down"]
 DEFAULT_SPARSITIES = [0.5, 0.9, 1.0]
 WARMUP_CALLS = 3  # compile and first-touch outside the profiled range
+# torch.cuda._sleep launches ATen's one-thread spin_kernel: a name neither cuBLAS nor our kernels use
+CASE_MARKER = "spin_kernel"
+CASE_MARKER_CYCLES = 1
 
 # raw metric -> column of the report (ncu --page raw names; a missing one prints as "-"); the stall
 # reasons are every raw column of the WarpStateStats section's per-issue stall ratios, the largest shown
@@ -130,7 +134,10 @@ def profile(args) -> None:
         if cudart is not None:
             torch.cuda.synchronize()
             cudart.cudaProfilerStart()
-        call()  # the profiled launch(es): one per case
+            # one marker launch opens each case's kernels in the profile: the report then pairs every
+            # launch with its case, however many cuBLAS (or sparse) kernels each case runs
+            torch.cuda._sleep(CASE_MARKER_CYCLES)
+        call()  # the profiled launch(es) of this case
         if cudart is not None:
             torch.cuda.synchronize()
             cudart.cudaProfilerStop()
@@ -162,12 +169,22 @@ def read_raw(path: str) -> list[dict]:
     return out
 
 
+def is_case_marker(kern: dict) -> bool:
+    return CASE_MARKER in kern.get("Kernel Name", "")
+
+
 def match_cases(cases_run: list[dict], kernels: list[dict]) -> list[tuple[dict, dict]]:
-    """Pair the profiled kernels (launch order) with the cases: a TEAL sparse case launches one
-    sparse_gemv kernel, a dense case whatever cuBLAS launches (every kernel up to the next sparse one).
-    Adjacent dense cases (one per token count) share that run of cuBLAS kernels in equal parts, in
-    case order: each is one torch.matmul of the same shape, and nothing in the raw counters tells
-    one case's launches from the next (until session 23 the first took them all)."""
+    """Pair the profiled kernels (launch order) with the cases they belong to.
+
+    Profiles since session 24 open each case with a marker launch (CASE_MARKER): every kernel
+    between a case's marker and the next is that case's, whatever and however many it launched.
+    Older profiles have no markers; then a TEAL sparse case is its one sparse_gemv kernel, a dense
+    case whatever cuBLAS launched up to the next sparse kernel, and adjacent dense cases (one per
+    token count) share that run in equal parts, in case order: nothing in their counters tells one
+    torch.matmul of the shape from the next (until session 23 the first case took them all)."""
+    if any(is_case_marker(kern) for kern in kernels):
+        return _match_by_markers(cases_run, kernels)
+
     def is_sparse_gemv(i: int) -> bool:
         return i < len(kernels) and kernels[i].get("Kernel Name", "").startswith("sparse_gemv")
 
@@ -190,6 +207,32 @@ def match_cases(cases_run: list[dict], kernels: list[dict]) -> list[tuple[dict, 
         per_case = (i - start) // len(group)
         for j, case in enumerate(group):
             pairs += [(case, kern) for kern in kernels[start + j * per_case:start + (j + 1) * per_case]]
+    return pairs
+
+
+def _match_by_markers(cases_run: list[dict], kernels: list[dict]) -> list[tuple[dict, dict]]:
+    """match_cases for a profile whose cases each begin with one marker launch; a profile that does
+    not fit its case list (a kernel before the first marker, a marker count unlike the case count, a
+    case without kernels, a sparse kernel in a dense case or none in a sparse one) stops the report."""
+    if not is_case_marker(kernels[0]):
+        raise SystemExit(f"ncu_profile.py: kernel 0 ({kernels[0].get('Kernel Name', '?')}) comes before the first "
+                         "case marker")
+    runs = []
+    for kern in kernels:
+        if is_case_marker(kern):
+            runs.append([])
+        else:
+            runs[-1].append(kern)
+    if len(runs) != len(cases_run):
+        raise SystemExit(f"ncu_profile.py: the profile has {len(runs)} case markers and the case list "
+                         f"{len(cases_run)} cases")
+    pairs = []
+    for case, run in zip(cases_run, runs):
+        n_sparse = sum(kern.get("Kernel Name", "").startswith("sparse_gemv") for kern in run)
+        if not run or (n_sparse > 0) != (case["kind"] == "sparse"):
+            names = [kern.get("Kernel Name", "?") for kern in run]
+            raise SystemExit(f"ncu_profile.py: the kernels {names} do not fit the {case['kind']} case {case}")
+        pairs += [(case, kern) for kern in run]
     return pairs
 
 
