@@ -173,6 +173,10 @@ def is_case_marker(kern: dict) -> bool:
     return CASE_MARKER in kern.get("Kernel Name", "")
 
 
+def is_sparse_gemv(kern: dict) -> bool:
+    return kern.get("Kernel Name", "").startswith("sparse_gemv")
+
+
 def match_cases(cases_run: list[dict], kernels: list[dict]) -> list[tuple[dict, dict]]:
     """Pair the profiled kernels (launch order) with the cases they belong to.
 
@@ -185,21 +189,21 @@ def match_cases(cases_run: list[dict], kernels: list[dict]) -> list[tuple[dict, 
     if any(is_case_marker(kern) for kern in kernels):
         return _match_by_markers(cases_run, kernels)
 
-    def is_sparse_gemv(i: int) -> bool:
-        return i < len(kernels) and kernels[i].get("Kernel Name", "").startswith("sparse_gemv")
+    def sparse_at(i: int) -> bool:
+        return i < len(kernels) and is_sparse_gemv(kernels[i])
 
     pairs, i = [], 0
     for sparse, group in itertools.groupby(cases_run, key=lambda case: case["kind"] == "sparse"):
         group = list(group)
         if sparse:
             for case in group:
-                if not is_sparse_gemv(i):
+                if not sparse_at(i):
                     raise SystemExit(f"ncu_profile.py: kernel {i} is not the sparse GEMV of case {case}")
                 pairs.append((case, kernels[i]))
                 i += 1
             continue
         start = i
-        while i < len(kernels) and not is_sparse_gemv(i):
+        while i < len(kernels) and not sparse_at(i):
             i += 1
         if (i - start) % len(group):
             raise SystemExit(f"ncu_profile.py: {i - start} cuBLAS kernels (from kernel {start}) cannot be shared "
@@ -228,8 +232,7 @@ def _match_by_markers(cases_run: list[dict], kernels: list[dict]) -> list[tuple[
                          f"{len(cases_run)} cases")
     pairs = []
     for case, run in zip(cases_run, runs):
-        n_sparse = sum(kern.get("Kernel Name", "").startswith("sparse_gemv") for kern in run)
-        if not run or (n_sparse > 0) != (case["kind"] == "sparse"):
+        if not run or any(map(is_sparse_gemv, run)) != (case["kind"] == "sparse"):
             names = [kern.get("Kernel Name", "?") for kern in run]
             raise SystemExit(f"ncu_profile.py: the kernels {names} do not fit the {case['kind']} case {case}")
         pairs += [(case, kern) for kern in run]
