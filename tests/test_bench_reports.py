@@ -141,6 +141,29 @@ def test_ncu_match_cases_by_case_markers():
         module.match_cases(dense[:1], [marker])
 
 
+def test_ncu_source_lines_follow_the_case_markers():
+    """The SASS stall section names each sparse case's own sparse kernel: its blocks are matched to the
+    cases as the raw rows are (markers, a dense case's cuBLAS kernels and a sparse case's epilogue skipped)."""
+    module = load_benchmark("gpu/ncu_profile.py")
+    cases = [{"kind": "dense", "shape": "o", "tokens": 1},
+             {"kind": "sparse", "shape": "o", "tokens": 1, "sparsity": 0.5, "finish": "split 8"},
+             {"kind": "sparse", "shape": "o", "tokens": 1, "sparsity": 0.9, "finish": "split 4"}]
+
+    def block(name, samples):
+        return {"name": name, "rows": [{"Warp Stall Sampling (All Samples)": str(n), "Source": f"LDG {name} {i}",
+                                        "stall_long_scoreboard": str(n)} for i, n in enumerate(samples)]}
+
+    marker = block("spin_kernel", [1])
+    blocks = [marker, block("nvjet_gemv", [9]), marker, block("sparse_gemv_compact_kernel", [90, 10]),
+              block("lowrank_up_kernel", [5]), marker, block("sparse_gemv_compact_kernel", [1, 99])]
+    text = "\n".join(module.source_lines(blocks, {"cases": cases}))
+    assert "nvjet" not in text and "lowrank_up" not in text and "spin" not in text
+    assert "**o s = 0.5** (split 8, 2 instructions, 100 samples)" in text
+    assert "| 0 | 90.0% | `LDG sparse_gemv_compact_kernel 0` | long_scoreboard 90 |" in text
+    assert "**o s = 0.9** (split 4, 2 instructions, 100 samples)" in text
+    assert "| 1 | 99.0% |" in text and "| 0 | 1.0% |" not in text
+
+
 def test_ncu_profile_variants_make_one_case_per_sparsity_and_variant():
     """ncu_profile.py --variants: a dense case per token count, then per sparsity one sparse case per
     variant, each running its own config or what the launcher picks (per-row with union_rows off)."""

@@ -261,12 +261,15 @@ SOURCE_SHARE = 0.03  # instructions with at least this share of a kernel's stall
 
 def source_lines(blocks: list[dict], run: dict) -> list[str]:
     """Where the sparse kernels' warps wait: the SASS instructions holding >= SOURCE_SHARE of the
-    stall samples, with their two largest reasons (the i-th sparse_gemv block is the i-th sparse case)."""
-    sparse_cases = [c for c in run["cases"] if c["kind"] == "sparse"]
-    sparse_blocks = [b for b in blocks if b["name"].startswith("sparse_gemv")]
+    stall samples, with their two largest reasons. The page lists the profiled kernels in launch order
+    as the raw page does, so match_cases pairs its blocks with the cases (markers included)."""
+    pairs = match_cases(run["cases"], [{"Kernel Name": b["name"], "block": b} for b in blocks])
     lines = ["", "## Where the sparse kernels' warps wait (stall samples per SASS instruction)", "",
              f"Instructions with >= {SOURCE_SHARE:.0%} of the kernel's samples; `#` = position in the kernel's SASS.", ""]
-    for case, block in zip(sparse_cases, sparse_blocks):
+    for case, kern in pairs:
+        if case["kind"] != "sparse" or not is_sparse_gemv(kern):
+            continue
+        block = kern["block"]
         total = sum(_number(r.get("Warp Stall Sampling (All Samples)", "")) or 0 for r in block["rows"]) or 1
         lines += [f"**{case['shape']} s = {case['sparsity']}** ({case.get('finish')}, "
                   f"{len(block['rows'])} instructions, {total:.0f} samples)", "",
