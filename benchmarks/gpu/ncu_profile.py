@@ -267,7 +267,7 @@ def source_lines(blocks: list[dict], run: dict) -> list[str]:
     lines = ["", "## Where the sparse kernels' warps wait (stall samples per SASS instruction)", "",
              f"Instructions with >= {SOURCE_SHARE:.0%} of the kernel's samples; `#` = position in the kernel's SASS.", ""]
     for case, kern in pairs:
-        if case["kind"] != "sparse" or not is_sparse_gemv(kern):
+        if not is_sparse_gemv(kern):  # match_cases pairs a sparse kernel with a sparse case only
             continue
         block = kern["block"]
         total = sum(_number(r.get("Warp Stall Sampling (All Samples)", "")) or 0 for r in block["rows"]) or 1
