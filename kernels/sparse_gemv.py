@@ -69,8 +69,8 @@ def _await_previous_kernel(WAIT: tl.constexpr, TRIGGER: tl.constexpr):
     # the previous kernel in the stream was still running. WAIT: wait until it has completed
     # and its writes are visible (x, thresholds, the split-K workspace of an earlier launch)
     # before the first memory access. TRIGGER: then let the next PDL kernel's programs be
-    # scheduled: they wait the same way (or, after a z launch, before they read z), so
-    # starting them early is safe.
+    # scheduled: they wait the same way (R-Sparse's epilogue launch before its first load),
+    # so starting them early is safe.
     if WAIT:
         tl.extra.cuda.gdc_wait()
     if TRIGGER:
@@ -270,6 +270,16 @@ def sparse_gemv_kernel(
     m_out = m_m[:, None] & m_n[None, :]
     _finish(acc, is_v, i_n, i_g, col0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
             N, R, ws_cols, s_om, s_on, tl.num_programs(1), ROWS, BLOCK_N, HAS_BIAS, HAS_LOWRANK, SPLIT, FIXED)
+
+
+@triton.jit
+def _arrive(p_counter, target):
+    # one arrival on a counter shared by several programs (the counter finish's per-tile count);
+    # true for the program whose arrival brings it to `target`. Every thread's earlier memory
+    # operations happen-before thread 0's release (block barrier first).
+    tl.debug_barrier()
+    n_before = tl.atomic_add(p_counter, 1, sem="acq_rel", scope="gpu")
+    return n_before == target - 1
 
 
 @triton.jit
@@ -477,15 +487,14 @@ def _compact_tile(p_x, p_mat, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, i_col
 @triton.jit
 def sparse_gemv_compact_kernel(
     p_x, p_w, p_v, p_scale, p_thr, p_jcut, p_bias, p_list,
-    p_acc, p_count, p_fx, p_out, p_y32, p_z, p_u,
-    M, N, K, R, n_tiles_w, ws_cols, list_cols, n_split_v, up_rows_per_split,
-    s_xm, s_xk, s_wk, s_vk, s_un, s_ur, s_om, s_on,
+    p_acc, p_count, p_fx, p_out, p_y32, p_z,
+    M, N, K, R, n_tiles_w, ws_cols, list_cols, n_split_v,
+    s_xm, s_xk, s_wk, s_vk, s_om, s_on,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_KV: tl.constexpr, CHUNK_V: tl.constexpr, SPLIT_V: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_LOWRANK: tl.constexpr, UP_FUSED: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr,
-    AHEAD: tl.constexpr, GDC_WAIT: tl.constexpr, GDC_TRIGGER: tl.constexpr, GDC_Z_WAIT: tl.constexpr,
-    EVICT: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr,
+    AHEAD: tl.constexpr, GDC_WAIT: tl.constexpr, GDC_TRIGGER: tl.constexpr, EVICT: tl.constexpr,
 ):
     # x [M, K]  w_t [K, N]  v_t [K, R]  scale [K]  thr [1] or [M] f32  jcut [M] i32  bias [N]
     # list [2 * M, list_cols] i32 (scratch: selected | dropped channel lists per row)
@@ -501,16 +510,10 @@ def sparse_gemv_compact_kernel(
     # shape and chunk, the v_t column added split_k programs: on o_proj, both qkv shapes and
     # Llama-2 down that pushed a grid that fills the GPU once into a second wave (session 11,
     # benchmarks/results/lowrank_h200_s*.json).
-    # The R-Sparse term in two launches instead (launchers.LOWRANK_EPILOGUE = "fused"):
-    #   z launch     n_tiles_w = 0: v_t programs only -> z [M, R] f32
-    #   main launch  HAS_LOWRANK off, UP_FUSED: w_t programs only (the TEAL grid), each of which
-    #                also adds z [i_m, its rank slice] @ u^T [its slice, its tile] before its
-    #                split-K finish -> out; no y32 round trip and no epilogue launch. u [N, R]
-    #                any strides, read as u^T rows (launchers.prepare_lowrank stores it [R, N] for
-    #                this epilogue).
-    #   GDC_Z_WAIT: the main launch was launched with PDL right after the z launch: its w_t
-    #   work (which reads only what the kernel before the z launch wrote) overlaps the z
-    #   launch, and it waits for z only before the u^T rows.
+    # (The u^T term added by the w_t programs themselves -- after a z launch of the v_t programs
+    # ("fused", session 12) or in this launch once z is complete ("claim", sessions 13-14) -- was
+    # slower than the epilogue launch (lowrank_epilogue_h200.md, lowrank_epilogue_claim_h200.md)
+    # and was removed in session 25; the code is at b21387c.)
     _await_previous_kernel(GDC_WAIT, GDC_TRIGGER)
     i_n = tl.program_id(0)
     i_k = tl.program_id(1)
@@ -542,62 +545,33 @@ def sparse_gemv_compact_kernel(
                 _finish(acc, 1, i_n, i_m, N, o_m, o_r, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
                         N, R, ws_cols, s_om, s_on, n_split_v, 1, BLOCK_R, HAS_BIAS, HAS_LOWRANK, SPLIT_V, FIXED)
         else:
-            _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z, p_u,
-                               i_n, i_k, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, M, N, R, ws_cols, list_cols,
-                               up_rows_per_split, s_xm, s_xk, s_wk, s_un, s_ur, s_om, s_on, BLOCK_N, BLOCK_K,
-                               CHUNK, HAS_SCALE, PER_ROW, HAS_BIAS, HAS_LOWRANK, False, False, SPLIT, FIXED, AHEAD,
-                               EVICT)
+            _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
+                               i_n, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, N, R, ws_cols, list_cols,
+                               s_xm, s_xk, s_wk, s_om, s_on, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, HAS_BIAS,
+                               HAS_LOWRANK, SPLIT, FIXED, AHEAD, EVICT)
     else:
-        _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z, p_u,
-                           i_n, i_k, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, M, N, R, ws_cols, list_cols,
-                           up_rows_per_split, s_xm, s_xk, s_wk, s_un, s_ur, s_om, s_on, BLOCK_N, BLOCK_K,
-                           CHUNK, HAS_SCALE, PER_ROW, HAS_BIAS, HAS_LOWRANK, UP_FUSED, GDC_Z_WAIT, SPLIT, FIXED,
-                           AHEAD, EVICT)
+        _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
+                           i_n, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, N, R, ws_cols, list_cols,
+                           s_xm, s_xk, s_wk, s_om, s_on, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, HAS_BIAS,
+                           HAS_LOWRANK, SPLIT, FIXED, AHEAD, EVICT)
 
 
 @triton.jit
-def _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z, p_u,
-                       i_n, i_k, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, M, N, R, ws_cols, list_cols,
-                       up_rows_per_split, s_xm, s_xk, s_wk, s_un, s_ur, s_om, s_on,
+def _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
+                       i_n, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, N, R, ws_cols, list_cols,
+                       s_xm, s_xk, s_wk, s_om, s_on,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
                        HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       HAS_LOWRANK: tl.constexpr, UP_FUSED: tl.constexpr, GDC_Z_WAIT: tl.constexpr,
-                       SPLIT: tl.constexpr, FIXED: tl.constexpr, AHEAD: tl.constexpr, EVICT: tl.constexpr):
+                       HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr, AHEAD: tl.constexpr,
+                       EVICT: tl.constexpr):
     # the w_t tile i_n of a compact program: its selected channels' rows -> out (or y32)
     acc = _compact_tile(p_x, p_w, p_scale, p_list + i_m * list_cols, i_m, thr, jcut, k_lo, k_hi,
                         i_n, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD,
                         EVICT)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_out = m_m[:, None] & (o_n < N)[None, :]
-    if UP_FUSED:
-        # the R-Sparse term of this tile, spread over the tile's programs along K: program i_k
-        # adds z [i_m, r_lo:r_hi] @ u^T [r_lo:r_hi, tile], so u's bytes are read by the whole
-        # grid at once and enter the same split-K sum (one finish, one cast)
-        if GDC_Z_WAIT:
-            tl.extra.cuda.gdc_wait()
-        r_lo = i_k * up_rows_per_split
-        r_hi = tl.minimum(r_lo + up_rows_per_split, R)
-        acc += _lowrank_up_rows(p_z + i_m * R, p_u, r_lo, r_hi, o_n, o_n < N, s_un, s_ur, BLOCK_N, BLOCK_K,
-                                EVICT)
     _finish(acc, 0, i_n, i_m, 0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
             N, R, ws_cols, s_om, s_on, tl.num_programs(1), 1, BLOCK_N, HAS_BIAS, HAS_LOWRANK, SPLIT, FIXED)
-
-
-@triton.jit
-def _lowrank_up_rows(p_zrow, p_u, r_lo, r_hi, o_n, m_n, s_un, s_ur, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVICT: tl.constexpr):
-    # -> [1, BLOCK_N] f32 = sum over r in [r_lo, r_hi) of z[r] * u[cols, r]: u^T rows in steps of
-    # BLOCK_K, the w_t step's register tile (a program's slice is 1-3 steps)
-    acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    for r0 in range(r_lo, r_hi, BLOCK_K):
-        o_r = r0 + tl.arange(0, BLOCK_K)
-        m_r = o_r < r_hi
-        # .cg: z may have been written by other programs of this launch (claim epilogue)
-        b_z = tl.load(p_zrow + o_r, mask=m_r, other=0.0, cache_modifier=".cg")
-        b_u = tl.load(p_u + o_r[:, None] * s_ur + o_n[None, :] * s_un, mask=m_r[:, None] & m_n[None, :],
-                      other=0.0, eviction_policy=EVICT)
-        acc2 += b_z[:, None] * b_u.to(tl.float32)
-    return tl.sum(acc2, axis=0)[None, :]
 
 
 # ---------------------------------------------------------------------------
@@ -874,163 +848,3 @@ def sparse_gemv_union_compact_kernel(
     m_out = m_m[:, None] & m_n[None, :]
     _finish(acc, 0, i_n, i_g, 0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_out, p_out,
             N, 0, ws_cols, s_om, s_on, tl.num_programs(1), ROWS, BLOCK_N, HAS_BIAS, False, SPLIT, FIXED)
-
-
-# ---------------------------------------------------------------------------
-# R-Sparse in one launch: z items any program may claim
-# ---------------------------------------------------------------------------
-
-
-@triton.jit
-def _arrive(p_counter, target):
-    # one arrival on a counter shared by several programs (the counter finish's per-tile count, the
-    # claim launch's flags); true for the program whose arrival brings it to `target`. Every
-    # thread's earlier memory operations happen-before thread 0's release (block barrier first).
-    tl.debug_barrier()
-    n_before = tl.atomic_add(p_counter, 1, sem="acq_rel", scope="gpu")
-    return n_before == target - 1
-
-
-@triton.jit
-def _load_acquire(p_flag, ATOMIC: tl.constexpr, LANES: tl.constexpr):
-    # one i32 flag read with acquire semantics (what a program reads after it, here z, was
-    # written before the flag's release), the SAME value in every thread of the program.
-    # On the GPU a plain ld.acquire, not an atomic: a whole wave of programs reads the same flag
-    # at about the same time, and same-address atomics would serialise at L2 (about a
-    # microsecond for 300-400 programs). But each thread's load may see another value while the
-    # flag moves, and a branch on it would split the program: threads that skip the claim loop
-    # miss its block barriers and the shared-memory broadcast of its scalar atomics (on the H200:
-    # failed tests, and a hang). So LANES = every thread of the program loads the flag and
-    # the minimum over them -- a block reduction, whose result all threads share -- is the
-    # value: complete only if every thread saw complete, i.e. every thread's own acquire
-    # orders its later z loads. The interpreter has no inline assembly: ATOMIC reads it with an
-    # atomic add of 0.
-    p_lanes = p_flag + tl.zeros([LANES], dtype=tl.int32)
-    if ATOMIC:
-        seen = tl.atomic_add(p_lanes, tl.zeros([LANES], dtype=tl.int32), sem="acquire", scope="gpu")
-    else:
-        seen = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [p_lanes], dtype=tl.int32,
-                                         is_pure=False, pack=1)
-    return tl.min(seen, axis=0)
-
-
-@triton.jit
-def _arrive_done(p_claim, p_zdone, p_done, n_v_items, total, BLOCK_CLAIMS: tl.constexpr):
-    # the launch's last arrival (every v_t program once, the last program of every w_t tile once)
-    # comes after every read of the claim flags and of z_done: it zeroes them for the next launch
-    if _arrive(p_done, total):
-        for j0 in range(0, n_v_items, BLOCK_CLAIMS):
-            o_j = j0 + tl.arange(0, BLOCK_CLAIMS)
-            tl.store(p_claim + o_j, tl.zeros([BLOCK_CLAIMS], dtype=tl.int32), mask=o_j < n_v_items)
-        tl.atomic_xchg(p_zdone, 0)
-        tl.atomic_xchg(p_done, 0)
-
-
-@triton.jit
-def _claimed_v_item(item, p_x, p_v, p_scale, p_list, p_acc, p_count, p_fx, p_z, p_varr, p_zdone, thr, jcut,
-                    M, N, K, R, n_tiles_w, n_split_v, ws_cols, list_cols, s_xm, s_xk, s_vk,
-                    BLOCK_R: tl.constexpr, BLOCK_KV: tl.constexpr, CHUNK_V: tl.constexpr,
-                    HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, SPLIT_V: tl.constexpr, FIXED: tl.constexpr,
-                    AHEAD: tl.constexpr, EVICT: tl.constexpr):
-    # v_t item (column of BLOCK_R ranks, K chunk): z [0, column] += V rows of the dropped channels
-    # (row 0 only: the one-launch path runs one token). The program completing a column's last
-    # item counts the column into z_done (release: z is written before the count).
-    i_col = item // n_split_v
-    k_lo = (item % n_split_v) * CHUNK_V
-    k_hi = tl.minimum(k_lo + CHUNK_V, K)
-    acc = _compact_tile(p_x, p_v, p_scale, p_list + M * list_cols, 0, thr, jcut, k_lo, k_hi, i_col, R,
-                        s_xm, s_xk, s_vk, BLOCK_R, BLOCK_KV, CHUNK_V, HAS_SCALE, PER_ROW, True, AHEAD, EVICT)
-    o_m = tl.arange(0, 1)
-    o_r = i_col * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_out = (o_m < M)[:, None] & (o_r < R)[None, :]
-    _finish(acc, 1, n_tiles_w + i_col, 0, N, o_m, o_r, m_out, p_acc, p_count, p_fx, p_z, p_z, p_z, p_z,
-            N, R, ws_cols, 0, 0, n_split_v, 1, BLOCK_R, False, True, SPLIT_V, FIXED)
-    if _arrive(p_varr + i_col, n_split_v):
-        tl.atomic_xchg(p_varr + i_col, 0)
-        tl.atomic_add(p_zdone, 1, sem="release", scope="gpu")
-
-
-@triton.jit
-def sparse_gemv_claim_kernel(
-    p_x, p_w, p_v, p_scale, p_thr, p_jcut, p_bias, p_list,
-    p_acc, p_count, p_fx, p_sync, p_out, p_z, p_u,
-    M, N, K, R, n_tiles_w, n_tiles_v, n_split, n_split_v, ws_cols, list_cols, up_rows_per_split,
-    s_xm, s_xk, s_wk, s_vk, s_un, s_ur, s_om, s_on,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_KV: tl.constexpr, CHUNK_V: tl.constexpr, SPLIT_V: tl.constexpr,
-    HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    FIXED: tl.constexpr, AHEAD: tl.constexpr, GDC_WAIT: tl.constexpr, GDC_TRIGGER: tl.constexpr,
-    EVICT: tl.constexpr, V_LAST: tl.constexpr, BLOCK_CLAIMS: tl.constexpr, ATOMIC_FLAGS: tl.constexpr,
-    FLAG_LANES: tl.constexpr,
-):
-    # R-Sparse at one token in ONE launch (launchers.LOWRANK_EPILOGUE = "claim"): the compact
-    # kernel's v_t and w_t programs in one 1-D grid, each w_t program adding z [its rank slice] @
-    # u^T [slice, tile] before its split-K finish, so no epilogue launch and no y32 round trip.
-    # x [1, K]  w_t [K, N]  v_t [K, R]  u [N, R] (u^T rows: launchers.prepare_lowrank)  z [1, R] f32
-    # sync [n_v_items claim flags | n_tiles_v column arrivals | n_tiles_w tile arrivals | z_done |
-    #       done] i32, zeros (and zeros again after the launch)
-    # grid (n_v_items + n_tiles_w * n_split,): v_t items (column, K chunk) first in block order, so
-    # they usually start first; V_LAST puts them last (tests: the claiming path below).
-    # z must be complete before any u^T row is added: a grid-wide dependency. A w_t program that
-    # finds it incomplete claims every v_t item nobody has claimed and computes it itself, then
-    # waits. The items it does not get were claimed by running programs that never wait, so the
-    # wait ends whatever the block order and however few programs are resident: no deadlock,
-    # and no ticket queue (a same-address atomic at every program's start).
-    _await_previous_kernel(GDC_WAIT, GDC_TRIGGER)
-    pid = tl.program_id(0)
-    n_v_items = n_tiles_v * n_split_v
-    n_w_items = n_tiles_w * n_split
-    if V_LAST:
-        is_v = pid >= n_w_items
-        item = pid - n_w_items
-        t = pid
-    else:
-        is_v = pid < n_v_items
-        item = pid
-        t = pid - n_v_items
-    p_claim = p_sync
-    p_varr = p_claim + n_v_items
-    p_tarr = p_varr + n_tiles_v
-    p_zdone = p_tarr + n_tiles_w
-    p_done = p_zdone + 1
-    n_arrivals = n_v_items + n_tiles_w
-    thr = tl.load(p_thr)
-    if PER_ROW:
-        jcut = tl.load(p_jcut)
-    else:
-        jcut = 0
-    if is_v:
-        if tl.atomic_xchg(p_claim + item, 1) == 0:
-            _claimed_v_item(item, p_x, p_v, p_scale, p_list, p_acc, p_count, p_fx, p_z, p_varr, p_zdone, thr, jcut,
-                            M, N, K, R, n_tiles_w, n_split_v, ws_cols, list_cols, s_xm, s_xk, s_vk,
-                            BLOCK_R, BLOCK_KV, CHUNK_V, HAS_SCALE, PER_ROW, SPLIT_V, FIXED, AHEAD, EVICT)
-        _arrive_done(p_claim, p_zdone, p_done, n_v_items, n_arrivals, BLOCK_CLAIMS)
-    else:
-        i_n = t % n_tiles_w
-        i_k = t // n_tiles_w
-        k_lo = i_k * CHUNK
-        k_hi = tl.minimum(k_lo + CHUNK, K)
-        acc = _compact_tile(p_x, p_w, p_scale, p_list, 0, thr, jcut, k_lo, k_hi, i_n, N, s_xm, s_xk, s_wk,
-                            BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD, EVICT)
-        z_ready = _load_acquire(p_zdone, ATOMIC_FLAGS, FLAG_LANES)
-        if z_ready < n_tiles_v:
-            for claim in range(0, n_v_items):
-                if tl.atomic_xchg(p_claim + claim, 1) == 0:
-                    _claimed_v_item(claim, p_x, p_v, p_scale, p_list, p_acc, p_count, p_fx, p_z, p_varr, p_zdone,
-                                    thr, jcut, M, N, K, R, n_tiles_w, n_split_v, ws_cols, list_cols, s_xm, s_xk,
-                                    s_vk, BLOCK_R, BLOCK_KV, CHUNK_V, HAS_SCALE, PER_ROW, SPLIT_V, FIXED, AHEAD,
-                                    EVICT)
-            while z_ready < n_tiles_v:
-                z_ready = _load_acquire(p_zdone, ATOMIC_FLAGS, FLAG_LANES)
-        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        r_lo = i_k * up_rows_per_split
-        r_hi = tl.minimum(r_lo + up_rows_per_split, R)
-        acc += _lowrank_up_rows(p_z, p_u, r_lo, r_hi, o_n, o_n < N, s_un, s_ur, BLOCK_N, BLOCK_K, EVICT)
-        o_m = tl.arange(0, 1)
-        m_out = (o_m < M)[:, None] & (o_n < N)[None, :]
-        _finish(acc, 0, i_n, 0, 0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_out, p_z,
-                N, R, ws_cols, s_om, s_on, n_split, 1, BLOCK_N, HAS_BIAS, False, SPLIT, FIXED)
-        # the tile's last program comes after every program of the tile has read z_done
-        if _arrive(p_tarr + i_n, n_split):
-            tl.atomic_xchg(p_tarr + i_n, 0)
-            _arrive_done(p_claim, p_zdone, p_done, n_v_items, n_arrivals, BLOCK_CLAIMS)

@@ -108,7 +108,6 @@ def test_vllm_refuses_the_checkpoint_with_the_message(broken):
 @pytest.mark.parametrize("name,value,expected", [
     ("RSPARSE_PDL", "maybe", "expected 1"), ("RSPARSE_BATCH_INVARIANT", "yes please", "expected 1"),
     ("RSPARSE_LOWRANK_UP_PDL", "2", "expected 1"),
-    ("RSPARSE_LOWRANK_EPILOGUE", "sideways", "expected one of launch, fused, claim"),
     ("RSPARSE_UNION_ROWS", "always", "expected one of table, on, off")])
 def test_vllm_refuses_a_bad_switch_up_front(name, value, expected, calibrated_dirs, monkeypatch):
     """An environment switch with a value it does not take fails in the front end, before any

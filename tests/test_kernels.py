@@ -336,9 +336,9 @@ def test_wide_output_tiles(kernel, block_n, block_k, per, gen):
     check_close(out, reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v))
 
 
-# R-Sparse's u^T term: in the w_t programs after a z launch (overlapped with PDL on the GPU, or
-# not), or the epilogue launch after one grid of v_t and w_t programs (on the GPU also with PDL)
-LOWRANK_EPILOGUE_CASES = ["fused", "fused-serial", "launch", "launch-pdl"] if HAS_CUDA else ["fused", "launch"]
+# R-Sparse's u^T term: the epilogue launch after one grid of v_t and w_t programs (on the GPU also
+# launched with PDL)
+LOWRANK_EPILOGUE_CASES = ["launch", "launch-pdl"] if HAS_CUDA else ["launch"]
 
 
 @pytest.mark.parametrize("epilogue", LOWRANK_EPILOGUE_CASES)
@@ -350,12 +350,9 @@ def test_lowrank_tiles(rank, layout, epilogue, gen, monkeypatch):
     times longer -- so fewer programs along K add into z than into the output), in their own
     tile on the w_t chunk, and in the w_t shape: ranks of one and two v_t tiles, K chunks
     shorter than a v_t list step and longer, one and several v_t programs along K, both
-    split-K finishes; rank slices of u^T longer and shorter than the programs along K (fused
-    epilogue, u in the prepared [r, N] storage and as given), and the epilogue launch; each
-    matches the reference and leaves the workspace clean."""
+    split-K finishes; u for the epilogue launch as given ([N, r] rows) and in [r, N] storage
+    (it takes any strides); each matches the reference and leaves the workspace clean."""
     monkeypatch.setattr(launchers, "LOWRANK_LAYOUT", layout)
-    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", epilogue.split("-")[0])
-    monkeypatch.setattr(launchers, "LOWRANK_OVERLAP", epilogue != "fused-serial")
     monkeypatch.setattr(launchers, "LOWRANK_UP_PDL", epilogue == "launch-pdl")
     n, k, m = (48, 300, 2) if not HAS_CUDA else (4096, 11008, 2)
     w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=rank, scale=True)
@@ -381,7 +378,7 @@ def test_lowrank_tiles(rank, layout, epilogue, gen, monkeypatch):
                     assert tile.block_kv == rows and tile.chunk == min(4096, chunk * rows // 8)
                 else:
                     assert tile.block_kv == max(8, min(rows, chunk)) and tile.chunk == chunk
-            # u as given ([N, r] rows) on one split, in the prepared [r, N] storage on the others
+            # u as given ([N, r] rows) on one split, in [r, N] storage on the others
             u_arg = u if split_k == 3 else launchers.prepare_weight(u)
             check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u_arg, v_t, config=cfg), ref)
             assert launchers._workspace_for(x.device).is_clean()
@@ -419,42 +416,6 @@ def test_lowrank_chunks_follow_the_dropped_share(sparsity, gen):
     assert launchers._workspace_for(x.device).is_clean()
 
 
-@pytest.mark.parametrize("v_order", ["v_first", "v_last"])
-@pytest.mark.parametrize("layout", ["wide_chunks", "w_tiles"])
-@pytest.mark.parametrize("rank", [16, 300])
-def test_lowrank_claim_one_launch(rank, layout, v_order, gen, monkeypatch):
-    """R-Sparse at one token in one launch (launchers.LOWRANK_EPILOGUE = "claim"): the v_t items
-    first in block order (z usually complete before a w_t program needs it), or last (under the
-    interpreter the first w_t program finds z missing and computes every v_t item itself); one
-    and several v_t columns and programs along K, both split-K finishes, u^T rows as given and
-    prepared; each matches the reference, and the launch leaves its claim flags, arrival
-    counters and z_done at zero -- so a second call (a graph replay) works the same. Two tokens
-    take the epilogue launch."""
-    monkeypatch.setattr(launchers, "LOWRANK_LAYOUT", layout)
-    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", "claim")
-    monkeypatch.setattr(launchers, "LOWRANK_CLAIM_V_LAST", v_order == "v_last")
-    n, k = (48, 300) if not HAS_CUDA else (4096, 11008)
-    w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=rank, scale=True)
-    w_t = launchers.prepare_weight(w).t()
-    v_t = launchers.prepare_weight(v).t()
-    for finish in ("fixed", "counter"):
-        monkeypatch.setattr(launchers, "FIXED_POINT_SPLIT_ENABLED", finish == "fixed")
-        for split_k in (1, 3, k // launchers.MIN_CHUNK):
-            cfg = launchers.GemvConfig(rows=1, block_n=128 if HAS_CUDA else 16, block_k=8, split_k=split_k,
-                                       num_warps=4, num_stages=1, kernel="compact")
-            u_arg = u if split_k == 3 else launchers.prepare_weight(u)
-            for _ in range(2 if split_k == 3 else 1):
-                x = randn(1, k, gen=gen, dtype=torch.bfloat16)
-                thr = threshold_for(x, 0.55, s)
-                ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v)
-                check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u_arg, v_t, config=cfg), ref)
-                assert launchers._workspace_for(x.device).is_clean()
-    x2 = randn(2, k, gen=gen, dtype=torch.bfloat16)
-    thr2 = threshold_for(x2, 0.55, s)
-    check_close(launchers.sparse_gemv(x2, w_t, thr2.float(), None, b, s, u, v_t, config=cfg),
-                reference.sparse_linear(x2, w, b, threshold=thr2, channel_scale=s, lowrank_up=u, lowrank_down=v))
-
-
 def test_union_compact_kernel_builds_for_sm90_offline():
     """The union compact kernel (tl.dot on gathered rows, Triton's pipeliner) compiles for sm_90 on
     this CPU machine at its committed tiles, with the list entries in the step and one step ahead,
@@ -480,16 +441,13 @@ def test_union_compact_kernel_builds_for_sm90_offline():
         assert build["stack_bytes"] == 0 and build["local_bytes"] == 0, build
 
 
-def test_claim_kernel_builds_for_sm90_offline():
-    """The one-launch kernel's GPU-only path (the inline-PTX z_done reads, which the interpreter
-    replaces by atomics) compiles for sm_90 on this CPU machine with the local Triton: no function
-    calls left in the PTX (session 13's build had calls and a 2.5 KB stack), the flag read an
-    ld.acquire, and, with the CI's Triton (3.9), no stack at 4 warps (2 warps spill, as the compact
-    kernel's does on the GPU: lowrank_epilogue_claim_h200.md; the 8-warp 2048 x 4 tile keeps an 8-32 byte
-    stack once the build is given the JIT's divisibility hints, session 21 -- the kernel is off by default).
-    The GPU machine's Triton 3.6 puts a 208-byte stack on the 4-warp fixed-point build
-    (benchmarks/results/offline_build_triton36_h200.txt): there only compiling, calls and the flag
-    read are checked."""
+def test_compact_kernel_builds_for_sm90_offline():
+    """The one-token compact kernel at its committed tiles (and with R-Sparse's v_t programs)
+    compiles for sm_90 on this CPU machine, which the interpreter never does: no function calls in
+    the PTX and, with the CI's Triton (3.9), no stack at 4 and 8 warps. The 2-warp 512 x 16 tile of
+    Llama-3 down keeps a small stack (it spills on the GPU too, at no measurable cost:
+    docs/kernels.md, session 15), so only compiling and calls are checked there; on the GPU
+    machine's Triton 3.6 registers differ (benchmarks/results/offline_build_triton36_h200.txt)."""
     import subprocess
     import sys
 
@@ -501,10 +459,10 @@ def test_claim_kernel_builds_for_sm90_offline():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     builds = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(builds) == 6
+    assert len(builds) == 7 and builds[-1].get("HAS_LOWRANK")
     for build in builds:
-        assert build["calls"] == 0 and build["acquire_loads"] >= 1, build
-        if build["num_warps"] == 4 and Version(build["triton"]).release >= (3, 9):
+        assert build["kernel"] == "sparse_gemv_compact_kernel" and build["calls"] == 0, build
+        if build["num_warps"] >= 4 and Version(build["triton"]).release >= (3, 9):
             assert build["stack_bytes"] == 0 and build["local_bytes"] == 0, build
 
 
@@ -764,16 +722,13 @@ def test_gemv_config_errors_name_the_field(fields, match):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("epilogue", ["launch", "claim"])
 @pytest.mark.parametrize("pdl", [False, True], ids=["launch", "pdl"])
 @pytest.mark.parametrize("selection", ["threshold", "topk"])
 @pytest.mark.parametrize("tokens", [1, 4, 16], ids=lambda m: f"M{m}")
-def test_cuda_graph_replay(selection, tokens, pdl, epilogue, gen, monkeypatch):
+def test_cuda_graph_replay(selection, tokens, pdl, gen, monkeypatch):
     """Captured once, replayed on new inputs: right every time, counters left at zero
-    (also with programmatic dependent launch, where the GPU supports it; and with R-Sparse's
-    one-launch claim epilogue, whose flags must be zero again for every replay)."""
+    (also with programmatic dependent launch, where the GPU supports it)."""
     monkeypatch.setattr(launchers, "PDL_ENABLED", pdl)
-    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", epilogue)
     n, k = 4096, 4096
     dtype = torch.bfloat16
     w, b, s, u, v = make_layer(n, k, dtype, gen, rank=64, scale=True)
@@ -865,55 +820,16 @@ def _check_chain_replays(chain, x_static, layers, thresholds, gen, between=1.0):
     assert launchers._workspace_for(x_static.device).is_clean()
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("v_order", ["v_first", "v_last"])
-@pytest.mark.parametrize("config", ["committed", "deep"])
-def test_claim_chain_in_graph(config, v_order, gen, monkeypatch):
-    """R-Sparse's one-launch claim epilogue under real concurrency: a chain of layers (each one's
-    output the next one's input, R-Sparse and plain layers sharing the workspace) replayed in a
-    CUDA graph gives the chained reference and leaves the workspace clean. With the v_t items
-    last in block order the w_t programs that start first find z missing and claim the items
-    themselves (the path that must not deadlock); 'deep' also runs a split deep enough for the
-    counter finish, with more programs than the GPU holds at once."""
-    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", "claim")
-    monkeypatch.setattr(launchers, "LOWRANK_CLAIM_V_LAST", v_order == "v_last")
-    n, k = 4096, 11008
-    cfg = None if config == "committed" else launchers.GemvConfig(
-        rows=1, block_n=128, block_k=8, split_k=128, num_warps=4, num_stages=1, kernel="compact")
-    layers = [make_layer(n if i % 2 == 0 else k, k if i % 2 == 0 else n, torch.bfloat16, gen,
-                         rank=176 if i % 2 == 0 else 0, scale=i % 2 == 0) for i in range(4)]
-    prepared = [(launchers.prepare_weight(w), b, s,
-                 *(launchers.prepare_lowrank(u, v) if u is not None else (None, None))) for w, b, s, u, v in layers]
-    x_static = randn(1, k, gen=gen, dtype=torch.bfloat16)
-    thresholds = [torch.tensor([0.6], device=DEVICE) for _ in layers]
-
-    def chain():
-        h, outs = x_static, []
-        for (w_p, b, s, u, v_p), thr in zip(prepared, thresholds):
-            if cfg is not None and u is not None:
-                h = launchers.sparse_gemv(h, w_p.t(), thr, None, b, s, u, v_p.t(), config=cfg)
-            else:
-                h = launchers.sparse_linear(h, w_p, b, thr, launchers.THRESHOLD_SELECTION, s, u, v_p,
-                                            use_crossover=False)
-            outs.append(h)
-        return outs
-
-    _check_chain_replays(chain, x_static, layers, thresholds, gen)
-
-
 @pytest.mark.skipif(not HAS_CUDA, reason="programmatic dependent launch needs a GPU")
-@pytest.mark.parametrize("mode", ["pdl", "z_overlap_only", "up_pdl_only"])
+@pytest.mark.parametrize("mode", ["pdl", "up_pdl_only"])
 @pytest.mark.parametrize("between", ["none", "torch_op"])
 def test_pdl_chain_reads_the_previous_result(between, mode, gen, monkeypatch):
     """With programmatic dependent launch a kernel may start before the one it reads from has
     finished: a chain of sparse GEMVs (each one's output the next one's input, optionally a
     torch kernel between them) replayed in a CUDA graph must give the chained reference,
-    and leave the workspace clean. Every kernel launched with PDL; or only the R-Sparse
-    layers' main launch after their z launch (z_overlap_only: fused epilogue,
-    launchers.LOWRANK_OVERLAP); or only their epilogue launch (up_pdl_only:
-    launchers.LOWRANK_UP_PDL)."""
+    and leave the workspace clean. Every kernel launched with PDL, or only the R-Sparse
+    layers' epilogue launch (up_pdl_only: launchers.LOWRANK_UP_PDL)."""
     monkeypatch.setattr(launchers, "PDL_ENABLED", mode == "pdl")
-    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", "fused" if mode == "z_overlap_only" else "launch")
     monkeypatch.setattr(launchers, "LOWRANK_UP_PDL", mode == "up_pdl_only")
     if not launchers.pdl_capable(torch.device(DEVICE)):
         pytest.skip("this GPU has no programmatic dependent launch (compute capability < 9)")
@@ -956,17 +872,13 @@ def test_pdl_switch(raw, expected, switch, monkeypatch):
         assert not used(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("switch", ["lowrank_epilogue", "union_rows"])
-def test_choice_switches(switch, monkeypatch):
-    """RSPARSE_LOWRANK_EPILOGUE (R-Sparse's u^T epilogue) and RSPARSE_UNION_ROWS (how M > 1 rows run)
-    pick their mode when the launchers setting is None (unset: the default); a name that is not a
-    mode is an error naming the variable, the value and the modes; the module setting wins."""
-    knob, env, mode, default, modes = {
-        "lowrank_epilogue": ("LOWRANK_EPILOGUE", launchers.LOWRANK_EPILOGUE_ENV, launchers.lowrank_epilogue,
-                             launchers.LOWRANK_DEFAULT_EPILOGUE, launchers.LOWRANK_EPILOGUES),
-        "union_rows": ("UNION_ROWS", launchers.UNION_ROWS_ENV, launchers.union_rows_mode,
-                       launchers.UNION_ROWS_DEFAULT, launchers.UNION_ROWS_MODES)}[switch]
-    assert default == {"lowrank_epilogue": "launch", "union_rows": "table"}[switch]
+def test_union_rows_switch(monkeypatch):
+    """RSPARSE_UNION_ROWS (how M > 1 rows run) picks its mode when launchers.UNION_ROWS is None
+    (unset: the default); a name that is not a mode is an error naming the variable, the value
+    and the modes; the module setting wins."""
+    knob, env, mode, default, modes = ("UNION_ROWS", launchers.UNION_ROWS_ENV, launchers.union_rows_mode,
+                                       launchers.UNION_ROWS_DEFAULT, launchers.UNION_ROWS_MODES)
+    assert default == "table"
     monkeypatch.setattr(launchers, knob, None)
     monkeypatch.delenv(env, raising=False)
     assert mode() == default
@@ -1236,12 +1148,12 @@ def test_lowrank_report_matches_committed_files():
 def test_lowrank_epilogue_report_matches_committed_files():
     """benchmarks/results/lowrank_epilogue_h200.md is what lowrank_time --report makes of the
     committed --epilogues measurements (session 12: the u^T term's ways), and the launcher's
-    default way is the one those files measured faster end to end (launch)."""
+    only way left is the one those files measured faster end to end (launch; fused and claim were
+    removed in session 25, their code is at b21387c)."""
     lowrank_time = _lowrank_time_module()
     files = [str(RESULTS / f"lowrank_epilogue_h200_s{s}.json") for s in ("0.4", "0.5", "0.5_widez")]
     assert lowrank_time.report(files) == (RESULTS / "lowrank_epilogue_h200.md").read_text()
-    assert launchers.LOWRANK_EPILOGUE is None and launchers.lowrank_epilogue() == "launch"
-    assert set(lowrank_time.EPILOGUE_VARIANTS) == {"launch", "launch_pdl", "fused", "fused_serial", "claim"}
+    assert set(lowrank_time.EPILOGUE_VARIANTS) == {"launch", "launch_pdl"}
     # measured in session 13 (lowrank_epilogue_pdl_h200.*, e2e_h200_rsparse runs 8-11: no gain end to end
     # with the engine order reversed in runs 10-11): stays off by default
     assert launchers.LOWRANK_UP_PDL is None and not launchers.lowrank_up_pdl_requested()
@@ -1263,7 +1175,7 @@ def test_lowrank_epilogue_claim_report_matches_committed_files():
     """benchmarks/results/lowrank_epilogue_claim_h200.md is what lowrank_time --report makes of the
     session-14 --epilogues measurement, which adds claim (R-Sparse in one launch) and the compiled
     kernels' registers and spills. Claim was slower than the epilogue launch on every shape (and
-    end to end, e2e_h200_rsparse runs 12-13), so the launcher's default stays launch."""
+    end to end, e2e_h200_rsparse runs 12-13), so it was removed (session 25)."""
     lowrank_time = _lowrank_time_module()
     path = RESULTS / "lowrank_epilogue_claim_h200_s0.5.json"
     text = lowrank_time.report([str(path)])
@@ -1272,7 +1184,6 @@ def test_lowrank_epilogue_claim_report_matches_committed_files():
     assert "| sparse_gemv_claim_kernel | 4 |" in text
     rows = json.load(open(path))["rows"]
     assert len(rows) == 7 and all(row["epilogues_us"]["claim"] > row["epilogues_us"]["launch"] for row in rows)
-    assert launchers.lowrank_epilogue() == "launch"
 
 
 def test_lowrank_table_takes_each_shapes_layout(tmp_path):
@@ -1293,14 +1204,11 @@ def test_lowrank_table_takes_each_shapes_layout(tmp_path):
     assert "committed config" in merged["lowrank_note"]
 
 
-@pytest.mark.parametrize("epilogue", ["launch", "fused"])
 @pytest.mark.parametrize("rank", [1, 13, 16, 40])
-def test_prepare_lowrank_pads_exactly(rank, epilogue, gen, monkeypatch):
+def test_prepare_lowrank_pads_exactly(rank, gen):
     """The rank is zero-padded to LOWRANK_RANK_MULTIPLE for the kernels' aligned row loads;
     the result equals the unpadded factors' (padded ranks add exact zeros). lowrank_up is
-    stored for the epilogue that reads it: contiguous [N, r] rows for the epilogue launch, u^T
-    rows ([r, N] storage) for the fused one."""
-    monkeypatch.setattr(launchers, "LOWRANK_EPILOGUE", epilogue)
+    stored as contiguous [N, r] rows, which the epilogue launch reads."""
     n, k, m = (96, 200, 3) if not HAS_CUDA else (4096, 4096, 3)
     dtype = torch.bfloat16
     w, b, s, u, v = make_layer(n, k, dtype, gen, rank=rank, scale=True)
@@ -1309,11 +1217,7 @@ def test_prepare_lowrank_pads_exactly(rank, epilogue, gen, monkeypatch):
     up, down = launchers.prepare_lowrank(u, v)
     padded = -(-rank // launchers.LOWRANK_RANK_MULTIPLE) * launchers.LOWRANK_RANK_MULTIPLE
     assert up.shape == (n, padded)
-    assert up.is_contiguous() if epilogue == "launch" else up.stride(0) == 1  # [r', N] storage: u^T rows
-    # another epilogue's layout on request (benchmarks that time both)
-    other = "fused" if epilogue == "launch" else "launch"
-    assert torch.equal(launchers.prepare_lowrank(u, v, epilogue=other)[0], up)
-    assert launchers.prepare_lowrank(u, v, epilogue="fused")[0].stride(0) == 1
+    assert up.is_contiguous()
     assert down.shape == (padded, k) and down.stride(0) == 1  # [K, r'] storage
     assert torch.equal(up[:, :rank], u) and torch.equal(down[:rank], v)
     assert not up[:, rank:].any() and not down[rank:].any()

@@ -142,42 +142,21 @@ def use_pdl(device: torch.device) -> bool:
     return pdl_requested() and pdl_capable(device)
 
 
-# R-Sparse's up-projection term z u^T (z = V((1 - m) x)) on the compact kernel:
-#   "launch"  (sessions 3-11) the v_t programs share the main grid and write z, the w_t programs
-#             write y32, and lowrank_up_kernel adds z u^T in a second launch after it: 2.4-4.6 us
-#             a module on the H200, most of what R-Sparse lost to TEAL (lowrank_h200.md)
-#   "fused"   a z launch of the v_t programs alone, then the main launch with the TEAL grid, whose
-#             w_t programs each add their slice of z u^T before the split-K finish (u read by the
-#             whole grid, one cast, no y32). With PDL the main launch overlaps the z launch and
-#             waits for z only before its u^T rows (LOWRANK_OVERLAP).
-# "launch" stays the default: on the H200 (session 12, lowrank_epilogue_h200.md) "fused" saves
-# 0.2-1 us on four shapes and loses 1.4-4.8 us on Llama-2 qkv and Llama-3 gate_up / down; end to
-# end R-Sparse 0.5 went from 1.25x / 1.22x to 1.24x / 1.11x (Llama-2 / Llama-3). The z launch's few
-# v_t programs are latency-bound (one 2-4-warp program per SM: about 6-19 us alone, "fused_serial"
-# minus the TEAL time), and the main launch waits for them; in one grid they ran beside the w_t
-# programs instead.
-#   "claim"   (session 13) one launch at one token: the v_t and w_t programs in one grid, each
-#             w_t program adding its slice of z u^T before its split-K finish once z is complete.
-#             A w_t program that finds z incomplete computes every v_t item nobody has claimed
-#             yet itself, then waits, so the wait cannot deadlock whatever the block order
-#             (sparse_gemv_claim_kernel). More tokens take "launch". Measured slower in
-#             session 14 (lowrank_epilogue_claim_h200.md): 7-32 us more per module, because every
-#             w_t program waits for the slowest v_t item; R-Sparse 0.5 end to end 0.91x / 0.83x.
-# The walk kernel (several rows per program) always uses "launch".
-LOWRANK_EPILOGUES = ("launch", "fused", "claim")
-LOWRANK_DEFAULT_EPILOGUE = "launch"
-# None: RSPARSE_LOWRANK_EPILOGUE (one of LOWRANK_EPILOGUES; unset: the default) -- so that an
-# engine can be built with another epilogue (benchmarks/bench_e2e.py's per-config switches)
-LOWRANK_EPILOGUE_ENV = "RSPARSE_LOWRANK_EPILOGUE"
-LOWRANK_EPILOGUE: str | None = None
-# the epilogues whose w_t programs read u^T rows over their output tile ([r, N] storage)
-_UT_ROW_EPILOGUES = ("fused", "claim")
-# tests: the claim launch's v_t items last in block order instead of first, so that under the
-# interpreter (programs run in block order) the first w_t program finds z missing and claims them
-LOWRANK_CLAIM_V_LAST = False
-# None: overlap the z launch where the GPU has PDL (pdl_capable), whatever RSPARSE_PDL says.
-LOWRANK_OVERLAP: bool | None = None
-# "launch" with PDL on the epilogue launch alone (where the GPU has it): the main kernel's programs
+# R-Sparse's up-projection term z u^T (z = V((1 - m) x)) on the compact kernel: the v_t programs
+# share the main grid and write z, the w_t programs write y32, and lowrank_up_kernel adds z u^T in a
+# second launch after it (2.4-4.6 us a module on the H200, most of what R-Sparse loses to TEAL;
+# lowrank_h200.md). Two ways without the second launch were built, measured slower and removed
+# in session 25 (the code is at b21387c):
+#   "fused"  a z launch of the v_t programs alone, then the TEAL grid, whose w_t programs each
+#            added their slice of z u^T before the split-K finish. On the H200 (session 12,
+#            lowrank_epilogue_h200.md) it saved 0.2-1 us on four shapes and lost 1.4-4.8 us on
+#            Llama-2 qkv and Llama-3 gate_up / down; end to end R-Sparse 0.5 went from 1.25x / 1.22x
+#            to 1.24x / 1.11x (Llama-2 / Llama-3): the z launch's few v_t programs are latency-bound.
+#   "claim"  one launch at one token: a w_t program that found z incomplete computed every v_t item
+#            nobody had claimed yet, then waited (sessions 13-14, lowrank_epilogue_claim_h200.md):
+#            7-32 us more per module, because every w_t program waits for the slowest v_t item;
+#            R-Sparse 0.5 end to end 0.91x / 0.83x.
+# The epilogue launch with PDL (where the GPU has it): the main kernel's programs
 # let it start at once, so its launch latency (most of its 2.4-5 us) overlaps the main kernel,
 # and its programs wait for the main kernel only before their first load. Its programs can be
 # scheduled only once every main program has started, so they never delay one. Measured in
@@ -185,18 +164,6 @@ LOWRANK_OVERLAP: bool | None = None
 # lowrank_epilogue_pdl_h200.md): off by default. None: RSPARSE_LOWRANK_UP_PDL (1 on, 0 / unset off).
 LOWRANK_UP_PDL_ENV = "RSPARSE_LOWRANK_UP_PDL"
 LOWRANK_UP_PDL: bool | None = None
-
-
-def lowrank_epilogue() -> str:
-    """LOWRANK_EPILOGUE (benchmarks and tests set it), or RSPARSE_LOWRANK_EPILOGUE when it is None
-    (unset: LOWRANK_DEFAULT_EPILOGUE); a name that is not an epilogue is an error that names it."""
-    if LOWRANK_EPILOGUE is not None:
-        if LOWRANK_EPILOGUE not in LOWRANK_EPILOGUES:
-            raise ValueError(f"launchers.LOWRANK_EPILOGUE must be one of {LOWRANK_EPILOGUES}, got {LOWRANK_EPILOGUE!r}")
-        return LOWRANK_EPILOGUE
-    from vllm_rsparse.config import env_choice
-
-    return env_choice(LOWRANK_EPILOGUE_ENV, LOWRANK_EPILOGUES, LOWRANK_DEFAULT_EPILOGUE)
 
 
 def union_rows_mode() -> str:
@@ -209,11 +176,6 @@ def union_rows_mode() -> str:
     from vllm_rsparse.config import env_choice
 
     return env_choice(UNION_ROWS_ENV, UNION_ROWS_MODES, UNION_ROWS_DEFAULT)
-
-
-def lowrank_overlap(device: torch.device) -> bool:
-    """Whether a fused R-Sparse launch pair overlaps its z launch (PDL) on this device."""
-    return pdl_capable(device) and (LOWRANK_OVERLAP is None or LOWRANK_OVERLAP)
 
 
 def lowrank_up_pdl_requested() -> bool:
@@ -479,16 +441,13 @@ def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
 LOWRANK_RANK_MULTIPLE = 16
 
 
-def prepare_lowrank(lowrank_up: torch.Tensor, lowrank_down: torch.Tensor, multiple: int = LOWRANK_RANK_MULTIPLE,
-                    epilogue: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_lowrank(lowrank_up: torch.Tensor, lowrank_down: torch.Tensor,
+                    multiple: int = LOWRANK_RANK_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor]:
     """The R-Sparse factors in the layout the kernels read: the rank zero-padded to a
     multiple of ``multiple`` (exact: padded ranks add 0 in f32), lowrank_down [r', K] prepared
-    like a weight ([K, r'] storage) and lowrank_up [N, r'] stored for the u^T epilogue that
-    reads it (LOWRANK_EPILOGUE): contiguous for the epilogue launch, [r', N] storage for the
-    fused one, whose w_t programs read u^T rows over their output tile -- each the layout it was
-    measured with (lowrank_epilogue_h200.md); `epilogue` names another one than the launcher's
-    (benchmarks that time both). Both kernels take either layout. One copy each; the unpadded
-    tensors can be freed. (Other multiples: benchmarks only.)"""
+    like a weight ([K, r'] storage) and lowrank_up [N, r'] contiguous, which the epilogue
+    launch reads densely (it takes any strides). One copy each; the unpadded tensors can be
+    freed. (Other multiples: benchmarks only.)"""
     if lowrank_up.dim() != 2 or lowrank_down.dim() != 2 or lowrank_up.shape[1] != lowrank_down.shape[0]:
         raise ValueError(f"lowrank_up [N, r] and lowrank_down [r, K] do not match: shapes "
                          f"{tuple(lowrank_up.shape)} and {tuple(lowrank_down.shape)}")
@@ -500,9 +459,7 @@ def prepare_lowrank(lowrank_up: torch.Tensor, lowrank_down: torch.Tensor, multip
         down = lowrank_down.new_zeros(padded, lowrank_down.shape[1])
         down[:r] = lowrank_down
         lowrank_up, lowrank_down = up, down
-    up = (prepare_weight(lowrank_up) if (epilogue or lowrank_epilogue()) in _UT_ROW_EPILOGUES
-          else lowrank_up.contiguous())
-    return up, prepare_weight(lowrank_down)
+    return lowrank_up.contiguous(), prepare_weight(lowrank_down)
 
 
 def _is_prepared(weight: torch.Tensor) -> bool:
@@ -870,8 +827,8 @@ def sparse_gemv(
     # bias [N]  channel_scale [K]  lowrank_up [N, r] (any strides; prepare_lowrank: unit stride
     # along N)  v_t [K, r] (unit stride along r)  -> out [M, N] in x.dtype
     """
-    from vllm_rsparse.kernels.sparse_gemv import (sparse_gemv_claim_kernel, sparse_gemv_compact_kernel,
-                                                  sparse_gemv_kernel, sparse_gemv_union_compact_kernel)
+    from vllm_rsparse.kernels.sparse_gemv import (sparse_gemv_compact_kernel, sparse_gemv_kernel,
+                                                  sparse_gemv_union_compact_kernel)
 
     m, k = x.shape
     n = w_t.shape[1]
@@ -900,14 +857,9 @@ def sparse_gemv(
     pdl = use_pdl(x.device)
     launch_pdl = {"launch_pdl": True} if pdl else {}  # the keyword only where it is used
     evict = "evict_first" if WEIGHT_EVICT_FIRST or cfg.evict else ""
-    epilogue = lowrank_epilogue() if has_lowrank and compact else "launch"
-    fused_up = epilogue == "fused"
-    claim_up = epilogue == "claim" and m == 1
-    up_pdl = has_lowrank and compact and not (fused_up or claim_up) and lowrank_up_pdl(x.device)
-    # the u^T rows each w_t program adds (fused and claim): its slice of the rank, whole list steps
-    up_rows_per_split = triton_cdiv(triton_cdiv(rank, split_k), cfg.block_k) * cfg.block_k
+    up_pdl = has_lowrank and compact and lowrank_up_pdl(x.device)
     if has_lowrank:
-        y32 = dummy if fused_up or claim_up else torch.empty((m, n), dtype=torch.float32, device=x.device)
+        y32 = torch.empty((m, n), dtype=torch.float32, device=x.device)
         z = torch.empty((m, rank), dtype=torch.float32, device=x.device)
     else:
         y32 = z = dummy
@@ -915,56 +867,7 @@ def sparse_gemv(
     scale_arg = channel_scale if channel_scale is not None else dummy
     jcut_arg = jcut if jcut is not None else thr
     bias_arg = bias if bias is not None else dummy
-    # what every compact launch of this call shares (the fused path makes two)
-    compact_shared = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
-                          HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, AHEAD=LOAD_AHEAD_ENABLED,
-                          EVICT=evict, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if claim_up:
-        # one 1-D grid: the v_t items (column, K chunk) first, then the w_t programs; the claim
-        # flags, arrival counters and z_done lie past the split-K counters of both tile kinds
-        n_v_items = (tiles - tiles_w) * split_v
-        sync = ws.counters[tiles:]
-        if tiles + n_v_items + tiles + 2 > COUNTER_SLOTS:
-            raise ValueError(f"{n_v_items} v_t items exceed the {COUNTER_SLOTS} split-K counters")
-        sparse_gemv_claim_kernel[(n_v_items + tiles_w * split_k,)](
-            x, w_t, v_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists,
-            ws.accumulator, ws.counters, ws.fixed, sync, out, z, lowrank_up,
-            *common, tiles_w, tiles - tiles_w, split_k, split_v, WORKSPACE_COLS, WORKSPACE_COLS, up_rows_per_split,
-            x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0), lowrank_up.stride(0), lowrank_up.stride(1),
-            out.stride(0), out.stride(1),
-            BLOCK_R=v_tile.block_r, BLOCK_KV=v_tile.block_kv, CHUNK_V=v_tile.chunk, SPLIT_V=split_v > 1,
-            HAS_BIAS=bias is not None, SPLIT=split_k > 1, FIXED=fixed, GDC_WAIT=pdl, GDC_TRIGGER=pdl,
-            V_LAST=LOWRANK_CLAIM_V_LAST, BLOCK_CLAIMS=_CLAIM_BLOCK, ATOMIC_FLAGS=interpreting(),
-            FLAG_LANES=claim_flag_lanes(cfg.num_warps),
-            **compact_shared, **launch_pdl,
-        )
-    elif fused_up:
-        overlap = lowrank_overlap(x.device)
-        # z launch: the v_t programs alone. Its split-K counters lie past the main launch's, and
-        # its workspace words at columns N.. (as in one grid): with overlap both run at once.
-        sparse_gemv_compact_kernel[(tiles - tiles_w, split_v, m)](
-            x, w_t, v_t, scale_arg, thr, jcut_arg, dummy, ws.lists,
-            ws.accumulator, ws.counters[tiles_w * m:], ws.fixed, out, y32, z, dummy,
-            *common, 0, WORKSPACE_COLS, WORKSPACE_COLS, split_v, 0,
-            x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0), 0, 0, out.stride(0), out.stride(1),
-            BLOCK_R=v_tile.block_r, BLOCK_KV=v_tile.block_kv, CHUNK_V=v_tile.chunk, SPLIT_V=split_v > 1,
-            HAS_BIAS=False, HAS_LOWRANK=True, UP_FUSED=False, SPLIT=split_k > 1,
-            FIXED=fixed_point_finish(split_v), GDC_WAIT=pdl, GDC_TRIGGER=pdl or overlap, GDC_Z_WAIT=False,
-            **compact_shared, **launch_pdl,
-        )
-        # main launch: the w_t programs (the TEAL grid), each adding u^T rows of its rank slice
-        sparse_gemv_compact_kernel[(tiles_w, split_k, m)](
-            x, w_t, w_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists,
-            ws.accumulator, ws.counters, ws.fixed, out, y32, z, lowrank_up,
-            *common, tiles_w, WORKSPACE_COLS, WORKSPACE_COLS, 1, up_rows_per_split,
-            x.stride(0), x.stride(1), w_t.stride(0), 0, lowrank_up.stride(0), lowrank_up.stride(1),
-            out.stride(0), out.stride(1),
-            BLOCK_R=16, BLOCK_KV=cfg.block_k, CHUNK_V=k_per_split, SPLIT_V=False,
-            HAS_BIAS=bias is not None, HAS_LOWRANK=False, UP_FUSED=True, SPLIT=split_k > 1, FIXED=fixed,
-            GDC_WAIT=pdl and not overlap, GDC_TRIGGER=pdl, GDC_Z_WAIT=overlap,
-            **compact_shared, **({"launch_pdl": True} if pdl or overlap else {}),
-        )
-    elif uses_union_compact_kernel(cfg):
+    if uses_union_compact_kernel(cfg):
         # one program per (output tile, K chunk, group of `rows` rows): a weight row is read
         # once if any row of the group selected its channel, through a list of those channels
         sparse_gemv_union_compact_kernel[(tiles, split_k, row_groups)](
@@ -984,14 +887,16 @@ def sparse_gemv(
         # channels, through a compact list of them
         sparse_gemv_compact_kernel[(tiles, split_k, m)](
             x, w_t, v_t if has_lowrank else w_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists,
-            ws.accumulator, ws.counters, ws.fixed, out, y32, z, dummy,
-            *common, tiles_w, WORKSPACE_COLS, WORKSPACE_COLS, split_v, 0,
-            x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0, 0, 0,
+            ws.accumulator, ws.counters, ws.fixed, out, y32, z,
+            *common, tiles_w, WORKSPACE_COLS, WORKSPACE_COLS, split_v,
+            x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0,
             out.stride(0), out.stride(1),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
             BLOCK_R=v_tile.block_r, BLOCK_KV=v_tile.block_kv, CHUNK_V=v_tile.chunk, SPLIT_V=split_v > 1,
-            HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, UP_FUSED=False, SPLIT=split_k > 1, FIXED=fixed,
-            GDC_WAIT=pdl, GDC_TRIGGER=pdl or up_pdl, GDC_Z_WAIT=False,
-            **compact_shared, **launch_pdl,
+            HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
+            HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, FIXED=fixed, AHEAD=LOAD_AHEAD_ENABLED,
+            GDC_WAIT=pdl, GDC_TRIGGER=pdl or up_pdl, EVICT=evict,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
         )
     else:
         sparse_gemv_kernel[(tiles, split_k, row_groups)](
@@ -1006,7 +911,7 @@ def sparse_gemv(
             AHEAD=LOAD_AHEAD_ENABLED, GDC=pdl, EVICT=evict,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
         )
-    if has_lowrank and not (fused_up or claim_up):
+    if has_lowrank:
         launch_lowrank_up(y32, z, lowrank_up, out, pdl or up_pdl)
     return out
 
@@ -1028,15 +933,6 @@ def launch_lowrank_up(y32: torch.Tensor, z: torch.Tensor, lowrank_up: torch.Tens
         num_warps=4, **launch_pdl,
     )
 
-
-# the claim launch zeroes its claim flags this many at a time
-_CLAIM_BLOCK = 128
-
-
-def claim_flag_lanes(num_warps: int) -> int:
-    """FLAG_LANES of the claim kernel: every thread of a program reads z_done and the program
-    takes the minimum (kernels.sparse_gemv._load_acquire), so one lane per thread."""
-    return 32 * num_warps
 
 # lowrank_up epilogue: reads u [N, r] densely; 64 outputs x 32 ranks per step keeps
 # >= 64-byte contiguous segments of u and enough programs for N >= 4096.

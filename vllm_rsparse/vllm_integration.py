@@ -125,7 +125,6 @@ class RSparseConfig(QuantizationConfig):
         batch_invariant.enabled()
         launchers.pdl_requested()
         launchers.lowrank_up_pdl_requested()
-        launchers.lowrank_epilogue()
         launchers.union_rows_mode()
         if model_name and os.path.isdir(model_name):
             validate_checkpoint(model_name, hf_config=hf_config, qcfg=self.checkpoint_config)

@@ -12,8 +12,9 @@ copies (never in L2), per projection shape, at the split the calibration exports
                  (lowrank_wtiles_us: the w_t tile shape and chunk, the layout before session 11)
   up_only        the lowrank_up epilogue launch alone
 With --epilogues (session 12) the shape's committed layout only, under each way of adding the
-u^T term (EPILOGUE_VARIANTS, launchers.LOWRANK_EPILOGUE), timed alternately: epilogues_us, and
-lowrank16_us = the launcher's default.
+u^T term (EPILOGUE_VARIANTS), timed alternately: epilogues_us, and lowrank16_us = the launcher's
+default. Sessions 12-14 also timed fused, fused_serial and claim (REPORTED_EPILOGUES), ways removed
+in session 25 after those measurements (their code is at b21387c).
 
     python3 -P benchmarks/gpu/lowrank_time.py --sparsity 0.5 --out $OUT/lowrank_h200_s0.5.json
     # the lowrank16 timings become the dispatch table of modules with a low-rank term
@@ -52,19 +53,19 @@ _LAYOUT_VARIANT = {layout: name for name, (layout, max_kv) in TILE_VARIANTS.item
                    if max_kv == launchers.LOWRANK_MAX_BLOCK_KV}
 
 
-# the u^T term's ways (launchers.LOWRANK_EPILOGUE, LOWRANK_OVERLAP, LOWRANK_UP_PDL): the epilogue
-# launch after one grid of v_t and w_t programs, plainly or with PDL; u^T rows in the w_t programs
-# after a z launch, overlapped with it by PDL, or after it; u^T rows in the w_t programs of one
-# launch whose v_t items any program may claim (claim, session 13)
-EPILOGUE_VARIANTS = {"launch": ("launch", None, False), "launch_pdl": ("launch", None, True),
-                     "fused": ("fused", None, False), "fused_serial": ("fused", False, False),
-                     "claim": ("claim", None, False)}
-_EPILOGUE_KNOBS = ("LOWRANK_EPILOGUE", "LOWRANK_OVERLAP", "LOWRANK_UP_PDL")
+# the u^T term's ways (launchers.LOWRANK_UP_PDL): the epilogue launch after one grid of v_t and w_t
+# programs, plainly or with PDL
+EPILOGUE_VARIANTS = {"launch": (False,), "launch_pdl": (True,)}
+_EPILOGUE_KNOBS = ("LOWRANK_UP_PDL",)
+# the report's columns, in order: the committed files of sessions 12-14 also timed u^T rows in the
+# w_t programs after a z launch, overlapped with it by PDL (fused) or not (fused_serial), and in one
+# launch whose v_t items any program may claim (claim); removed in session 25
+REPORTED_EPILOGUES = ("launch", "launch_pdl", "fused", "fused_serial", "claim")
 
 
 def default_epilogue_variant() -> str:
     """The EPILOGUE_VARIANTS entry a launch with the launcher's current settings runs."""
-    current = (launchers.lowrank_epilogue(), launchers.LOWRANK_OVERLAP, launchers.lowrank_up_pdl_requested())
+    current = (launchers.lowrank_up_pdl_requested(),)
     return next(name for name, values in EPILOGUE_VARIANTS.items() if values == current)
 
 
@@ -97,8 +98,8 @@ def config_variant(n: int, k: int, sparsity: float | None = None) -> str:
 
 def compiled_resources() -> list[dict]:
     """Registers, spills and shared memory of every kernel of kernels.sparse_gemv compiled so far
-    in this process (one entry per specialization): the claim kernel's offline sm_90 build of
-    session 13 used calls and a stack, which a timing alone would not show."""
+    in this process (one entry per specialization): session 13's offline sm_90 build of a kernel
+    (claim, since removed) used calls and a stack, which a timing alone would not show."""
     import triton
 
     from vllm_rsparse.kernels import sparse_gemv
@@ -259,7 +260,7 @@ def report_epilogues(results: list[dict]) -> str:
     """Markdown table of --epilogues files: per shape, the ratio to dense of the threshold kernel
     alone and of the committed layout with each way of adding the u^T term."""
     # the ways the files timed (session 12's had no launch_pdl)
-    names = [v for v in EPILOGUE_VARIANTS if all(v in row["epilogues_us"] for r in results for row in r["rows"])]
+    names = [v for v in REPORTED_EPILOGUES if all(v in row["epilogues_us"] for r in results for row in r["rows"])]
     lines = _table_head(
         f"R-Sparse's u^T term at one token, {results[0]['gpu']}",
         "`python3 -P benchmarks/gpu/lowrank_time.py --epilogues --sparsity S --out ...` per level (CUDA graphs, "
@@ -350,10 +351,7 @@ def main() -> None:
             w = (torch.randn(n, k, device="cuda", generator=gen) * k**-0.5).to(torch.bfloat16)
             u = (torch.randn(n, rank, device="cuda", generator=gen) * rank**-0.5).to(torch.bfloat16)
             v = (torch.randn(rank, k, device="cuda", generator=gen) * k**-0.5).to(torch.bfloat16)
-            # u in the layout of each epilogue (launchers.prepare_lowrank), the one in force picked at capture
-            ups = {epilogue: launchers.prepare_lowrank(u, v, epilogue=epilogue)[0]
-                   for epilogue in launchers.LOWRANK_EPILOGUES}
-            layers.append((w, launchers.prepare_weight(w), ups, launchers.prepare_lowrank(u, v)[1]))
+            layers.append((w, launchers.prepare_weight(w), *launchers.prepare_lowrank(u, v)))
         x = torch.randn(1, k, device="cuda", generator=gen).to(torch.bfloat16)
         thr = torch.quantile(x.float().abs().flatten(), 1 - keep / k).reshape(1)
         row = {"shape": name, "n": n, "k": k, "rank": rank, "input_sparsity": 1 - keep / k}
@@ -364,10 +362,9 @@ def main() -> None:
         row["teal_us"] = graph_us([lambda wp=wp: launchers.sparse_linear(x, wp, None, thr, -1, None, None, None,
                                                                          use_crossover=False, sparsity=s_in)
                                    for _, wp, _, _ in layers])
-        calls = [lambda wp=wp, ups=ups, vp=vp: launchers.sparse_linear(
-                     x, wp, None, thr, -1, None, ups[launchers.lowrank_epilogue()], vp, use_crossover=False,
-                     sparsity=s_in)
-                 for _, wp, ups, vp in layers]
+        calls = [lambda wp=wp, up=up, vp=vp: launchers.sparse_linear(
+                     x, wp, None, thr, -1, None, up, vp, use_crossover=False, sparsity=s_in)
+                 for _, wp, up, vp in layers]
         if args.epilogues:
             # the committed layout under each way of adding the u^T term
             row["epilogues_us"], outs = timed_alternately(calls, EPILOGUE_VARIANTS, _EPILOGUE_KNOBS)
@@ -385,8 +382,8 @@ def main() -> None:
         y32 = torch.zeros(1, n, device="cuda")
         z = torch.randn(1, rank, device="cuda")
         outb = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-        row["up_only_us"] = graph_us([lambda up=ups["launch"]: launchers.launch_lowrank_up(y32, z, up, outb)
-                                      for _, _, ups, _ in layers])
+        row["up_only_us"] = graph_us([lambda up=up: launchers.launch_lowrank_up(y32, z, up, outb)
+                                      for _, _, up, _ in layers])
         row["config"] = launchers.describe_config(n, k, 1, rank, sparsity=s_in)
         rows.append(row)
         print({key: (round(val, 2) if isinstance(val, float) else val) for key, val in row.items()}, flush=True)
@@ -395,7 +392,8 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump({"commit": os.environ.get("RSPARSE_COMMIT", "unknown"), "gpu": torch.cuda.get_device_name(),
                    "torch": torch.__version__, "sparsity": args.sparsity,
-                   "lowrank_epilogue": launchers.lowrank_epilogue(), "lowrank_layout_forced": launchers.LOWRANK_LAYOUT,
+                   "lowrank_up_pdl": launchers.lowrank_up_pdl_requested(),
+                   "lowrank_layout_forced": launchers.LOWRANK_LAYOUT,
                    "share": args.share, "rows": rows, "kernel_resources": compiled_resources()}, f, indent=1)
 
 

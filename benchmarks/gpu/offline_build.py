@@ -1,14 +1,12 @@
-"""Build the one-launch R-Sparse kernel (sparse_gemv_claim_kernel) for sm_90 WITHOUT a GPU and
-report what the machine code looks like: registers, stack and local memory per thread (the
-bundled cuobjdump), calls left in the PTX, and the flag reads (ld.acquire).
+"""Build the one-token compact kernel (sparse_gemv_compact_kernel) at its committed tiles, or the union
+compact kernel (--union), for sm_90 WITHOUT a GPU and report what the machine code looks like:
+registers, stack and local memory per thread (the bundled cuobjdump) and calls left in the PTX.
 
-Why: its GPU-only path (ATOMIC_FLAGS = False: the inline-PTX ld.acquire of z_done) never runs
-under the interpreter, and session 13's offline build of it had function calls and a 2.5 KB
-stack. CI builds it here (tests/test_kernels.py) so that a change that breaks the GPU build, or
-brings calls and a stack back, fails on a CPU machine. Local Triton (3.9 in CI) is not the GPU
-machine's (3.6): registers differ between them; compiling, calls and the flag read are checked on
-both, the stack on 3.9 only (3.6 builds the 4-warp fixed-point variant with a 208-byte stack:
-benchmarks/results/offline_build_triton36_h200.txt).
+Why: the interpreter never compiles a kernel, so a change that breaks the GPU build, or brings
+function calls and a stack into the weight stream (session 13's offline build of the one-launch
+R-Sparse kernel, since removed, had calls and a 2.5 KB stack), would pass every CPU test. CI builds
+them here (tests/test_kernels.py) so that it fails on a CPU machine. Local Triton (3.9 in CI) is not
+the GPU machine's (3.6): registers differ between them (benchmarks/results/offline_build_triton36_h200.txt).
 
     python benchmarks/gpu/offline_build.py          # one line per build
     python benchmarks/gpu/offline_build.py --json   # the same as JSON
@@ -25,35 +23,36 @@ import re
 import subprocess
 import tempfile
 
-# the claim kernel's pointer arguments and their element types (launchers.sparse_gemv, bf16
+# the compact kernel's pointer arguments and their element types (launchers.sparse_gemv, bf16
 # activations and weights); every other non-constexpr argument is an i32
-CLAIM_POINTERS = {"p_x": "*bf16", "p_w": "*bf16", "p_v": "*bf16", "p_scale": "*bf16", "p_thr": "*fp32",
-                  "p_jcut": "*fp32", "p_bias": "*bf16", "p_list": "*i32", "p_acc": "*fp32", "p_count": "*i32",
-                  "p_fx": "*i64", "p_sync": "*i32", "p_out": "*bf16", "p_z": "*fp32", "p_u": "*bf16"}
+COMPACT_POINTERS = {"p_x": "*bf16", "p_w": "*bf16", "p_v": "*bf16", "p_scale": "*bf16", "p_thr": "*fp32",
+                    "p_jcut": "*fp32", "p_bias": "*bf16", "p_list": "*i32", "p_acc": "*fp32", "p_count": "*i32",
+                    "p_fx": "*i64", "p_out": "*bf16", "p_y32": "*fp32", "p_z": "*fp32"}
 
-# the committed one-token tiles the claim launch runs with (block_n, block_k, warps): Llama-2/3
-# qkv and gate_up (512 x 16, 4 warps), o_proj (2048 x 4, 8 warps), Llama-3 down (512 x 16, 2 warps),
-# each with both split-K finishes
-BUILDS = [dict(num_warps=w, BLOCK_N=bn, BLOCK_K=bk, FIXED=fixed)
-          for bn, bk, w in [(512, 16, 4), (2048, 4, 8), (512, 16, 2)] for fixed in (True, False)]
+# the committed one-token tiles (kernels/configs/sparse_gemv.json, tokens 1: block_n, block_k, warps,
+# K chunk, split-K finish): Llama-2 qkv, o_proj, down; Llama-3 qkv, gate_up, down (Llama-2 gate_up is
+# qkv's tile on 512-channel chunks); then Llama-2 qkv's tile with R-Sparse's v_t programs (HAS_LOWRANK)
+BUILDS = [dict(num_warps=w, BLOCK_N=bn, BLOCK_K=bk, CHUNK=chunk, FIXED=fixed)
+          for bn, bk, w, chunk, fixed in [(512, 16, 4, 256, True), (2048, 4, 8, 32, False),
+                                          (1024, 8, 4, 128, False), (1024, 8, 4, 64, True),
+                                          (2048, 4, 4, 64, True), (512, 16, 2, 256, True)]]
+BUILDS += [dict(num_warps=4, BLOCK_N=512, BLOCK_K=16, CHUNK=256, FIXED=True, HAS_LOWRANK=True, HAS_SCALE=True)]
 
 
-def claim_constexprs(num_warps: int, **over) -> dict:
-    """The claim kernel's constexpr arguments as the launcher passes them on a GPU (one token)."""
-    from vllm_rsparse import launchers
-
-    values = dict(BLOCK_N=512, BLOCK_K=16, CHUNK=256, BLOCK_R=256, BLOCK_KV=16, CHUNK_V=1024, SPLIT_V=True,
-                  HAS_SCALE=True, PER_ROW=False, HAS_BIAS=False, SPLIT=True, FIXED=True, AHEAD=True,
-                  GDC_WAIT=True, GDC_TRIGGER=True, EVICT="evict_first", V_LAST=False,
-                  BLOCK_CLAIMS=launchers._CLAIM_BLOCK, ATOMIC_FLAGS=False,
-                  FLAG_LANES=launchers.claim_flag_lanes(num_warps))
+def compact_constexprs(**over) -> dict:
+    """The compact kernel's constexpr arguments as the launcher passes them on a GPU (one token, the
+    weights' evict-first hint of the committed configs, v_t programs of launchers.lowrank_tile's
+    wide_chunks layout at rank 256)."""
+    values = dict(BLOCK_N=512, BLOCK_K=16, CHUNK=256, BLOCK_R=256, BLOCK_KV=32, CHUNK_V=1024, SPLIT_V=True,
+                  HAS_SCALE=False, PER_ROW=False, HAS_BIAS=False, HAS_LOWRANK=False, SPLIT=True, FIXED=True,
+                  AHEAD=True, GDC_WAIT=False, GDC_TRIGGER=False, EVICT="evict_first")
     values.update(over)
     return values
 
 
 # the union compact kernel (session 16): the tiles its committed configs use (block_n, block_k, warps,
 # stages), each with the list entries in the step and one step ahead (launchers.UNION_LIST_AHEAD)
-UNION_POINTERS = {**CLAIM_POINTERS, "p_scale": "*fp32", "p_jcut": "*i32", "p_xs": "*fp32"}
+UNION_POINTERS = {**COMPACT_POINTERS, "p_scale": "*fp32", "p_jcut": "*i32", "p_xs": "*fp32"}
 UNION_BUILDS = [dict(num_warps=w, num_stages=st, BLOCK_N=bn, BLOCK_K=bk, LIST_AHEAD=ahead)
                 for bn, bk, w, st in [(128, 32, 4, 1), (128, 32, 4, 3), (256, 16, 4, 2), (256, 64, 8, 2)]
                 for ahead in (False, True)]
@@ -84,24 +83,24 @@ def union_constexprs(**over) -> dict:
 # unit strides of x and the output are 1. Without these hints the weight loads are not vectorized
 # and the register counts are not the GPU's (session 21: the 2-row FMA tile built in 184 registers
 # here, 138 on the GPU).
-DIVISIBLE_BY_16 = {"N", "K", "R", "ws_cols", "list_cols", "s_xm", "s_wk", "s_vk", "s_un", "s_om"}
+DIVISIBLE_BY_16 = {"N", "K", "R", "ws_cols", "list_cols", "s_xm", "s_wk", "s_vk", "s_om"}
 UNIT_STRIDES = {"s_xk": 1, "s_on": 1}
 
 
 def build_sm90(num_warps: int, num_stages: int = 1, union: bool = False, **over) -> dict:
-    """Compile the claim kernel (or the union compact kernel) for sm_90 and describe the result."""
+    """Compile the compact kernel (or the union compact kernel) for sm_90 and describe the result."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from vllm_rsparse.kernels import sparse_gemv
 
-    kernel = sparse_gemv.sparse_gemv_union_compact_kernel if union else sparse_gemv.sparse_gemv_claim_kernel
+    kernel = sparse_gemv.sparse_gemv_union_compact_kernel if union else sparse_gemv.sparse_gemv_compact_kernel
     if not isinstance(kernel, triton.runtime.JITFunction):
         raise SystemExit("offline_build.py: TRITON_INTERPRET is set; the interpreter's kernels cannot be compiled")
-    constexprs = union_constexprs(**over) if union else claim_constexprs(num_warps, **over)
+    constexprs = union_constexprs(**over) if union else compact_constexprs(**over)
     constexprs.update(UNIT_STRIDES)
-    pointers = UNION_POINTERS if union else CLAIM_POINTERS
+    pointers = UNION_POINTERS if union else COMPACT_POINTERS
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
                  for name in kernel.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
@@ -117,8 +116,7 @@ def build_sm90(num_warps: int, num_stages: int = 1, union: bool = False, **over)
     fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
     return {"kernel": kernel.fn.__name__, "num_warps": num_warps, "num_stages": num_stages, **over,
             "registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
-            "local_bytes": int(fields["LOCAL"]), "calls": ptx.count("call.uni"),
-            "acquire_loads": ptx.count("ld.acquire.gpu"), "triton": triton.__version__}
+            "local_bytes": int(fields["LOCAL"]), "calls": ptx.count("call.uni"), "triton": triton.__version__}
 
 
 def main() -> None:
