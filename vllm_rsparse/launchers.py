@@ -824,8 +824,8 @@ def sparse_gemv(
     sparsity: the module's input sparsity, for the config band (pick_config).
 
     # x [M, K]  w_t [K, N] (unit stride along N)  thr [1] or [M] f32  jcut [M] i32 or None
-    # bias [N]  channel_scale [K]  lowrank_up [N, r] (any strides; prepare_lowrank: unit stride
-    # along N)  v_t [K, r] (unit stride along r)  -> out [M, N] in x.dtype
+    # bias [N]  channel_scale [K]  lowrank_up [N, r] (any strides; prepare_lowrank: contiguous)
+    # v_t [K, r] (unit stride along r)  -> out [M, N] in x.dtype
     """
     from vllm_rsparse.kernels.sparse_gemv import (sparse_gemv_compact_kernel, sparse_gemv_kernel,
                                                   sparse_gemv_union_compact_kernel)
