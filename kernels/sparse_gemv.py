@@ -620,18 +620,10 @@ def _row_selected_x(p_x, b_scale, row, M, thr, jcut, b_idx, m_j, s_xm, s_xk,
 
 
 @triton.jit
-def _row_staged_x(p_xs_chunk, row, M, j0, m_j, xs_cols, BLOCK_K: tl.constexpr):
-    # one row's selected x on list entries [j0, j0 + BLOCK_K), as the list build staged it (STAGED_X):
-    # one contiguous f32 vector, no gather and no selection
-    o_j = j0 + tl.arange(0, BLOCK_K)
-    return tl.load(p_xs_chunk + row * xs_cols + o_j, mask=m_j & ((o_j * 0 + row) < M), other=0.0)
-
-
-@triton.jit
-def _union_fma_step(p_x, p_w, p_scale, p_xs_chunk, b_idx, row0, M, j0, n_sel, o_n, m_n, s_xm, s_xk, s_wk, xs_cols,
+def _union_fma_step(p_x, p_w, p_scale, b_idx, row0, M, j0, n_sel, o_n, m_n, s_xm, s_xk, s_wk,
                     t0, c0, t1, c1, t2, c2, t3, c3,
                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr,
-                    EVICT: tl.constexpr, STAGED_X: tl.constexpr):
+                    EVICT: tl.constexpr):
     # union list entries [j0, j0 + BLOCK_K) (channel indices b_idx) -> the weight rows
     # [BLOCK_K, BLOCK_N] and each row's selected x [BLOCK_K] (rows 2 and 3 only with ROWS = 4; else
     # copies of row 1 that the caller never adds)
@@ -639,25 +631,19 @@ def _union_fma_step(p_x, p_w, p_scale, p_xs_chunk, b_idx, row0, M, j0, n_sel, o_
     # every unmasked row is a channel some row selected: each weight load is useful bytes
     b_w = tl.load(p_w + b_idx[:, None] * s_wk + o_n[None, :], mask=m_j[:, None] & m_n[None, :], other=0.0,
                   eviction_policy=EVICT)
-    if STAGED_X:
-        x0 = _row_staged_x(p_xs_chunk, row0, M, j0, m_j, xs_cols, BLOCK_K)
-        x1 = _row_staged_x(p_xs_chunk, row0 + 1, M, j0, m_j, xs_cols, BLOCK_K)
-        x2 = x1
-        x3 = x1
-        if ROWS == 4:
-            x2 = _row_staged_x(p_xs_chunk, row0 + 2, M, j0, m_j, xs_cols, BLOCK_K)
-            x3 = _row_staged_x(p_xs_chunk, row0 + 3, M, j0, m_j, xs_cols, BLOCK_K)
-    else:
-        b_scale = m_j.to(tl.float32)  # unused without channel scores
-        if HAS_SCALE:
-            b_scale = tl.load(p_scale + b_idx, mask=m_j, other=0.0).to(tl.float32)
-        x0 = _row_selected_x(p_x, b_scale, row0, M, t0, c0, b_idx, m_j, s_xm, s_xk, HAS_SCALE, PER_ROW)
-        x1 = _row_selected_x(p_x, b_scale, row0 + 1, M, t1, c1, b_idx, m_j, s_xm, s_xk, HAS_SCALE, PER_ROW)
-        x2 = x1
-        x3 = x1
-        if ROWS == 4:
-            x2 = _row_selected_x(p_x, b_scale, row0 + 2, M, t2, c2, b_idx, m_j, s_xm, s_xk, HAS_SCALE, PER_ROW)
-            x3 = _row_selected_x(p_x, b_scale, row0 + 3, M, t3, c3, b_idx, m_j, s_xm, s_xk, HAS_SCALE, PER_ROW)
+    # (Staging each row's selected x next to the union list instead of gathering it here was
+    # measured in session 21: 0.94-1.73x this loop's time, union_rows_fma_staged_h200.md; removed in
+    # session 25, the code is at b21387c.)
+    b_scale = m_j.to(tl.float32)  # unused without channel scores
+    if HAS_SCALE:
+        b_scale = tl.load(p_scale + b_idx, mask=m_j, other=0.0).to(tl.float32)
+    x0 = _row_selected_x(p_x, b_scale, row0, M, t0, c0, b_idx, m_j, s_xm, s_xk, HAS_SCALE, PER_ROW)
+    x1 = _row_selected_x(p_x, b_scale, row0 + 1, M, t1, c1, b_idx, m_j, s_xm, s_xk, HAS_SCALE, PER_ROW)
+    x2 = x1
+    x3 = x1
+    if ROWS == 4:
+        x2 = _row_selected_x(p_x, b_scale, row0 + 2, M, t2, c2, b_idx, m_j, s_xm, s_xk, HAS_SCALE, PER_ROW)
+        x3 = _row_selected_x(p_x, b_scale, row0 + 3, M, t3, c3, b_idx, m_j, s_xm, s_xk, HAS_SCALE, PER_ROW)
     return b_w, x0, x1, x2, x3
 
 
@@ -694,9 +680,9 @@ def _fma_total(acc, STEP_SUM: tl.constexpr):
 
 
 @triton.jit
-def _union_fma_rows(p_x, p_w, p_scale, p_thr, p_jcut, p_lst, p_xs_chunk, i_g, M, n_sel, o_n, m_n,
-                    s_xm, s_xk, s_wk, xs_cols, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, EVICT: tl.constexpr, STAGED_X: tl.constexpr,
+def _union_fma_rows(p_x, p_w, p_scale, p_thr, p_jcut, p_lst, i_g, M, n_sel, o_n, m_n,
+                    s_xm, s_xk, s_wk, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, EVICT: tl.constexpr,
                     AHEAD_STEPS: tl.constexpr, STEP_SUM: tl.constexpr):
     # -> acc [ROWS, BLOCK_N] f32 over the union list's n_sel channels, ROWS = 2 or 4, without tl.dot:
     # one [BLOCK_K, BLOCK_N] register tile of FMAs per row, in the weight load's own layout, reduced
@@ -727,20 +713,20 @@ def _union_fma_rows(p_x, p_w, p_scale, p_thr, p_jcut, p_lst, p_xs_chunk, i_g, M,
     # hand pipeline as _compact_tile with AHEAD: the list entries one step ahead of the gathers, the
     # gathers AHEAD_STEPS ahead of the FMAs, so no gather waits for its own list load
     b_idx = _load_list(p_lst, 0, n_sel, BLOCK_K)
-    b_w, x0, x1, x2, x3 = _union_fma_step(p_x, p_w, p_scale, p_xs_chunk, b_idx, row0, M, 0, n_sel, o_n, m_n,
-                                          s_xm, s_xk, s_wk, xs_cols, t0, c0, t1, c1, t2, c2, t3, c3,
-                                          ROWS, BLOCK_K, HAS_SCALE, PER_ROW, EVICT, STAGED_X)
+    b_w, x0, x1, x2, x3 = _union_fma_step(p_x, p_w, p_scale, b_idx, row0, M, 0, n_sel, o_n, m_n,
+                                          s_xm, s_xk, s_wk, t0, c0, t1, c1, t2, c2, t3, c3,
+                                          ROWS, BLOCK_K, HAS_SCALE, PER_ROW, EVICT)
     if AHEAD_STEPS == 2:
         b_idx = _load_list(p_lst, BLOCK_K, n_sel, BLOCK_K)
-        b_w_2nd, y0, y1, y2, y3 = _union_fma_step(p_x, p_w, p_scale, p_xs_chunk, b_idx, row0, M, BLOCK_K, n_sel,
-                                                  o_n, m_n, s_xm, s_xk, s_wk, xs_cols, t0, c0, t1, c1, t2, c2,
-                                                  t3, c3, ROWS, BLOCK_K, HAS_SCALE, PER_ROW, EVICT, STAGED_X)
+        b_w_2nd, y0, y1, y2, y3 = _union_fma_step(p_x, p_w, p_scale, b_idx, row0, M, BLOCK_K, n_sel,
+                                                  o_n, m_n, s_xm, s_xk, s_wk, t0, c0, t1, c1, t2, c2,
+                                                  t3, c3, ROWS, BLOCK_K, HAS_SCALE, PER_ROW, EVICT)
     b_idx = _load_list(p_lst, AHEAD_STEPS * BLOCK_K, n_sel, BLOCK_K)
     for j0 in range(AHEAD_STEPS * BLOCK_K, n_sel + AHEAD_STEPS * BLOCK_K, BLOCK_K):
         # the last AHEAD_STEPS trips load nothing (every entry masked off) and only compute
         b_w_next, x0_next, x1_next, x2_next, x3_next = _union_fma_step(
-            p_x, p_w, p_scale, p_xs_chunk, b_idx, row0, M, j0, n_sel, o_n, m_n, s_xm, s_xk, s_wk, xs_cols,
-            t0, c0, t1, c1, t2, c2, t3, c3, ROWS, BLOCK_K, HAS_SCALE, PER_ROW, EVICT, STAGED_X)
+            p_x, p_w, p_scale, b_idx, row0, M, j0, n_sel, o_n, m_n, s_xm, s_xk, s_wk,
+            t0, c0, t1, c1, t2, c2, t3, c3, ROWS, BLOCK_K, HAS_SCALE, PER_ROW, EVICT)
         b_idx = _load_list(p_lst, j0 + BLOCK_K, n_sel, BLOCK_K)
         b_wf = b_w.to(tl.float32)
         acc0 = _fma_add(acc0, x0, b_wf, STEP_SUM)
@@ -776,18 +762,17 @@ def _union_fma_rows(p_x, p_w, p_scale, p_thr, p_jcut, p_lst, p_xs_chunk, i_g, M,
 
 @triton.jit
 def sparse_gemv_union_compact_kernel(
-    p_x, p_w, p_scale, p_thr, p_jcut, p_bias, p_list, p_xs,
+    p_x, p_w, p_scale, p_thr, p_jcut, p_bias, p_list,
     p_acc, p_count, p_fx, p_out,
     M, N, K, ws_cols, list_cols,
     s_xm, s_xk, s_wk, s_om, s_on,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, FIXED: tl.constexpr, DOT_F32: tl.constexpr, GDC: tl.constexpr, EVICT: tl.constexpr,
-    LIST_AHEAD: tl.constexpr, STAGED_X: tl.constexpr, AHEAD_STEPS: tl.constexpr, STEP_SUM: tl.constexpr,
+    LIST_AHEAD: tl.constexpr, AHEAD_STEPS: tl.constexpr, STEP_SUM: tl.constexpr,
 ):
     # x [M, K]  w_t [K, N]  scale [K]  thr [1] or [M] f32  jcut [M] i32  bias [N]
     # list [row_groups, list_cols] i32 (scratch: the union list of each row group)
-    # xs [M, list_cols] f32 (scratch, STAGED_X: each row's selected x at its group's list slots)
     # acc / count / fx: the split-K workspace (sparse_gemv_kernel)  out [M, N]
     # grid (cdiv(N, BLOCK_N), cdiv(K, CHUNK), cdiv(M, ROWS)). One program = ROWS token rows x one
     # output tile x one K chunk.
@@ -818,19 +803,12 @@ def sparse_gemv_union_compact_kernel(
     b_sel = _select(b_x, o_k, m_k, b_thr, b_jcut, p_scale, HAS_SCALE, PER_ROW) & m_m[:, None] & m_k[None, :]
     p_lst = p_list + i_g * list_cols + k_lo
     m_union = tl.max(b_sel.to(tl.int32), axis=0) > 0
-    if STAGED_X:
-        # each row's selected x (0 where that row did not select) at the slot _store_list gives
-        # the channel; every program of the group and chunk writes the same values, and the
-        # barrier in _store_list orders these stores before the loop's loads
-        b_slot = tl.cumsum(m_union.to(tl.int32), axis=0) - 1
-        tl.store(p_xs + o_m[:, None] * list_cols + k_lo + b_slot[None, :], tl.where(b_sel, b_x, 0.0),
-                 mask=m_m[:, None] & m_union[None, :])
     n_sel = _store_list(p_lst, o_k, m_union)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     if ROWS < 16:
-        acc = _union_fma_rows(p_x, p_w, p_scale, p_thr, p_jcut, p_lst, p_xs + k_lo, i_g, M, n_sel, o_n, m_n,
-                              s_xm, s_xk, s_wk, list_cols, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, EVICT, STAGED_X,
+        acc = _union_fma_rows(p_x, p_w, p_scale, p_thr, p_jcut, p_lst, i_g, M, n_sel, o_n, m_n,
+                              s_xm, s_xk, s_wk, ROWS, BLOCK_N, BLOCK_K, HAS_SCALE, PER_ROW, EVICT,
                               AHEAD_STEPS, STEP_SUM)
     else:
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)

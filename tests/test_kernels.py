@@ -12,7 +12,6 @@ committed as benchmarks/results/kernel_tests_h100.log).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 import zlib
@@ -431,10 +430,9 @@ def test_union_compact_kernel_builds_for_sm90_offline():
                           env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     builds = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(builds) == 18 and {b["LIST_AHEAD"] for b in builds[:8]} == {False, True}
-    assert [(b["ROWS"], b["STAGED_X"], b["AHEAD_STEPS"]) for b in builds[8:16]] == [
-        (rows, staged, ahead) for rows in (2, 4) for staged in (False, True) for ahead in (1, 2)]
-    assert [(b["BLOCK_N"], b["STEP_SUM"]) for b in builds[16:]] == [(1024, True), (2048, True)]
+    assert len(builds) == 14 and {b["LIST_AHEAD"] for b in builds[:8]} == {False, True}
+    assert [(b["ROWS"], b["AHEAD_STEPS"]) for b in builds[8:12]] == [(rows, ahead) for rows in (2, 4) for ahead in (1, 2)]
+    assert [(b["BLOCK_N"], b["STEP_SUM"]) for b in builds[12:]] == [(1024, True), (2048, True)]
     for build in builds:
         assert build["kernel"] == "sparse_gemv_union_compact_kernel" and build["calls"] == 0, build
     for build in builds[8:]:
@@ -586,11 +584,10 @@ def test_union_compact_topk_and_lowrank_fallback(rows, gen):
 @pytest.mark.parametrize("selection", ["threshold", "topk"])
 @pytest.mark.parametrize("tile", [t for t in UNION_TILES if t[1] in launchers.UNION_FMA_ROWS and t[5] == 1],
                          ids=lambda t: "{}-r{}-bn{}-bk{}-w{}-st{}-per{}".format(*t))
-def test_union_fma_staged_x_and_ahead_steps_match_the_gathered_x(tile, selection, gen, monkeypatch):
-    """The FMA union loop's variants give bit for bit what the loop that gathers and re-selects x per
-    step, one step ahead, gives (the same f32 values meet the same weights in the same order), and
-    the reference: each row's selected x staged next to the union list (launchers.UNION_FMA_STAGED_X),
-    and the gathers two list steps ahead of the FMAs (num_stages = 2), each alone and both."""
+def test_union_fma_ahead_steps_match_one_step(tile, selection, gen):
+    """The FMA union loop with its gathers two list steps ahead of the FMAs (num_stages = 2) gives bit
+    for bit what the loop one step ahead gives (the same f32 values meet the same weights in the same
+    order), and both match the reference."""
     n, k = UNION_SHAPES[0]
     m = 5
     w, b, s, _, _ = make_layer(n, k, torch.bfloat16, gen, bias=True, scale=True)
@@ -603,15 +600,14 @@ def test_union_fma_staged_x_and_ahead_steps_match_the_gathered_x(tile, selection
         thr, jcut = launchers.topk_thresholds(x, k // 3, s)
         ref = reference.masked_linear(x, w, topk_mask_lowest_index(x, k // 3, s), b)
     outs = {}
-    for staged, ahead in itertools.product((False, True), launchers.FMA_AHEAD_STEPS):
-        monkeypatch.setattr(launchers, "UNION_FMA_STAGED_X", staged)
+    for ahead in launchers.FMA_AHEAD_STEPS:
         cfg = dataclasses.replace(union_config(tile, k), num_stages=ahead)
-        outs[staged, ahead] = launchers.sparse_gemv(x, w_t, thr, jcut, b, s, None, None, cfg)
-        check_close(outs[staged, ahead], ref)
+        outs[ahead] = launchers.sparse_gemv(x, w_t, thr, jcut, b, s, None, None, cfg)
+        check_close(outs[ahead], ref)
     along_k = launchers.k_split(k, union_config(tile, k))[1]
     if along_k == 1 or launchers.fixed_point_finish(along_k):
         for key, out in outs.items():
-            assert torch.equal(out, outs[False, 1]), key
+            assert torch.equal(out, outs[1]), key
     assert launchers._workspace_for(x.device).is_clean(), "split-K workspace left dirty"
 
 
@@ -751,8 +747,8 @@ def test_cuda_graph_replay(selection, tokens, pdl, gen, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("loop", ["dot_list_in_step", "dot_list_ahead", "fma_rows2", "fma_rows4", "fma_staged_rows2",
-                                  "fma_ahead2_rows2", "fma_ahead2_rows4", "fma_step_sum_rows2"])
+@pytest.mark.parametrize("loop", ["dot_list_in_step", "dot_list_ahead", "fma_rows2", "fma_rows4", "fma_ahead2_rows2",
+                                  "fma_ahead2_rows4", "fma_step_sum_rows2"])
 @pytest.mark.parametrize("selection", ["threshold", "topk"])
 @pytest.mark.parametrize("tokens", [3, 16], ids=lambda m: f"M{m}")
 def test_union_compact_cuda_graph_replay(selection, tokens, loop, gen, monkeypatch):
@@ -760,7 +756,6 @@ def test_union_compact_cuda_graph_replay(selection, tokens, loop, gen, monkeypat
     list in the step or ahead, the FMA loop of 2 / 4 rows) captured once and replayed on new
     inputs: right every time, the workspace left zeroed."""
     monkeypatch.setattr(launchers, "UNION_LIST_AHEAD", loop == "dot_list_ahead")
-    monkeypatch.setattr(launchers, "UNION_FMA_STAGED_X", "staged" in loop)
     n, k = 4096, 4096
     if loop.startswith("fma"):
         cfg = union_config(("compact", int(loop[-1]), 1024 if "step_sum" in loop else 256, 8, 4,
@@ -1076,7 +1071,7 @@ def test_union_rows_choice_keeps_the_committed_config_within_the_margin():
 @pytest.mark.skipif(HAS_CUDA, reason="the dry run is the CPU check of a GPU script")
 def test_union_rows_script_dry_run(tmp_path):
     """benchmarks/gpu/union_rows.py end to end on a tiny shape under the interpreter (fake timings):
-    the sweep, the list-ahead and staged-x A/Bs, --adopt's two tables (also from a JSON) and --report run
+    the sweep, the list-ahead A/B, --adopt's two tables (also from a JSON) and --report run
     before GPU time is spent."""
     import subprocess
     import sys
@@ -1093,12 +1088,12 @@ def test_union_rows_script_dry_run(tmp_path):
     subprocess.run([sys.executable, str(script), "--report", str(out), "--out", str(tmp_path / "u.md")],
                    check=True, env=env, capture_output=True, timeout=120)
     assert (tmp_path / "u.md").read_text().startswith("# Decode steps of 2-16 tokens")
-    # the FMA family alone, with the staged-x A/B, and its tables re-derived offline from the JSON
+    # the FMA family alone, and its tables re-derived offline from the JSON
     fma = tmp_path / "fma.json"
-    subprocess.run([sys.executable, str(script), "--kernels", "fma", "--staged-x", "--out", str(fma)],
+    subprocess.run([sys.executable, str(script), "--kernels", "fma", "--out", str(fma)],
                    check=True, env=env, capture_output=True, timeout=600)
     rows = json.loads(fma.read_text())["rows"]
-    assert all(r["union_config"]["rows"] in launchers.UNION_FMA_ROWS and "union_staged_x_us" in r for r in rows)
+    assert all(r["union_config"]["rows"] in launchers.UNION_FMA_ROWS for r in rows)
     subprocess.run([sys.executable, str(script), "--adopt-from", str(fma), "--adopt", str(tmp_path / "fma_tables"),
                     "--out", os.devnull], check=True, env=env, capture_output=True, timeout=120)
     assert json.loads((tmp_path / "fma_tables" / launchers._DISPATCH_FILE).read_text())["union_note"]

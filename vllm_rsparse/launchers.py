@@ -494,8 +494,6 @@ class Workspace(typing.NamedTuple):
     accumulator: torch.Tensor  # [MAX_ROWS, WORKSPACE_COLS] f32: partial sums (counter finish)
     fixed: torch.Tensor  # [MAX_ROWS, WORKSPACE_COLS] i64: fixed-point words (fixed-point finish)
     lists: torch.Tensor  # [LIST_ROWS, WORKSPACE_COLS] i32: compact channel lists
-    # [MAX_ROWS, WORKSPACE_COLS] f32: each row's selected x on its group's union list (UNION_FMA_STAGED_X)
-    staged_x: torch.Tensor
 
     def is_clean(self) -> bool:
         """True when the split-K buffers are all zero (a test's check that nothing leaked)."""
@@ -515,7 +513,6 @@ def _workspace_for(device: torch.device) -> Workspace:
             accumulator=torch.zeros((MAX_ROWS, WORKSPACE_COLS), dtype=torch.float32, device=device),
             fixed=torch.zeros((MAX_ROWS, WORKSPACE_COLS), dtype=torch.int64, device=device),
             lists=torch.zeros((LIST_ROWS, WORKSPACE_COLS), dtype=torch.int32, device=device),
-            staged_x=torch.zeros((MAX_ROWS, WORKSPACE_COLS), dtype=torch.float32, device=device),
         )
         _workspaces[device] = ws
     return ws
@@ -673,14 +670,11 @@ def union_max_chunk(rows: int) -> int:
 UNION_LIST_AHEAD = False
 
 
-# The FMA union loop (2 / 4 rows) with each row's selected x written next to the union list when
-# the list is built (one [rows, chunk] store per program), so a list step loads every row's x as one
-# contiguous vector instead of gathering it by channel index and re-evaluating the row's selection
-# (scale gather, compares) -- the suspected cause of that loop reading a dense union 20-60% below
-# cuBLAS (session 20). Measured in session 21 (benchmarks/gpu/union_rows.py --staged-x,
-# union_rows_fma_staged_h200.md): 0.94-1.73x the gathered loop's time, so off; the cause was the
-# registers of the row accumulators (fma_step_sum).
-UNION_FMA_STAGED_X = False
+# (The FMA union loop (2 / 4 rows) with each row's selected x staged next to the union list, so that a
+# list step loaded it as one contiguous vector instead of gathering it by channel index: measured in
+# session 21 (union_rows_fma_staged_h200.md) at 0.94-1.73x the gathered loop's time -- the cause was
+# the registers of the row accumulators (fma_step_sum) -- and removed in session 25 with its 4 MiB
+# workspace; the code is at b21387c.)
 
 
 def fma_ahead_steps(cfg: GemvConfig) -> int:
@@ -871,14 +865,14 @@ def sparse_gemv(
         # one program per (output tile, K chunk, group of `rows` rows): a weight row is read
         # once if any row of the group selected its channel, through a list of those channels
         sparse_gemv_union_compact_kernel[(tiles, split_k, row_groups)](
-            x, w_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists, ws.staged_x,
+            x, w_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists,
             ws.accumulator, ws.counters, ws.fixed, out,
             m, n, k, WORKSPACE_COLS, WORKSPACE_COLS,
             x.stride(0), x.stride(1), w_t.stride(0), out.stride(0), out.stride(1),
             ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
             HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
             SPLIT=split_k > 1, FIXED=fixed, DOT_F32=interpreting(), GDC=pdl, EVICT=evict,
-            LIST_AHEAD=UNION_LIST_AHEAD, STAGED_X=UNION_FMA_STAGED_X and rows in UNION_FMA_ROWS,
+            LIST_AHEAD=UNION_LIST_AHEAD,
             AHEAD_STEPS=fma_ahead_steps(cfg), STEP_SUM=fma_step_sum(cfg), num_warps=cfg.num_warps,
             num_stages=triton_num_stages(cfg), **launch_pdl,
         )

@@ -52,19 +52,17 @@ def compact_constexprs(**over) -> dict:
 
 # the union compact kernel (session 16): the tiles its committed configs use (block_n, block_k, warps,
 # stages), each with the list entries in the step and one step ahead (launchers.UNION_LIST_AHEAD)
-UNION_POINTERS = {**COMPACT_POINTERS, "p_scale": "*fp32", "p_jcut": "*i32", "p_xs": "*fp32"}
+UNION_POINTERS = {**COMPACT_POINTERS, "p_scale": "*fp32", "p_jcut": "*i32"}
 UNION_BUILDS = [dict(num_warps=w, num_stages=st, BLOCK_N=bn, BLOCK_K=bk, LIST_AHEAD=ahead)
                 for bn, bk, w, st in [(128, 32, 4, 1), (128, 32, 4, 3), (256, 16, 4, 2), (256, 64, 8, 2)]
                 for ahead in (False, True)]
-# its FMA loop (2 / 4 rows, session 20; x gathered or staged; gathers one or two list steps ahead,
+# its FMA loop (2 / 4 rows, session 20; gathers one or two list steps ahead,
 # session 21) at the first tile of each row count in benchmarks/gpu/union_rows.py's FMA_TILES, then the
 # 16 KB tiles that sum each step over K in registers (launchers.fma_step_sum, session 21): no stack on
 # Triton 3.9 (127-168 registers; 8 rows of 128 x 8 at 4 warps had a 40-byte stack, so that tile is not
 # among them)
-UNION_FMA_BUILDS = [dict(num_warps=w, num_stages=1, ROWS=rows, BLOCK_N=bn, BLOCK_K=bk, CHUNK=512, STAGED_X=staged,
-                         AHEAD_STEPS=ahead)
-                    for rows, bn, bk, w in [(2, 512, 8, 4), (4, 256, 8, 4)] for staged in (False, True)
-                    for ahead in (1, 2)]
+UNION_FMA_BUILDS = [dict(num_warps=w, num_stages=1, ROWS=rows, BLOCK_N=bn, BLOCK_K=bk, CHUNK=512, AHEAD_STEPS=ahead)
+                    for rows, bn, bk, w in [(2, 512, 8, 4), (4, 256, 8, 4)] for ahead in (1, 2)]
 UNION_FMA_BUILDS += [dict(num_warps=4, num_stages=1, ROWS=2, BLOCK_N=bn, BLOCK_K=bk, CHUNK=512, STEP_SUM=True)
                      for bn, bk in [(1024, 8), (2048, 4)]]
 
@@ -72,8 +70,8 @@ UNION_FMA_BUILDS += [dict(num_warps=4, num_stages=1, ROWS=2, BLOCK_N=bn, BLOCK_K
 def union_constexprs(**over) -> dict:
     """The union compact kernel's constexpr arguments as the launcher passes them on a GPU."""
     values = dict(ROWS=16, BLOCK_N=128, BLOCK_K=32, CHUNK=512, HAS_SCALE=False, PER_ROW=False, HAS_BIAS=False,
-                  SPLIT=True, FIXED=True, DOT_F32=False, GDC=False, EVICT="", LIST_AHEAD=False, STAGED_X=False,
-                  AHEAD_STEPS=1, STEP_SUM=False)
+                  SPLIT=True, FIXED=True, DOT_F32=False, GDC=False, EVICT="", LIST_AHEAD=False, AHEAD_STEPS=1,
+                  STEP_SUM=False)
     values.update(over)
     return values
 

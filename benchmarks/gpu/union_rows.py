@@ -147,7 +147,7 @@ def band_of(n: int, k: int, sparsity: float) -> str:
 
 
 def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log,
-                  list_ahead_ab: bool = False, kinds=KINDS[:2], staged_x_ab: bool = False) -> list[dict]:
+                  list_ahead_ab: bool = False, kinds=KINDS[:2]) -> list[dict]:
     dev = torch.device(bk.DEVICE)
     copies = 1 if bk.DRY_RUN else max(3, math.ceil(bk.L2_ROTATION_BYTES / (n * k * 2)))
     layers = [bk.Layer(n, k, gen) for _ in range(copies)]
@@ -201,16 +201,6 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log
                     other_ahead_us = timed(best[band], s)[0] * 1e3
                 finally:
                     launchers.UNION_LIST_AHEAD = not launchers.UNION_LIST_AHEAD
-            staged_us = None
-            if kind_of(best[band]) == "fma" and staged_x_ab:
-                # the same FMA config with each row's selected x staged next to the list
-                launchers.UNION_FMA_STAGED_X = True
-                try:
-                    staged_ms, staged_out = timed(best[band], s)
-                    staged_us = staged_ms * 1e3
-                    staged_err = err_vs_per_row(staged_out)
-                finally:
-                    launchers.UNION_FMA_STAGED_X = False
             density = sum(u for _, _, _, u in inputs[s]) / len(inputs[s])
             row = {"shape": name, "n": n, "k": k, "tokens": tokens, "sparsity": s, "band": band,
                    "dense_us": dense_ms * 1e3, "per_row_us": per_row_ms * 1e3, "union_us": union_ms * 1e3,
@@ -221,14 +211,10 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log
                    "committed_us": committed_ms * 1e3, "committed_config": dataclasses.asdict(committed)}
             if other_ahead_us is not None:
                 row["union_other_list_ahead_us"] = other_ahead_us
-            if staged_us is not None:
-                row["union_staged_x_us"] = staged_us
-                row["union_staged_x_max_rel_err_vs_per_row"] = staged_err
             rows.append(row)
             log(f"{name:18s} M={tokens:2d} s={s} dense {dense_ms * 1e3:6.1f} us  per-row {per_row_ms * 1e3:6.1f} "
                 f"({row['per_row_ratio']:.2f}x)  union {union_ms * 1e3:6.1f} ({row['union_ratio']:.2f}x, density "
-                f"{density:.2f}, err {err:.1e})  {label(best[band])}"
-                + (f"  staged x {staged_us:6.1f}" if staged_us is not None else ""))
+                f"{density:.2f}, err {err:.1e})  {label(best[band])}")
     for layer in layers:
         layer.free()
     del layers
@@ -396,8 +382,6 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", default=[], help="names from SHAPES (default: all)")
     ap.add_argument("--kernels", nargs="+", choices=KINDS, default=list(KINDS[:2]),
                     help="union candidate families (default: walk compact, the 16-row programs)")
-    ap.add_argument("--staged-x", action="store_true",
-                    help="time each chosen FMA union with launchers.UNION_FMA_STAGED_X on too (same process)")
     ap.add_argument("--list-ahead", action="store_true",
                     help="rank with launchers.UNION_LIST_AHEAD on, and time each chosen compact union with it off too")
     ap.add_argument("--adopt-from", metavar="JSON",
@@ -434,8 +418,7 @@ def main() -> None:
     meta["union_list_ahead"] = args.list_ahead
     meta["union_kernels"] = args.kernels
     for name, n, k in shapes:
-        rows += measure_shape(name, n, k, gen, sms, log, list_ahead_ab=args.list_ahead, kinds=args.kernels,
-                              staged_x_ab=args.staged_x)
+        rows += measure_shape(name, n, k, gen, sms, log, list_ahead_ab=args.list_ahead, kinds=args.kernels)
         # what is measured so far survives a time limit
         Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
     if args.adopt:
