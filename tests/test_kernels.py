@@ -415,21 +415,26 @@ def test_lowrank_chunks_follow_the_dropped_share(sparsity, gen):
     assert launchers._workspace_for(x.device).is_clean()
 
 
+def _offline_builds(*flags: str) -> list[dict]:
+    """benchmarks/gpu/offline_build.py --json [flags] outside the interpreter: its sm_90 builds."""
+    import subprocess
+    import sys
+
+    script = BENCHMARKS / "gpu" / "offline_build.py"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script), *flags, "--json"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_union_compact_kernel_builds_for_sm90_offline():
     """The union compact kernel (tl.dot on gathered rows, Triton's pipeliner) compiles for sm_90 on
     this CPU machine at its committed tiles, with the list entries in the step and one step ahead,
     into code without function calls (the interpreter never compiles it); its FMA loop of 2 / 4
     rows, gathers one or two list steps ahead, and its 16 KB tiles with per-step sums, also without a
     stack (a spilling tile would not stream its rows)."""
-    import subprocess
-    import sys
-
-    script = BENCHMARKS / "gpu" / "offline_build.py"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(script), "--union", "--json"], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    builds = json.loads(done.stdout.strip().splitlines()[-1])
+    builds = _offline_builds("--union")
     assert len(builds) == 14 and {b["LIST_AHEAD"] for b in builds[:8]} == {False, True}
     assert [(b["ROWS"], b["AHEAD_STEPS"]) for b in builds[8:12]] == [(rows, ahead) for rows in (2, 4) for ahead in (1, 2)]
     assert [(b["BLOCK_N"], b["STEP_SUM"]) for b in builds[12:]] == [(1024, True), (2048, True)]
@@ -446,17 +451,9 @@ def test_compact_kernel_builds_for_sm90_offline():
     Llama-3 down keeps a small stack (it spills on the GPU too, at no measurable cost:
     docs/kernels.md, session 15), so only compiling and calls are checked there; on the GPU
     machine's Triton 3.6 registers differ (benchmarks/results/offline_build_triton36_h200.txt)."""
-    import subprocess
-    import sys
-
     from packaging.version import Version  # pytest's own dependency
 
-    script = BENCHMARKS / "gpu" / "offline_build.py"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    builds = json.loads(done.stdout.strip().splitlines()[-1])
+    builds = _offline_builds()
     assert len(builds) == 7 and builds[-1].get("HAS_LOWRANK")
     for build in builds:
         assert build["kernel"] == "sparse_gemv_compact_kernel" and build["calls"] == 0, build

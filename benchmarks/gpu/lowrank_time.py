@@ -60,7 +60,7 @@ _EPILOGUE_KNOBS = ("LOWRANK_UP_PDL",)
 # the report's columns, in order: the committed files of sessions 12-14 also timed u^T rows in the
 # w_t programs after a z launch, overlapped with it by PDL (fused) or not (fused_serial), and in one
 # launch whose v_t items any program may claim (claim); removed in session 25
-REPORTED_EPILOGUES = ("launch", "launch_pdl", "fused", "fused_serial", "claim")
+REPORTED_EPILOGUES = (*EPILOGUE_VARIANTS, "fused", "fused_serial", "claim")
 
 
 def default_epilogue_variant() -> str:

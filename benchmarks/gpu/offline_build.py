@@ -39,14 +39,20 @@ BUILDS = [dict(num_warps=w, BLOCK_N=bn, BLOCK_K=bk, CHUNK=chunk, FIXED=fixed)
 BUILDS += [dict(num_warps=4, BLOCK_N=512, BLOCK_K=16, CHUNK=256, FIXED=True, HAS_LOWRANK=True, HAS_SCALE=True)]
 
 
-def compact_constexprs(**over) -> dict:
+def compact_constexprs(num_warps: int, **over) -> dict:
     """The compact kernel's constexpr arguments as the launcher passes them on a GPU (one token, the
-    weights' evict-first hint of the committed configs, v_t programs of launchers.lowrank_tile's
-    wide_chunks layout at rank 256)."""
-    values = dict(BLOCK_N=512, BLOCK_K=16, CHUNK=256, BLOCK_R=256, BLOCK_KV=32, CHUNK_V=1024, SPLIT_V=True,
-                  HAS_SCALE=False, PER_ROW=False, HAS_BIAS=False, HAS_LOWRANK=False, SPLIT=True, FIXED=True,
-                  AHEAD=True, GDC_WAIT=False, GDC_TRIGGER=False, EVICT="evict_first")
+    weights' evict-first hint of the committed configs); the v_t programs' shape is the one
+    launchers.lowrank_tile gives the tile at rank 256 (K = 4096: several v_t programs along K)."""
+    from vllm_rsparse import launchers
+
+    values = dict(BLOCK_N=512, BLOCK_K=16, CHUNK=256, HAS_SCALE=False, PER_ROW=False, HAS_BIAS=False,
+                  HAS_LOWRANK=False, SPLIT=True, FIXED=True, AHEAD=True, GDC_WAIT=False, GDC_TRIGGER=False,
+                  EVICT="evict_first")
     values.update(over)
+    cfg = launchers.GemvConfig(rows=1, block_n=values["BLOCK_N"], block_k=values["BLOCK_K"], split_k=1,
+                               num_warps=num_warps, num_stages=1, kernel="compact")
+    tile = launchers.lowrank_tile(cfg, 256, values["CHUNK"])
+    values.update(BLOCK_R=tile.block_r, BLOCK_KV=tile.block_kv, CHUNK_V=tile.chunk, SPLIT_V=tile.chunk < 4096)
     return values
 
 
@@ -96,7 +102,7 @@ def build_sm90(num_warps: int, num_stages: int = 1, union: bool = False, **over)
     kernel = sparse_gemv.sparse_gemv_union_compact_kernel if union else sparse_gemv.sparse_gemv_compact_kernel
     if not isinstance(kernel, triton.runtime.JITFunction):
         raise SystemExit("offline_build.py: TRITON_INTERPRET is set; the interpreter's kernels cannot be compiled")
-    constexprs = union_constexprs(**over) if union else compact_constexprs(**over)
+    constexprs = union_constexprs(**over) if union else compact_constexprs(num_warps, **over)
     constexprs.update(UNIT_STRIDES)
     pointers = UNION_POINTERS if union else COMPACT_POINTERS
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")

@@ -185,14 +185,11 @@ def measure_shape(name: str, n: int, k: int, gen: torch.Generator, sms: int, log
             per_row = bk.config_with_union_rows("off", n, k, tokens, s)
             per_row_ms, per_row_out = timed(per_row, s)
 
-            def err_vs_per_row(out):
-                return float((out - per_row_out).abs().max() / per_row_out.abs().max().clamp_min(1e-6))
-
             # what the launcher runs now (a union config an earlier run adopted, else per-row)
             committed = launchers.pick_config(n, k, tokens, 0, dev, s)
             committed_ms = per_row_ms if committed == per_row else timed(committed, s)[0]
             union_ms, union_out = timed(best[band], s)
-            err = err_vs_per_row(union_out)
+            err = float((union_out - per_row_out).abs().max() / per_row_out.abs().max().clamp_min(1e-6))
             other_ahead_us = None
             if kind_of(best[band]) == "compact" and list_ahead_ab:
                 # the same config with the union compact loop's list entries the other way
