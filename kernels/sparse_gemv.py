@@ -528,33 +528,26 @@ def sparse_gemv_compact_kernel(
     k_hi = tl.minimum(k_lo + CHUNK, K)
     o_m = i_m + tl.arange(0, 1)
     m_m = o_m < M
-    if HAS_LOWRANK:
-        if i_n >= n_tiles_w:
-            # z = V ((1 - m) x): the list of the dropped channels, in its own scratch row, over
-            # K chunks of CHUNK_V >= CHUNK (n_split_v programs add into z; the programs of
-            # this column past them have nothing to do)
-            if i_k < n_split_v:
-                i_col = i_n - n_tiles_w
-                k_lo_v = i_k * CHUNK_V
-                k_hi_v = tl.minimum(k_lo_v + CHUNK_V, K)
-                acc = _compact_tile(p_x, p_v, p_scale, p_list + (M + i_m) * list_cols, i_m, thr, jcut, k_lo_v,
-                                    k_hi_v, i_col, R, s_xm, s_xk, s_vk, BLOCK_R, BLOCK_KV, CHUNK_V, HAS_SCALE,
-                                    PER_ROW, True, AHEAD, EVICT)
-                o_r = i_col * BLOCK_R + tl.arange(0, BLOCK_R)
-                m_out = m_m[:, None] & (o_r < R)[None, :]
-                _finish(acc, 1, i_n, i_m, N, o_m, o_r, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
-                        N, R, ws_cols, s_om, s_on, n_split_v, 1, BLOCK_R, HAS_BIAS, HAS_LOWRANK, SPLIT_V, FIXED)
-        else:
-            _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
-                               i_n, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, N, R, ws_cols, list_cols,
-                               s_xm, s_xk, s_wk, s_om, s_on, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, HAS_BIAS,
-                               HAS_LOWRANK, SPLIT, FIXED, AHEAD, EVICT)
+    if HAS_LOWRANK and i_n >= n_tiles_w:
+        # z = V ((1 - m) x): the list of the dropped channels, in its own scratch row, over
+        # K chunks of CHUNK_V >= CHUNK (n_split_v programs add into z; the programs of
+        # this column past them have nothing to do)
+        if i_k < n_split_v:
+            i_col = i_n - n_tiles_w
+            k_lo_v = i_k * CHUNK_V
+            k_hi_v = tl.minimum(k_lo_v + CHUNK_V, K)
+            acc = _compact_tile(p_x, p_v, p_scale, p_list + (M + i_m) * list_cols, i_m, thr, jcut, k_lo_v,
+                                k_hi_v, i_col, R, s_xm, s_xk, s_vk, BLOCK_R, BLOCK_KV, CHUNK_V, HAS_SCALE,
+                                PER_ROW, True, AHEAD, EVICT)
+            o_r = i_col * BLOCK_R + tl.arange(0, BLOCK_R)
+            m_out = m_m[:, None] & (o_r < R)[None, :]
+            _finish(acc, 1, i_n, i_m, N, o_m, o_r, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
+                    N, R, ws_cols, s_om, s_on, n_split_v, 1, BLOCK_R, HAS_BIAS, HAS_LOWRANK, SPLIT_V, FIXED)
     else:
         _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
                            i_n, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, N, R, ws_cols, list_cols,
                            s_xm, s_xk, s_wk, s_om, s_on, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, HAS_BIAS,
                            HAS_LOWRANK, SPLIT, FIXED, AHEAD, EVICT)
-
 
 @triton.jit
 def _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,

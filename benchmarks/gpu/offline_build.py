@@ -12,11 +12,17 @@ the GPU machine's (3.6): registers differ between them (benchmarks/results/offli
     python benchmarks/gpu/offline_build.py --json   # the same as JSON
     python benchmarks/gpu/offline_build.py --union  # the union compact kernel (sessions 16, 20) instead
 Run it without TRITON_INTERPRET (the interpreter's kernels cannot be compiled).
+
+Each build also reports a digest of its SASS without addresses and line info ("sass_sha1"): two
+checkouts whose builds have the same digests run the same machine code, which is how a kernel refactor
+is shown to change nothing on the GPU without one (session 26). Run it under the GPU machine's Triton
+for that: PYTHONPATH=<a pip --target dir holding triton==3.6.0> python benchmarks/gpu/offline_build.py
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -117,10 +123,20 @@ def build_sm90(num_warps: int, num_stages: int = 1, union: bool = False, **over)
         f.write(compiled.asm["cubin"])
         f.flush()
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
+    instructions = sass_instructions(sass)
     return {"kernel": kernel.fn.__name__, "num_warps": num_warps, "num_stages": num_stages, **over,
             "registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
-            "local_bytes": int(fields["LOCAL"]), "calls": ptx.count("call.uni"), "triton": triton.__version__}
+            "local_bytes": int(fields["LOCAL"]), "calls": ptx.count("call.uni"), "sass_instructions": len(instructions),
+            "sass_sha1": hashlib.sha1("\n".join(instructions).encode()).hexdigest()[:16], "triton": triton.__version__}
+
+
+def sass_instructions(sass: str) -> list[str]:
+    """cuobjdump -sass's instruction lines without their /*addr*/ prefix and /* encoding */ lines, so
+    that the same machine code at other source lines (line info) gives the same list."""
+    return [line.split("*/", 1)[1].strip() for line in sass.splitlines()
+            if line.lstrip().startswith("/*") and ";" in line]
 
 
 def main() -> None:
