@@ -326,3 +326,31 @@ def test_committed_union_density_report_matches_its_json(name):
     """benchmarks/results/union_density_*.md is what union_density.py --report makes of its JSON."""
     module = load_benchmark("union_density.py")
     assert module.markdown(json.loads((RESULTS / f"{name}.json").read_text())) == (RESULTS / f"{name}.md").read_text()
+
+
+def test_committed_sass_comparison_matches_its_json():
+    """benchmarks/results/offline_build_sass_*.md is what offline_build.compare_markdown makes of its
+    JSON, and every build it holds kept its machine code (the refactor it checks changed nothing)."""
+    module = load_benchmark("gpu/offline_build.py")
+    for path in sorted(RESULTS.glob("offline_build_sass_*.json")):
+        record = json.loads(path.read_text())
+        assert module.compare_markdown(record) == path.with_suffix(".md").read_text()
+        for run in record["runs"]:
+            assert [b["sass_sha1"] for b in run["before"]] == [b["sass_sha1"] for b in run["after"]]
+
+
+def test_sass_compare_exit_status(tmp_path):
+    """offline_build.py --compare exits 1 and marks the build when one build's machine code differs."""
+    import subprocess
+
+    build = dict(kernel="k", num_warps=4, BLOCK_N=512, registers=128, stack_bytes=0, local_bytes=0, calls=0,
+                 sass_instructions=10, sass_sha1="aaaa", triton="3.6.0")
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    before.write_text(json.dumps([build, {**build, "BLOCK_N": 1024}]))
+    script = [sys.executable, str(REPO / "benchmarks" / "gpu" / "offline_build.py"), "--compare", str(before), str(after)]
+    after.write_text(json.dumps([build, {**build, "BLOCK_N": 1024}]))
+    same = subprocess.run(script, capture_output=True, text=True)
+    assert same.returncode == 0 and "**no**" not in same.stdout
+    after.write_text(json.dumps([build, {**build, "BLOCK_N": 1024, "sass_sha1": "bbbb", "registers": 130}]))
+    changed = subprocess.run(script, capture_output=True, text=True)
+    assert changed.returncode == 1 and changed.stdout.count("**no**") == 1 and "128 -> 130" in changed.stdout

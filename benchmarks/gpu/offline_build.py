@@ -17,6 +17,9 @@ Each build also reports a digest of its SASS without addresses and line info ("s
 checkouts whose builds have the same digests run the same machine code, which is how a kernel refactor
 is shown to change nothing on the GPU without one (session 26). Run it under the GPU machine's Triton
 for that: PYTHONPATH=<a pip --target dir holding triton==3.6.0> python benchmarks/gpu/offline_build.py
+
+    python benchmarks/gpu/offline_build.py --json > before.json    # at one commit, then at the other
+    python benchmarks/gpu/offline_build.py --compare before.json after.json   # table; exit 1 if any differ
 """
 
 from __future__ import annotations
@@ -139,11 +142,51 @@ def sass_instructions(sass: str) -> list[str]:
             if line.lstrip().startswith("/*") and ";" in line]
 
 
+# what names a build in a comparison: its tile and switches, not what the compiler made of it
+BUILD_RESULTS = {"kernel", "registers", "stack_bytes", "local_bytes", "calls", "sass_instructions", "sass_sha1",
+                 "triton"}
+
+
+def build_name(build: dict) -> str:
+    return " ".join(f"{key}={value}" for key, value in build.items() if key not in BUILD_RESULTS)
+
+
+def compare_markdown(record: dict) -> str:
+    """The table of a refactor check: record["runs"] holds, per Triton version, the --json builds of
+    the commit before ("before") and after ("after") the change; every build's SASS digest and
+    registers side by side (benchmarks/results/offline_build_sass_*.json)."""
+    lines = [f"# {record['title']}", "", record["what"], "",
+             f"Commits {record['commit_before']} -> {record['commit_after']}; {record['machine']}; "
+             f"command: `{record['command']}`.", "",
+             "| triton | build | registers | SASS instructions | digest before | digest after | same code |",
+             "|---|---|---|---|---|---|---|"]
+    for run in record["runs"]:
+        after = {build_name(b): b for b in run["after"]}
+        for b in run["before"]:
+            a = after.get(build_name(b), {})
+            same = a.get("sass_sha1") == b["sass_sha1"]
+            registers = f"{b['registers']}" if a.get("registers") == b["registers"] else f"{b['registers']} -> {a.get('registers')}"
+            lines.append(f"| {b['triton']} | {build_name(b)} | {registers} | {b['sass_instructions']} | "
+                         f"{b['sass_sha1']} | {a.get('sass_sha1', 'not built')} | {'yes' if same else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--union", action="store_true", help="the union compact kernel's builds instead")
+    ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+                    help="two --json outputs (two commits, one Triton): a table of their builds' SASS digests, "
+                         "exit status 1 if any build's machine code differs")
     args = ap.parse_args()
+    if args.compare:
+        before, after = (json.load(open(path)) for path in args.compare)
+        record = dict(title="sm_90 builds compared", what=f"{args.compare[0]} against {args.compare[1]}.",
+                      commit_before="(before)", commit_after="(after)", machine="this machine",
+                      command="offline_build.py --compare", runs=[dict(before=before, after=after)])
+        print(compare_markdown(record), end="")
+        names = {build_name(b): b["sass_sha1"] for b in after}
+        raise SystemExit(0 if all(names.get(build_name(b)) == b["sass_sha1"] for b in before) else 1)
     if args.union:
         builds = [build_sm90(union=True, **b) for b in UNION_BUILDS + UNION_FMA_BUILDS]
     else:
