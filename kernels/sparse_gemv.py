@@ -549,6 +549,7 @@ def sparse_gemv_compact_kernel(
                            s_xm, s_xk, s_wk, s_om, s_on, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, HAS_BIAS,
                            HAS_LOWRANK, SPLIT, FIXED, AHEAD, EVICT)
 
+
 @triton.jit
 def _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
                        i_n, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, N, R, ws_cols, list_cols,

@@ -347,7 +347,8 @@ def test_sass_compare_exit_status(tmp_path):
                  sass_instructions=10, sass_sha1="aaaa", triton="3.6.0")
     before, after = tmp_path / "before.json", tmp_path / "after.json"
     before.write_text(json.dumps([build, {**build, "BLOCK_N": 1024}]))
-    script = [sys.executable, str(REPO / "benchmarks" / "gpu" / "offline_build.py"), "--compare", str(before), str(after)]
+    script = [sys.executable, str(REPO / "benchmarks" / "gpu" / "offline_build.py"), "--compare", str(before),
+              str(after)]
     after.write_text(json.dumps([build, {**build, "BLOCK_N": 1024}]))
     same = subprocess.run(script, capture_output=True, text=True)
     assert same.returncode == 0 and "**no**" not in same.stdout

@@ -165,7 +165,9 @@ def compare_markdown(record: dict) -> str:
         for b in run["before"]:
             a = after.get(build_name(b), {})
             same = a.get("sass_sha1") == b["sass_sha1"]
-            registers = f"{b['registers']}" if a.get("registers") == b["registers"] else f"{b['registers']} -> {a.get('registers')}"
+            registers = f"{b['registers']}"
+            if a.get("registers") != b["registers"]:
+                registers += f" -> {a.get('registers')}"
             lines.append(f"| {b['triton']} | {build_name(b)} | {registers} | {b['sass_instructions']} | "
                          f"{b['sass_sha1']} | {a.get('sass_sha1', 'not built')} | {'yes' if same else '**no**'} |")
     return "\n".join(lines) + "\n"
