@@ -12,6 +12,7 @@ selects it). Registers differ between the two; the 3.6 builds' are the GPU's (do
     python benchmarks/gpu/offline_build.py          # one line per build
     python benchmarks/gpu/offline_build.py --json   # the same as JSON
     python benchmarks/gpu/offline_build.py --union  # the union compact kernel (sessions 16, 20) instead
+    python benchmarks/gpu/offline_build.py --others # the walk, PDL, low-rank epilogue and top-k builds instead
 Run it without TRITON_INTERPRET (the interpreter's kernels cannot be compiled).
 
 Each build also reports a digest of its SASS without addresses and line info ("sass_sha1"): two
@@ -92,29 +93,76 @@ def union_constexprs(**over) -> dict:
     return values
 
 
+# The kernels the builds above leave out (--others), as the launchers pass them: the walk kernel (one
+# row; 16 rows with tl.dot, per-row top-k thresholds, channel scores and R-Sparse's v_t column), the
+# compact kernel under programmatic dependent launch (griddepcontrol), R-Sparse's epilogue launch
+# (one row; 16 rows with tl.dot; with PDL) and the exact top-k selects (radix; the histogram kernel at
+# the largest K it takes).
+OTHER_BUILDS = [
+    dict(kernel="sparse_gemv_kernel", num_warps=4, num_stages=1, ROWS=1, BLOCK_N=128, BLOCK_K=64),
+    dict(kernel="sparse_gemv_kernel", num_warps=4, num_stages=2, ROWS=16, BLOCK_N=128, BLOCK_K=32, HAS_SCALE=True,
+         PER_ROW=True, HAS_LOWRANK=True),
+    dict(kernel="sparse_gemv_compact_kernel", num_warps=4, num_stages=1, GDC_WAIT=True, GDC_TRIGGER=True),
+    dict(kernel="lowrank_up_kernel", num_warps=4, num_stages=1, ROWS=1, GDC=True),
+    dict(kernel="lowrank_up_kernel", num_warps=4, num_stages=1, ROWS=16),
+    dict(kernel="topk_threshold_kernel", num_warps=8, num_stages=1, BLOCK_K=2048, HAS_SCALE=True),
+    dict(kernel="topk_threshold_hist_kernel", num_warps=8, num_stages=1, BLOCK_K=16384, HAS_SCALE=True),
+]
+# each kernel's module, pointer element types and constexpr defaults (launchers.sparse_gemv,
+# launch_lowrank_up, topk_thresholds); the compact kernel's are compact_constexprs'
+OTHER_KERNELS = {
+    "sparse_gemv_kernel": ("sparse_gemv", UNION_POINTERS,
+                           dict(ROWS=1, BLOCK_N=128, BLOCK_K=64, HAS_SCALE=False, PER_ROW=False, HAS_BIAS=False,
+                                HAS_LOWRANK=False, SPLIT=True, FIXED=True, DOT_F32=False, AHEAD=True, GDC=False,
+                                EVICT="")),
+    "sparse_gemv_compact_kernel": ("sparse_gemv", COMPACT_POINTERS, None),
+    "lowrank_up_kernel": ("sparse_gemv", {"p_y32": "*fp32", "p_z": "*fp32", "p_u": "*bf16", "p_out": "*bf16"},
+                          dict(ROWS=1, BLOCK_N=64, BLOCK_R=32, DOT_F32=False, GDC=False)),
+    "topk_threshold_kernel": ("topk_select", {"p_x": "*bf16", "p_scale": "*fp32", "p_thr": "*fp32", "p_jcut": "*i32"},
+                              dict(HAS_SCALE=False, BLOCK_K=2048)),
+    "topk_threshold_hist_kernel": ("topk_select", {"p_x": "*bf16", "p_scale": "*fp32", "p_thr": "*fp32",
+                                                   "p_jcut": "*i32"}, dict(HAS_SCALE=False, BLOCK_K=16384)),
+}
+
+
 # What the JIT specializes on the GPU and a bare signature does not say: every pointer (torch
 # allocations) and these integer arguments (model sizes and row strides) are multiples of 16, and the
 # unit strides of x and the output are 1. Without these hints the weight loads are not vectorized
 # and the register counts are not the GPU's (session 21: the 2-row FMA tile built in 184 registers
 # here, 138 on the GPU).
-DIVISIBLE_BY_16 = {"N", "K", "R", "ws_cols", "list_cols", "s_xm", "s_wk", "s_vk", "s_om"}
+DIVISIBLE_BY_16 = {"N", "K", "R", "ws_cols", "list_cols", "k_per_split", "s_xm", "s_wk", "s_vk", "s_om", "s_un"}
 UNIT_STRIDES = {"s_xk": 1, "s_on": 1}
 
 
-def build_sm90(num_warps: int, num_stages: int = 1, union: bool = False, **over) -> dict:
-    """Compile the compact kernel (or the union compact kernel) for sm_90 and describe the result."""
+def build_sm90(num_warps: int, num_stages: int = 1, union: bool = False, kernel: str = "", **over) -> dict:
+    """Compile the compact kernel (the union compact kernel; `kernel`: one of OTHER_KERNELS) for sm_90 and
+    describe the result."""
+    import importlib
+
+    if kernel and kernel != "sparse_gemv_compact_kernel":
+        module, pointers, defaults = OTHER_KERNELS[kernel]
+        constexprs = {**defaults, **over}
+    elif union:
+        module, kernel, pointers, constexprs = "sparse_gemv", "sparse_gemv_union_compact_kernel", UNION_POINTERS, \
+            union_constexprs(**over)
+    else:
+        module, kernel, pointers, constexprs = "sparse_gemv", "sparse_gemv_compact_kernel", COMPACT_POINTERS, \
+            compact_constexprs(num_warps, **over)
+    fn = getattr(importlib.import_module(f"vllm_rsparse.kernels.{module}"), kernel)
+    return {"kernel": kernel, "num_warps": num_warps, "num_stages": num_stages, **over,
+            **compile_sm90(fn, pointers, constexprs, num_warps, num_stages)}
+
+
+def compile_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    """One @triton.jit kernel compiled for sm_90 with the JIT's hints (DIVISIBLE_BY_16, UNIT_STRIDES where
+    the kernel has them): registers, stack, local memory, calls and the SASS digest."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from vllm_rsparse.kernels import sparse_gemv
-
-    kernel = sparse_gemv.sparse_gemv_union_compact_kernel if union else sparse_gemv.sparse_gemv_compact_kernel
     if not isinstance(kernel, triton.runtime.JITFunction):
         raise SystemExit("offline_build.py: TRITON_INTERPRET is set; the interpreter's kernels cannot be compiled")
-    constexprs = union_constexprs(**over) if union else compact_constexprs(num_warps, **over)
-    constexprs.update(UNIT_STRIDES)
-    pointers = UNION_POINTERS if union else COMPACT_POINTERS
+    constexprs = {**constexprs, **{name: v for name, v in UNIT_STRIDES.items() if name in kernel.arg_names}}
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
                  for name in kernel.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
@@ -130,8 +178,7 @@ def build_sm90(num_warps: int, num_stages: int = 1, union: bool = False, **over)
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
     instructions = sass_instructions(sass)
-    return {"kernel": kernel.fn.__name__, "num_warps": num_warps, "num_stages": num_stages, **over,
-            "registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
+    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
             "local_bytes": int(fields["LOCAL"]), "calls": ptx.count("call.uni"), "sass_instructions": len(instructions),
             "sass_sha1": hashlib.sha1("\n".join(instructions).encode()).hexdigest()[:16], "triton": triton.__version__}
 
@@ -178,6 +225,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--union", action="store_true", help="the union compact kernel's builds instead")
+    ap.add_argument("--others", action="store_true",
+                    help="the other kernels' builds instead (OTHER_BUILDS: walk, PDL, low-rank epilogue, top-k)")
     ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
                     help="two --json outputs (two commits, one Triton): a table of their builds' SASS digests, "
                          "exit status 1 if any build's machine code differs")
@@ -190,7 +239,9 @@ def main() -> None:
         print(compare_markdown(record), end="")
         names = {build_name(b): b["sass_sha1"] for b in after}
         raise SystemExit(0 if all(names.get(build_name(b)) == b["sass_sha1"] for b in before) else 1)
-    if args.union:
+    if args.others:
+        builds = [build_sm90(**b) for b in OTHER_BUILDS]
+    elif args.union:
         builds = [build_sm90(union=True, **b) for b in UNION_BUILDS + UNION_FMA_BUILDS]
     else:
         builds = [build_sm90(**b) for b in BUILDS]
