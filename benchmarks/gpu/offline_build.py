@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -109,13 +110,12 @@ OTHER_BUILDS = [
     dict(kernel="topk_threshold_hist_kernel", num_warps=8, num_stages=1, BLOCK_K=16384, HAS_SCALE=True),
 ]
 # each kernel's module, pointer element types and constexpr defaults (launchers.sparse_gemv,
-# launch_lowrank_up, topk_thresholds); the compact kernel's are compact_constexprs'
+# launch_lowrank_up, topk_thresholds); the compact kernel's build goes through compact_constexprs
 OTHER_KERNELS = {
     "sparse_gemv_kernel": ("sparse_gemv", UNION_POINTERS,
                            dict(ROWS=1, BLOCK_N=128, BLOCK_K=64, HAS_SCALE=False, PER_ROW=False, HAS_BIAS=False,
                                 HAS_LOWRANK=False, SPLIT=True, FIXED=True, DOT_F32=False, AHEAD=True, GDC=False,
                                 EVICT="")),
-    "sparse_gemv_compact_kernel": ("sparse_gemv", COMPACT_POINTERS, None),
     "lowrank_up_kernel": ("sparse_gemv", {"p_y32": "*fp32", "p_z": "*fp32", "p_u": "*bf16", "p_out": "*bf16"},
                           dict(ROWS=1, BLOCK_N=64, BLOCK_R=32, DOT_F32=False, GDC=False)),
     "topk_threshold_kernel": ("topk_select", {"p_x": "*bf16", "p_scale": "*fp32", "p_thr": "*fp32", "p_jcut": "*i32"},
@@ -137,8 +137,6 @@ UNIT_STRIDES = {"s_xk": 1, "s_on": 1}
 def build_sm90(num_warps: int, num_stages: int = 1, union: bool = False, kernel: str = "", **over) -> dict:
     """Compile the compact kernel (the union compact kernel; `kernel`: one of OTHER_KERNELS) for sm_90 and
     describe the result."""
-    import importlib
-
     if kernel and kernel != "sparse_gemv_compact_kernel":
         module, pointers, defaults = OTHER_KERNELS[kernel]
         constexprs = {**defaults, **over}
