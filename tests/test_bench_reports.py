@@ -334,6 +334,7 @@ def test_committed_sass_comparison_matches_its_json():
     module = load_benchmark("gpu/offline_build.py")
     for path in sorted(RESULTS.glob("offline_build_sass_*.json")):
         record = json.loads(path.read_text())
+        assert {"commit", "machine", "versions", "command"} <= record.keys(), path.name
         assert module.compare_markdown(record) == path.with_suffix(".md").read_text()
         for run in record["runs"]:
             assert [b["sass_sha1"] for b in run["before"]] == [b["sass_sha1"] for b in run["after"]]

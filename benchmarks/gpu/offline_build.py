@@ -201,9 +201,11 @@ def compare_markdown(record: dict) -> str:
     """The table of a refactor check: record["runs"] holds, per Triton version, the --json builds of
     the commit before ("before") and after ("after") the change; every build's SASS digest and
     registers side by side (benchmarks/results/offline_build_sass_*.json)."""
+    versions = ", ".join(f"{name} {value if isinstance(value, str) else ' / '.join(value)}"
+                         for name, value in record["versions"].items())
     lines = [f"# {record['title']}", "", record["what"], "",
-             f"Commits {record['commit_before']} -> {record['commit_after']}; {record['machine']}; "
-             f"command: `{record['command']}`.", "",
+             f"Run at {record['commit']}: builds of {record['commit_before']} -> {record['commit_after']}; "
+             f"{record['machine']}; {versions}; command: `{record['command']}`.", "",
              "| triton | build | registers | SASS instructions | digest before | digest after | same code |",
              "|---|---|---|---|---|---|---|"]
     for run in record["runs"]:
@@ -232,7 +234,8 @@ def main() -> None:
     if args.compare:
         before, after = (json.load(open(path)) for path in args.compare)
         record = dict(title="sm_90 builds compared", what=f"{args.compare[0]} against {args.compare[1]}.",
-                      commit_before="(before)", commit_after="(after)", machine="this machine",
+                      commit="this checkout", commit_before="(before)", commit_after="(after)", machine="this machine",
+                      versions={"triton": sorted({b["triton"] for b in before + after})},
                       command="offline_build.py --compare", runs=[dict(before=before, after=after)])
         print(compare_markdown(record), end="")
         names = {build_name(b): b["sass_sha1"] for b in after}
