@@ -172,10 +172,10 @@ def compile_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int, num_s
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
-    instructions = sass_instructions(sass)
+        # one dump: the resource usage line (REG:..) and the SASS listing
+        dump = subprocess.run([tool, "-res-usage", "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", dump))
+    instructions = sass_instructions(dump)
     return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
             "local_bytes": int(fields["LOCAL"]), "calls": ptx.count("call.uni"), "sass_instructions": len(instructions),
             "sass_sha1": hashlib.sha1("\n".join(instructions).encode()).hexdigest()[:16], "triton": triton.__version__}
