@@ -452,7 +452,7 @@ def _gather_rows(p_xrow, p_mat, b_idx, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K
 def _compact_tile(p_x, p_mat, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, i_col, n_cols, s_xm, s_xk, s_row,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
                   HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, INVERT: tl.constexpr, AHEAD: tl.constexpr,
-                  EVICT: tl.constexpr):
+                  EVICT: tl.constexpr, STAGES: tl.constexpr):
     # -> acc [1, BLOCK_N] f32 = sum over selected k in [k_lo, k_hi) of x[i_m, k] * mat[k, cols]
     n_sel = _compact_list(p_x, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, s_xm, s_xk,
                           CHUNK, HAS_SCALE, PER_ROW, INVERT)
@@ -463,24 +463,36 @@ def _compact_tile(p_x, p_mat, p_scale, p_list, i_m, thr, jcut, k_lo, k_hi, i_col
     # [BLOCK_K, BLOCK_N] register tile of FMAs, reduced once after the loop (no
     # cross-thread reduction in the loop body)
     acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    # hand pipeline: the next step's gathers are issued before the current FMAs.
-    # AHEAD: the list entries are loaded one step earlier still, so a step's gathers
-    # issue at once instead of waiting for their own list load (list -> rows was a
-    # dependent chain of two memory latencies per step)
-    b_idx = _load_list(p_list_chunk, 0, n_sel, BLOCK_K)
-    b_xv, b_w = _gather_rows(p_xrow, p_mat, b_idx, 0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K, EVICT)
-    if AHEAD:
-        b_idx = _load_list(p_list_chunk, BLOCK_K, n_sel, BLOCK_K)
-    for j0 in range(BLOCK_K, n_sel + BLOCK_K, BLOCK_K):
-        # the last trip loads nothing (every entry masked off) and only computes
-        if not AHEAD:
+    if STAGES > 1:
+        # Triton's pipeliner instead of the hand pipeline: the list entries, x values and
+        # weight rows of the next STAGES - 1 steps are copied to shared memory with cp.async
+        # (LDGSTS on sm_90) while a step's FMAs run, so the bytes in flight cost shared
+        # memory, not registers. (Triton does not pipeline the hand-pipelined loop below:
+        # its loads feed loop-carried values.)
+        for j0 in tl.range(0, n_sel, BLOCK_K, num_stages=STAGES):
             b_idx = _load_list(p_list_chunk, j0, n_sel, BLOCK_K)
-        b_xv_next, b_w_next = _gather_rows(p_xrow, p_mat, b_idx, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K, EVICT)
+            b_xv, b_w = _gather_rows(p_xrow, p_mat, b_idx, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K, EVICT)
+            acc2 += b_xv[:, None] * b_w.to(tl.float32)
+    else:
+        # hand pipeline: the next step's gathers are issued before the current FMAs.
+        # AHEAD: the list entries are loaded one step earlier still, so a step's gathers
+        # issue at once instead of waiting for their own list load (list -> rows was a
+        # dependent chain of two memory latencies per step)
+        b_idx = _load_list(p_list_chunk, 0, n_sel, BLOCK_K)
+        b_xv, b_w = _gather_rows(p_xrow, p_mat, b_idx, 0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K, EVICT)
         if AHEAD:
-            b_idx = _load_list(p_list_chunk, j0 + BLOCK_K, n_sel, BLOCK_K)
-        acc2 += b_xv[:, None] * b_w.to(tl.float32)
-        b_xv = b_xv_next
-        b_w = b_w_next
+            b_idx = _load_list(p_list_chunk, BLOCK_K, n_sel, BLOCK_K)
+        for j0 in range(BLOCK_K, n_sel + BLOCK_K, BLOCK_K):
+            # the last trip loads nothing (every entry masked off) and only computes
+            if not AHEAD:
+                b_idx = _load_list(p_list_chunk, j0, n_sel, BLOCK_K)
+            b_xv_next, b_w_next = _gather_rows(p_xrow, p_mat, b_idx, j0, n_sel, o_n, m_n, s_xk, s_row, BLOCK_K,
+                                               EVICT)
+            if AHEAD:
+                b_idx = _load_list(p_list_chunk, j0 + BLOCK_K, n_sel, BLOCK_K)
+            acc2 += b_xv[:, None] * b_w.to(tl.float32)
+            b_xv = b_xv_next
+            b_w = b_w_next
     return tl.sum(acc2, axis=0)[None, :]
 
 
@@ -495,6 +507,7 @@ def sparse_gemv_compact_kernel(
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr,
     AHEAD: tl.constexpr, GDC_WAIT: tl.constexpr, GDC_TRIGGER: tl.constexpr, EVICT: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     # x [M, K]  w_t [K, N]  v_t [K, R]  scale [K]  thr [1] or [M] f32  jcut [M] i32  bias [N]
     # list [2 * M, list_cols] i32 (scratch: selected | dropped channel lists per row)
@@ -538,7 +551,7 @@ def sparse_gemv_compact_kernel(
             k_hi_v = tl.minimum(k_lo_v + CHUNK_V, K)
             acc = _compact_tile(p_x, p_v, p_scale, p_list + (M + i_m) * list_cols, i_m, thr, jcut, k_lo_v,
                                 k_hi_v, i_col, R, s_xm, s_xk, s_vk, BLOCK_R, BLOCK_KV, CHUNK_V, HAS_SCALE,
-                                PER_ROW, True, AHEAD, EVICT)
+                                PER_ROW, True, AHEAD, EVICT, 1)
             o_r = i_col * BLOCK_R + tl.arange(0, BLOCK_R)
             m_out = m_m[:, None] & (o_r < R)[None, :]
             _finish(acc, 1, i_n, i_m, N, o_m, o_r, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
@@ -547,7 +560,7 @@ def sparse_gemv_compact_kernel(
         _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,
                            i_n, i_m, o_m, m_m, thr, jcut, k_lo, k_hi, N, R, ws_cols, list_cols,
                            s_xm, s_xk, s_wk, s_om, s_on, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, HAS_BIAS,
-                           HAS_LOWRANK, SPLIT, FIXED, AHEAD, EVICT)
+                           HAS_LOWRANK, SPLIT, FIXED, AHEAD, EVICT, STAGES)
 
 
 @triton.jit
@@ -557,11 +570,11 @@ def _compact_w_program(p_x, p_w, p_scale, p_list, p_acc, p_count, p_fx, p_bias, 
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
                        HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr, AHEAD: tl.constexpr,
-                       EVICT: tl.constexpr):
+                       EVICT: tl.constexpr, STAGES: tl.constexpr):
     # the w_t tile i_n of a compact program: its selected channels' rows -> out (or y32)
     acc = _compact_tile(p_x, p_w, p_scale, p_list + i_m * list_cols, i_m, thr, jcut, k_lo, k_hi,
                         i_n, N, s_xm, s_xk, s_wk, BLOCK_N, BLOCK_K, CHUNK, HAS_SCALE, PER_ROW, False, AHEAD,
-                        EVICT)
+                        EVICT, STAGES)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_out = m_m[:, None] & (o_n < N)[None, :]
     _finish(acc, 0, i_n, i_m, 0, o_m, o_n, m_out, p_acc, p_count, p_fx, p_bias, p_out, p_y32, p_z,

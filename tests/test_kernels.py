@@ -287,6 +287,50 @@ def test_compact_chunks(density, ahead, gen, monkeypatch):
         check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg), ref)
 
 
+# the compact loop left to Triton's pipeliner (launchers.compact_stages): the tiles it was timed with on the GPU
+PIPELINED_TILES = [(32, 16), (2048, 4)] if HAS_CUDA else [(32, 16), (64, 4)]
+
+
+@pytest.mark.parametrize("tile", PIPELINED_TILES, ids=lambda t: "bn{}-bk{}".format(*t))
+@pytest.mark.parametrize("stages", [2, 3, 4] if HAS_CUDA else [2, 4], ids=lambda s: f"stages{s}")
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.5, 1.0], ids=lambda d: f"density{d}")
+def test_compact_pipelined_loop(density, stages, tile, gen):
+    """A compact config with num_stages >= 2 (session 27): the list steps go through Triton's
+    cp.async pipeline instead of the hand pipeline. Empty, short and full lists, splits below,
+    at and above a list step, with R-Sparse's v_t programs beside it (they keep the hand loop):
+    the reference's result, and the hand loop's bits where the split-K sum is order-independent
+    (the same products added in the same order)."""
+    n, k, m = (48, 300, 2) if not HAS_CUDA else (4096, 14336, 3)
+    w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=20, scale=True)
+    x = randn(m, k, gen=gen, dtype=torch.bfloat16)
+    thr = threshold_for(x, 1.0 - density, s)
+    w_t = launchers.prepare_weight(w).t()
+    v_t = launchers.prepare_weight(v).t()
+    block_n, block_k = tile
+    for up, v_arg in ((None, None), (u, v_t)):
+        ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=up,
+                                      lowrank_down=None if up is None else v)
+        for split_k in (1, 5, k // launchers.MIN_CHUNK):
+            hand = launchers.GemvConfig(rows=1, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4,
+                                        num_stages=1, kernel="compact")
+            piped = dataclasses.replace(hand, num_stages=stages)
+            assert launchers.compact_stages(piped) == stages and launchers.compact_stages(hand) == 1
+            out = launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, up, v_arg, config=piped)
+            check_close(out, ref)
+            if split_k <= launchers.FX_MAX_SPLIT:
+                assert torch.equal(out, launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, up, v_arg,
+                                                              config=hand)), f"split {split_k}: not the hand loop's bits"
+            assert launchers._workspace_for(x.device).is_clean()
+
+
+def test_compact_stages_only_for_compact_configs():
+    """A walk config's num_stages is its own loop's pipeliner depth: run on the compact kernel
+    (COMPACT_ROWS_ENABLED) it keeps the hand pipeline."""
+    walk = launchers.GemvConfig(rows=1, block_n=64, block_k=32, split_k=4, num_warps=4, num_stages=2)
+    assert launchers.compact_stages(walk) == 1
+    assert launchers.compact_stages(dataclasses.replace(walk, kernel="compact")) == 2
+
+
 @pytest.mark.parametrize("kernel", ["compact", "walk"])
 @pytest.mark.parametrize("density", [0.0, 0.5, 1.0], ids=lambda d: f"density{d}")
 def test_evict_first_hint(kernel, density, gen):

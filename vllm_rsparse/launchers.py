@@ -693,6 +693,15 @@ def triton_num_stages(cfg: GemvConfig) -> int:
     return 1 if cfg.rows in UNION_FMA_ROWS else cfg.num_stages
 
 
+def compact_stages(cfg: GemvConfig) -> int:
+    """The one-row compact loop's pipeline: 1 = by hand (the next list step's gathers issued before a
+    step's FMAs, in registers; every committed config until session 27); n >= 2 = Triton's pipeliner,
+    n - 1 list steps copied ahead into shared memory with cp.async. Only a config of kernel "compact"
+    asks for it: a walk config run on the compact kernel (COMPACT_ROWS_ENABLED, the CPU tests) keeps
+    the hand pipeline, whatever its num_stages (the walk's own pipeliner depth)."""
+    return cfg.num_stages if cfg.kernel == "compact" else 1
+
+
 # Triton lays a [BLOCK_K, BLOCK_N] tile of 16-bit weights out as 16-byte vectors along N, 32 threads
 # of a warp side by side, and the warps along N while they fit: from this many columns per warp on,
 # every warp lies along N and each thread holds whole columns of the tile.
@@ -889,8 +898,8 @@ def sparse_gemv(
             BLOCK_R=v_tile.block_r, BLOCK_KV=v_tile.block_kv, CHUNK_V=v_tile.chunk, SPLIT_V=split_v > 1,
             HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
             HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, FIXED=fixed, AHEAD=LOAD_AHEAD_ENABLED,
-            GDC_WAIT=pdl, GDC_TRIGGER=pdl or up_pdl, EVICT=evict,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
+            GDC_WAIT=pdl, GDC_TRIGGER=pdl or up_pdl, EVICT=evict, STAGES=compact_stages(cfg),
+            num_warps=cfg.num_warps, num_stages=compact_stages(cfg), **launch_pdl,
         )
     else:
         sparse_gemv_kernel[(tiles, split_k, row_groups)](

@@ -59,7 +59,7 @@ def compact_constexprs(num_warps: int, **over) -> dict:
 
     values = dict(BLOCK_N=512, BLOCK_K=16, CHUNK=256, HAS_SCALE=False, PER_ROW=False, HAS_BIAS=False,
                   HAS_LOWRANK=False, SPLIT=True, FIXED=True, AHEAD=True, GDC_WAIT=False, GDC_TRIGGER=False,
-                  EVICT="evict_first")
+                  EVICT="evict_first", STAGES=1)
     values.update(over)
     cfg = launchers.GemvConfig(rows=1, block_n=values["BLOCK_N"], block_k=values["BLOCK_K"], split_k=1,
                                num_warps=num_warps, num_stages=1, kernel="compact")

@@ -18,6 +18,7 @@ along K cheaper: narrow and wide tiles at K chunks of 256-4096 (4096 = no split 
     python3 -P benchmarks/gpu/wide_tiles.py --set warps --adopt $OUT/sparse_gemv.json --out $OUT/warps_h200.json
     python3 -P benchmarks/gpu/wide_tiles.py --set short_chunks --adopt $OUT/sparse_gemv.json --out $OUT/short_chunks_h200.json
     python3 -P benchmarks/gpu/wide_tiles.py --set spill_free --adopt $OUT/sparse_gemv.json --out $OUT/spill_free_h200.json
+    python3 -P benchmarks/gpu/wide_tiles.py --set pipelined --adopt $OUT/sparse_gemv.json --out $OUT/pipelined_h200.json
     RSPARSE_BENCH_DRY=1 python benchmarks/gpu/wide_tiles.py --out /tmp/w.json   # CPU: script check only
 """
 
@@ -79,16 +80,27 @@ TINY_CHUNKS = [("compact", bn, bkk, w, chunk, evict)
 SPILL_FREE = [("compact", bn, bkk, 2, chunk, evict)
               for bn, bkk in [(256, 16), (512, 8), (1024, 4)] for chunk in (128, 256, 512)
               for evict in (False, True)]
+# the list steps through Triton's cp.async pipeline (session 27; launchers.compact_stages): the
+# committed loops are pipelined by hand, one step ahead in registers, which caps the bytes in
+# flight per program at two steps' tiles; with n stages n - 1 steps are in flight in shared memory,
+# so fewer, longer programs (less split-K finish) might keep the same bytes in flight
+PIPELINED = [("compact", bn, bkk, w, chunk, False, stages)
+             for bn, bkk, w in [(512, 16, 4), (1024, 8, 4), (2048, 4, 4), (2048, 8, 8)]
+             for chunk in (32, 64, 128, 256, 512) for stages in (2, 4)]
 CANDIDATE_SETS = {"wide": WIDE, "split_depth": SPLIT_DEPTH, "warps": WARPS, "short_chunks": SHORT_CHUNKS,
-                  "tiny_chunks": TINY_CHUNKS, "spill_free": SPILL_FREE}
+                  "tiny_chunks": TINY_CHUNKS, "spill_free": SPILL_FREE, "pipelined": PIPELINED}
 
 
 def candidate(spec: tuple, k: int) -> tuple[str, launchers.GemvConfig]:
-    """(label, config) of a candidate (kernel, block_n, block_k, num_warps, per[, evict])."""
+    """(label, config) of a candidate (kernel, block_n, block_k, num_warps, per[, evict[, stages]]);
+    stages: the compact loop's pipeline (launchers.compact_stages), 1 = by hand."""
     kern, bn, bkk, w, per, *rest = spec
     evict = bool(rest and rest[0])
     cfg = dataclasses.replace(bk.one_row_config(kern, bn, bkk, w, per, k), evict=evict)
     label = f"{kern} bn{bn} bk{bkk} w{w} {'chunk' if kern == 'compact' else 'steps'}{per}"
+    if len(rest) > 1 and rest[1] > 1:
+        cfg = dataclasses.replace(cfg, num_stages=rest[1])
+        label += f" st{rest[1]}"
     return (label + " evict" if evict else label), cfg
 
 
