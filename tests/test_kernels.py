@@ -524,17 +524,23 @@ def test_compact_kernel_builds_for_sm90_offline(toolchain):
 def test_other_kernels_build_for_sm90_offline(toolchain):
     """Every other kernel compiles for sm_90 as its launcher passes it, with CI's Triton and the GPU
     machine's: the walk kernel (one row; 16 rows with tl.dot, per-row thresholds and the v_t column),
-    the compact kernel with programmatic dependent launch (griddepcontrol), R-Sparse's epilogue (one
+    the compact kernel with programmatic dependent launch (griddepcontrol) and with its loop through
+    Triton's cp.async pipeline, R-Sparse's epilogue (one
     row with PDL; 16 rows with tl.dot) and the exact top-k selects -- no function calls, and no stack
     in the GEMV and epilogue kernels. (The radix select keeps an 8-byte stack on Triton 3.9: it runs
     once per row, not in a weight stream.)"""
     builds = _offline_builds(toolchain, "--others")
-    assert [b["kernel"] for b in builds] == ["sparse_gemv_kernel"] * 2 + ["sparse_gemv_compact_kernel"] + \
+    assert [b["kernel"] for b in builds] == ["sparse_gemv_kernel"] * 2 + ["sparse_gemv_compact_kernel"] * 2 + \
         ["lowrank_up_kernel"] * 2 + ["topk_threshold_kernel", "topk_threshold_hist_kernel"]
     for build in builds:
         assert build["calls"] == 0, build
         if build["kernel"].startswith(("sparse_gemv", "lowrank")):
             assert build["stack_bytes"] == 0 and build["local_bytes"] == 0, build
+    # the compact loop with num_stages 3 (launchers.compact_stages) streams its weight rows through
+    # 16-byte cp.async copies, 8 a thread per step of the 2048 x 4 tile at 4 warps, for each of the
+    # steps in flight; the hand-pipelined loop (PDL build) through registers
+    assert builds[3]["STAGES"] == 3 and builds[3]["cp_async_16b"] >= 2 * 8, builds[3]
+    assert builds[2]["cp_async_16b"] == 0, builds[2]
 
 
 def test_lowrank_layout_per_config(monkeypatch):

@@ -104,6 +104,9 @@ OTHER_BUILDS = [
     dict(kernel="sparse_gemv_kernel", num_warps=4, num_stages=2, ROWS=16, BLOCK_N=128, BLOCK_K=32, HAS_SCALE=True,
          PER_ROW=True, HAS_LOWRANK=True),
     dict(kernel="sparse_gemv_compact_kernel", num_warps=4, num_stages=1, GDC_WAIT=True, GDC_TRIGGER=True),
+    # the list steps through Triton's cp.async pipeline (launchers.compact_stages, session 27)
+    dict(kernel="sparse_gemv_compact_kernel", num_warps=4, num_stages=3, BLOCK_N=2048, BLOCK_K=4, CHUNK=64,
+         STAGES=3),
     dict(kernel="lowrank_up_kernel", num_warps=4, num_stages=1, ROWS=1, GDC=True),
     dict(kernel="lowrank_up_kernel", num_warps=4, num_stages=1, ROWS=16),
     dict(kernel="topk_threshold_kernel", num_warps=8, num_stages=1, BLOCK_K=2048, HAS_SCALE=True),
@@ -178,6 +181,8 @@ def compile_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int, num_s
     instructions = sass_instructions(dump)
     return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
             "local_bytes": int(fields["LOCAL"]), "calls": ptx.count("call.uni"), "sass_instructions": len(instructions),
+            # 16-byte global -> shared copies (cp.async): the weight rows of a loop Triton pipelines
+            "cp_async_16b": sum(opcode(i).startswith("LDGSTS") and ".128" in opcode(i) for i in instructions),
             "sass_sha1": hashlib.sha1("\n".join(instructions).encode()).hexdigest()[:16], "triton": triton.__version__}
 
 
@@ -188,9 +193,15 @@ def sass_instructions(sass: str) -> list[str]:
             if line.lstrip().startswith("/*") and ";" in line]
 
 
+def opcode(instruction: str) -> str:
+    """A SASS instruction's opcode with its modifiers, past a predicate (@P0, @!UP1)."""
+    words = instruction.split()
+    return words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
+
+
 # what names a build in a comparison: its tile and switches, not what the compiler made of it
 BUILD_RESULTS = {"kernel", "registers", "stack_bytes", "local_bytes", "calls", "sass_instructions", "sass_sha1",
-                 "triton"}
+                 "cp_async_16b", "triton"}
 
 
 def build_name(build: dict) -> str:
