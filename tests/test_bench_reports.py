@@ -200,6 +200,18 @@ def test_adopted_config_keeps_the_lowrank_layout(tmp_path, monkeypatch):
     assert adopted == {**faster, "lowrank": "w_tiles"}
 
 
+def test_pipelined_report_matches_committed_files():
+    """pipelined_h200.md (session 27) is what wide_tiles.py --report makes of the committed JSON; the run
+    records its commit, GPU, versions and command, and every candidate it timed ran the cp.async loop."""
+    wide_tiles = load_benchmark("gpu/wide_tiles.py")
+    record = json.loads((RESULTS / "pipelined_h200.json").read_text())
+    assert all(record[key] for key in ("commit", "gpu", "versions", "command"))
+    candidates = [r for r in record["rows"] if r["config"] != "committed"]
+    assert candidates and all(r["gemv_config"]["num_stages"] in (2, 4) for r in candidates)
+    assert wide_tiles.report_markdown(record, "The compact loop through Triton's cp.async pipeline (session 27)") \
+        == (RESULTS / "pipelined_h200.md").read_text()
+
+
 def test_e2e_config_switches(monkeypatch):
     """bench_e2e --configs: "method:sparsity[,RSPARSE_NAME=value...]" -- a plugin switch held while
     that one engine is built and measured (a switch against its default in one process), named in

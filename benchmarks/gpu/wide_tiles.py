@@ -19,6 +19,7 @@ along K cheaper: narrow and wide tiles at K chunks of 256-4096 (4096 = no split 
     python3 -P benchmarks/gpu/wide_tiles.py --set short_chunks --adopt $OUT/sparse_gemv.json --out $OUT/short_chunks_h200.json
     python3 -P benchmarks/gpu/wide_tiles.py --set spill_free --adopt $OUT/sparse_gemv.json --out $OUT/spill_free_h200.json
     python3 -P benchmarks/gpu/wide_tiles.py --set pipelined --adopt $OUT/sparse_gemv.json --out $OUT/pipelined_h200.json
+    python benchmarks/gpu/wide_tiles.py --out pipelined_h200.json --report pipelined_h200.md   # its table (no GPU)
     RSPARSE_BENCH_DRY=1 python benchmarks/gpu/wide_tiles.py --out /tmp/w.json   # CPU: script check only
 """
 
@@ -139,6 +140,38 @@ def adopt(rows: list[dict], path: str, candidate_set: str = "wide") -> None:
     print("adopted:" if adopted else "adopted: none", *adopted, sep="\n  ", flush=True)
 
 
+def report_markdown(record: dict, title: str) -> str:
+    """A run's table: per shape and sparsity the committed config against dense, and the fastest
+    candidate of each pipeline depth (a label's "st<n>" suffix; none = by hand) with its change."""
+    rows = [r for r in record["rows"] if "sparse_us" in r]
+    failed = [r for r in record["rows"] if "error" in r]
+    depths = sorted({int(r["config"].rsplit(" st", 1)[1].split()[0]) if " st" in r["config"] else 1
+                     for r in rows if r["config"] != "committed"})
+    versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
+    lines = [f"# {title}", "",
+             f"`benchmarks/gpu/wide_tiles.py`, commit `{record['commit']}`, {record['gpu']}, {versions}. "
+             f"Command: `{record['command']}`. 1 token, TEAL thresholds, CUDA graphs over rotating weight copies "
+             f"(bench_kernels.graph_time_ms); us, ratio to cuBLAS. Configs that failed: {len(failed)}.", "",
+             "| shape | s | dense us | committed | " + " | ".join(
+                 f"best {'hand-pipelined' if d == 1 else f'{d} stages'}" for d in depths) + " |",
+             "|---|---|---|---|" + "---|" * len(depths)]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for sparsity in sorted({r["sparsity"] for r in rows if r["shape"] == shape}):
+            here = [r for r in rows if r["shape"] == shape and r["sparsity"] == sparsity]
+            committed = next(r for r in here if r["config"] == "committed")
+            cells = []
+            for depth in depths:
+                rivals = [r for r in here if r["config"] != "committed" and
+                          (f" st{depth}" in r["config"] if depth > 1 else " st" not in r["config"])]
+                best = min(rivals, key=lambda r: r["sparse_us"], default=None)
+                cells.append("-" if best is None else
+                             f"{best['sparse_us']:.1f} ({best['sparse_us'] / committed['sparse_us'] - 1:+.0%}) "
+                             f"{best['config']}")
+            lines.append(f"| {shape} | {sparsity} | {committed['dense_us']:.1f} | {committed['sparse_us']:.1f} "
+                         f"({committed['ratio']:.2f}x) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -146,7 +179,13 @@ def main() -> None:
     ap.add_argument("--set", choices=sorted(CANDIDATE_SETS), default="wide", help="the candidate configs")
     ap.add_argument("--adopt", default="",
                     help="write the installed sparse_gemv.json with the winning wide one-token configs here")
+    ap.add_argument("--report", default="", metavar="MD",
+                    help="write the markdown table of the run in --out (an existing JSON) here and stop")
+    ap.add_argument("--title", default="One-token configs on the H200")
     args = ap.parse_args()
+    if args.report:
+        Path(args.report).write_text(report_markdown(json.loads(Path(args.out).read_text()), args.title))
+        return
     gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
     launchers.COMPACT_ROWS_ENABLED = False
     sms = 4 if bk.DRY_RUN else torch.cuda.get_device_properties(0).multi_processor_count
