@@ -287,6 +287,17 @@ def test_compact_chunks(density, ahead, gen, monkeypatch):
         check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, None, None, None, config=cfg), ref)
 
 
+def split_k_case(density, gen):
+    """A layer with channel scales and a rank-20 term, 2-3 rows of x and a threshold keeping about
+    `density` of the channels; K long enough for splits below, at and above a compact list step.
+    -> w, b, scale, u, v, x, thr, w_t, v_t (the prepared [K, N] / [K, r] layouts)."""
+    n, k, m = (48, 300, 2) if not HAS_CUDA else (4096, 14336, 3)
+    w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=20, scale=True)
+    x = randn(m, k, gen=gen, dtype=torch.bfloat16)
+    thr = threshold_for(x, 1.0 - density, s)
+    return w, b, s, u, v, x, thr, launchers.prepare_weight(w).t(), launchers.prepare_weight(v).t()
+
+
 # the compact loop left to Triton's pipeliner (launchers.compact_stages): the tiles it was timed with on the GPU
 PIPELINED_TILES = [(32, 16), (2048, 4)] if HAS_CUDA else [(32, 16), (64, 4)]
 
@@ -300,12 +311,8 @@ def test_compact_pipelined_loop(density, stages, tile, gen):
     at and above a list step, with R-Sparse's v_t programs beside it (they keep the hand loop):
     the reference's result, and the hand loop's bits where the split-K sum is order-independent
     (the same products added in the same order)."""
-    n, k, m = (48, 300, 2) if not HAS_CUDA else (4096, 14336, 3)
-    w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=20, scale=True)
-    x = randn(m, k, gen=gen, dtype=torch.bfloat16)
-    thr = threshold_for(x, 1.0 - density, s)
-    w_t = launchers.prepare_weight(w).t()
-    v_t = launchers.prepare_weight(v).t()
+    w, b, s, u, v, x, thr, w_t, v_t = split_k_case(density, gen)
+    k = x.shape[1]
     block_n, block_k = tile
     for up, v_arg in ((None, None), (u, v_t)):
         ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=up,
@@ -338,12 +345,8 @@ def test_evict_first_hint(kernel, density, gen):
     the split-K sum is order-independent (one program along K, or the fixed-point finish);
     with the counter finish (deeper splits: f32 atomics in arrival order) both match the
     reference. Covers the dropped-channel (low-rank) tiles too."""
-    n, k, m = (48, 300, 2) if not HAS_CUDA else (4096, 14336, 3)
-    w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=20, scale=True)
-    x = randn(m, k, gen=gen, dtype=torch.bfloat16)
-    thr = threshold_for(x, 1.0 - density, s)
-    w_t = launchers.prepare_weight(w).t()
-    v_t = launchers.prepare_weight(v).t()
+    w, b, s, u, v, x, thr, w_t, v_t = split_k_case(density, gen)
+    k = x.shape[1]
     ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v)
     splits = (1, 5, k // launchers.MIN_CHUNK) if kernel == "compact" else (1, 5)
     for split_k in splits:
