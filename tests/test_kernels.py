@@ -1172,13 +1172,26 @@ def test_union_rows_script_dry_run(tmp_path):
     assert (tmp_path / "u.md").read_text().startswith("# Decode steps of 2-16 tokens")
     # the FMA family alone, and its tables re-derived offline from the JSON
     fma = tmp_path / "fma.json"
-    subprocess.run([sys.executable, str(script), "--kernels", "fma", "--out", str(fma)],
+    subprocess.run([sys.executable, str(script), "--kernels", "fma", "--fma-stages", "1", "2", "--out", str(fma)],
                    check=True, env=env, capture_output=True, timeout=600)
-    rows = json.loads(fma.read_text())["rows"]
-    assert all(r["union_config"]["rows"] in launchers.UNION_FMA_ROWS for r in rows)
+    data = json.loads(fma.read_text())
+    rows = data["rows"]
+    assert all(r["union_config"]["rows"] in launchers.UNION_FMA_ROWS for r in rows) and data["fma_stages"] == [1, 2]
     subprocess.run([sys.executable, str(script), "--adopt-from", str(fma), "--adopt", str(tmp_path / "fma_tables"),
                     "--out", os.devnull], check=True, env=env, capture_output=True, timeout=120)
     assert json.loads((tmp_path / "fma_tables" / launchers._DISPATCH_FILE).read_text())["union_note"]
+
+
+def test_union_rows_fma_stages_rank_both_depths(monkeypatch):
+    """union_rows.py --fma-stages 1 2 puts every FMA candidate in the pool at both pipeline depths, the
+    wide per-step-sum tiles included (their depth 2 was never timed: docs/kernels.md, session 27)."""
+    union_rows = load_benchmark("gpu/union_rows.py")
+    one = union_rows.union_candidates(4096, 11008, 132, ("fma",), 4)
+    monkeypatch.setattr(union_rows, "FMA_STAGES", [1, 2])
+    both = union_rows.union_candidates(4096, 11008, 132, ("fma",), 4)
+    assert {c.num_stages for c in one} == {1} and len(both) == 2 * len(one)
+    assert {dataclasses.replace(c, num_stages=1) for c in both} == set(one)
+    assert any(launchers.fma_step_sum(c) and c.num_stages == 2 for c in both)
 
 
 def test_lowrank_measurements_replace_the_table(tmp_path):

@@ -93,7 +93,8 @@ FMA_TILES = {2: [(512, 8, 4), (256, 16, 4), (256, 8, 4), (1024, 4, 4), (1024, 8,
 FMA_CHUNKS = [128, 256, 512, 1024]
 # the FMA loop's hand pipeline depth (GemvConfig.num_stages of an FMA union: list steps gathered ahead
 # of the FMAs; launchers.FMA_AHEAD_STEPS). Two steps ahead ran slower on the H200 (session 21,
-# union_rows_fma_ahead_h200.json, ncu_fma_h200.md), so the sweep no longer ranks them.
+# union_rows_fma_ahead_h200.json, ncu_fma_h200.md), so the sweep no longer ranks them by default; that run
+# predates the per-step sums of the wide tiles (fewer registers a row), which --fma-stages 1 2 ranks at both.
 FMA_STAGES = [1]
 # candidate families: "walk" / "compact" (16 rows, tl.dot) and "fma" (2 / 4 rows); --kernels
 KINDS = ("walk", "compact", "fma")
@@ -381,6 +382,8 @@ def main() -> None:
                     help="union candidate families (default: walk compact, the 16-row programs)")
     ap.add_argument("--list-ahead", action="store_true",
                     help="rank with launchers.UNION_LIST_AHEAD on, and time each chosen compact union with it off too")
+    ap.add_argument("--fma-stages", nargs="+", type=int, choices=launchers.FMA_AHEAD_STEPS, default=FMA_STAGES,
+                    help="the FMA loop's pipeline depths to rank (FMA_STAGES)")
     ap.add_argument("--adopt-from", metavar="JSON",
                     help="no run: --adopt's tables from a run's JSON (the installed tables as the base)")
     ap.add_argument("--report", nargs="+", metavar="JSON",
@@ -413,6 +416,8 @@ def main() -> None:
             "timing": "cuda_graph", "dtype": "bf16", "selection": "teal threshold, random x (independent tokens)"}
     launchers.UNION_LIST_AHEAD = args.list_ahead
     meta["union_list_ahead"] = args.list_ahead
+    FMA_STAGES[:] = args.fma_stages  # union_candidates reads it
+    meta["fma_stages"] = args.fma_stages
     meta["union_kernels"] = args.kernels
     for name, n, k in shapes:
         rows += measure_shape(name, n, k, gen, sms, log, list_ahead_ab=args.list_ahead, kinds=args.kernels)
