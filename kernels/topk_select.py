@@ -83,32 +83,40 @@ def topk_threshold_kernel(
 def topk_threshold_hist_kernel(
     p_x, p_scale, p_thr, p_jcut,
     K, keep, s_xm, s_xk,
-    HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, DIGIT_BITS: tl.constexpr,
 ):
     # The same contract as topk_threshold_kernel, for rows that fit one block (K <= BLOCK_K):
-    # the row's score bits are loaded once and stay in registers, and each of 4 passes over
-    # 8-bit digits is one shared-memory histogram (tl.histogram) instead of 16 masked
-    # counts per chunk: 4 histograms + 4 scans per row instead of 8 x 16 reductions per chunk.
+    # the row's score bits are loaded once and stay in registers, and each pass over a digit of
+    # DIGIT_BITS bits is one shared-memory histogram (tl.histogram) instead of 16 masked counts
+    # per chunk. The digit size sets the cost: Triton 3.6 (the GPU machine's) builds a histogram
+    # from warp ballots, about 1.4 k SASS instructions at 32 bins and 3.4 k at 256 for 64 values
+    # a thread (session 27), so narrower digits can cost less in all despite more passes.
+    BINS: tl.constexpr = 1 << DIGIT_BITS
     i_m = tl.program_id(0)
     o_k = tl.arange(0, BLOCK_K)
     m_k = o_k < K
     b_bits = _score_bits(p_x, p_scale, i_m, o_k, m_k, s_xm, s_xk, HAS_SCALE)
-    # 512 bins: digits 0..255 of candidates, bin 256 collects everything else (no mask
-    # argument: older Triton releases have none)
-    o_b = tl.arange(0, 512)
+    o_b = tl.arange(0, BINS)
     prefix = tl.zeros([], dtype=tl.int32)
     remaining = tl.zeros([], dtype=tl.int32) + keep
-    for i_pass in tl.static_range(4):
-        shift = 24 - 8 * i_pass
+    for i_pass in tl.static_range((32 + DIGIT_BITS - 1) // DIGIT_BITS):
+        # the digit of bits [shift, shift + DIGIT_BITS), from the top; the last one is cut at bit 0
+        # and may overlap bits fixed already (candidates agree with the prefix there, so the chosen
+        # digit repeats those bits)
+        shift = 32 - DIGIT_BITS * (i_pass + 1) if 32 > DIGIT_BITS * (i_pass + 1) else 0
         m_cand = m_k
         if i_pass > 0:
-            m_cand = m_cand & ((b_bits >> (shift + 8)) == (prefix >> (shift + 8)))
-        b_digit = tl.where(m_cand, (b_bits >> shift) & 255, 256)
-        counts = tl.histogram(b_digit, 512)
-        counts = tl.where(o_b < 256, counts, 0)
-        # at_least[d] = candidates with digit >= d = total - (inclusive prefix sum - counts[d])
+            # candidates: the channels whose bits above this digit equal the prefix found so far
+            above = 32 - DIGIT_BITS * i_pass
+            m_cand = m_cand & ((b_bits >> above) == (prefix >> above))
+        # everything else counts in bin 0, which changes nothing: bin 0's at_least (all
+        # candidates, >= remaining) picks digit 0 only when no higher digit qualifies, and
+        # `remaining` subtracts the bins above the chosen digit only
+        b_digit = tl.where(m_cand, (b_bits >> shift) & (BINS - 1), 0)
+        counts = tl.histogram(b_digit, BINS)
+        # at_least[d] = values with digit >= d = total - (inclusive prefix sum - counts[d])
         at_least = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
-        digit = tl.max(tl.where((at_least >= remaining) & (o_b < 256), o_b, 0), axis=0)
+        digit = tl.max(tl.where(at_least >= remaining, o_b, 0), axis=0)
         remaining -= tl.sum(tl.where(o_b > digit, counts, 0), axis=0)
         prefix = prefix | (digit << shift)
     # ties: keep the first `remaining` channels equal to the threshold, in index order

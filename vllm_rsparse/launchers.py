@@ -612,7 +612,8 @@ def topk_thresholds(
         # the whole row in one block: 4 histogram passes over registers
         topk_threshold_hist_kernel[(m,)](
             x, scale, thr, jcut, k, keep, x.stride(0), x.stride(1),
-            HAS_SCALE=channel_scale is not None, BLOCK_K=triton_next_power_of_2(k), num_warps=_HIST_WARPS,
+            HAS_SCALE=channel_scale is not None, BLOCK_K=triton_next_power_of_2(k), DIGIT_BITS=HIST_DIGIT_BITS,
+            num_warps=_HIST_WARPS,
         )
         return thr, jcut
     block_k = min(_SELECT_BLOCK_K, triton_next_power_of_2(k))
@@ -630,6 +631,12 @@ def topk_thresholds(
 # (benchmarks/results/topk_select_h100.json). Both still cost more than half a dense GEMV of
 # those shapes, so the dispatch keeps LaRoSA's exact top-k on dense (kernels_h100.md).
 TOPK_HISTOGRAM_ENABLED = True
+# Bits per histogram pass (4 passes of 8 bits timed above; the 8-bit passes counted the channels
+# outside the prefix in a bin of their own, 512 bins, before session 27 put them in bin 0). Narrower
+# digits take more passes of cheaper histograms on the GPU's Triton (topk_select.py); which wins is
+# for benchmarks/gpu/topk_select_time.py to show.
+HIST_DIGIT_BITS = 8
+HIST_DIGIT_BITS_CHOICES = (4, 5, 6, 8)
 _HIST_MAX_K = 16384
 _HIST_WARPS = 8
 # One program per row walks the row 9 times; a large block keeps the loop short.

@@ -1,16 +1,31 @@
-"""Time the two exact top-k select kernels (radix 16-way passes vs one-block histogram) on a
-GPU, 1..16 rows, the LaRoSA input widths, inside CUDA graphs (as in vLLM's decode graphs).
+"""Time the exact top-k select kernels (radix 16-way passes vs the one-block histogram, the latter
+at each digit size of launchers.HIST_DIGIT_BITS_CHOICES) on a GPU, 1..16 rows, the LaRoSA input
+widths, inside CUDA graphs (as in vLLM's decode graphs); every variant's (threshold, tie cut)
+compared with the radix kernel's.
 
     python3 -P benchmarks/gpu/topk_select_time.py --out $OUT/topk_select_h100.json
 """
 
 import argparse
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import torch
 
 from vllm_rsparse import launchers
 from vllm_rsparse.cuda_timing import graph_replay_ms
+
+
+def run_header() -> dict:
+    """bench_kernels.run_header: commit ($RSPARSE_COMMIT), GPU, versions, command."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).resolve().parent.parent /
+                                                  "bench_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_kernels"] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    return bench.run_header("benchmarks/gpu/topk_select_time.py")
 
 
 def graph_us(fn, calls: int = 50) -> float:
@@ -33,21 +48,25 @@ def main() -> None:
             keep = k // 2
             ref = None
             row = {"k": k, "rows": m, "keep": keep}
-            for select in ("radix16", "histogram"):
-                launchers.TOPK_HISTOGRAM_ENABLED = select == "histogram"
+            default_bits = launchers.HIST_DIGIT_BITS
+            for select in ["radix16"] + [f"histogram{bits}" for bits in launchers.HIST_DIGIT_BITS_CHOICES]:
+                launchers.TOPK_HISTOGRAM_ENABLED = select != "radix16"
+                if select != "radix16":
+                    launchers.HIST_DIGIT_BITS = int(select.removeprefix("histogram"))
                 try:
                     thr, jcut = launchers.topk_thresholds(x, keep, None)
                     got = (thr.clone(), jcut.clone())
                     row[f"{select}_us"] = graph_us(lambda: launchers.topk_thresholds(x, keep, None))
                 finally:
                     launchers.TOPK_HISTOGRAM_ENABLED = False
+                    launchers.HIST_DIGIT_BITS = default_bits
                 if ref is None:
                     ref = got
                 else:
-                    row["same_result"] = bool(torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1]))
+                    row[f"{select}_same_result"] = bool(torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1]))
             rows.append(row)
             print(row, flush=True)
-    out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    out = {**run_header(), "rows": rows}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
 
