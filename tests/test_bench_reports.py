@@ -212,6 +212,21 @@ def test_pipelined_report_matches_committed_files():
         == (RESULTS / "pipelined_h200.md").read_text()
 
 
+def test_topk_select_report_matches_committed_files():
+    """topk_select_h200.md (session 27) is what topk_select_time.py --report makes of the committed JSON;
+    every histogram digit size gave the radix select's (threshold, tie cut), and the launcher's digit
+    size for each row width is the one the run found fastest there."""
+    module = load_benchmark("gpu/topk_select_time.py")
+    record = json.loads((RESULTS / "topk_select_h200.json").read_text())
+    assert all(record[key] for key in ("commit", "gpu", "versions", "command"))
+    assert all(value for row in record["rows"] for key, value in row.items() if key.endswith("same_result"))
+    assert module.report_markdown(record) == (RESULTS / "topk_select_h200.md").read_text()
+    launchers = module.launchers
+    for row in record["rows"]:
+        chosen = f"histogram{launchers.hist_digit_bits(launchers.triton_next_power_of_2(row['k']))}_us"
+        assert row[chosen] == min(v for k, v in row.items() if k.startswith("histogram") and k.endswith("_us"))
+
+
 def test_e2e_config_switches(monkeypatch):
     """bench_e2e --configs: "method:sparsity[,RSPARSE_NAME=value...]" -- a plugin switch held while
     that one engine is built and measured (a switch against its default in one process), named in

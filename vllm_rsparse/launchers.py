@@ -612,8 +612,8 @@ def topk_thresholds(
         # the whole row in one block: 4 histogram passes over registers
         topk_threshold_hist_kernel[(m,)](
             x, scale, thr, jcut, k, keep, x.stride(0), x.stride(1),
-            HAS_SCALE=channel_scale is not None, BLOCK_K=triton_next_power_of_2(k), DIGIT_BITS=HIST_DIGIT_BITS,
-            num_warps=_HIST_WARPS,
+            HAS_SCALE=channel_scale is not None, BLOCK_K=triton_next_power_of_2(k),
+            DIGIT_BITS=hist_digit_bits(triton_next_power_of_2(k)), num_warps=_HIST_WARPS,
         )
         return thr, jcut
     block_k = min(_SELECT_BLOCK_K, triton_next_power_of_2(k))
@@ -631,11 +631,20 @@ def topk_thresholds(
 # (benchmarks/results/topk_select_h100.json). Both still cost more than half a dense GEMV of
 # those shapes, so the dispatch keeps LaRoSA's exact top-k on dense (kernels_h100.md).
 TOPK_HISTOGRAM_ENABLED = True
-# Bits per histogram pass (4 passes of 8 bits timed above; the 8-bit passes counted the channels
-# outside the prefix in a bin of their own, 512 bins, before session 27 put them in bin 0). Narrower
-# digits take more passes of cheaper histograms on the GPU's Triton (topk_select.py); which wins is
-# for benchmarks/gpu/topk_select_time.py to show.
-HIST_DIGIT_BITS = 8
+# Bits per histogram pass. The timings above had 4 passes of 8 bits over 512 bins (the channels
+# outside the prefix in a bin of their own; session 27 counts them in bin 0). On the H200
+# (topk_select_h200.md, one run, the radix select beside it) the fastest digits were 5 bits at
+# K = 4096 (8.2 us, 0.33 of the radix select; 8 bits: 10.6 us) and 4 bits at K = 11008 / 14336
+# (36.2 / 36.4 us, 0.53 / 0.46; 8 bits: 38.6 / 38.3, 6 bits: 63 us). The GPU's Triton (3.6) builds
+# each histogram from warp ballots, cheaper at fewer bins (topk_select.py).
+HIST_DIGIT_BITS: int | None = None  # None: hist_digit_bits' choice by row width; an int forces it
+
+
+def hist_digit_bits(block_k: int) -> int:
+    """The histogram select's digit size for rows of block_k (a power of two) channels."""
+    if HIST_DIGIT_BITS is not None:
+        return HIST_DIGIT_BITS
+    return 5 if block_k <= 4096 else 4
 HIST_DIGIT_BITS_CHOICES = (4, 5, 6, 8)
 _HIST_MAX_K = 16384
 _HIST_WARPS = 8

@@ -124,7 +124,7 @@ OTHER_KERNELS = {
     "topk_threshold_kernel": ("topk_select", {"p_x": "*bf16", "p_scale": "*fp32", "p_thr": "*fp32", "p_jcut": "*i32"},
                               dict(HAS_SCALE=False, BLOCK_K=2048)),
     "topk_threshold_hist_kernel": ("topk_select", {"p_x": "*bf16", "p_scale": "*fp32", "p_thr": "*fp32",
-                                                   "p_jcut": "*i32"}, dict(HAS_SCALE=False, BLOCK_K=16384, DIGIT_BITS=8)),
+                                                   "p_jcut": "*i32"}, dict(HAS_SCALE=False, BLOCK_K=16384, DIGIT_BITS=4)),
 }
 
 

@@ -4,6 +4,8 @@ widths, inside CUDA graphs (as in vLLM's decode graphs); every variant's (thresh
 compared with the radix kernel's.
 
     python3 -P benchmarks/gpu/topk_select_time.py --out $OUT/topk_select_h100.json
+    python benchmarks/gpu/topk_select_time.py --out benchmarks/results/topk_select_h200.json \
+        --report benchmarks/results/topk_select_h200.md    # its table (no GPU)
 """
 
 import argparse
@@ -37,10 +39,34 @@ def graph_us(fn, calls: int = 50) -> float:
     return graph_replay_ms(rounds) * 1e3 / calls
 
 
+def report_markdown(record: dict) -> str:
+    """The run's table: microseconds per select call, each variant's ratio to the radix select of the
+    same run, and whether every variant gave the radix select's (threshold, tie cut)."""
+    variants = [key.removesuffix("_us") for key in record["rows"][0] if key.endswith("_us")]
+    versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
+    lines = ["# Exact top-k select kernels (LaRoSA), one CUDA graph of 50 calls", "",
+             f"`benchmarks/gpu/topk_select_time.py`, commit `{record['commit']}`, {record['gpu']}, {versions}. "
+             f"Command: `{record['command']}`. bf16 rows, keep = K / 2; us per call (ratio to radix16 in the "
+             "same run). histogramN: one block per row, passes over N-bit digits.", "",
+             "| K | rows | " + " | ".join(variants) + " | same (thr, jcut) |",
+             "|---|---|" + "---|" * len(variants) + "---|"]
+    for row in record["rows"]:
+        radix = row["radix16_us"]
+        cells = [f"{row[v + '_us']:.1f}" + ("" if v == "radix16" else f" ({row[v + '_us'] / radix:.2f})")
+                 for v in variants]
+        same = all(value for key, value in row.items() if key.endswith("same_result"))
+        lines.append(f"| {row['k']} | {row['rows']} | " + " | ".join(cells) + f" | {'yes' if same else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--report", default="", metavar="MD", help="no run: the markdown of the JSON in --out, here")
     args = ap.parse_args()
+    if args.report:
+        Path(args.report).write_text(report_markdown(json.loads(Path(args.out).read_text())))
+        return
     rows = []
     for k in (4096, 11008, 14336):
         for m in (1, 4, 16):
