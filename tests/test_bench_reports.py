@@ -227,6 +227,28 @@ def test_topk_select_report_matches_committed_files():
         assert row[chosen] == min(v for k, v in row.items() if k.startswith("histogram") and k.endswith("_us"))
 
 
+def test_committed_kernels_merge_topk():
+    """committed_kernels.py --merge-topk: exact top-k's crossover counts and ratios come from the run's
+    larosa rows (every sparsity and token count it measured); the threshold and low-rank entries stay;
+    a run without larosa rows is refused with a message that says so."""
+    module = load_benchmark("gpu/committed_kernels.py")
+    dispatch = {"crossover": {"threshold": {"N1_K1": {"0.5": 4}}, "topk": {"N22016_K4096": {"0.5": 0}}},
+                "ratios": {"threshold": {"x": 1}, "topk": {"N22016_K4096": {"0.5": {"1": 1.25}}},
+                           "threshold_lowrank": {"y": 2}}}
+    rows = [{"method": "larosa", "n": 22016, "k": 4096, "sparsity": s, "tokens": t, "sparse_ms": ms, "dense_ms": 1.0}
+            for s, t, ms in [(0.5, 1, 0.8), (0.5, 2, 1.1), (0.9, 1, 0.5), (0.9, 2, 0.9)]]
+    rows.append({"method": "teal", "n": 22016, "k": 4096, "sparsity": 0.5, "tokens": 1, "sparse_ms": 0.6,
+                 "dense_ms": 1.0})
+    merged = module.merge_topk({"commit": "abc1234", "gpu": "GPU", "results": rows}, dispatch)
+    assert merged["crossover"]["topk"] == {"N22016_K4096": {"0.5": 1, "0.9": 2}}
+    assert merged["ratios"]["topk"] == {"N22016_K4096": {"0.5": {"1": 0.8, "2": 1.1}, "0.9": {"1": 0.5, "2": 0.9}}}
+    assert merged["crossover"]["threshold"] == dispatch["crossover"]["threshold"]
+    assert merged["ratios"]["threshold_lowrank"] == {"y": 2} and "abc1234" in merged["topk_note"]
+    assert dispatch["crossover"]["topk"] == {"N22016_K4096": {"0.5": 0}}  # the input is left alone
+    with pytest.raises(SystemExit, match="larosa"):
+        module.merge_topk({"commit": "c", "gpu": "g", "results": rows[-1:]}, dispatch)
+
+
 def test_e2e_config_switches(monkeypatch):
     """bench_e2e --configs: "method:sparsity[,RSPARSE_NAME=value...]" -- a plugin switch held while
     that one engine is built and measured (a switch against its default in one process), named in

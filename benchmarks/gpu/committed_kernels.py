@@ -25,6 +25,8 @@ weights in L2; no CPU launch cost, as in vLLM's decode graphs). x random, the to
     python benchmarks/gpu/committed_kernels.py --report benchmarks/results/kernels_committed_h200.json \
         --out benchmarks/results/kernels_committed_h200.md        # + one PNG per shape next to it
     RSPARSE_BENCH_DRY=1 TRITON_INTERPRET=1 python benchmarks/gpu/committed_kernels.py --out /tmp/k.json  # CPU check
+    python benchmarks/gpu/committed_kernels.py --merge-topk RUN.json --out kernels/configs/dispatch.json
+        # exact top-k's dispatch entries from a run's larosa rows (--methods larosa)
 """
 
 import argparse
@@ -206,6 +208,22 @@ def plot(data: dict, prefix: str) -> list[str]:
     return paths
 
 
+def merge_topk(record: dict, dispatch: dict) -> dict:
+    """The dispatch table with exact top-k's (LaRoSA's) crossover counts and ratios replaced by those of
+    a run's larosa rows, the sparsities and token counts it measured (the topk select changed in
+    session 27; the committed topk entries were measured with the earlier select at one token)."""
+    rows = [r for r in record["results"] if r["method"] == "larosa"]
+    if not rows:
+        raise SystemExit("committed_kernels.py --merge-topk: the run has no larosa rows (--methods larosa)")
+    out = json.loads(json.dumps(dispatch))
+    out["crossover"]["topk"] = bk.crossover_table(rows)["topk"]
+    out["ratios"]["topk"] = bk.ratio_table(rows)["topk"]
+    out["topk_note"] = (f"topk from benchmarks/gpu/committed_kernels.py --methods larosa at {record['commit']} "
+                        f"({record['gpu']}): tokens {sorted({r['tokens'] for r in rows})}, sparsities "
+                        f"{sorted({r['sparsity'] for r in rows})}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="the result JSON (with --report: the markdown)")
@@ -215,7 +233,14 @@ def main() -> None:
     ap.add_argument("--ab-lowrank-chunks", action="store_true",
                     help="rsparse_lowrank above s = 0.5 also with launchers.LOWRANK_CHUNKS_FOLLOW_SPARSITY off")
     ap.add_argument("--report", default="", help="no run: the markdown and PNGs of a run's JSON")
+    ap.add_argument("--merge-topk", default="", metavar="JSON",
+                    help="no run: --out = the installed dispatch.json with the topk entries of this run's larosa rows")
     args = ap.parse_args()
+    if args.merge_topk:
+        merged = merge_topk(json.loads(Path(args.merge_topk).read_text()),
+                            launchers._load_json(launchers._DISPATCH_FILE))
+        Path(args.out).write_text(json.dumps(merged, indent=1) + "\n")
+        return
     if args.report:
         data = json.loads(Path(args.report).read_text())
         Path(args.out).write_text(report(data))
