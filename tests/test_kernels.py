@@ -189,15 +189,19 @@ def test_topk(shape, tokens, sparsity, dtype, lowrank, gen):
 
 @pytest.mark.parametrize("distinct", [3, 40, 100000], ids=lambda d: f"values{d}")
 @pytest.mark.parametrize("keep_frac", [0.0, 0.01, 0.5, 0.99, 1.0], ids=lambda f: f"keep{f}")
-@pytest.mark.parametrize("select", ["radix16"] + [f"histogram{bits}" for bits in launchers.HIST_DIGIT_BITS_CHOICES])
+@pytest.mark.parametrize("select", ["radix16"] + [f"histogram{bits}" for bits in launchers.HIST_DIGIT_BITS_CHOICES]
+                         + ["histogram4_w32", "histogram5_w16"])
 def test_topk_select_exact_count(distinct, keep_frac, select, gen, monkeypatch):
     """The (threshold, tie cut) pair keeps exactly `keep` channels, also when most
     scores tie (few distinct values): the same set as lowest-index-first top-k. Both
     select kernels: 8 passes of 16-way counts, and histogram passes of one block over
-    digits of 4, 5, 6 or 8 bits (5 and 6 leave a last digit that overlaps fixed bits)."""
+    digits of 4, 5, 6 or 8 bits (5 and 6 leave a last digit that overlaps fixed bits),
+    of 8 warps and (suffix _wN) wider blocks."""
     monkeypatch.setattr(launchers, "TOPK_HISTOGRAM_ENABLED", select != "radix16")
     if select != "radix16":
-        monkeypatch.setattr(launchers, "HIST_DIGIT_BITS", int(select.removeprefix("histogram")))
+        bits, _, warps = select.removeprefix("histogram").partition("_w")
+        monkeypatch.setattr(launchers, "HIST_DIGIT_BITS", int(bits))
+        monkeypatch.setattr(launchers, "HIST_WARPS", int(warps or 8))
     m, k = (7, 1000) if not HAS_CUDA else (16, 14336)
     x = (torch.randint(0, distinct, (m, k), generator=gen, device=DEVICE).float() - distinct / 2)
     x = x.to(torch.bfloat16)

@@ -613,7 +613,7 @@ def topk_thresholds(
         topk_threshold_hist_kernel[(m,)](
             x, scale, thr, jcut, k, keep, x.stride(0), x.stride(1),
             HAS_SCALE=channel_scale is not None, BLOCK_K=triton_next_power_of_2(k),
-            DIGIT_BITS=hist_digit_bits(triton_next_power_of_2(k)), num_warps=_HIST_WARPS,
+            DIGIT_BITS=hist_digit_bits(triton_next_power_of_2(k)), num_warps=HIST_WARPS,
         )
         return thr, jcut
     block_k = min(_SELECT_BLOCK_K, triton_next_power_of_2(k))
@@ -647,7 +647,12 @@ def hist_digit_bits(block_k: int) -> int:
     return 5 if block_k <= 4096 else 4
 HIST_DIGIT_BITS_CHOICES = (4, 5, 6, 8)
 _HIST_MAX_K = 16384
-_HIST_WARPS = 8
+# Warps of the histogram select's one block. At 8 warps and 16384 channels a row, Triton 3.6 builds the
+# 4-bit select in 255 registers with a 2.3 KB stack; at 32 warps (16 values a thread) in 64 registers
+# without one, for the same instructions in all (session 27, offline build). Measured: 8 only
+# (topk_select_time.py times 16 and 32 too).
+HIST_WARPS = 8
+HIST_WARPS_CHOICES = (8, 16, 32)
 # One program per row walks the row 9 times; a large block keeps the loop short.
 _SELECT_BLOCK_K = 2048
 _SELECT_WARPS = 8

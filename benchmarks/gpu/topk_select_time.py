@@ -1,7 +1,7 @@
 """Time the exact top-k select kernels (radix 16-way passes vs the one-block histogram, the latter
-at each digit size of launchers.HIST_DIGIT_BITS_CHOICES) on a GPU, 1..16 rows, the LaRoSA input
-widths, inside CUDA graphs (as in vLLM's decode graphs); every variant's (threshold, tie cut)
-compared with the radix kernel's.
+at each digit size of launchers.HIST_DIGIT_BITS_CHOICES and block width of HIST_WARPS_CHOICES) on a
+GPU, 1..16 rows, the LaRoSA input widths, inside CUDA graphs (as in vLLM's decode graphs); every
+variant's (threshold, tie cut) compared with the radix kernel's.
 
     python3 -P benchmarks/gpu/topk_select_time.py --out $OUT/topk_select_h100.json
     python benchmarks/gpu/topk_select_time.py --out benchmarks/results/topk_select_h200.json \
@@ -39,6 +39,16 @@ def graph_us(fn, calls: int = 50) -> float:
     return graph_replay_ms(rounds) * 1e3 / calls
 
 
+def variants() -> list[tuple[str, int | None, int]]:
+    """(name, digit bits, warps) of each select timed: the radix select, then the histogram select at
+    every digit size and block width ("histogram4", "histogram4_w32", ...; no suffix: 8 warps)."""
+    out = [("radix16", None, launchers.HIST_WARPS)]
+    for warps in launchers.HIST_WARPS_CHOICES:
+        suffix = "" if warps == 8 else f"_w{warps}"
+        out += [(f"histogram{bits}{suffix}", bits, warps) for bits in launchers.HIST_DIGIT_BITS_CHOICES]
+    return out
+
+
 def report_markdown(record: dict) -> str:
     """The run's table: microseconds per select call, each variant's ratio to the radix select of the
     same run, and whether every variant gave the radix select's (threshold, tie cut)."""
@@ -74,18 +84,17 @@ def main() -> None:
             keep = k // 2
             ref = None
             row = {"k": k, "rows": m, "keep": keep}
-            default_bits = launchers.HIST_DIGIT_BITS
-            for select in ["radix16"] + [f"histogram{bits}" for bits in launchers.HIST_DIGIT_BITS_CHOICES]:
+            default_bits, default_warps = launchers.HIST_DIGIT_BITS, launchers.HIST_WARPS
+            for select, bits, warps in variants():
                 launchers.TOPK_HISTOGRAM_ENABLED = select != "radix16"
-                if select != "radix16":
-                    launchers.HIST_DIGIT_BITS = int(select.removeprefix("histogram"))
+                launchers.HIST_DIGIT_BITS, launchers.HIST_WARPS = bits, warps
                 try:
                     thr, jcut = launchers.topk_thresholds(x, keep, None)
                     got = (thr.clone(), jcut.clone())
                     row[f"{select}_us"] = graph_us(lambda: launchers.topk_thresholds(x, keep, None))
                 finally:
                     launchers.TOPK_HISTOGRAM_ENABLED = False
-                    launchers.HIST_DIGIT_BITS = default_bits
+                    launchers.HIST_DIGIT_BITS, launchers.HIST_WARPS = default_bits, default_warps
                 if ref is None:
                     ref = got
                 else:
