@@ -609,11 +609,12 @@ def topk_thresholds(
     jcut = torch.empty(m, dtype=torch.int32, device=x.device)
     scale = channel_scale if channel_scale is not None else x
     if TOPK_HISTOGRAM_ENABLED and k <= _HIST_MAX_K:
-        # the whole row in one block: 4 histogram passes over registers
+        # the whole row in one block: one histogram pass over registers per digit
+        block_k = triton_next_power_of_2(k)
         topk_threshold_hist_kernel[(m,)](
             x, scale, thr, jcut, k, keep, x.stride(0), x.stride(1),
-            HAS_SCALE=channel_scale is not None, BLOCK_K=triton_next_power_of_2(k),
-            DIGIT_BITS=hist_digit_bits(triton_next_power_of_2(k)), num_warps=HIST_WARPS,
+            HAS_SCALE=channel_scale is not None, BLOCK_K=block_k, DIGIT_BITS=hist_digit_bits(block_k),
+            num_warps=HIST_WARPS,
         )
         return thr, jcut
     block_k = min(_SELECT_BLOCK_K, triton_next_power_of_2(k))
@@ -638,13 +639,6 @@ TOPK_HISTOGRAM_ENABLED = True
 # (36.2 / 36.4 us, 0.53 / 0.46; 8 bits: 38.6 / 38.3, 6 bits: 63 us). The GPU's Triton (3.6) builds
 # each histogram from warp ballots, cheaper at fewer bins (topk_select.py).
 HIST_DIGIT_BITS: int | None = None  # None: hist_digit_bits' choice by row width; an int forces it
-
-
-def hist_digit_bits(block_k: int) -> int:
-    """The histogram select's digit size for rows of block_k (a power of two) channels."""
-    if HIST_DIGIT_BITS is not None:
-        return HIST_DIGIT_BITS
-    return 5 if block_k <= 4096 else 4
 HIST_DIGIT_BITS_CHOICES = (4, 5, 6, 8)
 _HIST_MAX_K = 16384
 # Warps of the histogram select's one block. At 8 warps and 16384 channels a row, Triton 3.6 builds the
@@ -653,6 +647,15 @@ _HIST_MAX_K = 16384
 # (topk_select_time.py times 16 and 32 too).
 HIST_WARPS = 8
 HIST_WARPS_CHOICES = (8, 16, 32)
+
+
+def hist_digit_bits(block_k: int) -> int:
+    """The histogram select's digit size for rows of block_k (a power of two) channels."""
+    if HIST_DIGIT_BITS is not None:
+        return HIST_DIGIT_BITS
+    return 5 if block_k <= 4096 else 4
+
+
 # One program per row walks the row 9 times; a large block keeps the loop short.
 _SELECT_BLOCK_K = 2048
 _SELECT_WARPS = 8

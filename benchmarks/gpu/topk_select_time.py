@@ -52,18 +52,18 @@ def variants() -> list[tuple[str, int | None, int]]:
 def report_markdown(record: dict) -> str:
     """The run's table: microseconds per select call, each variant's ratio to the radix select of the
     same run, and whether every variant gave the radix select's (threshold, tie cut)."""
-    variants = [key.removesuffix("_us") for key in record["rows"][0] if key.endswith("_us")]
+    names = [key.removesuffix("_us") for key in record["rows"][0] if key.endswith("_us")]
     versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
     lines = ["# Exact top-k select kernels (LaRoSA), one CUDA graph of 50 calls", "",
              f"`benchmarks/gpu/topk_select_time.py`, commit `{record['commit']}`, {record['gpu']}, {versions}. "
              f"Command: `{record['command']}`. bf16 rows, keep = K / 2; us per call (ratio to radix16 in the "
              "same run). histogramN: one block per row, passes over N-bit digits.", "",
-             "| K | rows | " + " | ".join(variants) + " | same (thr, jcut) |",
-             "|---|---|" + "---|" * len(variants) + "---|"]
+             "| K | rows | " + " | ".join(names) + " | same (thr, jcut) |",
+             "|---|---|" + "---|" * len(names) + "---|"]
     for row in record["rows"]:
         radix = row["radix16_us"]
         cells = [f"{row[v + '_us']:.1f}" + ("" if v == "radix16" else f" ({row[v + '_us'] / radix:.2f})")
-                 for v in variants]
+                 for v in names]
         same = all(value for key, value in row.items() if key.endswith("same_result"))
         lines.append(f"| {row['k']} | {row['rows']} | " + " | ".join(cells) + f" | {'yes' if same else 'NO'} |")
     return "\n".join(lines) + "\n"
@@ -84,7 +84,7 @@ def main() -> None:
             keep = k // 2
             ref = None
             row = {"k": k, "rows": m, "keep": keep}
-            default_bits, default_warps = launchers.HIST_DIGIT_BITS, launchers.HIST_WARPS
+            defaults = launchers.TOPK_HISTOGRAM_ENABLED, launchers.HIST_DIGIT_BITS, launchers.HIST_WARPS
             for select, bits, warps in variants():
                 launchers.TOPK_HISTOGRAM_ENABLED = select != "radix16"
                 launchers.HIST_DIGIT_BITS, launchers.HIST_WARPS = bits, warps
@@ -93,8 +93,7 @@ def main() -> None:
                     got = (thr.clone(), jcut.clone())
                     row[f"{select}_us"] = graph_us(lambda: launchers.topk_thresholds(x, keep, None))
                 finally:
-                    launchers.TOPK_HISTOGRAM_ENABLED = False
-                    launchers.HIST_DIGIT_BITS, launchers.HIST_WARPS = default_bits, default_warps
+                    launchers.TOPK_HISTOGRAM_ENABLED, launchers.HIST_DIGIT_BITS, launchers.HIST_WARPS = defaults
                 if ref is None:
                     ref = got
                 else:

@@ -142,11 +142,14 @@ def adopt(rows: list[dict], path: str, candidate_set: str = "wide") -> None:
 
 def report_markdown(record: dict, title: str) -> str:
     """A run's table: per shape and sparsity the committed config against dense, and the fastest
-    candidate of each pipeline depth (a label's "st<n>" suffix; none = by hand) with its change."""
+    candidate of each compact loop pipeline (launchers.compact_stages; 1 = by hand) with its change."""
     rows = [r for r in record["rows"] if "sparse_us" in r]
     failed = [r for r in record["rows"] if "error" in r]
-    depths = sorted({int(r["config"].rsplit(" st", 1)[1].split()[0]) if " st" in r["config"] else 1
-                     for r in rows if r["config"] != "committed"})
+
+    def depth(row: dict) -> int:
+        return launchers.compact_stages(launchers.GemvConfig.from_dict(row["gemv_config"]))
+
+    depths = sorted({depth(r) for r in rows if r["config"] != "committed"})
     versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
     lines = [f"# {title}", "",
              f"`benchmarks/gpu/wide_tiles.py`, commit `{record['commit']}`, {record['gpu']}, {versions}. "
@@ -160,9 +163,8 @@ def report_markdown(record: dict, title: str) -> str:
             here = [r for r in rows if r["shape"] == shape and r["sparsity"] == sparsity]
             committed = next(r for r in here if r["config"] == "committed")
             cells = []
-            for depth in depths:
-                rivals = [r for r in here if r["config"] != "committed" and
-                          (f" st{depth}" in r["config"] if depth > 1 else " st" not in r["config"])]
+            for stages in depths:
+                rivals = [r for r in here if r["config"] != "committed" and depth(r) == stages]
                 best = min(rivals, key=lambda r: r["sparse_us"], default=None)
                 cells.append("-" if best is None else
                              f"{best['sparse_us']:.1f} ({best['sparse_us'] / committed['sparse_us'] - 1:+.0%}) "
