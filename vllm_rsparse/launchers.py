@@ -912,6 +912,7 @@ def sparse_gemv(
     elif compact:
         # one program per (output tile, K chunk, token row); each row reads only its own
         # channels, through a compact list of them
+        stages = compact_stages(cfg)
         sparse_gemv_compact_kernel[(tiles, split_k, m)](
             x, w_t, v_t if has_lowrank else w_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists,
             ws.accumulator, ws.counters, ws.fixed, out, y32, z,
@@ -922,8 +923,8 @@ def sparse_gemv(
             BLOCK_R=v_tile.block_r, BLOCK_KV=v_tile.block_kv, CHUNK_V=v_tile.chunk, SPLIT_V=split_v > 1,
             HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
             HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, FIXED=fixed, AHEAD=LOAD_AHEAD_ENABLED,
-            GDC_WAIT=pdl, GDC_TRIGGER=pdl or up_pdl, EVICT=evict, STAGES=compact_stages(cfg),
-            num_warps=cfg.num_warps, num_stages=compact_stages(cfg), **launch_pdl,
+            GDC_WAIT=pdl, GDC_TRIGGER=pdl or up_pdl, EVICT=evict, STAGES=stages,
+            num_warps=cfg.num_warps, num_stages=stages, **launch_pdl,
         )
     else:
         sparse_gemv_kernel[(tiles, split_k, row_groups)](
