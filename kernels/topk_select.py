@@ -9,8 +9,14 @@ what makes the count exact.
 
 The keep-th largest score is found by a radix select on the bit pattern of the f32
 score: scores are >= 0, and for non-negative floats the int32 bit pattern orders
-like the value. 8 passes of 4 bits; each pass counts, among the channels that match
-the digits fixed so far, how many have each value of the next digit.
+like the value. Passes of 4 bits from the top; each pass counts, among the channels
+that match the digits fixed so far, how many have each value of the next digit.
+
+Only bits [LOW_BIT, TOP_BIT) of a score can be set, and only those get passes
+(launchers.score_bit_span): |x| clears the sign bit (TOP_BIT = 31), and a bf16 / fp16
+value widened to f32 leaves its low 16 / 13 mantissa bits zero (LOW_BIT), so a bf16
+row without a channel scale needs 15 bits of passes instead of 32. The skipped bits
+are zero in every score, hence in the keep-th largest: the result is the same.
 """
 
 import triton
@@ -30,15 +36,17 @@ def _score_bits(p_x, p_scale, i_m, o_k, m_k, s_xm, s_xk, HAS_SCALE: tl.constexpr
 def topk_threshold_kernel(
     p_x, p_scale, p_thr, p_jcut,
     K, keep, s_xm, s_xk,
-    HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, LOW_BIT: tl.constexpr = 0, TOP_BIT: tl.constexpr = 32,
 ):
     # x [M, K]  scale [K]  ->  thr [M] f32, jcut [M] i32;  grid (M,)
     i_m = tl.program_id(0)
     o_d = tl.arange(0, 16)
     prefix = tl.zeros([], dtype=tl.int32)
     remaining = tl.zeros([], dtype=tl.int32) + keep
-    for i_pass in tl.static_range(8):
-        shift = 28 - 4 * i_pass
+    for i_pass in tl.static_range((TOP_BIT - LOW_BIT + 3) // 4):
+        # the digit of bits [shift, shift + 4) from the top; the last one is cut at LOW_BIT and may
+        # overlap bits fixed already (as in the histogram kernel below)
+        shift = TOP_BIT - 4 * (i_pass + 1) if TOP_BIT - 4 * (i_pass + 1) > LOW_BIT else LOW_BIT
         counts = tl.zeros([16], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             o_k = k0 + tl.arange(0, BLOCK_K)
@@ -46,8 +54,9 @@ def topk_threshold_kernel(
             b_bits = _score_bits(p_x, p_scale, i_m, o_k, m_k, s_xm, s_xk, HAS_SCALE)
             m_cand = m_k
             if i_pass > 0:
-                # only channels whose higher digits equal the prefix found so far
-                m_cand = m_cand & ((b_bits >> (shift + 4)) == (prefix >> (shift + 4)))
+                # only channels whose bits fixed so far (all above this pass's) equal the prefix
+                above = TOP_BIT - 4 * i_pass
+                m_cand = m_cand & ((b_bits >> above) == (prefix >> above))
             b_digit = (b_bits >> shift) & 15
             hit = (b_digit[None, :] == o_d[:, None]) & m_cand[None, :]
             counts += tl.sum(hit.to(tl.int32), axis=1)
@@ -84,6 +93,7 @@ def topk_threshold_hist_kernel(
     p_x, p_scale, p_thr, p_jcut,
     K, keep, s_xm, s_xk,
     HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, DIGIT_BITS: tl.constexpr,
+    LOW_BIT: tl.constexpr = 0, TOP_BIT: tl.constexpr = 32,
 ):
     # The same contract as topk_threshold_kernel, for rows that fit one block (K <= BLOCK_K):
     # the row's score bits are loaded once and stay in registers, and each pass over a digit of
@@ -99,15 +109,15 @@ def topk_threshold_hist_kernel(
     o_b = tl.arange(0, BINS)
     prefix = tl.zeros([], dtype=tl.int32)
     remaining = tl.zeros([], dtype=tl.int32) + keep
-    for i_pass in tl.static_range((32 + DIGIT_BITS - 1) // DIGIT_BITS):
-        # the digit of bits [shift, shift + DIGIT_BITS), from the top; the last one is cut at bit 0
+    for i_pass in tl.static_range((TOP_BIT - LOW_BIT + DIGIT_BITS - 1) // DIGIT_BITS):
+        # the digit of bits [shift, shift + DIGIT_BITS), from the top; the last one is cut at LOW_BIT
         # and may overlap bits fixed already (candidates agree with the prefix there, so the chosen
         # digit repeats those bits)
-        shift = 32 - DIGIT_BITS * (i_pass + 1) if 32 > DIGIT_BITS * (i_pass + 1) else 0
+        shift = TOP_BIT - DIGIT_BITS * (i_pass + 1) if TOP_BIT - DIGIT_BITS * (i_pass + 1) > LOW_BIT else LOW_BIT
         m_cand = m_k
         if i_pass > 0:
-            # candidates: the channels whose bits above this digit equal the prefix found so far
-            above = 32 - DIGIT_BITS * i_pass
+            # candidates: the channels whose bits fixed so far (all above this digit) equal the prefix
+            above = TOP_BIT - DIGIT_BITS * i_pass
             m_cand = m_cand & ((b_bits >> above) == (prefix >> above))
         # everything else counts in bin 0, which changes nothing: bin 0's at_least (all
         # candidates, >= remaining) picks digit 0 only when no higher digit qualifies, and

@@ -221,10 +221,20 @@ def test_topk_select_report_matches_committed_files():
     assert all(record[key] for key in ("commit", "gpu", "versions", "command"))
     assert all(value for row in record["rows"] for key, value in row.items() if key.endswith("same_result"))
     assert module.report_markdown(record) == (RESULTS / "topk_select_h200.md").read_text()
-    launchers = module.launchers
     for row in record["rows"]:
-        chosen = f"histogram{launchers.hist_digit_bits(launchers.triton_next_power_of_2(row['k']))}_us"
-        assert row[chosen] == min(v for k, v in row.items() if k.startswith("histogram") and k.endswith("_us"))
+        chosen, rivals = module.launcher_choice(row)
+        assert len(rivals) == 4 and row[f"{chosen}_us"] == min(row[f"{r}_us"] for r in rivals)
+
+
+def test_topk_select_variants():
+    """topk_select_time.py times session 27's set under its names (passes over all 32 bits) and the passes
+    over the bits that can be set ("_span") at every block width, every name once."""
+    module = load_benchmark("gpu/topk_select_time.py")
+    names = [v[0] for v in module.variants()]
+    assert len(set(names)) == len(names) == 18
+    assert names[:5] == ["radix16", "histogram4", "histogram5", "histogram6", "histogram8"]
+    assert {"radix16_span", "histogram5_span", "histogram4_w32_span", "histogram8_w16_span"} <= set(names)
+    assert all(span == name.endswith("_span") for name, _, _, span in module.variants())
 
 
 def test_committed_kernels_merge_topk():

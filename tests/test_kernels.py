@@ -214,6 +214,55 @@ def test_topk_select_exact_count(distinct, keep_frac, select, gen, monkeypatch):
     assert torch.equal(mask, topk_mask_lowest_index(x, keep, None))
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_score_bit_span_holds_for_every_value(dtype):
+    """launchers.score_bit_span's premise, on every 16-bit pattern of the dtype (subnormals, zeros,
+    infinities and NaNs included): |x| widened to f32 has no bit set outside [LOW_BIT, TOP_BIT), so the
+    select passes it skips would have found zero digits."""
+    low, top = launchers.score_bit_span(DTYPES[dtype], has_scale=False)
+    assert (low, top) == ({"bf16": 16, "fp16": 13}[dtype], 31)
+    x = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(DTYPES[dtype])
+    bits = reference.channel_scores(x[None, :], None).view(torch.int32)
+    outside = ~(((1 << top) - 1) ^ ((1 << low) - 1))  # every bit not in [low, top)
+    assert not (bits & outside).any()
+    # a channel scale's product can set any bit, and the switch restores the full span
+    assert launchers.score_bit_span(DTYPES[dtype], has_scale=True) == (0, 32)
+
+
+@pytest.mark.parametrize("scale", [False, True], ids=["plain", "scaled"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("select", ["radix16", "histogram4", "histogram5", "histogram8"])
+def test_topk_select_score_span(select, dtype, scale, gen, monkeypatch):
+    """The select passes over only the bits a score can have set (launchers.score_bit_span: 15 bits
+    for bf16, 18 for fp16, all 32 with a channel scale) give the (threshold, tie cut) of the passes
+    over all 32 bits, bit for bit, on rows of arbitrary 16-bit values (subnormals, zeros and
+    infinities included) and rows that are mostly ties."""
+    monkeypatch.setattr(launchers, "TOPK_HISTOGRAM_ENABLED", select != "radix16")
+    if select != "radix16":
+        monkeypatch.setattr(launchers, "HIST_DIGIT_BITS", int(select.removeprefix("histogram")))
+    m, k = (6, 1000) if not HAS_CUDA else (16, 14336)
+    dtype = DTYPES[dtype]
+    patterns = torch.randint(-(1 << 15), 1 << 15, (m, k), generator=gen, device=DEVICE, dtype=torch.int32)
+    x = patterns.to(torch.int16).view(dtype)
+    x = torch.where(torch.isnan(x), torch.zeros_like(x), x)  # NaN has no place in a top-k order
+    if not HAS_CUDA:
+        # the interpreter widens a bf16 subnormal (an f32 subnormal) to 0; the GPU shifts its bits
+        x = torch.where(x.float().abs() < torch.finfo(torch.float32).tiny, torch.zeros_like(x), x)
+    x[m // 2:] = (x[m // 2:] * 0).add_(torch.randint(0, 3, (m - m // 2, k), generator=gen, device=DEVICE).to(dtype))
+    channel_scale = torch.rand(k, generator=gen, device=DEVICE) + 0.5 if scale else None
+    for keep in (0, 1, k // 3, k // 2, k - 1, k):
+        spans = []
+        for enabled in (True, False):
+            monkeypatch.setattr(launchers, "TOPK_SCORE_SPAN_ENABLED", enabled)
+            spans.append(launchers.topk_thresholds(x, keep, channel_scale))
+        (thr, jcut), (thr_full, jcut_full) = spans
+        assert torch.equal(thr.view(torch.int32), thr_full.view(torch.int32)) and torch.equal(jcut, jcut_full)
+        score = reference.channel_scores(x, channel_scale)
+        o_k = torch.arange(k, device=DEVICE)
+        mask = (score > thr[:, None]) | ((score == thr[:, None]) & (o_k[None, :] <= jcut[:, None]))
+        assert torch.equal(mask, topk_mask_lowest_index(x, keep, channel_scale)), keep
+
+
 @pytest.mark.parametrize("finish", ["fixed", "counter"])
 @pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "one_ahead"])
 @pytest.mark.parametrize("rows", ["compact", "walk", "union"])
@@ -536,12 +585,13 @@ def test_other_kernels_build_for_sm90_offline(toolchain):
     machine's: the walk kernel (one row; 16 rows with tl.dot, per-row thresholds and the v_t column),
     the compact kernel with programmatic dependent launch (griddepcontrol) and with its loop through
     Triton's cp.async pipeline, R-Sparse's epilogue (one
-    row with PDL; 16 rows with tl.dot) and the exact top-k selects -- no function calls, and no stack
+    row with PDL; 16 rows with tl.dot) and the exact top-k selects (the histogram one also for a bf16
+    row over all 32 score bits and over the 15 it can set) -- no function calls, and no stack
     in the GEMV and epilogue kernels. (The radix select keeps an 8-byte stack on Triton 3.9: it runs
     once per row, not in a weight stream.)"""
     builds = _offline_builds(toolchain, "--others")
     assert [b["kernel"] for b in builds] == ["sparse_gemv_kernel"] * 2 + ["sparse_gemv_compact_kernel"] * 2 + \
-        ["lowrank_up_kernel"] * 2 + ["topk_threshold_kernel", "topk_threshold_hist_kernel"]
+        ["lowrank_up_kernel"] * 2 + ["topk_threshold_kernel"] + ["topk_threshold_hist_kernel"] * 3
     for build in builds:
         assert build["calls"] == 0, build
         if build["kernel"].startswith(("sparse_gemv", "lowrank")):
@@ -551,6 +601,12 @@ def test_other_kernels_build_for_sm90_offline(toolchain):
     # steps in flight; the hand-pipelined loop (PDL build) through registers
     assert builds[3]["STAGES"] == 3 and builds[3]["cp_async_16b"] >= 2 * 8, builds[3]
     assert builds[2]["cp_async_16b"] == 0, builds[2]
+    # a bf16 row without a channel scale: 4-bit digits over the 15 score bits that can be set (4 passes)
+    # instead of all 32 (8 passes; launchers.score_bit_span): 7704 SASS instructions instead of 12792 with
+    # the GPU machine's Triton 3.6, 3584 instead of 5320 with the venv's
+    full, span = builds[-2:]
+    assert (full["LOW_BIT"], full["TOP_BIT"], span["LOW_BIT"], span["TOP_BIT"]) == (0, 32, 16, 31)
+    assert span["sass_instructions"] < 0.7 * full["sass_instructions"], (full, span)
 
 
 def test_lowrank_layout_per_config(monkeypatch):

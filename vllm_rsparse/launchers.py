@@ -608,22 +608,42 @@ def topk_thresholds(
     thr = torch.empty(m, dtype=torch.float32, device=x.device)
     jcut = torch.empty(m, dtype=torch.int32, device=x.device)
     scale = channel_scale if channel_scale is not None else x
+    low_bit, top_bit = score_bit_span(x.dtype, channel_scale is not None)
     if TOPK_HISTOGRAM_ENABLED and k <= _HIST_MAX_K:
         # the whole row in one block: one histogram pass over registers per digit
         block_k = triton_next_power_of_2(k)
         topk_threshold_hist_kernel[(m,)](
             x, scale, thr, jcut, k, keep, x.stride(0), x.stride(1),
             HAS_SCALE=channel_scale is not None, BLOCK_K=block_k, DIGIT_BITS=hist_digit_bits(block_k),
-            num_warps=HIST_WARPS,
+            LOW_BIT=low_bit, TOP_BIT=top_bit, num_warps=HIST_WARPS,
         )
         return thr, jcut
     block_k = min(_SELECT_BLOCK_K, triton_next_power_of_2(k))
     topk_threshold_kernel[(m,)](
         x, scale, thr, jcut,
         k, keep, x.stride(0), x.stride(1),
-        HAS_SCALE=channel_scale is not None, BLOCK_K=block_k, num_warps=_SELECT_WARPS,
+        HAS_SCALE=channel_scale is not None, BLOCK_K=block_k, LOW_BIT=low_bit, TOP_BIT=top_bit,
+        num_warps=_SELECT_WARPS,
     )
     return thr, jcut
+
+
+# The select passes cover only the bits a score can have set (score_bit_span). False: all 32, as
+# before session 28 -- the A/B switch of benchmarks/gpu/topk_select_time.py.
+TOPK_SCORE_SPAN_ENABLED = True
+# Low mantissa bits that are zero in every value of a 16-bit float widened to f32: bf16 keeps 7 of
+# f32's 23 mantissa bits, fp16 10 (its subnormals fewer, still in the high bits once normalised).
+_ZERO_LOW_BITS = {torch.bfloat16: 16, torch.float16: 13}
+
+
+def score_bit_span(dtype: torch.dtype, has_scale: bool) -> tuple[int, int]:
+    """(LOW_BIT, TOP_BIT): the top-k select's scores can have bits [LOW_BIT, TOP_BIT) of their f32
+    pattern set. A score without a channel scale is |x| widened from x's dtype: sign bit clear, low
+    bits zero (a bf16 row: bits 16-30, 15 bits of passes instead of 32). A channel scale's product
+    can set any bit."""
+    if has_scale or not TOPK_SCORE_SPAN_ENABLED:
+        return 0, 32
+    return _ZERO_LOW_BITS.get(dtype, 0), 31
 
 
 # The histogram select (one block per row): on the H100 (576f7cf) it gives the radix select's
@@ -650,7 +670,9 @@ HIST_WARPS_CHOICES = (8, 16, 32)
 
 
 def hist_digit_bits(block_k: int) -> int:
-    """The histogram select's digit size for rows of block_k (a power of two) channels."""
+    """The histogram select's digit size for rows of block_k (a power of two) channels. (Measured with
+    passes over all 32 score bits; over a bf16 row's 15 (score_bit_span) 5-bit digits take 3 passes, 4-bit
+    ones 4: topk_select_time.py's "_span" variants rank them.)"""
     if HIST_DIGIT_BITS is not None:
         return HIST_DIGIT_BITS
     return 5 if block_k <= 4096 else 4
@@ -1031,6 +1053,7 @@ __all__ = [
     "pick_config",
     "prepare_lowrank",
     "prepare_weight",
+    "score_bit_span",
     "sparse_gemv",
     "sparse_linear",
     "topk_thresholds",

@@ -111,6 +111,10 @@ OTHER_BUILDS = [
     dict(kernel="lowrank_up_kernel", num_warps=4, num_stages=1, ROWS=16),
     dict(kernel="topk_threshold_kernel", num_warps=8, num_stages=1, BLOCK_K=2048, HAS_SCALE=True),
     dict(kernel="topk_threshold_hist_kernel", num_warps=8, num_stages=1, BLOCK_K=16384, HAS_SCALE=True),
+    # a bf16 row without a channel scale (LaRoSA): passes over all 32 score bits, then over the 15 that
+    # can be set (launchers.score_bit_span, session 28)
+    dict(kernel="topk_threshold_hist_kernel", num_warps=8, num_stages=1, BLOCK_K=16384, LOW_BIT=0, TOP_BIT=32),
+    dict(kernel="topk_threshold_hist_kernel", num_warps=8, num_stages=1, BLOCK_K=16384, LOW_BIT=16, TOP_BIT=31),
 ]
 # each kernel's module, pointer element types and constexpr defaults (launchers.sparse_gemv,
 # launch_lowrank_up, topk_thresholds); the compact kernel's build goes through compact_constexprs
@@ -122,9 +126,10 @@ OTHER_KERNELS = {
     "lowrank_up_kernel": ("sparse_gemv", {"p_y32": "*fp32", "p_z": "*fp32", "p_u": "*bf16", "p_out": "*bf16"},
                           dict(ROWS=1, BLOCK_N=64, BLOCK_R=32, DOT_F32=False, GDC=False)),
     "topk_threshold_kernel": ("topk_select", {"p_x": "*bf16", "p_scale": "*fp32", "p_thr": "*fp32", "p_jcut": "*i32"},
-                              dict(HAS_SCALE=False, BLOCK_K=2048)),
+                              dict(HAS_SCALE=False, BLOCK_K=2048, LOW_BIT=0, TOP_BIT=32)),
     "topk_threshold_hist_kernel": ("topk_select", {"p_x": "*bf16", "p_scale": "*fp32", "p_thr": "*fp32",
-                                                   "p_jcut": "*i32"}, dict(HAS_SCALE=False, BLOCK_K=16384, DIGIT_BITS=4)),
+                                                   "p_jcut": "*i32"}, dict(HAS_SCALE=False, BLOCK_K=16384, DIGIT_BITS=4,
+                                                                         LOW_BIT=0, TOP_BIT=32)),
 }
 
 

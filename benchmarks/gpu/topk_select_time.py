@@ -1,7 +1,9 @@
 """Time the exact top-k select kernels (radix 16-way passes vs the one-block histogram, the latter
 at each digit size of launchers.HIST_DIGIT_BITS_CHOICES and block width of HIST_WARPS_CHOICES) on a
 GPU, 1..16 rows, the LaRoSA input widths, inside CUDA graphs (as in vLLM's decode graphs); every
-variant's (threshold, tie cut) compared with the radix kernel's.
+variant's (threshold, tie cut) compared with the radix kernel's. Each select with its passes over
+all 32 score bits (the names of session 27's run) and, suffix "_span", over the bits a bf16 score
+can have set (launchers.score_bit_span, session 28: 15), at every block width.
 
     python3 -P benchmarks/gpu/topk_select_time.py --out $OUT/topk_select_h100.json
     python benchmarks/gpu/topk_select_time.py --out benchmarks/results/topk_select_h200.json \
@@ -39,14 +41,31 @@ def graph_us(fn, calls: int = 50) -> float:
     return graph_replay_ms(rounds) * 1e3 / calls
 
 
-def variants() -> list[tuple[str, int | None, int]]:
-    """(name, digit bits, warps) of each select timed: the radix select, then the histogram select at
-    every digit size and block width ("histogram4", "histogram4_w32", ...; no suffix: 8 warps)."""
-    out = [("radix16", None, launchers.HIST_WARPS)]
+def variant_name(bits: int | None, warps: int, span: bool) -> str:
+    """"radix16" (bits None) or "histogram{bits}", "_w{warps}" unless 8 warps, "_span" when the passes
+    cover only the score bits that can be set."""
+    name = "radix16" if bits is None else f"histogram{bits}" + ("" if warps == 8 else f"_w{warps}")
+    return name + ("_span" if span else "")
+
+
+def variants() -> list[tuple[str, int | None, int, bool]]:
+    """(name, digit bits, warps, span) of each select timed: the radix select and the histogram select at
+    every digit size over all 32 bits at 8 warps (session 27's set), then the same over the bits that can
+    be set, the histogram at every block width too."""
+    out = [(variant_name(bits, 8, False), bits, 8, False) for bits in (None, *launchers.HIST_DIGIT_BITS_CHOICES)]
+    out.append((variant_name(None, 8, True), None, 8, True))
     for warps in launchers.HIST_WARPS_CHOICES:
-        suffix = "" if warps == 8 else f"_w{warps}"
-        out += [(f"histogram{bits}{suffix}", bits, warps) for bits in launchers.HIST_DIGIT_BITS_CHOICES]
+        out += [(variant_name(bits, warps, True), bits, warps, True) for bits in launchers.HIST_DIGIT_BITS_CHOICES]
     return out
+
+
+def launcher_choice(record_row: dict) -> tuple[str, list[str]]:
+    """The variant the launcher runs at this row's width (its digit size, HIST_WARPS, the span switch) and
+    the variants of the row it competes with (the other digit sizes at the same width and span)."""
+    bits = launchers.hist_digit_bits(launchers.triton_next_power_of_2(record_row["k"]))
+    span = launchers.TOPK_SCORE_SPAN_ENABLED and any(key.endswith("_span_us") for key in record_row)
+    rivals = [variant_name(b, launchers.HIST_WARPS, span) for b in launchers.HIST_DIGIT_BITS_CHOICES]
+    return variant_name(bits, launchers.HIST_WARPS, span), [r for r in rivals if f"{r}_us" in record_row]
 
 
 def report_markdown(record: dict) -> str:
@@ -57,7 +76,10 @@ def report_markdown(record: dict) -> str:
     lines = ["# Exact top-k select kernels (LaRoSA), one CUDA graph of 50 calls", "",
              f"`benchmarks/gpu/topk_select_time.py`, commit `{record['commit']}`, {record['gpu']}, {versions}. "
              f"Command: `{record['command']}`. bf16 rows, keep = K / 2; us per call (ratio to radix16 in the "
-             "same run). histogramN: one block per row, passes over N-bit digits.", "",
+             "same run). histogramN: one block per row, passes over N-bit digits." +
+             (" _wN: N warps (else 8); _span: passes over the 15 bits a bf16 score can have set instead of "
+              "all 32 (launchers.score_bit_span)." if any(k.endswith("_span_us") for k in record["rows"][0]) else ""),
+             "",
              "| K | rows | " + " | ".join(names) + " | same (thr, jcut) |",
              "|---|---|" + "---|" * len(names) + "---|"]
     for row in record["rows"]:
@@ -84,16 +106,18 @@ def main() -> None:
             keep = k // 2
             ref = None
             row = {"k": k, "rows": m, "keep": keep}
-            defaults = launchers.TOPK_HISTOGRAM_ENABLED, launchers.HIST_DIGIT_BITS, launchers.HIST_WARPS
-            for select, bits, warps in variants():
-                launchers.TOPK_HISTOGRAM_ENABLED = select != "radix16"
-                launchers.HIST_DIGIT_BITS, launchers.HIST_WARPS = bits, warps
+            switches = ("TOPK_HISTOGRAM_ENABLED", "HIST_DIGIT_BITS", "HIST_WARPS", "TOPK_SCORE_SPAN_ENABLED")
+            defaults = [getattr(launchers, name) for name in switches]
+            for select, bits, warps, span in variants():
+                for name, value in zip(switches, (bits is not None, bits, warps, span)):
+                    setattr(launchers, name, value)
                 try:
                     thr, jcut = launchers.topk_thresholds(x, keep, None)
                     got = (thr.clone(), jcut.clone())
                     row[f"{select}_us"] = graph_us(lambda: launchers.topk_thresholds(x, keep, None))
                 finally:
-                    launchers.TOPK_HISTOGRAM_ENABLED, launchers.HIST_DIGIT_BITS, launchers.HIST_WARPS = defaults
+                    for name, value in zip(switches, defaults):
+                        setattr(launchers, name, value)
                 if ref is None:
                     ref = got
                 else:
