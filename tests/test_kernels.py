@@ -194,9 +194,10 @@ def test_topk(shape, tokens, sparsity, dtype, lowrank, gen):
 def test_topk_select_exact_count(distinct, keep_frac, select, gen, monkeypatch):
     """The (threshold, tie cut) pair keeps exactly `keep` channels, also when most
     scores tie (few distinct values): the same set as lowest-index-first top-k. Both
-    select kernels: 8 passes of 16-way counts, and histogram passes of one block over
-    digits of 4, 5, 6 or 8 bits (5 and 6 leave a last digit that overlaps fixed bits),
-    of 8 warps and (suffix _wN) wider blocks."""
+    select kernels: passes of 16-way counts, and histogram passes of one block over
+    digits of 4, 5, 6 or 8 bits, of 8 warps and (suffix _wN) wider blocks. The rows are
+    bf16 without a scale, so the passes cover the 15 bits a score can have set
+    (launchers.score_bit_span; 5, 6 and 8 leave a last digit that overlaps fixed bits)."""
     monkeypatch.setattr(launchers, "TOPK_HISTOGRAM_ENABLED", select != "radix16")
     if select != "radix16":
         bits, _, warps = select.removeprefix("histogram").partition("_w")
