@@ -197,7 +197,7 @@ def test_topk_select_exact_count(distinct, keep_frac, select, gen, monkeypatch):
     select kernels: passes of 16-way counts, and histogram passes of one block over
     digits of 4, 5, 6 or 8 bits, of 8 warps and (suffix _wN) wider blocks. The rows are
     bf16 without a scale, so the passes cover the 15 bits a score can have set
-    (launchers.score_bit_span; 5, 6 and 8 leave a last digit that overlaps fixed bits)."""
+    (launchers.score_bit_span; 4, 6 and 8 leave a last digit that overlaps fixed bits)."""
     monkeypatch.setattr(launchers, "TOPK_HISTOGRAM_ENABLED", select != "radix16")
     if select != "radix16":
         bits, _, warps = select.removeprefix("histogram").partition("_w")
