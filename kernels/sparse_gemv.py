@@ -51,6 +51,8 @@ the channels any of its rows selected (a weight row is read once), the rows meet
 import triton
 import triton.language as tl
 
+from .topk_select import topk_row_threshold
+
 # 64-bit fixed-point split-K word (module docstring); launchers.FX_MAX_SPLIT mirrors FX_MAX_SPLIT.
 # Plain values, not expressions of each other: the interpreter does no constexpr arithmetic.
 FX_SCALE = tl.constexpr(16777216.0)  # 2^24: the sum's fraction bits
@@ -501,15 +503,17 @@ def sparse_gemv_compact_kernel(
     p_x, p_w, p_v, p_scale, p_thr, p_jcut, p_bias, p_list,
     p_acc, p_count, p_fx, p_out, p_y32, p_z,
     M, N, K, R, n_tiles_w, ws_cols, list_cols, n_split_v,
-    s_xm, s_xk, s_wk, s_vk, s_om, s_on,
+    s_xm, s_xk, s_wk, s_vk, s_om, s_on, keep,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_KV: tl.constexpr, CHUNK_V: tl.constexpr, SPLIT_V: tl.constexpr,
     HAS_SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr,
     AHEAD: tl.constexpr, GDC_WAIT: tl.constexpr, GDC_TRIGGER: tl.constexpr, EVICT: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, TOPK_BLOCK: tl.constexpr, TOPK_DIGIT_BITS: tl.constexpr, TOPK_LOW_BIT: tl.constexpr,
+    TOPK_TOP_BIT: tl.constexpr,
 ):
     # x [M, K]  w_t [K, N]  v_t [K, R]  scale [K]  thr [1] or [M] f32  jcut [M] i32  bias [N]
+    # keep: with TOPK_BLOCK > 0 the exact top-k of each row, selected in this launch (below)
     # list [2 * M, list_cols] i32 (scratch: selected | dropped channel lists per row)
     # acc [16, ws_cols] f32 (zeros)  count [tiles * M] i32 (zeros)  fx [16, ws_cols] i64 (zeros)
     # out [M, N] (no lowrank) | y32 [M, N] f32 and z [M, R] f32 (lowrank)
@@ -531,7 +535,14 @@ def sparse_gemv_compact_kernel(
     i_n = tl.program_id(0)
     i_k = tl.program_id(1)
     i_m = tl.program_id(2)
-    if PER_ROW:
+    if TOPK_BLOCK > 0:
+        # exact top-k without a select launch (launchers.TOPK_IN_KERNEL): every program finds its
+        # row's (threshold, tie cut) itself from the whole row, which is in L2 (K <= TOPK_BLOCK), in
+        # place of the select kernel's launch and the load of its result; the same arithmetic as
+        # that kernel, so the same channels
+        thr, jcut = topk_row_threshold(p_x, p_scale, i_m, K, keep, s_xm, s_xk, HAS_SCALE, TOPK_BLOCK,
+                                       TOPK_DIGIT_BITS, TOPK_LOW_BIT, TOPK_TOP_BIT)
+    elif PER_ROW:
         thr = tl.load(p_thr + i_m)
         jcut = tl.load(p_jcut + i_m)
     else:

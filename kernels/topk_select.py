@@ -96,13 +96,25 @@ def topk_threshold_hist_kernel(
     LOW_BIT: tl.constexpr = 0, TOP_BIT: tl.constexpr = 32,
 ):
     # The same contract as topk_threshold_kernel, for rows that fit one block (K <= BLOCK_K):
-    # the row's score bits are loaded once and stay in registers, and each pass over a digit of
+    # one program per row runs topk_row_threshold.
+    i_m = tl.program_id(0)
+    thr, jcut = topk_row_threshold(p_x, p_scale, i_m, K, keep, s_xm, s_xk, HAS_SCALE, BLOCK_K, DIGIT_BITS,
+                                   LOW_BIT, TOP_BIT)
+    tl.store(p_thr + i_m, thr)
+    tl.store(p_jcut + i_m, jcut)
+
+
+@triton.jit
+def topk_row_threshold(p_x, p_scale, i_m, K, keep, s_xm, s_xk, HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr,
+                       DIGIT_BITS: tl.constexpr, LOW_BIT: tl.constexpr, TOP_BIT: tl.constexpr):
+    # x row i_m (K <= BLOCK_K channels)  ->  (thr f32, jcut i32) of its exact top-`keep`, in one block
+    # (topk_threshold_hist_kernel; the compact GEMV's prologue with launchers.TOPK_IN_KERNEL).
+    # The row's score bits are loaded once and stay in registers, and each pass over a digit of
     # DIGIT_BITS bits is one shared-memory histogram (tl.histogram) instead of 16 masked counts
     # per chunk. The digit size sets the cost: Triton 3.6 (the GPU machine's) builds a histogram
     # from warp ballots, about 1.4 k SASS instructions at 32 bins and 3.4 k at 256 for 64 values
     # a thread (session 27), so narrower digits can cost less in all despite more passes.
     BINS: tl.constexpr = 1 << DIGIT_BITS
-    i_m = tl.program_id(0)
     o_k = tl.arange(0, BLOCK_K)
     m_k = o_k < K
     b_bits = _score_bits(p_x, p_scale, i_m, o_k, m_k, s_xm, s_xk, HAS_SCALE)
@@ -136,5 +148,4 @@ def topk_threshold_hist_kernel(
     thr = prefix.to(tl.float32, bitcast=True)
     thr = tl.where(keep > 0, thr, float("inf"))
     jcut = tl.where(keep > 0, jcut, -1)
-    tl.store(p_thr + i_m, thr)
-    tl.store(p_jcut + i_m, jcut)
+    return thr, jcut

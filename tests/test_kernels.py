@@ -395,6 +395,64 @@ def test_compact_stages_only_for_compact_configs():
     assert launchers.compact_stages(dataclasses.replace(walk, kernel="compact")) == 2
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_topk_in_kernel(dtype, scaled, gen, monkeypatch):
+    """Exact top-k selected in the compact GEMV's own programs (launchers.TOPK_IN_KERNEL, session 28):
+    no select launch, the select launch's result bit for bit (the same channels; the fixed-point
+    split-K sum is order-independent) and the reference's, with and without R-Sparse's v_t programs
+    (they take the dropped channels of the same selection), keeping none to all channels, one
+    program along K or several."""
+    n, k, m = (48, 300, 3) if not HAS_CUDA else (4096, 4096, 3)
+    block_n, block_k = (32, 16) if not HAS_CUDA else (512, 16)
+    dtype = DTYPES[dtype]
+    w, b, s, u, v = make_layer(n, k, dtype, gen, rank=20, scale=scaled)
+    x = randn(m, k, gen=gen, dtype=dtype)
+    w_t, v_t = launchers.prepare_weight(w).t(), launchers.prepare_weight(v).t()
+    select_launch = launchers.topk_thresholds
+
+    def no_select_launch(*args):
+        raise AssertionError("the select kernel was launched")
+
+    for split_k in (1, 5):
+        cfg = launchers.GemvConfig(rows=1, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4,
+                                   num_stages=1, kernel="compact")
+        for up, v_arg in ((None, None), (u, v_t)):
+            for keep in (0, k // 2, k):
+                monkeypatch.setattr(launchers, "TOPK_IN_KERNEL", False)
+                monkeypatch.setattr(launchers, "topk_thresholds", select_launch)
+                launched = launchers.sparse_gemv(x, w_t, None, None, b, s, up, v_arg, config=cfg, keep=keep)
+                monkeypatch.setattr(launchers, "TOPK_IN_KERNEL", True)
+                monkeypatch.setattr(launchers, "topk_thresholds", no_select_launch)
+                assert launchers.topk_in_kernel(cfg, k)
+                out = launchers.sparse_gemv(x, w_t, None, None, b, s, up, v_arg, config=cfg, keep=keep)
+                where = f"split {split_k}, keep {keep}, low-rank {up is not None}"
+                assert torch.equal(out, launched), where
+                ref = reference.masked_linear(x, w, topk_mask_lowest_index(x, keep, s), b, up,
+                                              None if up is None else v)
+                check_close(out, ref)
+                assert launchers._workspace_for(x.device).is_clean(), where
+
+
+def test_topk_in_kernel_only_where_it_fits(monkeypatch):
+    """The in-kernel select (launchers.topk_in_kernel) runs in the one-row compact kernel on rows of at
+    most TOPK_IN_KERNEL_MAX_K channels, when switched on (TOPK_IN_KERNEL, else RSPARSE_TOPK_IN_KERNEL);
+    other configs and wider rows keep the select launch."""
+    compact = launchers.GemvConfig(rows=1, block_n=512, block_k=16, split_k=8, num_warps=4, num_stages=1,
+                                   kernel="compact")
+    union = dataclasses.replace(compact, rows=16, block_n=128, block_k=32)
+    k_max = launchers.TOPK_IN_KERNEL_MAX_K
+    monkeypatch.setattr(launchers, "TOPK_IN_KERNEL", True)
+    assert launchers.topk_in_kernel(compact, k_max)
+    assert not launchers.topk_in_kernel(compact, k_max + 1)
+    assert not launchers.topk_in_kernel(union, 1024)
+    monkeypatch.setattr(launchers, "TOPK_IN_KERNEL", None)
+    monkeypatch.delenv(launchers.TOPK_IN_KERNEL_ENV, raising=False)
+    assert not launchers.topk_in_kernel(compact, 1024)
+    monkeypatch.setenv(launchers.TOPK_IN_KERNEL_ENV, "1")
+    assert launchers.topk_in_kernel(compact, 1024)
+
+
 @pytest.mark.parametrize("kernel", ["compact", "walk"])
 @pytest.mark.parametrize("density", [0.0, 0.5, 1.0], ids=lambda d: f"density{d}")
 def test_evict_first_hint(kernel, density, gen):
@@ -584,14 +642,14 @@ def test_compact_kernel_builds_for_sm90_offline(toolchain):
 def test_other_kernels_build_for_sm90_offline(toolchain):
     """Every other kernel compiles for sm_90 as its launcher passes it, with CI's Triton and the GPU
     machine's: the walk kernel (one row; 16 rows with tl.dot, per-row thresholds and the v_t column),
-    the compact kernel with programmatic dependent launch (griddepcontrol) and with its loop through
-    Triton's cp.async pipeline, R-Sparse's epilogue (one
+    the compact kernel with programmatic dependent launch (griddepcontrol), with its loop through
+    Triton's cp.async pipeline and with the exact top-k select in its programs, R-Sparse's epilogue (one
     row with PDL; 16 rows with tl.dot) and the exact top-k selects (the histogram one also for a bf16
     row over all 32 score bits and over the 15 it can set) -- no function calls, and no stack
     in the GEMV and epilogue kernels. (The radix select keeps an 8-byte stack on Triton 3.9: it runs
     once per row, not in a weight stream.)"""
     builds = _offline_builds(toolchain, "--others")
-    assert [b["kernel"] for b in builds] == ["sparse_gemv_kernel"] * 2 + ["sparse_gemv_compact_kernel"] * 2 + \
+    assert [b["kernel"] for b in builds] == ["sparse_gemv_kernel"] * 2 + ["sparse_gemv_compact_kernel"] * 4 + \
         ["lowrank_up_kernel"] * 2 + ["topk_threshold_kernel"] + ["topk_threshold_hist_kernel"] * 3
     for build in builds:
         assert build["calls"] == 0, build
@@ -602,6 +660,10 @@ def test_other_kernels_build_for_sm90_offline(toolchain):
     # steps in flight; the hand-pipelined loop (PDL build) through registers
     assert builds[3]["STAGES"] == 3 and builds[3]["cp_async_16b"] >= 2 * 8, builds[3]
     assert builds[2]["cp_async_16b"] == 0, builds[2]
+    # the compact kernel with the exact top-k select in its programs (launchers.TOPK_IN_KERNEL) keeps the
+    # loop's registers (the row's scores are dead before it) and has no stack (checked above)
+    assert [b.get("TOPK_BLOCK") for b in builds[4:6]] == [4096, 4096]
+    assert all(b["registers"] <= 168 for b in builds[4:6]), builds[4:6]
     # a bf16 row without a channel scale: 4-bit digits over the 15 score bits that can be set (4 passes)
     # instead of all 32 (8 passes; launchers.score_bit_span): 7704 SASS instructions instead of 12792 with
     # the GPU machine's Triton 3.6, 3584 instead of 5320 with the venv's

@@ -636,6 +636,30 @@ TOPK_SCORE_SPAN_ENABLED = True
 _ZERO_LOW_BITS = {torch.bfloat16: 16, torch.float16: 13}
 
 
+# Exact top-k selected inside the one-row compact GEMV launch instead of by its own launch before it
+# (session 28; built and tested, not measured: off). Every program of the GEMV then finds its row's
+# (threshold, tie cut) from the whole row -- the same arithmetic as the select kernel, so the same
+# channels -- which saves the select's launch (one kernel's 2.25 us floor in a CUDA graph, plus the
+# select's own ~8 us at K = 4096 in session 27) at the cost of that select in every program's
+# prologue. Rows up to TOPK_IN_KERNEL_MAX_K channels: the row's scores stay in the program's registers
+# during the select (32 a thread at 4 warps). None: RSPARSE_TOPK_IN_KERNEL (1 on, 0 / unset off).
+TOPK_IN_KERNEL_ENV = "RSPARSE_TOPK_IN_KERNEL"
+TOPK_IN_KERNEL: bool | None = None
+TOPK_IN_KERNEL_MAX_K = 4096
+
+
+def topk_in_kernel(cfg: GemvConfig, k: int) -> bool:
+    """Whether a launch with this config selects exact top-k in its own programs (TOPK_IN_KERNEL, or
+    RSPARSE_TOPK_IN_KERNEL when it is None): the one-row compact kernel, rows of at most
+    TOPK_IN_KERNEL_MAX_K channels."""
+    enabled = TOPK_IN_KERNEL
+    if enabled is None:
+        from vllm_rsparse.config import env_switch
+
+        enabled = env_switch(TOPK_IN_KERNEL_ENV)
+    return enabled and k <= TOPK_IN_KERNEL_MAX_K and uses_compact_kernel(cfg) and not uses_union_compact_kernel(cfg)
+
+
 def score_bit_span(dtype: torch.dtype, has_scale: bool) -> tuple[int, int]:
     """(LOW_BIT, TOP_BIT): the top-k select's scores can have bits [LOW_BIT, TOP_BIT) of their f32
     pattern set. A score without a channel scale is |x| widened from x's dtype: sign bit clear, low
@@ -868,9 +892,12 @@ def sparse_gemv(
     v_t: torch.Tensor | None,
     config: GemvConfig | None = None,
     sparsity: float | None = None,
+    keep: int | None = None,
 ) -> torch.Tensor:
     """Masked GEMV (+ R-Sparse low-rank term), no validation (sparse_linear validates).
     sparsity: the module's input sparsity, for the config band (pick_config).
+    keep: exact top-k of each row instead of thr / jcut (pass None for both): selected in the GEMV's
+    own programs where topk_in_kernel says so, else by topk_thresholds first.
 
     # x [M, K]  w_t [K, N] (unit stride along N)  thr [1] or [M] f32  jcut [M] i32 or None
     # bias [N]  channel_scale [K]  lowrank_up [N, r] (any strides; prepare_lowrank: contiguous)
@@ -888,6 +915,9 @@ def sparse_gemv(
         # the union compact kernel has no v_t programs: the union walk of the same tile (its
         # tl.dot needs 16 rows and K steps of >= 16)
         cfg = dataclasses.replace(cfg, kernel="walk", rows=MAX_ROWS, block_k=max(16, cfg.block_k))
+    select_in_kernel = keep is not None and topk_in_kernel(cfg, k)
+    if keep is not None and not select_in_kernel:
+        thr, jcut = topk_thresholds(x, keep, channel_scale)
     rows = cfg.rows
     row_groups = triton_cdiv(m, rows)
     tiles_w = triton_cdiv(n, cfg.block_n)
@@ -914,6 +944,9 @@ def sparse_gemv(
         y32 = z = dummy
     common = (m, n, k, rank)
     scale_arg = channel_scale if channel_scale is not None else dummy
+    per_row = jcut is not None or select_in_kernel  # a threshold and a tie cut per row: exact top-k
+    if select_in_kernel:
+        thr = jcut = dummy  # the programs find them (TOPK_BLOCK); never read
     jcut_arg = jcut if jcut is not None else thr
     bias_arg = bias if bias is not None else dummy
     if uses_union_compact_kernel(cfg):
@@ -925,7 +958,7 @@ def sparse_gemv(
             m, n, k, WORKSPACE_COLS, WORKSPACE_COLS,
             x.stride(0), x.stride(1), w_t.stride(0), out.stride(0), out.stride(1),
             ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
-            HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
+            HAS_SCALE=channel_scale is not None, PER_ROW=per_row, HAS_BIAS=bias is not None,
             SPLIT=split_k > 1, FIXED=fixed, DOT_F32=interpreting(), GDC=pdl, EVICT=evict,
             LIST_AHEAD=UNION_LIST_AHEAD,
             AHEAD_STEPS=fma_ahead_steps(cfg), STEP_SUM=fma_step_sum(cfg), num_warps=cfg.num_warps,
@@ -935,15 +968,19 @@ def sparse_gemv(
         # one program per (output tile, K chunk, token row); each row reads only its own
         # channels, through a compact list of them
         stages = compact_stages(cfg)
+        topk_block = triton_next_power_of_2(k) if select_in_kernel else 0
+        low_bit, top_bit = score_bit_span(x.dtype, channel_scale is not None)
         sparse_gemv_compact_kernel[(tiles, split_k, m)](
             x, w_t, v_t if has_lowrank else w_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists,
             ws.accumulator, ws.counters, ws.fixed, out, y32, z,
             *common, tiles_w, WORKSPACE_COLS, WORKSPACE_COLS, split_v,
             x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0,
-            out.stride(0), out.stride(1),
+            out.stride(0), out.stride(1), keep if select_in_kernel else 0,
+            TOPK_BLOCK=topk_block, TOPK_DIGIT_BITS=hist_digit_bits(topk_block) if select_in_kernel else 5,
+            TOPK_LOW_BIT=low_bit, TOPK_TOP_BIT=top_bit,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
             BLOCK_R=v_tile.block_r, BLOCK_KV=v_tile.block_kv, CHUNK_V=v_tile.chunk, SPLIT_V=split_v > 1,
-            HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
+            HAS_SCALE=channel_scale is not None, PER_ROW=per_row, HAS_BIAS=bias is not None,
             HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, FIXED=fixed, AHEAD=LOAD_AHEAD_ENABLED,
             GDC_WAIT=pdl, GDC_TRIGGER=pdl or up_pdl, EVICT=evict, STAGES=stages,
             num_warps=cfg.num_warps, num_stages=stages, **launch_pdl,
@@ -956,7 +993,7 @@ def sparse_gemv(
             x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0,
             out.stride(0), out.stride(1),
             ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            HAS_SCALE=channel_scale is not None, PER_ROW=jcut is not None, HAS_BIAS=bias is not None,
+            HAS_SCALE=channel_scale is not None, PER_ROW=per_row, HAS_BIAS=bias is not None,
             HAS_LOWRANK=has_lowrank, SPLIT=split_k > 1, FIXED=fixed, DOT_F32=interpreting(),
             AHEAD=LOAD_AHEAD_ENABLED, GDC=pdl, EVICT=evict,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl,
@@ -1031,10 +1068,9 @@ def sparse_linear(
         thr = threshold.reshape(1)
         if thr.dtype != torch.float32:
             thr = thr.float()
-        jcut = None
-    else:
-        thr, jcut = topk_thresholds(x, keep, channel_scale)
-    return sparse_gemv(x, w_t, thr, jcut, bias, channel_scale, lowrank_up, v_t, config, sparsity)
+        return sparse_gemv(x, w_t, thr, None, bias, channel_scale, lowrank_up, v_t, config, sparsity)
+    # exact top-k: sparse_gemv selects it, in its own launch or before it (topk_in_kernel)
+    return sparse_gemv(x, w_t, None, None, bias, channel_scale, lowrank_up, v_t, config, sparsity, keep=keep)
 
 
 def describe_config(n: int, k: int, tokens: int, rank: int = 0, device: str = "cuda",
@@ -1056,6 +1092,7 @@ __all__ = [
     "score_bit_span",
     "sparse_gemv",
     "sparse_linear",
+    "topk_in_kernel",
     "topk_thresholds",
     "triton_supported",
 ]

@@ -59,7 +59,7 @@ def compact_constexprs(num_warps: int, **over) -> dict:
 
     values = dict(BLOCK_N=512, BLOCK_K=16, CHUNK=256, HAS_SCALE=False, PER_ROW=False, HAS_BIAS=False,
                   HAS_LOWRANK=False, SPLIT=True, FIXED=True, AHEAD=True, GDC_WAIT=False, GDC_TRIGGER=False,
-                  EVICT="evict_first", STAGES=1)
+                  EVICT="evict_first", STAGES=1, TOPK_BLOCK=0, TOPK_DIGIT_BITS=5, TOPK_LOW_BIT=0, TOPK_TOP_BIT=32)
     values.update(over)
     cfg = launchers.GemvConfig(rows=1, block_n=values["BLOCK_N"], block_k=values["BLOCK_K"], split_k=1,
                                num_warps=num_warps, num_stages=1, kernel="compact")
@@ -107,6 +107,12 @@ OTHER_BUILDS = [
     # the list steps through Triton's cp.async pipeline (launchers.compact_stages, session 27)
     dict(kernel="sparse_gemv_compact_kernel", num_warps=4, num_stages=3, BLOCK_N=2048, BLOCK_K=4, CHUNK=64,
          STAGES=3),
+    # exact top-k selected in the programs (launchers.TOPK_IN_KERNEL, session 28): a bf16 row of 4096
+    # channels on Llama-2 qkv's tile and on o_proj's
+    dict(kernel="sparse_gemv_compact_kernel", num_warps=4, num_stages=1, PER_ROW=True, TOPK_BLOCK=4096,
+         TOPK_LOW_BIT=16, TOPK_TOP_BIT=31),
+    dict(kernel="sparse_gemv_compact_kernel", num_warps=8, num_stages=1, BLOCK_N=2048, BLOCK_K=4, CHUNK=32,
+         FIXED=False, PER_ROW=True, TOPK_BLOCK=4096, TOPK_LOW_BIT=16, TOPK_TOP_BIT=31),
     dict(kernel="lowrank_up_kernel", num_warps=4, num_stages=1, ROWS=1, GDC=True),
     dict(kernel="lowrank_up_kernel", num_warps=4, num_stages=1, ROWS=16),
     dict(kernel="topk_threshold_kernel", num_warps=8, num_stages=1, BLOCK_K=2048, HAS_SCALE=True),
