@@ -722,14 +722,19 @@ def plot(out_dir, results, methods=None):
 
 def run_header(script: str) -> dict:
     """Where a GPU probe's numbers come from, first in its JSON: the commit from $RSPARSE_COMMIT (the
-    device machine's copy of the tree has no usable .git), the GPU, the versions and the command."""
+    device machine's copy of the tree has no usable .git), the GPU, the versions and the command, led
+    by the plugin's switches set in the environment (an A/B such as RSPARSE_TOPK_IN_KERNEL=1 is part of
+    how the numbers were made)."""
     import triton
 
+    switches = " ".join(f"{name}={value}" for name, value in sorted(os.environ.items())
+                        if name.startswith("RSPARSE_") and name not in ("RSPARSE_COMMIT", "RSPARSE_BENCH_DRY")
+                        and value)
     return {"commit": os.environ.get("RSPARSE_COMMIT", "unknown"),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
             "versions": {"torch": torch.__version__, "triton": triton.__version__,
                          "python": platform.python_version()},
-            "command": f"python3 -P {script} " + " ".join(sys.argv[1:])}
+            "command": (f"{switches} " if switches else "") + f"python3 -P {script} " + " ".join(sys.argv[1:])}
 
 
 def main() -> None:

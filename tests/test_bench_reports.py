@@ -415,3 +415,19 @@ def test_sass_compare_exit_status(tmp_path):
     after.write_text(json.dumps([build, {**build, "BLOCK_N": 1024, "sass_sha1": "bbbb", "registers": 130}]))
     changed = subprocess.run(script, capture_output=True, text=True)
     assert changed.returncode == 1 and changed.stdout.count("**no**") == 1 and "128 -> 130" in changed.stdout
+
+
+def test_run_header_records_the_plugin_switches(monkeypatch):
+    """A GPU probe's header names the plugin's switches set in the environment before its command, so a
+    run with an A/B switch on (RSPARSE_TOPK_IN_KERNEL=1) says so; the commit and dry-run variables are
+    not switches."""
+    module = load_benchmark("bench_kernels.py")
+    for name in [n for n in os.environ if n.startswith("RSPARSE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(sys, "argv", ["x", "--out", "o.json"])
+    assert module.run_header("benchmarks/gpu/x.py")["command"] == "python3 -P benchmarks/gpu/x.py --out o.json"
+    monkeypatch.setenv("RSPARSE_TOPK_IN_KERNEL", "1")
+    monkeypatch.setenv("RSPARSE_COMMIT", "abc1234")
+    header = module.run_header("benchmarks/gpu/x.py")
+    assert header["command"] == "RSPARSE_TOPK_IN_KERNEL=1 python3 -P benchmarks/gpu/x.py --out o.json"
+    assert header["commit"] == "abc1234"
