@@ -968,8 +968,10 @@ def sparse_gemv(
         # one program per (output tile, K chunk, token row); each row reads only its own
         # channels, through a compact list of them
         stages = compact_stages(cfg)
+        # the in-kernel select's constexprs; fixed values without it, so that the threshold path
+        # compiles once whatever the dtype and scale
         topk_block = triton_next_power_of_2(k) if select_in_kernel else 0
-        low_bit, top_bit = score_bit_span(x.dtype, channel_scale is not None)
+        low_bit, top_bit = score_bit_span(x.dtype, channel_scale is not None) if select_in_kernel else (0, 32)
         sparse_gemv_compact_kernel[(tiles, split_k, m)](
             x, w_t, v_t if has_lowrank else w_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists,
             ws.accumulator, ws.counters, ws.fixed, out, y32, z,
