@@ -608,16 +608,15 @@ def topk_thresholds(
     thr = torch.empty(m, dtype=torch.float32, device=x.device)
     jcut = torch.empty(m, dtype=torch.int32, device=x.device)
     scale = channel_scale if channel_scale is not None else x
-    low_bit, top_bit = score_bit_span(x.dtype, channel_scale is not None)
     if TOPK_HISTOGRAM_ENABLED and k <= _HIST_MAX_K:
         # the whole row in one block: one histogram pass over registers per digit
-        block_k = triton_next_power_of_2(k)
         topk_threshold_hist_kernel[(m,)](
             x, scale, thr, jcut, k, keep, x.stride(0), x.stride(1),
-            HAS_SCALE=channel_scale is not None, BLOCK_K=block_k, DIGIT_BITS=hist_digit_bits(block_k),
-            LOW_BIT=low_bit, TOP_BIT=top_bit, num_warps=HIST_WARPS,
+            HAS_SCALE=channel_scale is not None, **hist_select_constexprs(k, x.dtype, channel_scale is not None),
+            num_warps=HIST_WARPS,
         )
         return thr, jcut
+    low_bit, top_bit = score_bit_span(x.dtype, channel_scale is not None)
     block_k = min(_SELECT_BLOCK_K, triton_next_power_of_2(k))
     topk_threshold_kernel[(m,)](
         x, scale, thr, jcut,
@@ -657,7 +656,16 @@ def topk_in_kernel(cfg: GemvConfig, k: int) -> bool:
         from vllm_rsparse.config import env_switch
 
         enabled = env_switch(TOPK_IN_KERNEL_ENV)
-    return enabled and k <= TOPK_IN_KERNEL_MAX_K and uses_compact_kernel(cfg) and not uses_union_compact_kernel(cfg)
+    return enabled and k <= TOPK_IN_KERNEL_MAX_K and uses_compact_kernel(cfg)
+
+
+def hist_select_constexprs(k: int, dtype: torch.dtype, has_scale: bool) -> dict:
+    """The one-block histogram select's shape for rows of k channels (BLOCK_K, DIGIT_BITS, LOW_BIT,
+    TOP_BIT of topk_select.topk_row_threshold): the select kernel and the GEMV's in-kernel select
+    (topk_in_kernel) take the same, so they select the same channels."""
+    block_k = triton_next_power_of_2(k)
+    low_bit, top_bit = score_bit_span(dtype, has_scale)
+    return dict(BLOCK_K=block_k, DIGIT_BITS=hist_digit_bits(block_k), LOW_BIT=low_bit, TOP_BIT=top_bit)
 
 
 def score_bit_span(dtype: torch.dtype, has_scale: bool) -> tuple[int, int]:
@@ -968,18 +976,18 @@ def sparse_gemv(
         # one program per (output tile, K chunk, token row); each row reads only its own
         # channels, through a compact list of them
         stages = compact_stages(cfg)
-        # the in-kernel select's constexprs; fixed values without it, so that the threshold path
-        # compiles once whatever the dtype and scale
-        topk_block = triton_next_power_of_2(k) if select_in_kernel else 0
-        low_bit, top_bit = score_bit_span(x.dtype, channel_scale is not None) if select_in_kernel else (0, 32)
+        # the in-kernel select's constexprs (TOPK_BLOCK 0: none); fixed values without it, so that the
+        # threshold path compiles once whatever the dtype and scale
+        select = (hist_select_constexprs(k, x.dtype, channel_scale is not None) if select_in_kernel else
+                  dict(BLOCK_K=0, DIGIT_BITS=5, LOW_BIT=0, TOP_BIT=32))
         sparse_gemv_compact_kernel[(tiles, split_k, m)](
             x, w_t, v_t if has_lowrank else w_t, scale_arg, thr, jcut_arg, bias_arg, ws.lists,
             ws.accumulator, ws.counters, ws.fixed, out, y32, z,
             *common, tiles_w, WORKSPACE_COLS, WORKSPACE_COLS, split_v,
             x.stride(0), x.stride(1), w_t.stride(0), v_t.stride(0) if has_lowrank else 0,
             out.stride(0), out.stride(1), keep if select_in_kernel else 0,
-            TOPK_BLOCK=topk_block, TOPK_DIGIT_BITS=hist_digit_bits(topk_block) if select_in_kernel else 5,
-            TOPK_LOW_BIT=low_bit, TOPK_TOP_BIT=top_bit,
+            TOPK_BLOCK=select["BLOCK_K"], TOPK_DIGIT_BITS=select["DIGIT_BITS"], TOPK_LOW_BIT=select["LOW_BIT"],
+            TOPK_TOP_BIT=select["TOP_BIT"],
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=k_per_split,
             BLOCK_R=v_tile.block_r, BLOCK_KV=v_tile.block_kv, CHUNK_V=v_tile.chunk, SPLIT_V=split_v > 1,
             HAS_SCALE=channel_scale is not None, PER_ROW=per_row, HAS_BIAS=bias is not None,
