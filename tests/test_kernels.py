@@ -128,6 +128,14 @@ def topk_mask_lowest_index(x, keep, scale):
     return mask
 
 
+def kept_by_thresholds(x, thr, jcut, scale):
+    """The channels a per-row (threshold, tie cut) pair selects, by the kernels' rule: a score above
+    the threshold, or equal to it at a channel up to the tie cut."""
+    score = reference.channel_scores(x, scale)
+    o_k = torch.arange(x.shape[1], device=x.device)
+    return (score > thr[:, None]) | ((score == thr[:, None]) & (o_k[None, :] <= jcut[:, None]))
+
+
 def check_close(out, ref):
     tol = TOLERANCE[ref.dtype]
     assert out.shape == ref.shape and out.dtype == ref.dtype
@@ -208,9 +216,7 @@ def test_topk_select_exact_count(distinct, keep_frac, select, gen, monkeypatch):
     x = x.to(torch.bfloat16)
     keep = round(keep_frac * k)
     thr, jcut = launchers.topk_thresholds(x, keep, None)
-    score = reference.channel_scores(x, None)
-    o_k = torch.arange(k, device=DEVICE)
-    mask = (score > thr[:, None]) | ((score == thr[:, None]) & (o_k[None, :] <= jcut[:, None]))
+    mask = kept_by_thresholds(x, thr, jcut, None)
     assert (mask.sum(-1) == keep).all()
     assert torch.equal(mask, topk_mask_lowest_index(x, keep, None))
 
@@ -258,10 +264,8 @@ def test_topk_select_score_span(select, dtype, scale, gen, monkeypatch):
             spans.append(launchers.topk_thresholds(x, keep, channel_scale))
         (thr, jcut), (thr_full, jcut_full) = spans
         assert torch.equal(thr.view(torch.int32), thr_full.view(torch.int32)) and torch.equal(jcut, jcut_full)
-        score = reference.channel_scores(x, channel_scale)
-        o_k = torch.arange(k, device=DEVICE)
-        mask = (score > thr[:, None]) | ((score == thr[:, None]) & (o_k[None, :] <= jcut[:, None]))
-        assert torch.equal(mask, topk_mask_lowest_index(x, keep, channel_scale)), keep
+        assert torch.equal(kept_by_thresholds(x, thr, jcut, channel_scale),
+                           topk_mask_lowest_index(x, keep, channel_scale)), keep
 
 
 @pytest.mark.parametrize("finish", ["fixed", "counter"])
