@@ -84,8 +84,12 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device: s
         raise UnsupportedArchitectureError(
             f"architecture {config['architectures'][0]!r} is not supported; supported: {list(SUPPORTED_ARCHITECTURES)}"
         )
-    for key in ("_name_or_path", "_model_name_or_path", "transformers_version"):
+    for key in ("_name_or_path", "_model_name_or_path"):
         config.pop(key, None)
+    # to_dict() stamps the running transformers version, as save_pretrained does. Kept: transformers 5
+    # treats a local config.json without it as a Mistral-era export and warns on every tokenizer load
+    # of the checkpoint (the Qwen2 tokenizer: "... incorrect regex pattern ... incorrect tokenization")
+    # although the tokenizer is the model's own.
     config["torch_dtype"] = "bfloat16"
     config["dtype"] = "bfloat16"
     # GGUF loading drops the model's own max length; keep what the GGUF says.

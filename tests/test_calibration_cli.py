@@ -33,6 +33,11 @@ def test_checkpoint_layout_and_metadata(calibrated_dirs):
     q = cfg["quantization_config"]
     assert q["quant_method"] == "rsparse" and q["format_version"] == 1 and q["method"] == "teal"
     assert q["target_sparsity"] == 0.5 and len(q["modules"]) == 2 * 4
+    # the writer's transformers version, as save_pretrained records it (without it transformers 5
+    # warns of a wrong tokenizer regex on every load: test_tensor_parallel's Qwen tokenizer test)
+    import transformers
+
+    assert cfg["transformers_version"] == transformers.__version__
     from safetensors import safe_open
 
     with safe_open(str(ckpt / "rsparse.safetensors"), "pt") as f:

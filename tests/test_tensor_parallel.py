@@ -92,3 +92,31 @@ def test_sparse_tp2_matches_tp1(run, qwen_ckpts, key):
 
     dense, _ = run("dense", 2)
     assert _tokens(tp2) != _tokens(dense), "sparsity 0.5 gave the dense tokens: is the mask applied?"
+
+
+def test_qwen_checkpoints_load_their_tokenizer_without_warnings(qwen_ckpts):
+    """The exported dense and rsparse Qwen checkpoints load their tokenizer (as vLLM does) without
+    transformers' "incorrect regex pattern ... incorrect tokenization" warning, which transformers 5
+    gives any local Qwen2 tokenizer whose config.json has no transformers_version."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    handler = Collect()
+    library_logger = logging.getLogger("transformers")  # every transformers module logs below it
+    library_logger.addHandler(handler)
+    try:
+        for key in ("dense", "rsparse-0.5"):
+            tokenizer = AutoTokenizer.from_pretrained(qwen_ckpts[key])
+            assert tokenizer("The capital of France is")["input_ids"], key
+    finally:
+        library_logger.removeHandler(handler)
+    assert not [m for m in handler.messages if "regex" in m or "tokeniz" in m], handler.messages
