@@ -35,6 +35,7 @@ from vllm_rsparse.config import (
     QUANT_METHOD,
     ModuleSettings,
     RSparseCheckpointConfig,
+    RSparseConfigError,
     effective_max_sparse_tokens,
     max_sparse_tokens_overridden,
 )
@@ -52,6 +53,38 @@ def loading_dummy_weights() -> bool:
     except Exception:  # no current config (unit use outside an engine)
         return False
     return str(getattr(load_format, "value", load_format)).lower() == "dummy"
+
+
+def refuse_features_outside_the_rotated_basis(checkpoint_config: RSparseCheckpointConfig) -> None:
+    """A checkpoint with a folded rotation (quantization_config.rotation = "global": LaRoSA, or
+    rsparse --rotation global) computes the original model's function in a rotated residual
+    basis: its embedding table, norms and projections are all rotated. Anything made for the
+    original model that enters that basis from outside -- a LoRA adapter's A and B matrices, or
+    prompt embeddings a client computed -- would be multiplied in the wrong basis and give wrong
+    outputs without any error (measured: a LoRA adapter on a LaRoSA checkpoint of SmolLM2 generates
+    unrelated tokens). Such an engine is refused, naming the features; unrotated checkpoints (TEAL,
+    R-Sparse) take LoRA adapters like a dense model (tests/test_lora.py)."""
+    if checkpoint_config.rotation is None:
+        return
+    try:
+        from vllm.config import get_current_vllm_config
+
+        vllm_config = get_current_vllm_config()
+    except Exception:  # no current config (unit use outside an engine)
+        return
+    features = []
+    if getattr(vllm_config, "lora_config", None) is not None:
+        features.append("LoRA adapters (enable_lora / --enable-lora)")
+    if getattr(getattr(vllm_config, "model_config", None), "enable_prompt_embeds", False):
+        features.append("prompt embeddings (enable_prompt_embeds / --enable-prompt-embeds)")
+    if features:
+        raise RSparseConfigError(
+            f"this rsparse checkpoint folds a rotation into its weights (quantization_config.rotation = "
+            f"{checkpoint_config.rotation!r}, method {checkpoint_config.method!r}): its hidden states are in a "
+            f"rotated basis, so {' and '.join(features)} made for the original model would give wrong outputs. "
+            "Serve it without them, or calibrate a checkpoint without a rotation (--method teal or rsparse, "
+            "--rotation none) to use them"
+        )
 
 
 @functools.lru_cache(maxsize=2)
@@ -130,6 +163,9 @@ class RSparseConfig(QuantizationConfig):
             validate_checkpoint(model_name, hf_config=hf_config, qcfg=self.checkpoint_config)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        # in the worker, where the engine's config is current (the front end's hook,
+        # maybe_update_config, is not given the LoRA or prompt-embedding settings)
+        refuse_features_outside_the_rotated_basis(self.checkpoint_config)
         invariant = batch_invariant.enabled()
         # Before the model's Attention layers pick their backend (they are built after
         # the projections of the same decoder layer).
