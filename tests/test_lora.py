@@ -4,7 +4,8 @@ vLLM's LoRA layers wrap the model's linear layers and call their quant method fo
 projection, so an rsparse projection stays sparse and the adapter's low-rank delta is added
 densely on the full input. That holds for checkpoints whose weights are the model's own (TEAL,
 R-Sparse). A checkpoint with a folded rotation (LaRoSA) computes in a rotated basis, where an
-adapter made for the original model gives wrong tokens silently: such engines are refused.
+adapter made for the original model gives wrong tokens silently: such engines are refused (so are
+prompt embeddings and the pooling runner, which feed or return hidden states in that basis).
 """
 
 from __future__ import annotations
@@ -80,10 +81,12 @@ def larosa_checkpoint(tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("feature, engine_kwargs", [
     ("LoRA adapters", dict(enable_lora=True, max_lora_rank=LORA_RANK, max_loras=1)),
     ("prompt embeddings", dict(enable_prompt_embeds=True)),
-], ids=["lora", "prompt_embeds"])
+    ("pooling outputs", dict(runner="pooling")),
+], ids=["lora", "prompt_embeds", "pooling"])
 def test_rotated_checkpoint_refuses_inputs_from_the_original_basis(larosa_checkpoint, feature, engine_kwargs):
     """A LaRoSA checkpoint (rotation folded into the weights) is refused with LoRA or prompt
-    embeddings enabled, by a message that names the rotation and the feature."""
+    embeddings enabled, or as a pooling model (its hidden states are rotated), by a message that
+    names the rotation and the feature."""
     with pytest.raises(Exception, match=rf"rotation = 'global'.*{feature}"):
         with make_llm(larosa_checkpoint, **engine_kwargs):
             pass

@@ -60,8 +60,8 @@ def refuse_features_outside_the_rotated_basis(checkpoint_config: RSparseCheckpoi
     rsparse --rotation global) computes the original model's function in a rotated residual
     basis: its embedding table, norms and projections are all rotated. Anything made for the
     original model that enters that basis from outside -- a LoRA adapter's A and B matrices, or
-    prompt embeddings a client computed -- would be multiplied in the wrong basis and give wrong
-    outputs without any error (measured: a LoRA adapter on a LaRoSA checkpoint of SmolLM2 generates
+    prompt embeddings a client computed -- would be multiplied in the wrong basis, and pooled hidden
+    states would leave it still rotated: wrong outputs without any error (measured: a LoRA adapter on a LaRoSA checkpoint of SmolLM2 generates
     unrelated tokens). Such an engine is refused, naming the features; unrotated checkpoints (TEAL,
     R-Sparse) take LoRA adapters like a dense model (tests/test_lora.py)."""
     if checkpoint_config.rotation is None:
@@ -75,8 +75,12 @@ def refuse_features_outside_the_rotated_basis(checkpoint_config: RSparseCheckpoi
     features = []
     if getattr(vllm_config, "lora_config", None) is not None:
         features.append("LoRA adapters (enable_lora / --enable-lora)")
-    if getattr(getattr(vllm_config, "model_config", None), "enable_prompt_embeds", False):
+    model_config = getattr(vllm_config, "model_config", None)
+    if getattr(model_config, "enable_prompt_embeds", False):
         features.append("prompt embeddings (enable_prompt_embeds / --enable-prompt-embeds)")
+    if getattr(model_config, "runner_type", "generate") == "pooling":
+        # the pooled hidden states would leave the engine in the rotated basis
+        features.append("pooling outputs (runner='pooling' / --runner pooling)")
     if features:
         raise RSparseConfigError(
             f"this rsparse checkpoint folds a rotation into its weights (quantization_config.rotation = "
