@@ -118,5 +118,15 @@ def test_vllm_refuses_a_bad_switch_up_front(name, value, expected, calibrated_di
             pass
 
 
+@pytest.mark.vllm
+def test_vllm_refuses_quantization_rsparse_on_a_plain_model(tiny_model_dir):
+    """--quantization rsparse on a model without an rsparse quantization_config (never calibrated)
+    says that it needs a calibrated checkpoint and how to make one; before, vLLM's argument-less
+    construction of the config class failed with a TypeError."""
+    with pytest.raises(Exception, match="needs an rsparse checkpoint.*no quantization_config.*rsparse-calibrate"):
+        with make_llm(tiny_model_dir, quantization="rsparse"):
+            pass
+
+
 def test_original_checkpoint_is_untouched_and_valid(calibrated_dirs):
     assert validate_checkpoint(calibrated_dirs[0.5])

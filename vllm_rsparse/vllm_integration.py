@@ -123,8 +123,17 @@ def dummy_run_value(param: RSparseParameter, random_value: torch.Tensor) -> torc
 class RSparseConfig(QuantizationConfig):
     """Built from config.json's quantization_config (auto-detected by quant_method)."""
 
-    def __init__(self, checkpoint_config: RSparseCheckpointConfig):
+    def __init__(self, checkpoint_config: RSparseCheckpointConfig | None = None):
         super().__init__()
+        if checkpoint_config is None:
+            # vLLM builds a quantization config without arguments when the model's config.json
+            # has no quantization_config (online methods quantize at load): `--quantization
+            # rsparse` on a plain model. rsparse needs the calibrated tensors; say so.
+            raise RSparseConfigError(
+                "quantization 'rsparse' needs an rsparse checkpoint, but this model's config.json has no "
+                "quantization_config: calibrate it first (rsparse-calibrate MODEL -o CKPT --method teal "
+                "--sparsity 0.5) and serve CKPT"
+            )
         self.checkpoint_config = checkpoint_config
 
     def __repr__(self) -> str:
