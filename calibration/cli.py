@@ -78,6 +78,28 @@ class CalibrationArgs:
             raise ValueError(f"max_factor_memory must be in [0, 1], got {self.max_factor_memory}")
         if self.max_sparse_tokens < 0:
             raise ValueError(f"max_sparse_tokens must be >= 0, got {self.max_sparse_tokens}")
+        check_device(self.device)
+
+
+def check_device(name: str) -> None:
+    """Refuse a calibration device this machine cannot run before the model is loaded (a GGUF
+    dequantizes for minutes), instead of failing inside the model's .to(device)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device {name!r} is not a torch device ({err})") from None
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if is_available is None or not is_available():
+        raise ValueError(f"device {name!r}: this torch ({torch.__version__}) has no {device.type} device available; "
+                         "calibrate with --device cpu")
+    count = getattr(backend, "device_count", lambda: None)()
+    if device.index is not None and count is not None and device.index >= count:
+        raise ValueError(f"device {name!r}: this machine has {count} {device.type} device(s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

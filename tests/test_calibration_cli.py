@@ -77,6 +77,9 @@ def test_empty_or_short_text_is_a_clear_error(tiny_model_dir, tmp_path, capsys, 
 @pytest.mark.parametrize("bad, message", [
     (["--sparsity", "1.5"], r"sparsity must be in \[0, 1\), got 1.5"),
     (["--sparsity", "-0.1"], r"sparsity must be in \[0, 1\)"),
+    # refused before the model loads: no device of that kind here (CPU CI), or not that many (a GPU machine)
+    (["--device", "cuda:7"], r"device 'cuda:7': (this torch .* has no cuda device available|this machine has \d+ cuda)"),
+    (["--device", "tpu"], r"device 'tpu' is not a torch device"),
 ])
 def test_bad_options_are_clear_errors(tiny_model_dir, tmp_path, capsys, bad, message):
     assert main([str(tiny_model_dir), "-o", str(tmp_path / "o"), *bad]) == 2
