@@ -35,6 +35,22 @@ def test_unknown_task_and_bad_config():
     EvalConfig(checkpoint="x", ppl_windows=0, ppl_seq_len=2048, max_model_len=256)  # no ppl: no check
 
 
+@pytest.mark.parametrize("args, message", [
+    (["{missing}"], "no such checkpoint directory"),
+    (["{tmp}", "--limit", "-1"], r"--limit must be >= 0 \(0 = the full validation split\), got -1"),
+])
+def test_cli_refuses_bad_arguments_before_any_engine(tmp_path, capsys, args, message):
+    """A checkpoint path that is not a directory is named as such (vLLM would read it as a hub repo
+    id and refuse its characters), and --limit speaks the CLI's terms (0 = full split)."""
+    import re
+
+    from vllm_rsparse.evaluation.cli import main
+
+    argv = [a.format(missing=tmp_path / "nope", tmp=tmp_path) for a in args]
+    assert main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
 class _FakeTokenizer:
     def encode(self, text, add_special_tokens=False):
         return [ord(c) % 97 for c in text]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rsparse-eval",
         description="Held-out perplexity and zero-shot accuracy of a checkpoint (rsparse or dense), "
                     "computed through vLLM prompt_logprobs.")
-    p.add_argument("checkpoint", help="model directory (rsparse checkpoint or plain dense export)")
+    p.add_argument("checkpoint", help="local model directory (rsparse checkpoint or plain dense export)")
     p.add_argument("--tasks", default=",".join(d.tasks),
                    help=f"comma-separated subset of {sorted(TASKS)}, or '' for none (default: all five)")
     p.add_argument("--limit", type=int, default=d.limit,
@@ -49,6 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_rsparse.evaluation.harness import EngineOptions, EvalConfig, evaluate
 
     ns = build_parser().parse_args(argv)
+    if ns.limit < 0:
+        # EvalConfig's own check speaks of None (the library's "full split"); the CLI's word for it is 0
+        print(f"rsparse-eval: error: --limit must be >= 0 (0 = the full validation split), got {ns.limit}",
+              file=sys.stderr)
+        return 2
+    if not os.path.isdir(ns.checkpoint):
+        # a local directory (there is no model hub here); without this vLLM reads the path as a
+        # hub repo id and refuses its characters
+        print(f"rsparse-eval: error: {ns.checkpoint}: no such checkpoint directory", file=sys.stderr)
+        return 2
     try:
         config = EvalConfig(
             checkpoint=ns.checkpoint,
