@@ -212,7 +212,9 @@ CONFIGS = [
 DTYPES = ("float32", "bfloat16")
 
 
-def provenance(argv) -> dict:
+def provenance(argv, script: str = "benchmarks/tp_cpu.py") -> dict:
+    """commit (+ "-dirty" with uncommitted changes), machine, versions and command of a CPU measurement
+    (also benchmarks/compiled_vs_eager.py's)."""
     import torch
     import vllm
 
@@ -222,7 +224,7 @@ def provenance(argv) -> dict:
     return {"commit": commit + ("-dirty" if dirty else ""),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only, {platform.platform()}",
             "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version()},
-            "command": "python benchmarks/tp_cpu.py " + " ".join(argv)}
+            "command": f"python {script} " + " ".join(argv)}
 
 
 def markdown(report: dict) -> str:

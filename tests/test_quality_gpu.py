@@ -69,16 +69,18 @@ def test_articles_file_replaces_gensim(tmp_path, monkeypatch):
 
 def test_engine_options_defaults_and_cli():
     # CPU defaults unchanged: one max_model_len of tokens per step, nothing else set
-    assert EngineOptions().llm_kwargs(1024) == {"max_num_batched_tokens": 1024}
+    # (and eager: the committed quality rows' mode)
+    assert EngineOptions().llm_kwargs(1024) == {"max_num_batched_tokens": 1024, "enforce_eager": True}
     gpu = EngineOptions(max_num_batched_tokens=16384, max_num_seqs=512, gpu_memory_utilization=0.1, kv_cache_gib=4)
-    assert gpu.llm_kwargs(1024) == {"max_num_batched_tokens": 16384, "max_num_seqs": 512,
+    assert gpu.llm_kwargs(1024) == {"max_num_batched_tokens": 16384, "max_num_seqs": 512, "enforce_eager": True,
                                     "gpu_memory_utilization": 0.1, "kv_cache_memory_bytes": 4 * 2**30}
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         EvalConfig(checkpoint="x", engine=EngineOptions(max_num_batched_tokens=512))
     from vllm_rsparse.evaluation.cli import build_parser
 
     ns = build_parser().parse_args(["ckpt", "--max-num-batched-tokens", "16384", "--kv-cache-gib", "4"])
-    assert (ns.max_num_batched_tokens, ns.max_num_seqs, ns.kv_cache_gib) == (16384, None, 4.0)
+    assert (ns.max_num_batched_tokens, ns.max_num_seqs, ns.kv_cache_gib, ns.compiled) == (16384, None, 4.0, False)
+    assert build_parser().parse_args(["ckpt", "--compiled"]).compiled
 
 
 def _gpu_row(method, correct, ppl, model="smollm2"):

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the checkpoint's max_sparse_tokens applies (prefill runs dense)")
     p.add_argument("--max-model-len", type=int, default=d.max_model_len, help=f"(default: {d.max_model_len})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"subset seed (default: {d.seed})")
+    p.add_argument("--compiled", action="store_true",
+                   help="score with vLLM's default torch.compile mode (CUDA graphs on a GPU), as a server runs, "
+                        "instead of eager; scores then differ from eager by rounding noise (default: eager)")
     g = p.add_argument_group("engine (batching and memory only; the scores do not depend on them)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per vLLM step (default: --max-model-len; e.g. 16384 on a GPU)")
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             ppl_windows=ns.ppl_windows, ppl_seq_len=ns.ppl_seq_len, protocol=ns.protocol,
             max_model_len=ns.max_model_len, seed=ns.seed,
             engine=EngineOptions(max_num_batched_tokens=ns.max_num_batched_tokens, max_num_seqs=ns.max_num_seqs,
-                                 gpu_memory_utilization=ns.gpu_memory_utilization, kv_cache_gib=ns.kv_cache_gib),
+                                 gpu_memory_utilization=ns.gpu_memory_utilization, kv_cache_gib=ns.kv_cache_gib,
+                                 enforce_eager=not ns.compiled),
         )
         started = time.time()
         result = evaluate(config)

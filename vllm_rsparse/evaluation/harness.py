@@ -71,9 +71,15 @@ class EngineOptions:
     max_num_seqs: int | None = None  # None: vLLM's default
     gpu_memory_utilization: float | None = None  # None: vLLM's default
     kv_cache_gib: float | None = None  # None: vLLM sizes the KV cache itself
+    # False: vLLM's default torch.compile (and CUDA graphs on a GPU), the mode a server runs in.
+    # Compiled kernels round differently in the last bits, which a threshold mask can turn into
+    # other selected channels: scores move by noise, not by a different model (benchmarks/results/
+    # compiled_cpu.md). The committed quality rows are eager.
+    enforce_eager: bool = True
 
     def llm_kwargs(self, max_model_len: int) -> dict:
-        out = {"max_num_batched_tokens": self.max_num_batched_tokens or max_model_len}
+        out = {"max_num_batched_tokens": self.max_num_batched_tokens or max_model_len,
+               "enforce_eager": self.enforce_eager}
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < max_model_len:
             raise ValueError(f"max_num_batched_tokens {self.max_num_batched_tokens} < max_model_len {max_model_len}")
         if self.max_num_seqs is not None:
@@ -105,7 +111,7 @@ class VllmScorer:
         else:
             os.environ.pop(MAX_SPARSE_TOKENS_ENV, None)
         try:
-            self.llm = LLM(model=str(checkpoint), enforce_eager=True, max_model_len=max_model_len,
+            self.llm = LLM(model=str(checkpoint), max_model_len=max_model_len,
                            dtype="bfloat16", enable_prefix_caching=False, seed=0,
                            **(engine or EngineOptions()).llm_kwargs(max_model_len))
         finally:
