@@ -100,12 +100,21 @@ def report_md(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", nargs="?")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--threshold-scales", type=float, nargs="+", default=[1.0])
-    p.add_argument("-o", "--out", required=True, help="JSON result; the markdown table goes next to it")
+    p.add_argument("-o", "--out", help="JSON result; the markdown table goes next to it")
+    p.add_argument("--report", metavar="JSON", help="only render a result JSON (with its 'reading') to its markdown")
     args = p.parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            result = json.load(f)
+        with open(os.path.splitext(args.report)[0] + ".md", "w") as f:
+            f.write(report_md(result))
+        return 0
+    if not args.out:
+        p.error("-o/--out is required (or --report)")
     if args.threshold_scales[0] != 1.0:
         p.error("the first --threshold-scales value must be 1.0 (the checkpoint itself: the others pair against it)")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
