@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_rsparse import reference
+from vllm_rsparse import ops, reference
 
 # rtol/atol per dtype: the reference computes in fp32 and rounds once, dense F.linear
 # in the input dtype may round differently (bf16 has 8 mantissa bits: 2^-8 = 3.9e-3).
@@ -89,3 +89,26 @@ def test_custom_op_dispatches_dense_above_max_sparse_tokens():
     dense = torch.ops.rsparse.sparse_linear(x, w, None, threshold, ops.THRESHOLD_SELECTION, None, None, None, 4, True)
     assert torch.count_nonzero(sparse) == 0
     torch.testing.assert_close(dense, F.linear(x, w))
+
+
+@pytest.mark.parametrize("keep", [ops.THRESHOLD_SELECTION, 200], ids=["threshold", "topk"])
+def test_cpu_path_compiled_selects_on_the_rounded_activation(keep):
+    """Under torch.compile (vLLM's default mode on the CPU) the CPU sparse path gives the eager result
+    bit for bit, also when the op producing x is fused with it: the mask is an opaque op, so Inductor
+    cannot compare the float32 value before its rounding to bf16 (which kept other channels than eager:
+    benchmarks/results/compiled_cpu.md). 64 rows of an upstream SiLU-and-multiply, as before down_proj."""
+    gen = torch.Generator().manual_seed(0)
+    k, n = 576, 256
+    weight = torch.randn(n, k, generator=gen).bfloat16()
+    threshold = torch.tensor([0.6])
+
+    def down_proj_input_then_sparse(gate, up):
+        x = (F.silu(gate.float()) * up.float()).bfloat16()
+        return ops.cpu_sparse_linear(F.linear, x, weight, None, threshold, keep, None, None, None, 2**62)
+
+    compiled = torch.compile(down_proj_input_then_sparse, dynamic=True)
+    gate, up = (torch.randn(64, k, generator=gen).bfloat16() for _ in range(2))
+    x32 = F.silu(gate.float()) * up.float()
+    # the premise: on these rows a float32 comparison would keep other channels than the bf16 one
+    assert ((x32.abs() > 0.6) != (x32.bfloat16().float().abs() > 0.6)).any()
+    assert torch.equal(compiled(gate, up), down_proj_input_then_sparse(gate, up))

@@ -98,6 +98,24 @@ def _sparse_linear_fake(
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
+@torch.library.custom_op("rsparse::cpu_selection_mask", mutates_args=())
+def cpu_selection_mask(x: torch.Tensor, threshold: torch.Tensor | None, keep: int,
+                       score_weight: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] -> mask [M, K] bool: the channels each row keeps (reference.threshold_mask /
+    topk_mask). An opaque op so that the mask is taken on x as the GEMM multiplies it: traced
+    inline, Inductor fuses the score into the kernel that produces x and compares the float32
+    value before its rounding to x's dtype, so a compiled engine kept other channels than an
+    eager one (benchmarks/results/compiled_cpu.md)."""
+    if keep == THRESHOLD_SELECTION:
+        return reference.threshold_mask(x, threshold, score_weight)
+    return reference.topk_mask(x, keep, score_weight)
+
+
+@cpu_selection_mask.register_fake
+def _cpu_selection_mask_fake(x, threshold, keep, score_weight):
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device)
+
+
 def cpu_sparse_linear(
     cpu_linear,
     x: torch.Tensor,
@@ -121,10 +139,7 @@ def cpu_sparse_linear(
 
     x [M, K]  weight [N, K]  ->  y [M, N]
     """
-    if keep == THRESHOLD_SELECTION:
-        mask = reference.threshold_mask(x, threshold, score_weight)
-    else:
-        mask = reference.topk_mask(x, keep, score_weight)
+    mask = cpu_selection_mask(x, threshold, keep, score_weight)
     if not batch_invariant:
         too_many_tokens = torch.full((), x.shape[0], dtype=torch.int64) > max_sparse_tokens
         mask = mask | too_many_tokens
