@@ -431,3 +431,20 @@ def test_run_header_records_the_plugin_switches(monkeypatch):
     header = module.run_header("benchmarks/gpu/x.py")
     assert header["command"] == "RSPARSE_TOPK_IN_KERNEL=1 python3 -P benchmarks/gpu/x.py --out o.json"
     assert header["commit"] == "abc1234"
+
+
+@pytest.mark.parametrize("name", ["compiled_cpu", "compiled_cpu_opaque_mask"])
+def test_compiled_vs_eager_report_is_its_json(name):
+    """The committed eager-vs-compiled tables are what their JSON gives (benchmarks/compiled_vs_eager.py),
+    and the paired ratios are the per-window NLLs' (recomputed here)."""
+    import math
+
+    script = load_benchmark("compiled_vs_eager.py")
+    result = json.loads((RESULTS / f"{name}.json").read_text())
+    assert (RESULTS / f"{name}.md").read_text() == script.report_md(result)
+    for run in result["runs"]:
+        nll = run["nll"]
+        check = script.paired(nll["eager"], nll["compiled"])
+        assert check == run["compiled_vs_eager"]
+        assert check["ppl_ratio"] == pytest.approx(run["ppl"]["compiled"] / run["ppl"]["eager"])
+        assert check["windows"] == result["windows"] and not math.isnan(check["se"])

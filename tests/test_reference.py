@@ -95,8 +95,8 @@ def test_custom_op_dispatches_dense_above_max_sparse_tokens():
 def test_cpu_path_compiled_selects_on_the_rounded_activation(keep):
     """Under torch.compile (vLLM's default mode on the CPU) the CPU sparse path gives the eager result
     bit for bit, also when the op producing x is fused with it: the mask is an opaque op, so Inductor
-    cannot compare the float32 value before its rounding to bf16 (which kept other channels than eager:
-    benchmarks/results/compiled_cpu.md). 64 rows of an upstream SiLU-and-multiply, as before down_proj."""
+    cannot compare the float32 value before its rounding to bf16 (traced inline it did, and kept other
+    channels than eager). 64 rows of an upstream SiLU-and-multiply, as before down_proj."""
     gen = torch.Generator().manual_seed(0)
     k, n = 576, 256
     weight = torch.randn(n, k, generator=gen).bfloat16()

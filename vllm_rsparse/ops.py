@@ -102,10 +102,11 @@ def _sparse_linear_fake(
 def cpu_selection_mask(x: torch.Tensor, threshold: torch.Tensor | None, keep: int,
                        score_weight: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] -> mask [M, K] bool: the channels each row keeps (reference.threshold_mask /
-    topk_mask). An opaque op so that the mask is taken on x as the GEMM multiplies it: traced
-    inline, Inductor fuses the score into the kernel that produces x and compares the float32
-    value before its rounding to x's dtype, so a compiled engine kept other channels than an
-    eager one (benchmarks/results/compiled_cpu.md)."""
+    topk_mask). An opaque op so that the mask is taken on x as the GEMM multiplies it, as the GPU
+    kernels take it: traced inline, Inductor fuses the score into the kernel that produces x and
+    compares the float32 value before its rounding to x's dtype. (End to end that was not what
+    moves a compiled engine's perplexity from an eager one's: benchmarks/results/
+    compiled_cpu_opaque_mask.md.)"""
     if keep == THRESHOLD_SELECTION:
         return reference.threshold_mask(x, threshold, score_weight)
     return reference.topk_mask(x, keep, score_weight)
