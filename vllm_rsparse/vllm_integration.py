@@ -60,10 +60,11 @@ def refuse_features_outside_the_rotated_basis(checkpoint_config: RSparseCheckpoi
     rsparse --rotation global) computes the original model's function in a rotated residual
     basis: its embedding table, norms and projections are all rotated. Anything made for the
     original model that enters that basis from outside -- a LoRA adapter's A and B matrices, or
-    prompt embeddings a client computed -- would be multiplied in the wrong basis, and pooled hidden
-    states would leave it still rotated: wrong outputs without any error (measured: a LoRA adapter on a LaRoSA checkpoint of SmolLM2 generates
-    unrelated tokens). Such an engine is refused, naming the features; unrotated checkpoints (TEAL,
-    R-Sparse) take LoRA adapters like a dense model (tests/test_lora.py)."""
+    prompt embeddings a client computed -- would be multiplied in the wrong basis, and pooled
+    hidden states would leave it still rotated: wrong outputs without any error (measured: a LoRA
+    adapter on a LaRoSA checkpoint of SmolLM2 generates unrelated tokens). Such an engine is
+    refused, naming the features; unrotated checkpoints (TEAL, R-Sparse) take LoRA adapters like
+    a dense model (tests/test_lora.py)."""
     if checkpoint_config.rotation is None:
         return
     try:

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help=f"subset seed (default: {d.seed})")
     p.add_argument("--compiled", action="store_true",
                    help="score with vLLM's default torch.compile mode (CUDA graphs on a GPU), as a server runs, "
-                        "instead of eager; scores then differ from eager by rounding noise (default: eager)")
+                        "instead of eager; its rounding differs, which a threshold mask amplifies (a few percent of "
+                        "perplexity: benchmarks/results/compiled_cpu.md) (default: eager)")
     g = p.add_argument_group("engine (batching and memory only; the scores do not depend on them)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per vLLM step (default: --max-model-len; e.g. 16384 on a GPU)")
