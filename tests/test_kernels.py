@@ -33,6 +33,12 @@ from benchmark_scripts import load_benchmark  # noqa: E402
 from vllm_rsparse import launchers, reference  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+# The interpreter returns arbitrary values in the masked-off lanes of an atomic (measured: leftover
+# memory, e.g. 32, 40, 48, 56), so the fixed-point finish's lanes past N or M hold garbage when they
+# are cast to the output dtype; numpy then warns of an fp16 overflow although the masked store never
+# writes those lanes (the outputs are NaN-poisoned and compared, so a real overflow fails a test).
+# The warning comes and goes with what that memory held before.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 RESULTS = BENCHMARKS / "results"  # committed measurements the report tests rebuild
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
