@@ -59,11 +59,16 @@ def variants() -> list[tuple[str, int | None, int, bool]]:
     return out
 
 
+def has_span_variants(record_row: dict) -> bool:
+    """Whether a run timed the "_span" variants (runs before session 28 did not)."""
+    return any(key.endswith("_span_us") for key in record_row)
+
+
 def launcher_choice(record_row: dict) -> tuple[str, list[str]]:
     """The variant the launcher runs at this row's width (its digit size, HIST_WARPS, the span switch) and
     the variants of the row it competes with (the other digit sizes at the same width and span)."""
     bits = launchers.hist_digit_bits(launchers.triton_next_power_of_2(record_row["k"]))
-    span = launchers.TOPK_SCORE_SPAN_ENABLED and any(key.endswith("_span_us") for key in record_row)
+    span = launchers.TOPK_SCORE_SPAN_ENABLED and has_span_variants(record_row)
     rivals = [variant_name(b, launchers.HIST_WARPS, span) for b in launchers.HIST_DIGIT_BITS_CHOICES]
     return variant_name(bits, launchers.HIST_WARPS, span), [r for r in rivals if f"{r}_us" in record_row]
 
@@ -78,7 +83,7 @@ def report_markdown(record: dict) -> str:
              f"Command: `{record['command']}`. bf16 rows, keep = K / 2; us per call (ratio to radix16 in the "
              "same run). histogramN: one block per row, passes over N-bit digits." +
              (" _wN: N warps (else 8); _span: passes over the 15 bits a bf16 score can have set instead of "
-              "all 32 (launchers.score_bit_span)." if any(k.endswith("_span_us") for k in record["rows"][0]) else ""),
+              "all 32 (launchers.score_bit_span)." if has_span_variants(record["rows"][0]) else ""),
              "",
              "| K | rows | " + " | ".join(names) + " | same (thr, jcut) |",
              "|---|---|" + "---|" * len(names) + "---|"]
