@@ -6,7 +6,7 @@
 # the job has written so far to $OUT as one job.tar.gz (+ the step log's tail on stdout).
 #   STEPS: a file of shell lines, one step each, run in order from the repo copy made by the call
 #          that started the job, with $RES = the results folder (everything under it comes back);
-#          a failing step is logged and the next one runs.
+#          a failing step is logged and the next one runs; $GPU_TAG = h100 / h200, the card's kind.
 #   JOB_ROOT (/root/job), WAIT_S (540).
 # "Running" is read from the job's heartbeat file (detached_lib.sh), not from its pid: a device
 # call cannot see an earlier call's processes.
@@ -29,6 +29,9 @@ else
     tar -cf - --exclude=./.git --exclude=./.gpu --exclude=./.venv --exclude=./.cache --exclude=./out . | tar -xf - -C "$J/tree"
   cp "$(dirname "${BASH_SOURCE[0]}")/detached_lib.sh" "$J/detached_lib.sh"
   export PYTHONPATH=${PYTHONPATH:-/tmp/site} PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
+  # steps name their result files by the card that ran them (h100 / h200): a lease gets whichever comes
+  GPU_TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oiE 'h100|h200' | tr 'A-Z' 'a-z')
+  export GPU_TAG=${GPU_TAG:-gpu}
   # the whole subshell is redirected (not only setsid): a shell holding the call's stdout until
   # the job ends would keep the call (and any pipe reading it) waiting for the job
   ( cd "$J/tree" && RES="$J/res" exec setsid bash -c '
