@@ -2,13 +2,13 @@
 # Device side, one line of a steps file: the GPU set of tests/test_kernels.py in SHARDS pytest processes side
 # by side. The set is bound by Triton compiles on the CPU, and the GPU machine has 16 cores: one process took
 # more than 900 s in session 23, four took 4.3 min in session 27 (steps_h200_session27c.txt).
-#   RES (required): where the logs go; NAME (kernel_tests_h200): $RES/$NAME.log, all shards with a header;
+#   RES (required): where the logs go; NAME (kernel_tests_$GPU_TAG, else _h200): $RES/$NAME.log, all shards with a header;
 #   SHARDS (4); LIMIT (480 s a shard); KEYWORDS: a pytest -k expression (all tests without it).
 #   RSPARSE_COMMIT: named in the log's header (the device copy has no .git).
 # Test ids go to pytest through a file, not the command line: parametrized ids hold spaces and quotes.
 set -u
 : "${RES:?set RES to the results folder}"
-NAME=${NAME:-kernel_tests_h200}
+NAME=${NAME:-kernel_tests_${GPU_TAG:-h200}}
 SHARDS=${SHARDS:-4}
 LIMIT=${LIMIT:-480}
 python3 -P -m pytest -q -p no:cacheprovider --collect-only -k "${KEYWORDS:-}" tests/test_kernels.py 2>/dev/null \
