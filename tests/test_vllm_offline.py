@@ -83,3 +83,25 @@ def test_max_sparse_tokens_routes_prefill(calibrated_dirs, dense_reference, monk
     assert forced.shape == dense_reference["logprobs"].shape
     assert not torch.equal(forced, dense_reference["logprobs"])
     assert torch.isfinite(forced).all()
+
+
+def test_ngram_speculative_decoding_keeps_the_tokens(calibrated_dirs):
+    """vLLM verifies a request's drafted tokens in one forward pass of several tokens; the sparse
+    path selects channels per token, so (batch-invariant, greedy) the accepted tokens must be the
+    ones plain decoding gives. Runs in a child process (spec_decode_child.py says why)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    child = Path(__file__).with_name("spec_decode_child.py")
+    env = dict(os.environ, RSPARSE_BATCH_INVARIANT="1")
+    run = subprocess.run([sys.executable, str(child), str(calibrated_dirs[0.5])], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["ngram"] == result["plain"]
+    assert all(len(tokens) == 24 for tokens in result["plain"])
+    # drafts were proposed and some accepted: the multi-token verification pass really ran
+    assert result["counters"]["vllm:spec_decode_num_accepted_tokens"] > 0, result["counters"]
