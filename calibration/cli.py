@@ -176,10 +176,11 @@ def calibrate(args: CalibrationArgs) -> Path:
     """Run one calibration end to end; returns the checkpoint directory."""
     from vllm_rsparse.architectures import ModelShapes
     from vllm_rsparse.calibration import data, model_io
-    from vllm_rsparse.checkpoint import refuse_non_empty_output, write_checkpoint
+    from vllm_rsparse.checkpoint import refuse_non_empty_output, refuse_output_over_source, write_checkpoint
     from vllm_rsparse.config import RSparseCheckpointConfig
 
     output = Path(args.output)
+    refuse_output_over_source(output, args.model)
     refuse_non_empty_output(output, args.force)  # before the slow part, not after it
     torch.manual_seed(args.seed)
     started = time.time()

@@ -58,6 +58,26 @@ def test_refuses_non_empty_output_without_force(tiny_model_dir, tmp_path, capsys
     assert (out / "keep-me.txt").read_text() == "user data"
 
 
+@pytest.mark.parametrize("where", ["model_dir", "parent_of_model_dir", "gguf_dir"])
+def test_force_never_replaces_the_source_model(where, tiny_model_dir, smollm2_gguf, tmp_path, capsys):
+    """--force replaces a non-empty output directory; that directory being the model itself (or one
+    above it, or the one holding the GGUF file) would delete the model being calibrated."""
+    import shutil
+
+    model = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_model_dir, model)
+    source, out = {"model_dir": (model, model), "parent_of_model_dir": (model, model.parent),
+                   "gguf_dir": (model / "m.gguf", model)}[where]
+    if where == "gguf_dir":
+        shutil.copy(smollm2_gguf, source)
+    before = sorted(p.name for p in model.iterdir())
+    code = main([str(source), "-o", str(out), "--force", "--num-samples", "1", "--seq-len", "64"])
+    assert code == 2
+    assert "would replace the model being calibrated" in capsys.readouterr().err
+    assert sorted(p.name for p in model.iterdir()) == before
+    assert "quantization_config" not in json.loads((model / "config.json").read_text())
+
+
 @pytest.mark.parametrize("content, message", [
     ("", "is empty"),
     ("just a few words", r"has \d+ tokens; 4 windows of 256 tokens need 1024"),

@@ -204,6 +204,20 @@ def refuse_non_empty_output(output_dir: str | os.PathLike, force: bool) -> None:
         raise CheckpointError(f"output directory {output_dir} exists and is not empty (use --force to replace it)")
 
 
+def refuse_output_over_source(output_dir: str | os.PathLike, source: str | os.PathLike) -> None:
+    """--force replaces the output directory, so it must not be the model being converted or a
+    directory above it: that would replace the source model (for a rotated checkpoint, with weights
+    it cannot be recovered from). A GGUF file's source is the directory that holds it."""
+    source = Path(source).resolve()
+    source_dir = source if source.is_dir() else source.parent
+    output = Path(output_dir).resolve()
+    if output == source_dir or output in source_dir.parents:
+        where = "is" if output == source_dir else "contains"
+        raise CheckpointError(
+            f"output directory {output_dir} {where} the source model {source}; writing there would replace "
+            "the model being calibrated (with or without --force): choose another output directory")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(output_dir: str | os.PathLike, force: bool) -> Iterator[Path]:
     """Yield a temp dir next to output_dir; on success rename it into place.
