@@ -9,6 +9,7 @@ uninitialised). The original checkpoint is never modified: each case works on a 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -69,6 +70,12 @@ CASES = {
     "module-missing": (edit_config(lambda c: c["quantization_config"]["modules"].pop(
         "model.layers.1.mlp.down_proj")), r"no entry for 1 module\(s\).*model.layers.1.mlp.down_proj"),
     "corrupted-header": (corrupt_header, r"corrupted safetensors header"),
+    "truncated-in-header": (lambda ckpt: os.truncate(ckpt / "rsparse.safetensors", 100),
+                            r"claims \d+ header bytes after the 8-byte length, but the file has 100 bytes in all: "
+                            r"truncated"),
+    "truncated-in-data": (lambda ckpt: os.truncate(ckpt / "rsparse.safetensors",
+                                                   os.path.getsize(ckpt / "rsparse.safetensors") - 8),
+                          r"corrupted safetensors file \(.*incomplete metadata, file not fully covered"),
     "unsupported-architecture": (edit_config(unsupported_architecture),
                                  r"architecture 'MixtralForCausalLM' is not supported by rsparse"),
 }

@@ -117,7 +117,8 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             size = os.fstat(f.fileno()).st_size
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
                 raise CheckpointError(
-                    f"{path}: corrupted safetensors header (claims {header_len} header bytes, file has {size})"
+                    f"{path}: corrupted safetensors header (claims {header_len} header bytes after the 8-byte "
+                    f"length, but the file has {size} bytes in all: truncated, or not a safetensors file)"
                 )
             header = json.loads(f.read(header_len))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
