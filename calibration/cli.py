@@ -79,6 +79,10 @@ class CalibrationArgs:
         if self.max_sparse_tokens < 0:
             raise ValueError(f"max_sparse_tokens must be >= 0, got {self.max_sparse_tokens}")
         check_device(self.device)
+        if self.text is not None:
+            from vllm_rsparse.calibration.data import check_text_file
+
+            check_text_file(self.text)
 
 
 def check_device(name: str) -> None:

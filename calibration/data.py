@@ -92,10 +92,33 @@ def split_articles(articles: tuple[str, ...]) -> tuple[list[str], list[str]]:
     return calib, heldout
 
 
+class CalibrationTextError(ValueError):
+    pass
+
+
+def check_text_file(path: str | Path) -> Path:
+    """A user's --text must be a readable file (checked before the model loads)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationTextError(f"calibration text {str(path)!r}: "
+                                   + ("is a directory, not a text file" if path.is_dir() else "no such file"))
+    return path
+
+
 def calibration_text(path: str | None = None) -> str:
-    """The calibration half of the default text, or a user's text file as is."""
+    """The calibration half of the default text, or a user's UTF-8 text file as is.
+
+    Not decoded leniently: thresholds calibrated on a binary file or a text in another encoding
+    (replacement characters tokenize to byte tokens the model never sees in use) would serve
+    silently worse, so such a file is refused with the offset of its first bad byte."""
     if path:
-        return Path(path).read_text(encoding="utf-8", errors="replace")
+        raw = check_text_file(path).read_bytes()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CalibrationTextError(
+                f"calibration text {str(path)!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                "give a plain-text file, converted to UTF-8 if needed (e.g. iconv -f latin1 -t utf-8)") from None
     return "\n\n".join(split_articles(wiki_articles())[0])
 
 

@@ -81,10 +81,18 @@ def test_force_never_replaces_the_source_model(where, tiny_model_dir, smollm2_gg
 @pytest.mark.parametrize("content, message", [
     ("", "is empty"),
     ("just a few words", r"has \d+ tokens; 4 windows of 256 tokens need 1024"),
+    (b"caf\xe9 au lait " * 200, r"is not UTF-8 text \(byte 0xe9 at offset 3\)"),  # Latin-1
+    ("a directory", r"is a directory, not a text file"),
+    ("no file", r"no such file"),
 ])
 def test_empty_or_short_text_is_a_clear_error(tiny_model_dir, tmp_path, capsys, content, message):
     text = tmp_path / "calib.txt"
-    text.write_text(content)
+    if content == "a directory":
+        text.mkdir()
+    elif isinstance(content, bytes):
+        text.write_bytes(content)
+    elif content != "no file":
+        text.write_text(content)
     code = main([str(tiny_model_dir), "-o", str(tmp_path / "out"), "--text", str(text),
                  "--num-samples", "4", "--seq-len", "256"])
     assert code == 2
