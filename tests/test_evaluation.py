@@ -38,6 +38,9 @@ def test_unknown_task_and_bad_config():
 @pytest.mark.parametrize("args, message", [
     (["{missing}"], "no such checkpoint directory"),
     (["{tmp}", "--limit", "-1"], r"--limit must be >= 0 \(0 = the full validation split\), got -1"),
+    # an output the result could not be written to, found before the evaluation, not after it
+    (["{tmp}", "-o", "{missing}/result.json"], r"-o .*/nope/result.json: its directory .*/nope does not exist"),
+    (["{tmp}", "-o", "{tmp}"], r"-o .*: is a directory; give a file name"),
 ])
 def test_cli_refuses_bad_arguments_before_any_engine(tmp_path, capsys, args, message):
     """A checkpoint path that is not a directory is named as such (vLLM would read it as a hub repo

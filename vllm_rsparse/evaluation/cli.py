@@ -64,6 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         # hub repo id and refuses its characters
         print(f"rsparse-eval: error: {ns.checkpoint}: no such checkpoint directory", file=sys.stderr)
         return 2
+    if ns.output:
+        # checked before the evaluation (minutes to hours), not when its result is written
+        out_dir = os.path.dirname(os.path.abspath(ns.output))
+        problem = ("is a directory; give a file name" if os.path.isdir(ns.output) else
+                   f"its directory {out_dir} does not exist" if not os.path.isdir(out_dir) else
+                   f"its directory {out_dir} is not writable" if not os.access(out_dir, os.W_OK) else None)
+        if problem:
+            print(f"rsparse-eval: error: -o {ns.output}: {problem}", file=sys.stderr)
+            return 2
     try:
         config = EvalConfig(
             checkpoint=ns.checkpoint,
@@ -82,10 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rsparse-eval: error: {e}", file=sys.stderr)
         return 2
     text = json.dumps(result, indent=1)
+    print(text)  # first: whatever happens to the file, the result is on stdout
     if ns.output:
-        with open(ns.output, "w") as f:
-            f.write(text)
-    print(text)
+        try:
+            with open(ns.output, "w") as f:
+                f.write(text)
+        except OSError as e:
+            print(f"rsparse-eval: error: could not write -o {ns.output} ({e}); the result is printed above",
+                  file=sys.stderr)
+            return 1
     return 0
 
 
