@@ -240,9 +240,10 @@ def test_topk_select_variants():
 def test_committed_kernels_merge_topk():
     """committed_kernels.py --merge-topk: exact top-k's crossover counts and ratios come from the run's
     larosa rows (every sparsity and token count it measured); the threshold and low-rank entries stay;
-    a run without larosa rows is refused with a message that says so."""
+    a run without larosa rows is refused with a message that says so. A run on another GPU than the
+    table's goes beside it (by_gpu), the table's own entries untouched."""
     module = load_benchmark("gpu/committed_kernels.py")
-    dispatch = {"crossover": {"threshold": {"N1_K1": {"0.5": 4}}, "topk": {"N22016_K4096": {"0.5": 0}}},
+    dispatch = {"gpu": "GPU", "crossover": {"threshold": {"N1_K1": {"0.5": 4}}, "topk": {"N22016_K4096": {"0.5": 0}}},
                 "ratios": {"threshold": {"x": 1}, "topk": {"N22016_K4096": {"0.5": {"1": 1.25}}},
                            "threshold_lowrank": {"y": 2}}}
     rows = [{"method": "larosa", "n": 22016, "k": 4096, "sparsity": s, "tokens": t, "sparse_ms": ms, "dense_ms": 1.0}
@@ -257,6 +258,11 @@ def test_committed_kernels_merge_topk():
     assert dispatch["crossover"]["topk"] == {"N22016_K4096": {"0.5": 0}}  # the input is left alone
     with pytest.raises(SystemExit, match="larosa"):
         module.merge_topk({"commit": "c", "gpu": "g", "results": rows[-1:]}, dispatch)
+    other = module.merge_topk({"commit": "abc1234", "gpu": "Other GPU", "results": rows}, dispatch)
+    assert other["crossover"] == dispatch["crossover"] and other["ratios"] == dispatch["ratios"]
+    beside = other["by_gpu"]["Other GPU"]
+    assert beside["ratios"]["topk"] == merged["ratios"]["topk"] and beside["crossover"]["topk"] == merged["crossover"]["topk"]
+    assert "abc1234" in beside["notes"]["topk"]
 
 
 def test_e2e_config_switches(monkeypatch):

@@ -1178,6 +1178,44 @@ def test_op_dispatch_at_the_modules_sparsity(monkeypatch):
     assert launchers._dispatch_tokens(64, 96, "threshold", 0.5, lowrank=True) == 0
 
 
+def test_dispatch_table_per_gpu(monkeypatch):
+    """Entries re-measured on another GPU (dispatch.json "by_gpu") replace the table's own entries of
+    their selection on that GPU only; other selections and other GPUs read the main table."""
+    table = {"gpu": "GPU A", "crossover": {}, "ratios": {
+        "threshold": {"N64_K96": {"0.5": {"1": 0.7, "2": 0.9}}},
+        "topk": {"N64_K96": {"0.5": {"1": 1.3}}}},
+        "by_gpu": {"GPU B": {"ratios": {"topk": {"N64_K96": {"0.5": {"1": 0.8, "2": 1.2}}}}}}}
+    real = launchers._load_json
+    monkeypatch.setattr(launchers, "_load_json", lambda name: table if name == launchers._DISPATCH_FILE else real(name))
+    for gpu, topk in (("GPU A", 0), ("GPU B", 1), (None, 0), ("GPU C", 0)):
+        monkeypatch.setattr(launchers, "_gpu_name", lambda gpu=gpu: gpu)
+        assert launchers.crossover_tokens(64, 96, "topk", 0.5) == topk, gpu
+        assert launchers._dispatch_tokens(64, 96, "topk") == topk, gpu
+        assert launchers.crossover_tokens(64, 96, "threshold", 0.5) == 2, gpu
+    assert launchers.dispatch_table("GPU A") is table  # nothing to merge: the table itself
+
+
+def test_committed_topk_dispatch_h100():
+    """LaRoSA's exact top-k with the histogram select, measured on the H100 (session 30,
+    kernels_committed_larosa_h100.json): at 0.5 and one token it beats dense by the margin on
+    Llama-2 qkv (0.74x), o (0.94x), gate_up (0.61x), Llama-3 qkv (0.89x) and gate_up (0.61x), not
+    on down (1.12x / 1.42x); at two tokens only on gate_up. The H200's entries (the earlier select:
+    dense everywhere) stay the table's own."""
+    h100 = "NVIDIA H100 80GB HBM3"
+    table = launchers.dispatch_table(h100)
+    ratios = table["ratios"]["topk"]
+    limit = lambda n, k: launchers._interpolated_crossover(ratios[launchers._shape_key(n, k)], 0.5)  # noqa: E731
+    for n, k in [(12288, 4096), (4096, 4096), (6144, 4096)]:
+        assert limit(n, k) == 1
+    for n, k in [(22016, 4096), (28672, 4096)]:
+        assert limit(n, k) == 1  # 2 tokens: 0.95x / 0.97x, inside the margin
+    for n, k in [(4096, 11008), (4096, 14336)]:
+        assert limit(n, k) == 0
+    main = launchers.dispatch_table("NVIDIA H200")
+    assert main["gpu"] == "NVIDIA H200"
+    assert all(v == {"0.5": 0} for v in main["crossover"]["topk"].values())
+
+
 def test_config_band_boundary_per_shape():
     """A module at or above its shape's measured boundary ("high_from" of sparse_gemv.json, H200,
     fixed_cost_h200.json, fixed-point finish) runs the configs ranked at 0.9, below it the 0.5-ranked ones; shapes

@@ -256,6 +256,33 @@ def _load_json(name: str) -> dict:
     return json.loads(text)
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_name() -> str | None:
+    """The name of the CUDA device this process runs on (torch.cuda.get_device_name), or None on the
+    CPU / under the interpreter."""
+    if interpreting() or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name()
+
+
+def dispatch_table(gpu: str | None = None) -> dict:
+    """kernels/configs/dispatch.json as this GPU should read it.
+
+    The table was measured on one GPU (its "gpu"). A selection re-measured on another GPU is kept
+    beside it under "by_gpu" {device name: {"crossover": {selection: ...}, "ratios": {...}}}, and on
+    that GPU replaces the main entries of its selections: the crossover is a property of the GPU (its
+    memory bandwidth against the kernels' fixed cost), so one GPU's measurement must not send another
+    GPU's modules to the slower path. gpu: a device name (default: this process's)."""
+    data = _load_json(_DISPATCH_FILE)
+    overlay = data.get("by_gpu", {}).get(gpu if gpu is not None else _gpu_name())
+    if not overlay:
+        return data
+    out = dict(data)
+    for part in ("crossover", "ratios"):
+        out[part] = {**data.get(part, {}), **overlay.get(part, {})}
+    return out
+
+
 def _shape_key(n: int, k: int) -> str:
     return f"N{n}_K{k}"
 
@@ -335,7 +362,8 @@ def pick_config(n: int, k: int, tokens: int, rank: int, device: torch.device,
 def crossover_tokens(n: int, k: int, selection: str = "threshold", sparsity: float = 0.5,
                      lowrank: bool = False) -> int | None:
     """Largest token count up to which the sparse kernel beats dense cuBLAS for this shape
-    at this sparsity, from the committed H100 benchmark (kernels/configs/dispatch.json).
+    at this sparsity, from the committed benchmark (kernels/configs/dispatch.json, as
+    dispatch_table reads it for this GPU).
     None when the shape was not measured. The LinearMethod knows its module's sparsity and
     caps max_sparse_tokens with it.
 
@@ -348,7 +376,7 @@ def crossover_tokens(n: int, k: int, selection: str = "threshold", sparsity: flo
     bytes read, and so the time, fall linearly with sparsity); a module at 0.4 between
     levels 0 and 0.5 is not sent to dense just because s = 0 loses. Without ratios: the
     crossover of the nearest measured level not above `sparsity`."""
-    data = _load_json(_DISPATCH_FILE)
+    data = dispatch_table()
     if lowrank and _shape_key(n, k) in data.get("ratios", {}).get(selection + "_lowrank", {}):
         selection = selection + "_lowrank"
     ratios = data.get("ratios", {}).get(selection, {}).get(_shape_key(n, k))
@@ -399,7 +427,7 @@ def _dispatch_tokens(n: int, k: int, selection: str, sparsity: float | None = No
     """Token limit the op applies itself: the crossover at the module's sparsity when the caller
     passes it (the LinearMethod does: the same limit it caps max_sparse_tokens with), else at the
     design sparsity of the table (dispatch.json "design_sparsity")."""
-    data = _load_json(_DISPATCH_FILE)
+    data = dispatch_table()
     if not data:
         return None
     level = float(data.get("design_sparsity", 0.5)) if sparsity is None else sparsity

@@ -216,11 +216,19 @@ def merge_topk(record: dict, dispatch: dict) -> dict:
     if not rows:
         raise SystemExit("committed_kernels.py --merge-topk: the run has no larosa rows (--methods larosa)")
     out = json.loads(json.dumps(dispatch))
-    out["crossover"]["topk"] = bk.crossover_table(rows)["topk"]
-    out["ratios"]["topk"] = bk.ratio_table(rows)["topk"]
-    out["topk_note"] = (f"topk from benchmarks/gpu/committed_kernels.py --methods larosa at {record['commit']} "
-                        f"({record['gpu']}): tokens {sorted({r['tokens'] for r in rows})}, sparsities "
-                        f"{sorted({r['sparsity'] for r in rows})}")
+    note = (f"topk from benchmarks/gpu/committed_kernels.py --methods larosa at {record['commit']} "
+            f"({record['gpu']}): tokens {sorted({r['tokens'] for r in rows})}, sparsities "
+            f"{sorted({r['sparsity'] for r in rows})}")
+    crossover, ratios = bk.crossover_table(rows)["topk"], bk.ratio_table(rows)["topk"]
+    if record["gpu"] != dispatch.get("gpu"):
+        # another GPU's measurement: beside the table, read on that GPU only (launchers.dispatch_table)
+        entry = out.setdefault("by_gpu", {}).setdefault(record["gpu"], {})
+        entry.setdefault("crossover", {})["topk"] = crossover
+        entry.setdefault("ratios", {})["topk"] = ratios
+        entry.setdefault("notes", {})["topk"] = note
+        return out
+    out["crossover"]["topk"], out["ratios"]["topk"] = crossover, ratios
+    out["topk_note"] = note
     return out
 
 
