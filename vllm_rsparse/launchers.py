@@ -709,8 +709,9 @@ def score_bit_span(dtype: torch.dtype, has_scale: bool) -> tuple[int, int]:
 # The histogram select (one block per row): on the H100 (576f7cf) it gives the radix select's
 # (threshold, tie cut) exactly (tests/test_kernels.py exact-count tests, 16 x 14336 rows with
 # heavy ties) and takes 16 / 55 / 55 us against 25 / 67 / 78 us at K = 4096 / 11008 / 14336
-# (benchmarks/results/topk_select_h100.json). Both still cost more than half a dense GEMV of
-# those shapes, so the dispatch keeps LaRoSA's exact top-k on dense (kernels_h100.md).
+# (benchmarks/results/topk_select_h100.json). With the digit sizes and the bf16 span below, 5 / 17.5 us
+# on the H100 (topk_select_warps_h100.md, session 30): exact top-k beats dense on the K = 4096 shapes at one
+# token and not on down (kernels_committed_larosa_h100.md; the H100's by_gpu entries of dispatch.json).
 TOPK_HISTOGRAM_ENABLED = True
 # Bits per histogram pass. The timings above had 4 passes of 8 bits over 512 bins (the channels
 # outside the prefix in a bin of their own; session 27 counts them in bin 0). On the H200
