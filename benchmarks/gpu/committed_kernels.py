@@ -240,6 +240,9 @@ def main() -> None:
     ap.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
     ap.add_argument("--ab-lowrank-chunks", action="store_true",
                     help="rsparse_lowrank above s = 0.5 also with launchers.LOWRANK_CHUNKS_FOLLOW_SPARSITY off")
+    ap.add_argument("--hist-select", nargs=2, type=int, metavar=("DIGIT_BITS", "WARPS"), default=None,
+                    help="exact top-k's histogram select with these digits and warps at every row width "
+                         "(launchers.HIST_DIGIT_BITS / HIST_WARPS; default: the launcher's choice)")
     ap.add_argument("--report", default="", help="no run: the markdown and PNGs of a run's JSON")
     ap.add_argument("--merge-topk", default="", metavar="JSON",
                     help="no run: --out = the installed dispatch.json with the topk entries of this run's larosa rows")
@@ -257,6 +260,12 @@ def main() -> None:
         except ImportError:  # the table is the result; the plots are the optional [bench] extra
             print("matplotlib is not installed (pip install -e '.[bench]'): the markdown only, no PNGs")
         return
+    if args.hist_select:
+        bits, warps = args.hist_select
+        if bits not in launchers.HIST_DIGIT_BITS_CHOICES or warps not in launchers.HIST_WARPS_CHOICES:
+            ap.error(f"--hist-select: digits in {launchers.HIST_DIGIT_BITS_CHOICES}, warps in "
+                     f"{launchers.HIST_WARPS_CHOICES}; got {bits} {warps}")
+        launchers.HIST_DIGIT_BITS, launchers.HIST_WARPS = bits, warps
     gen = torch.Generator(device=bk.DEVICE).manual_seed(0)
     shapes = [s for s in bk.distinct_shapes() if not args.shapes or s[0] in args.shapes]
     if bk.DRY_RUN:
@@ -267,6 +276,7 @@ def main() -> None:
 
     meta = {**bk.run_header("benchmarks/gpu/committed_kernels.py"),
             "timing": "cuda_graph", "dtype": "bf16", "lowrank_rank": bk.LOWRANK_RANK,
+            "hist_select": {"digit_bits": launchers.HIST_DIGIT_BITS, "warps": launchers.HIST_WARPS},
             "copy_bandwidth_gbs": bk.copy_bandwidth_gbs(), "results": []}
     for name, n, k in shapes:
         meta["results"] += measure_shape(name, n, k, gen, log, args.methods, args.tokens, args.ab_lowrank_chunks)
