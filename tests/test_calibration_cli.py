@@ -119,6 +119,9 @@ def test_bad_options_are_clear_errors(tiny_model_dir, tmp_path, capsys, bad, mes
 def test_unknown_model_path_is_a_clear_error(tmp_path, capsys):
     assert main([str(tmp_path / "nope"), "-o", str(tmp_path / "o")]) == 2
     assert "no such model directory or .gguf file" in capsys.readouterr().err
+    # an output above a missing model is not "the model's directory": the missing path is the problem
+    assert main([str(tmp_path / "nope"), "-o", str(tmp_path)]) == 2
+    assert "no such model directory or .gguf file" in capsys.readouterr().err
 
 
 def test_achieved_sparsity_on_heldout_text_is_near_target(calibrated_dirs):

@@ -210,6 +210,8 @@ def refuse_output_over_source(output_dir: str | os.PathLike, source: str | os.Pa
     directory above it: that would replace the source model (for a rotated checkpoint, with weights
     it cannot be recovered from). A GGUF file's source is the directory that holds it."""
     source = Path(source).resolve()
+    if not source.exists():
+        return  # the model loader names the missing path (its parent is no model to protect)
     source_dir = source if source.is_dir() else source.parent
     output = Path(output_dir).resolve()
     if output == source_dir or output in source_dir.parents:
