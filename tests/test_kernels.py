@@ -1200,8 +1200,7 @@ def test_committed_topk_dispatch_h100():
     kernels_committed_larosa_h100.json): at 0.5 and one token it beats dense by the margin on
     Llama-2 qkv (0.74x), o (0.94x), gate_up (0.61x), Llama-3 qkv (0.89x) and gate_up (0.61x), not
     on down (1.12x / 1.42x); at two tokens on none (gate_up's 0.95x / 0.97x are inside the margin).
-    The H200's entries (the earlier select:
-    dense everywhere) stay the table's own."""
+    The H200's entries (the earlier select: dense everywhere) stay the table's own."""
     h100 = "NVIDIA H100 80GB HBM3"
     table = launchers.dispatch_table(h100)
     ratios = table["ratios"]["topk"]
