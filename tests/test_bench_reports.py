@@ -200,6 +200,32 @@ def test_adopted_config_keeps_the_lowrank_layout(tmp_path, monkeypatch):
     assert adopted == {**faster, "lowrank": "w_tiles"}
 
 
+def test_adopted_config_on_another_gpu_goes_under_by_gpu(tmp_path, monkeypatch):
+    """wide_tiles.py --adopt on a GPU other than the table's own writes the faster config under
+    "by_gpu" for that GPU only: the main table keeps the sweeping GPU's config, and the committed
+    config the rows raced (and whose R-Sparse layout is kept) is the one that GPU read."""
+    wide_tiles = load_benchmark("gpu/wide_tiles.py")
+    committed = {"rows": 1, "block_n": 512, "block_k": 16, "split_k": 56, "num_warps": 2, "num_stages": 1,
+                 "kernel": "compact", "lowrank": "own_tiles"}
+    table = {"gpu": "NVIDIA H200", "note": "n", "configs": {"N4096_K14336": {"1": committed, "2": committed}}}
+    monkeypatch.setattr(wide_tiles.launchers, "_load_json", lambda name: table)
+    faster = {**committed, "block_n": 128, "block_k": 64, "split_k": 7, "num_warps": 4, "lowrank": ""}
+    rows = [{"shape": "llama3-8b/down", "n": 4096, "k": 14336, "sparsity": 0.5, "config": "committed",
+             "sparse_us": 46.0},
+            {"shape": "llama3-8b/down", "n": 4096, "k": 14336, "sparsity": 0.5, "config": "bn128", "ratio": 0.66,
+             "sparse_us": 29.5, "max_rel_err_vs_committed": 0.0, "gemv_config": faster}]
+    out = tmp_path / "sparse_gemv.json"
+    wide_tiles.adopt(rows, str(out), "split_depth", gpu="NVIDIA H100 80GB HBM3")
+    written = json.loads(out.read_text())
+    assert written["configs"] == table["configs"] and written["note"] == "n"
+    h100 = written["by_gpu"]["NVIDIA H100 80GB HBM3"]
+    assert h100["configs"] == {"N4096_K14336": {"1": {**faster, "lowrank": "own_tiles"}}}
+    assert "on NVIDIA H100 80GB HBM3" in h100["note"]
+    # the same run on the table's own GPU replaces the main entry
+    wide_tiles.adopt(rows, str(out), "split_depth", gpu="NVIDIA H200")
+    assert json.loads(out.read_text())["configs"]["N4096_K14336"]["1"] == {**faster, "lowrank": "own_tiles"}
+
+
 def test_pipelined_report_matches_committed_files():
     """pipelined_h200.md (session 27) is what wide_tiles.py --report makes of the committed JSON; the run
     records its commit, GPU, versions and command, and every candidate it timed ran the cp.async loop."""

@@ -1195,6 +1195,32 @@ def test_dispatch_table_per_gpu(monkeypatch):
     assert launchers.dispatch_table("GPU A") is table  # nothing to merge: the table itself
 
 
+def test_config_table_per_gpu(monkeypatch):
+    """Configs re-measured on another GPU (sparse_gemv.json "by_gpu") replace the main table's entry
+    of their (shape, token count, band) on that GPU only; the other token counts, shapes and GPUs
+    read the main table, and an overlaid band boundary ("high_from") moves that GPU's band."""
+    def cfg(block_n):
+        return {"rows": 1, "block_n": block_n, "block_k": 16, "split_k": 4, "num_warps": 4, "num_stages": 1,
+                "kernel": "compact"}
+    table = {"gpu": "GPU A",
+             "configs": {"N64_K96": {"1": cfg(64), "2": cfg(32)}, "N32_K96": {"1": cfg(16)}},
+             "configs_high": {"N64_K96": {"1": cfg(128)}},
+             "high_from": {"N64_K96": 0.7},
+             "by_gpu": {"GPU B": {"configs": {"N64_K96": {"1": cfg(256)}}, "high_from": {"N64_K96": 0.8}}}}
+    real = launchers._load_json
+    monkeypatch.setattr(launchers, "_load_json", lambda name: table if name == launchers._CONFIG_FILE else real(name))
+    cuda = torch.device("cuda")
+    for gpu, one_token in (("GPU A", 64), ("GPU B", 256), (None, 64), ("GPU C", 64)):
+        monkeypatch.setattr(launchers, "_gpu_name", lambda gpu=gpu: gpu)
+        assert launchers.pick_config(64, 96, 1, 0, cuda, 0.5).block_n == one_token, gpu
+        assert launchers.pick_config(64, 96, 2, 0, cuda, 0.5).block_n == 32, gpu
+        assert launchers.pick_config(32, 96, 1, 0, cuda, 0.5).block_n == 16, gpu
+        # at 0.75 GPU B is still in the design band (its boundary is 0.8), the others in the high band
+        assert launchers.pick_config(64, 96, 1, 0, cuda, 0.75).block_n == (256 if gpu == "GPU B" else 128), gpu
+    assert launchers.config_table("GPU A") is table  # nothing to merge: the table itself
+    assert table["configs"]["N64_K96"]["1"] == cfg(64)  # the merge copies, never writes the cached table
+
+
 def test_committed_topk_dispatch_h100():
     """LaRoSA's exact top-k with the histogram select, measured on the H100 (session 30,
     kernels_committed_larosa_h100.json): at 0.5 and one token it beats dense by the margin on

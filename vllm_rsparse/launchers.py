@@ -283,6 +283,29 @@ def dispatch_table(gpu: str | None = None) -> dict:
     return out
 
 
+def config_table(gpu: str | None = None) -> dict:
+    """kernels/configs/sparse_gemv.json as this GPU should read it.
+
+    The table was swept on one GPU (its "gpu"). Configs re-measured on another GPU are kept beside
+    it under "by_gpu" {device name: {"configs": {shape: {tokens: config}}, "configs_high": ...,
+    "high_from": {shape: sparsity}}}, and on that GPU replace the main table's entries one (shape,
+    token count) at a time: the same SASS runs on every sm_90 card, but the best tiling depends on
+    the memory bandwidth it has to keep busy (an H100 streams 30% fewer bytes per microsecond than
+    the H200 the table was swept on). gpu: a device name (default: this process's)."""
+    data = _load_json(_CONFIG_FILE)
+    overlay = data.get("by_gpu", {}).get(gpu if gpu is not None else _gpu_name())
+    if not overlay:
+        return data
+    out = dict(data)
+    for band in ("configs", "configs_high"):
+        merged = {key: dict(per_shape) for key, per_shape in data.get(band, {}).items()}
+        for key, per_shape in overlay.get(band, {}).items():
+            merged.setdefault(key, {}).update(per_shape)
+        out[band] = merged
+    out["high_from"] = {**data.get("high_from", {}), **overlay.get("high_from", {})}
+    return out
+
+
 def _shape_key(n: int, k: int) -> str:
     return f"N{n}_K{k}"
 
@@ -329,7 +352,7 @@ HIGH_SPARSITY_FROM = 0.7
 
 def high_sparsity_from(n: int, k: int) -> float:
     """The module sparsity from which shape (N, K) runs the configs ranked at 0.9."""
-    return float(_load_json(_CONFIG_FILE).get("high_from", {}).get(_shape_key(n, k), HIGH_SPARSITY_FROM))
+    return float(config_table().get("high_from", {}).get(_shape_key(n, k), HIGH_SPARSITY_FROM))
 
 
 def pick_config(n: int, k: int, tokens: int, rank: int, device: torch.device,
@@ -337,7 +360,7 @@ def pick_config(n: int, k: int, tokens: int, rank: int, device: torch.device,
     """Committed config for (N, K) at the nearest measured token count and the module's
     sparsity band (None: the design band), else the heuristic."""
     if device.type == "cuda":
-        table = _load_json(_CONFIG_FILE)
+        table = config_table()
         high = sparsity is not None and sparsity >= high_sparsity_from(n, k)
         band = "configs_high" if high else "configs"
         per_shape = table.get(band, {}).get(_shape_key(n, k)) or table.get("configs", {}).get(_shape_key(n, k))
@@ -1121,6 +1144,7 @@ def describe_config(n: int, k: int, tokens: int, rank: int = 0, device: str = "c
 __all__ = [
     "LOWRANK_RANK_MULTIPLE",
     "GemvConfig",
+    "config_table",
     "crossover_tokens",
     "describe_config",
     "high_sparsity_from",

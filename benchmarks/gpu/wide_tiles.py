@@ -19,6 +19,9 @@ along K cheaper: narrow and wide tiles at K chunks of 256-4096 (4096 = no split 
     python3 -P benchmarks/gpu/wide_tiles.py --set short_chunks --adopt $OUT/sparse_gemv.json --out $OUT/short_chunks_h200.json
     python3 -P benchmarks/gpu/wide_tiles.py --set spill_free --adopt $OUT/sparse_gemv.json --out $OUT/spill_free_h200.json
     python3 -P benchmarks/gpu/wide_tiles.py --set pipelined --adopt $OUT/sparse_gemv.json --out $OUT/pipelined_h200.json
+    python3 -P benchmarks/gpu/wide_tiles.py --set split_depth spill_free --shapes llama3-8b/down \
+        --sparsities 0.5 --adopt $OUT/sparse_gemv.json --out $OUT/down_configs_h100.json
+        # on a GPU other than the table's own, the winners go under "by_gpu" (launchers.config_table)
     python benchmarks/gpu/wide_tiles.py --out pipelined_h200.json --report pipelined_h200.md   # its table (no GPU)
     RSPARSE_BENCH_DRY=1 python benchmarks/gpu/wide_tiles.py --out /tmp/w.json   # CPU: script check only
 """
@@ -110,10 +113,17 @@ def programs(cfg: launchers.GemvConfig, n: int, k: int) -> int:
     return launchers.triton_cdiv(n, cfg.block_n) * launchers.k_split(k, cfg)[1]
 
 
-def adopt(rows: list[dict], path: str, candidate_set: str = "wide") -> None:
+def adopt(rows: list[dict], path: str, candidate_set: str = "wide", gpu: str | None = None) -> None:
     """The installed config table with each shape's one-token config replaced by the fastest
-    wide config of its band where that wins by ADOPT_MAX_RATIO (rows: this run's timings)."""
+    wide config of its band where that wins by ADOPT_MAX_RATIO (rows: this run's timings).
+    gpu: the device the rows were timed on; a device other than the table's own ("gpu") gets its
+    configs under "by_gpu" (launchers.config_table), and the committed config they race is the one
+    that device reads, so the table's own entries stay those of the GPU that swept them."""
     table = json.loads(json.dumps(launchers._load_json(launchers._CONFIG_FILE)))
+    target = table
+    if gpu is not None and gpu != table.get("gpu"):
+        target = table.setdefault("by_gpu", {}).setdefault(gpu, {})
+    read_as = launchers.config_table(gpu) if gpu is not None else table
     bands = {0.5: "configs", 0.9: "configs_high"}
     adopted = []
     for row in rows:
@@ -126,16 +136,17 @@ def adopt(rows: list[dict], path: str, candidate_set: str = "wide") -> None:
             band = bands[row["sparsity"]]
             key = launchers._shape_key(row["n"], row["k"])
             adopted_config = dict(best["gemv_config"])
-            replaced = table.get(band, {}).get(key, {}).get("1", {})
+            replaced = read_as.get(band, {}).get(key, {}).get("1", {})
             if replaced.get("lowrank") and not adopted_config.get("lowrank"):
                 # the R-Sparse v_t layout was chosen for this shape by lowrank_time.py, not by this
                 # sweep: kept (re-time it with lowrank_time.py when a new config is adopted)
                 adopted_config["lowrank"] = replaced["lowrank"]
-            table.setdefault(band, {}).setdefault(key, {})["1"] = adopted_config
+            target.setdefault(band, {}).setdefault(key, {})["1"] = adopted_config
             adopted.append(f"{band}/{key}: {best['config']} {best['sparse_us']:.1f} us vs {row['sparse_us']:.1f} us")
     if adopted:
-        table["note"] = (table.get("note", "") + f"; one-token configs replaced by benchmarks/gpu/wide_tiles.py "
-                         f"--set {candidate_set} --adopt: " + "; ".join(adopted))
+        target["note"] = (target.get("note", "") + ("; " if target.get("note") else "") +
+                          f"one-token configs replaced by benchmarks/gpu/wide_tiles.py --set {candidate_set} "
+                          f"--adopt{'' if target is table else f' on {gpu}'}: " + "; ".join(adopted))
     Path(path).write_text(json.dumps(table, indent=1) + "\n")
     print("adopted:" if adopted else "adopted: none", *adopted, sep="\n  ", flush=True)
 
@@ -178,7 +189,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.9])
-    ap.add_argument("--set", choices=sorted(CANDIDATE_SETS), default="wide", help="the candidate configs")
+    ap.add_argument("--set", nargs="+", choices=sorted(CANDIDATE_SETS), default=["wide"],
+                    help="the candidate configs (several sets: their union)")
+    ap.add_argument("--shapes", nargs="+", default=[], help="names of SHAPES to time (default: all)")
     ap.add_argument("--adopt", default="",
                     help="write the installed sparse_gemv.json with the winning wide one-token configs here")
     ap.add_argument("--report", default="", metavar="MD",
@@ -192,7 +205,12 @@ def main() -> None:
     launchers.COMPACT_ROWS_ENABLED = False
     sms = 4 if bk.DRY_RUN else torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    shapes = SHAPES[1:2] if bk.DRY_RUN else SHAPES
+    header = {**bk.run_header("benchmarks/gpu/wide_tiles.py"), "fixed_point_split": launchers.FIXED_POINT_SPLIT_ENABLED}
+    unknown = set(args.shapes) - {name for name, _, _ in SHAPES}
+    if unknown:
+        ap.error(f"--shapes: unknown {sorted(unknown)}; choose from {[name for name, _, _ in SHAPES]}")
+    specs = list(dict.fromkeys(spec for name in args.set for spec in CANDIDATE_SETS[name]))
+    shapes = SHAPES[1:2] if bk.DRY_RUN else [shape for shape in SHAPES if not args.shapes or shape[0] in args.shapes]
     for name, n, k in shapes:
         if bk.DRY_RUN:
             n, k = 1024, 512
@@ -204,7 +222,7 @@ def main() -> None:
             reference = launchers.sparse_linear(inputs[0][0][0], **inputs[0][1], config=committed,
                                                 use_crossover=False).float()
             candidates = [("committed", committed)] + [
-                candidate(spec, k) for spec in CANDIDATE_SETS[args.set]
+                candidate(spec, k) for spec in specs
                 if spec[0] == "walk" or spec[4] <= max(k, launchers.MIN_CHUNK)]
             # a set that times the evict-first hint also times it on the committed config
             if any(cfg.evict for _, cfg in candidates) and not committed.evict:
@@ -231,11 +249,11 @@ def main() -> None:
                       f"{row['gbs']:6.0f} GB/s  err {err:.1e}", flush=True)
         del layers
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        # what is measured so far survives a time limit
+        Path(args.out).write_text(json.dumps({**header, "rows": rows}, indent=1))
     if args.adopt:
-        adopt(rows, args.adopt, args.set)
-    Path(args.out).write_text(json.dumps({
-        **bk.run_header("benchmarks/gpu/wide_tiles.py"),
-        "fixed_point_split": launchers.FIXED_POINT_SPLIT_ENABLED, "rows": rows}, indent=1))
+        adopt(rows, args.adopt, "+".join(args.set), None if bk.DRY_RUN else torch.cuda.get_device_name())
+    Path(args.out).write_text(json.dumps({**header, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
