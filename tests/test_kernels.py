@@ -833,7 +833,7 @@ def test_union_fma_ahead_steps_match_one_step(tile, selection, gen):
 
 
 def _committed_union_configs() -> list[tuple[str, str, str]]:
-    table = launchers._load_json(launchers._CONFIG_FILE)
+    table = launchers.config_table()  # as this GPU reads it (its "by_gpu" entries over the main table)
     return [(band, key, tokens) for band in ("configs", "configs_high") for key, per in table.get(band, {}).items()
             for tokens, cfg in per.items() if cfg["rows"] > 1]
 
@@ -846,7 +846,7 @@ def test_committed_union_configs(band, key, tokens, gen):
     its band was ranked at (launchers.pick_config runs exactly these)."""
     n, k = (int(part[1:]) for part in key.split("_"))
     m = int(tokens)
-    cfg = launchers.GemvConfig.from_dict(launchers._load_json(launchers._CONFIG_FILE)[band][key][tokens])
+    cfg = launchers.GemvConfig.from_dict(launchers.config_table()[band][key][tokens])
     w, b, _, _, _ = make_layer(n, k, torch.bfloat16, gen, bias=False)
     x = randn(m, k, gen=gen, dtype=torch.bfloat16)
     thr = threshold_for(x, 0.9 if band == "configs_high" else 0.5, None)
@@ -1246,7 +1246,7 @@ def test_config_band_boundary_per_shape():
     """A module at or above its shape's measured boundary ("high_from" of sparse_gemv.json, H200,
     fixed_cost_h200.json, fixed-point finish) runs the configs ranked at 0.9, below it the 0.5-ranked ones; shapes
     without a measured boundary switch at launchers.HIGH_SPARSITY_FROM."""
-    table = launchers._load_json(launchers._CONFIG_FILE)
+    table = launchers.config_table()  # on a GPU with "by_gpu" entries, as that GPU reads the table
     cuda = torch.device("cuda")  # the committed tables are read for a CUDA device only
 
     def band(n, k, sparsity):
