@@ -238,18 +238,21 @@ def test_pipelined_report_matches_committed_files():
         == (RESULTS / "pipelined_h200.md").read_text()
 
 
-def test_topk_select_report_matches_committed_files():
-    """topk_select_h200.md (session 27) is what topk_select_time.py --report makes of the committed JSON;
-    every histogram digit size gave the radix select's (threshold, tie cut), and the launcher's digit
-    size for each row width is the one the run found fastest there."""
+@pytest.mark.parametrize("name", ["topk_select_h200", "topk_select_warps_h100", "topk_select_warps_s31_h100"])
+def test_topk_select_report_matches_committed_files(name):
+    """The select timings (session 27 on the H200, sessions 30 and 31 on the H100) are what
+    topk_select_time.py --report makes of the committed JSONs; every variant gave the radix select's
+    (threshold, tie cut). In the runs over the bf16 span (the launcher's passes since session 28), the
+    launcher's digit size for each row width is the fastest at its block size (launchers.hist_warps)."""
     module = load_benchmark("gpu/topk_select_time.py")
-    record = json.loads((RESULTS / "topk_select_h200.json").read_text())
+    record = json.loads((RESULTS / f"{name}.json").read_text())
     assert all(record[key] for key in ("commit", "gpu", "versions", "command"))
     assert all(value for row in record["rows"] for key, value in row.items() if key.endswith("same_result"))
-    assert module.report_markdown(record) == (RESULTS / "topk_select_h200.md").read_text()
+    assert module.report_markdown(record) == (RESULTS / f"{name}.md").read_text()
     for row in record["rows"]:
-        chosen, rivals = module.launcher_choice(row)
-        assert len(rivals) == 4 and row[f"{chosen}_us"] == min(row[f"{r}_us"] for r in rivals)
+        if module.has_span_variants(row):
+            chosen, rivals = module.launcher_choice(row)
+            assert len(rivals) == 4 and row[f"{chosen}_us"] == min(row[f"{r}_us"] for r in rivals)
 
 
 def test_topk_select_variants():
@@ -289,6 +292,29 @@ def test_committed_kernels_merge_topk():
     beside = other["by_gpu"]["Other GPU"]
     assert beside["ratios"]["topk"] == merged["ratios"]["topk"] and beside["crossover"]["topk"] == merged["crossover"]["topk"]
     assert "abc1234" in beside["notes"]["topk"]
+
+
+def test_committed_kernels_combine_runs():
+    """committed_kernels.py --merge-topk A B:SHAPE,...: the named shapes' larosa rows come from run B,
+    every other shape's from A (teal rows dropped); both commits and B's select are named; runs from
+    different GPUs are refused."""
+    module = load_benchmark("gpu/committed_kernels.py")
+
+    def run(commit, ms, hist=None, gpu="H100"):
+        rows = [{"method": m, "shape": shape, "n": 4096, "k": k, "sparsity": 0.5, "tokens": 1, "sparse_ms": ms,
+                 "dense_ms": 1.0} for shape, k in (("a/qkv", 4096), ("a/down", 11008)) for m in ("teal", "larosa")]
+        return {"commit": commit, "gpu": gpu, "command": f"run {commit}", "hist_select": hist, "results": rows}
+
+    combined = module.combine_runs([run("aaa", 0.7), run("bbb", 0.9, {"digit_bits": 5, "warps": 16})],
+                                   [[], ["a/down"]])
+    got = {(r["shape"], r["method"]): r["sparse_ms"] for r in combined["results"]}
+    assert got == {("a/qkv", "larosa"): 0.7, ("a/down", "larosa"): 0.9}
+    assert "aaa [a/qkv]" in combined["commit"] and "bbb [a/down]" in combined["commit"]
+    assert "'warps': 16" in combined["commit"] and combined["gpu"] == "H100"
+    # without a shape list the later run replaces every shape it has
+    assert {r["sparse_ms"] for r in module.combine_runs([run("aaa", 0.7), run("bbb", 0.9)])["results"]} == {0.9}
+    with pytest.raises(SystemExit, match="different GPUs"):
+        module.combine_runs([run("aaa", 0.7), run("bbb", 0.9, gpu="H200")])
 
 
 def test_e2e_config_switches(monkeypatch):

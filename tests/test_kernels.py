@@ -661,12 +661,12 @@ def test_other_kernels_build_for_sm90_offline(toolchain):
     the compact kernel with programmatic dependent launch (griddepcontrol), with its loop through
     Triton's cp.async pipeline and with the exact top-k select in its programs, R-Sparse's epilogue (one
     row with PDL; 16 rows with tl.dot) and the exact top-k selects (the histogram one also for a bf16
-    row over all 32 score bits and over the 15 it can set) -- no function calls, and no stack
-    in the GEMV and epilogue kernels. (The radix select keeps an 8-byte stack on Triton 3.9: it runs
-    once per row, not in a weight stream.)"""
+    row over all 32 score bits and over the 15 it can set, and the down rows' 5-bit select at 16 warps)
+    -- no function calls, and no stack in the GEMV and epilogue kernels. (The radix select keeps an
+    8-byte stack on Triton 3.9: it runs once per row, not in a weight stream.)"""
     builds = _offline_builds(toolchain, "--others")
     assert [b["kernel"] for b in builds] == ["sparse_gemv_kernel"] * 2 + ["sparse_gemv_compact_kernel"] * 4 + \
-        ["lowrank_up_kernel"] * 2 + ["topk_threshold_kernel"] + ["topk_threshold_hist_kernel"] * 3
+        ["lowrank_up_kernel"] * 2 + ["topk_threshold_kernel"] + ["topk_threshold_hist_kernel"] * 4
     for build in builds:
         assert build["calls"] == 0, build
         if build["kernel"].startswith(("sparse_gemv", "lowrank")):
@@ -683,9 +683,16 @@ def test_other_kernels_build_for_sm90_offline(toolchain):
     # a bf16 row without a channel scale: 4-bit digits over the 15 score bits that can be set (4 passes)
     # instead of all 32 (8 passes; launchers.score_bit_span): 7704 SASS instructions instead of 12792 with
     # the GPU machine's Triton 3.6, 3584 instead of 5320 with the venv's
-    full, span = builds[-2:]
+    full, span, wide = builds[-3:]
     assert (full["LOW_BIT"], full["TOP_BIT"], span["LOW_BIT"], span["TOP_BIT"]) == (0, 32, 16, 31)
     assert span["sass_instructions"] < 0.7 * full["sass_instructions"], (full, span)
+    # the launcher's select for rows above 4096 channels since session 31 (launchers.hist_warps /
+    # hist_digit_bits: 5-bit digits at 16 warps): no stack, and under half the 8-warp 4-bit build's
+    # instructions (Triton 3.6: 128 registers, 3352 SASS instructions, against 255 registers, a 224-byte
+    # stack and 7704; measured 0.96x / 0.89x of dense on the H100's down projections against 1.09x / 1.42x)
+    assert (wide["num_warps"], wide["DIGIT_BITS"]) == (16, 5)
+    assert wide["stack_bytes"] == 0 and wide["local_bytes"] == 0, wide
+    assert wide["sass_instructions"] < 0.5 * span["sass_instructions"], (span, wide)
 
 
 def test_lowrank_layout_per_config(monkeypatch):
@@ -1225,21 +1232,25 @@ def test_config_table_per_gpu(monkeypatch):
 
 
 def test_committed_topk_dispatch_h100():
-    """LaRoSA's exact top-k with the histogram select, measured on the H100 (session 30,
-    kernels_committed_larosa_h100.json): at 0.5 and one token it beats dense by the margin on
-    Llama-2 qkv (0.74x), o (0.94x), gate_up (0.61x), Llama-3 qkv (0.89x) and gate_up (0.61x), not
-    on down (1.12x / 1.42x); at two tokens on none (gate_up's 0.95x / 0.97x are inside the margin).
-    The H200's entries (the earlier select: dense everywhere) stay the table's own."""
+    """LaRoSA's exact top-k with the histogram select, measured on the H100 (session 31,
+    kernels_committed_h100.json; the down shapes with the 5-bit / 16-warp select the launcher runs on
+    rows above 4096 channels since then, kernels_committed_larosa_hist5w16_h100.json): at 0.5 and one
+    token it beats dense by the margin on Llama-2 qkv (0.74x), gate_up (0.58x), Llama-3 qkv (0.89x),
+    gate_up (0.58x) and down (0.89x); not on o_proj (0.96x; 0.94x in session 30) nor Llama-2 down
+    (0.96x); at two tokens on Llama-2 gate_up only (0.91x; Llama-3's 0.96x is inside the margin). The
+    H200's entries (the earlier select: dense everywhere) stay the table's own."""
     h100 = "NVIDIA H100 80GB HBM3"
     table = launchers.dispatch_table(h100)
     ratios = table["ratios"]["topk"]
-    limit = lambda n, k: launchers._interpolated_crossover(ratios[launchers._shape_key(n, k)], 0.5)  # noqa: E731
-    for n, k in [(12288, 4096), (4096, 4096), (6144, 4096)]:
-        assert limit(n, k) == 1
-    for n, k in [(22016, 4096), (28672, 4096)]:
-        assert limit(n, k) == 1  # 2 tokens: 0.95x / 0.97x, inside the margin
-    for n, k in [(4096, 11008), (4096, 14336)]:
-        assert limit(n, k) == 0
+    limit = lambda n, k, s=0.5: launchers._interpolated_crossover(ratios[launchers._shape_key(n, k)], s)  # noqa: E731
+    for n, k in [(12288, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]:
+        assert limit(n, k) == 1, (n, k)
+    assert limit(22016, 4096) == 2
+    for n, k in [(4096, 4096), (4096, 11008)]:
+        assert limit(n, k) == 0, (n, k)
+        assert limit(n, k, 0.7) == 1, (n, k)  # 0.82x / 0.80x at 0.7
+    assert launchers.hist_warps(launchers.triton_next_power_of_2(11008)) == 16
+    assert launchers.hist_warps(4096) == 8 and launchers.hist_digit_bits(16384) == 5
     main = launchers.dispatch_table("NVIDIA H200")
     assert main["gpu"] == "NVIDIA H200"
     assert all(v == {"0.5": 0} for v in main["crossover"]["topk"].values())

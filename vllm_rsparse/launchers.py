@@ -664,7 +664,7 @@ def topk_thresholds(
         topk_threshold_hist_kernel[(m,)](
             x, scale, thr, jcut, k, keep, x.stride(0), x.stride(1),
             HAS_SCALE=channel_scale is not None, **hist_select_constexprs(k, x.dtype, channel_scale is not None),
-            num_warps=HIST_WARPS,
+            num_warps=hist_warps(triton_next_power_of_2(k)),
         )
         return thr, jcut
     low_bit, top_bit = score_bit_span(x.dtype, channel_scale is not None)
@@ -747,19 +747,32 @@ HIST_DIGIT_BITS_CHOICES = (4, 5, 6, 8)
 _HIST_MAX_K = 16384
 # Warps of the histogram select's one block. At 8 warps and 16384 channels a row, Triton 3.6 builds the
 # 4-bit select in 255 registers with a 2.3 KB stack; at 32 warps (16 values a thread) in 64 registers
-# without one, for the same instructions in all (session 27, offline build). Measured: 8 only
-# (topk_select_time.py times 16 and 32 too).
-HIST_WARPS = 8
+# without one, for the same instructions in all (session 27, offline build). None: hist_warps' choice by
+# row width; an int forces it.
+HIST_WARPS: int | None = None
 HIST_WARPS_CHOICES = (8, 16, 32)
 
 
+def hist_warps(block_k: int) -> int:
+    """The histogram select's warps for rows of block_k (a power of two) channels: 16 above 4096 (the
+    down projections), 8 up to it. Measured on the H100 (session 31) through the launcher, one token,
+    s = 0.5, the GEMV after it (kernels_committed_larosa_hist5w16_h100.md against kernels_committed_h100.md):
+    5-bit digits at 16 warps take Llama-2 down from 1.09x to 0.96x of dense and Llama-3 down from 1.42x to
+    0.89x, where the select alone is 3.8 / 4.0 us faster (topk_select_warps_s31_h100.md); at K = 4096 8 and
+    16 warps are within 0.1 us (5.0 / 4.9-5.1 us) and the GEMV ratios within 0.01."""
+    if HIST_WARPS is not None:
+        return HIST_WARPS
+    return 16 if block_k > 4096 else 8
+
+
 def hist_digit_bits(block_k: int) -> int:
-    """The histogram select's digit size for rows of block_k (a power of two) channels. (Measured with
-    passes over all 32 score bits; over a bf16 row's 15 (score_bit_span) 5-bit digits take 3 passes, 4-bit
-    ones 4: topk_select_time.py's "_span" variants rank them.)"""
+    """The histogram select's digit size for rows of block_k (a power of two) channels: 5 bits (3 passes
+    over a bf16 row's 15 score bits, score_bit_span). The fastest at every width and block size on the H100
+    over the span (topk_select_warps_h100.md, session 30; repeated in session 31); before session 31 the
+    rows above 4096 took 4 bits, the fastest in session 27's passes over all 32 bits (H200)."""
     if HIST_DIGIT_BITS is not None:
         return HIST_DIGIT_BITS
-    return 5 if block_k <= 4096 else 4
+    return 5
 
 
 # One program per row walks the row 9 times; a large block keeps the loop short.

@@ -27,6 +27,8 @@ weights in L2; no CPU launch cost, as in vLLM's decode graphs). x random, the to
     RSPARSE_BENCH_DRY=1 TRITON_INTERPRET=1 python benchmarks/gpu/committed_kernels.py --out /tmp/k.json  # CPU check
     python benchmarks/gpu/committed_kernels.py --merge-topk RUN.json --out kernels/configs/dispatch.json
         # exact top-k's dispatch entries from a run's larosa rows (--methods larosa)
+    python benchmarks/gpu/committed_kernels.py --merge-topk A.json B.json:llama2-7b/down,llama3-8b/down --out ...
+        # the down shapes from run B (e.g. another select), every other shape from run A
 """
 
 import argparse
@@ -208,6 +210,26 @@ def plot(data: dict, prefix: str) -> list[str]:
     return paths
 
 
+def combine_runs(records: list[dict], shapes_per_run: list[list[str]] | None = None) -> dict:
+    """One record of several runs' larosa rows on one GPU: a later run's rows of a shape replace the
+    earlier runs' rows of that shape (shapes_per_run[i]: the shapes run i contributes; empty or None:
+    all it has). The commit, command and hist_select of every contributing run are kept."""
+    if len({r["gpu"] for r in records}) != 1:
+        raise SystemExit(f"committed_kernels.py --merge-topk: runs from different GPUs: {[r['gpu'] for r in records]}")
+    by_shape: dict[str, tuple[int, list[dict]]] = {}
+    for i, record in enumerate(records):
+        wanted = set(shapes_per_run[i]) if shapes_per_run and shapes_per_run[i] else None
+        rows = [r for r in record["results"] if r["method"] == "larosa" and (wanted is None or r["shape"] in wanted)]
+        for shape in dict.fromkeys(r["shape"] for r in rows):
+            by_shape[shape] = (i, [r for r in rows if r["shape"] == shape])
+    used = sorted({i for i, _ in by_shape.values()})
+    first = records[used[0]] if used else records[0]
+    sources = [f"{records[i]['commit']} [{', '.join(s for s, (j, _) in by_shape.items() if j == i)}]"
+               + (f" hist_select {records[i]['hist_select']}" if records[i].get("hist_select") else "") for i in used]
+    return {**first, "commit": "; ".join(sources), "command": " ; ".join(str(records[i]["command"]) for i in used),
+            "results": [r for _, rows in by_shape.values() for r in rows]}
+
+
 def merge_topk(record: dict, dispatch: dict) -> dict:
     """The dispatch table with exact top-k's (LaRoSA's) crossover counts and ratios replaced by those of
     a run's larosa rows, the sparsities and token counts it measured (the topk select changed in
@@ -244,12 +266,16 @@ def main() -> None:
                     help="exact top-k's histogram select with these digits and warps at every row width "
                          "(launchers.HIST_DIGIT_BITS / HIST_WARPS; default: the launcher's choice)")
     ap.add_argument("--report", default="", help="no run: the markdown and PNGs of a run's JSON")
-    ap.add_argument("--merge-topk", default="", metavar="JSON",
-                    help="no run: --out = the installed dispatch.json with the topk entries of this run's larosa rows")
+    ap.add_argument("--merge-topk", nargs="+", default=[], metavar="JSON[:SHAPE,...]",
+                    help="no run: --out = the installed dispatch.json with the topk entries of these runs' larosa "
+                         "rows (one GPU; a later run's rows of a shape replace an earlier one's; JSON:SHAPE,... "
+                         "takes only those shapes from that run)")
     args = ap.parse_args()
     if args.merge_topk:
-        merged = merge_topk(json.loads(Path(args.merge_topk).read_text()),
-                            launchers._load_json(launchers._DISPATCH_FILE))
+        paths, shapes = zip(*((spec.partition(":")[0], [s for s in spec.partition(":")[2].split(",") if s])
+                              for spec in args.merge_topk))
+        record = combine_runs([json.loads(Path(p).read_text()) for p in paths], list(shapes))
+        merged = merge_topk(record, launchers._load_json(launchers._DISPATCH_FILE))
         Path(args.out).write_text(json.dumps(merged, indent=1) + "\n")
         return
     if args.report:

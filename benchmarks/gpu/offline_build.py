@@ -121,6 +121,10 @@ OTHER_BUILDS = [
     # can be set (launchers.score_bit_span, session 28)
     dict(kernel="topk_threshold_hist_kernel", num_warps=8, num_stages=1, BLOCK_K=16384, LOW_BIT=0, TOP_BIT=32),
     dict(kernel="topk_threshold_hist_kernel", num_warps=8, num_stages=1, BLOCK_K=16384, LOW_BIT=16, TOP_BIT=31),
+    # the launcher's select for the down projections' rows since session 31 (launchers.hist_warps,
+    # hist_digit_bits): 5-bit digits over the span at 16 warps
+    dict(kernel="topk_threshold_hist_kernel", num_warps=16, num_stages=1, BLOCK_K=16384, DIGIT_BITS=5, LOW_BIT=16,
+         TOP_BIT=31),
 ]
 # each kernel's module, pointer element types and constexpr defaults (launchers.sparse_gemv,
 # launch_lowrank_up, topk_thresholds); the compact kernel's build goes through compact_constexprs

@@ -65,12 +65,13 @@ def has_span_variants(record_row: dict) -> bool:
 
 
 def launcher_choice(record_row: dict) -> tuple[str, list[str]]:
-    """The variant the launcher runs at this row's width (its digit size, HIST_WARPS, the span switch) and
-    the variants of the row it competes with (the other digit sizes at the same width and span)."""
-    bits = launchers.hist_digit_bits(launchers.triton_next_power_of_2(record_row["k"]))
+    """The variant the launcher runs at this row's width (its digit size and warps, the span switch) and
+    the variants of the row it competes with (the other digit sizes at the same warps and span)."""
+    block_k = launchers.triton_next_power_of_2(record_row["k"])
+    bits, warps = launchers.hist_digit_bits(block_k), launchers.hist_warps(block_k)
     span = launchers.TOPK_SCORE_SPAN_ENABLED and has_span_variants(record_row)
-    rivals = [variant_name(b, launchers.HIST_WARPS, span) for b in launchers.HIST_DIGIT_BITS_CHOICES]
-    return variant_name(bits, launchers.HIST_WARPS, span), [r for r in rivals if f"{r}_us" in record_row]
+    rivals = [variant_name(b, warps, span) for b in launchers.HIST_DIGIT_BITS_CHOICES]
+    return variant_name(bits, warps, span), [r for r in rivals if f"{r}_us" in record_row]
 
 
 def report_markdown(record: dict) -> str:
