@@ -226,6 +226,23 @@ def test_adopted_config_on_another_gpu_goes_under_by_gpu(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["configs"]["N4096_K14336"]["1"] == {**faster, "lowrank": "own_tiles"}
 
 
+def test_down_configs_h100_report_matches_committed_files():
+    """down_configs_h100.md (session 31) is what wide_tiles.py --report makes of the committed JSON: the
+XX, none faster by the adopt rule
+    (so no H100 entries under sparse_gemv.json's by_gpu)."""
+    wide_tiles = load_benchmark("gpu/wide_tiles.py")
+    record = json.loads((RESULTS / "down_configs_h100.json").read_text())
+    assert all(record[key] for key in ("commit", "gpu", "versions", "command")) and "H100" in record["gpu"]
+    assert wide_tiles.report_markdown(record, "Down-projection configs on the H100 (session 31)") \
+        == (RESULTS / "down_configs_h100.md").read_text()
+    for shape in ("llama2-7b/down", "llama3-8b/down"):
+        rows = [r for r in record["rows"] if r["shape"] == shape]
+        committed = next(r for r in rows if r["config"] == "committed")
+        assert len(rows) > 25 and all(r["sparse_us"] >= wide_tiles.ADOPT_MAX_RATIO * committed["sparse_us"]
+                                      for r in rows)
+    assert "by_gpu" not in wide_tiles.launchers._load_json(wide_tiles.launchers._CONFIG_FILE)
+
+
 def test_pipelined_report_matches_committed_files():
     """pipelined_h200.md (session 27) is what wide_tiles.py --report makes of the committed JSON; the run
     records its commit, GPU, versions and command, and every candidate it timed ran the cp.async loop."""
@@ -382,9 +399,10 @@ def test_session_e2e_report_merges_the_committed_runs(name, sources, report_e2e)
     assert [r["command"] for r in merged["runs"]] == [r["command"] for r in committed["runs"]]
 
 
-@pytest.mark.parametrize("name", ["kernels_committed_h200", "kernels_committed_lowrank_h200"])
+@pytest.mark.parametrize("name", ["kernels_committed_h200", "kernels_committed_lowrank_h200", "kernels_committed_h100",
+                                  "kernels_committed_larosa_hist5w16_h100", "kernels_committed_larosa_h100"])
 def test_committed_kernels_report_matches_committed_measurements(name):
-    """benchmarks/results/kernels_committed*_h200.md is what committed_kernels --report makes of
+    """benchmarks/results/kernels_committed*.md is what committed_kernels --report makes of
     the committed runs with today's tables (the op's dense/sparse choice per point is read from
     kernels/configs: a dispatch change that moves a measured point shows up here)."""
     data = json.loads((RESULTS / f"{name}.json").read_text())
