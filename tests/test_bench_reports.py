@@ -228,8 +228,9 @@ def test_adopted_config_on_another_gpu_goes_under_by_gpu(tmp_path, monkeypatch):
 
 def test_down_configs_h100_report_matches_committed_files():
     """down_configs_h100.md (session 31) is what wide_tiles.py --report makes of the committed JSON: the
-XX, none faster by the adopt rule
-    (so no H100 entries under sparse_gemv.json's by_gpu)."""
+    down projections' committed configs against the split-depth and spill-free candidates on the H100
+    (26-27 per shape that run enough programs), none faster by the adopt rule (so no H100 entries under
+    sparse_gemv.json's by_gpu)."""
     wide_tiles = load_benchmark("gpu/wide_tiles.py")
     record = json.loads((RESULTS / "down_configs_h100.json").read_text())
     assert all(record[key] for key in ("commit", "gpu", "versions", "command")) and "H100" in record["gpu"]
