@@ -265,6 +265,12 @@ def _gpu_name() -> str | None:
     return torch.cuda.get_device_name()
 
 
+def _table_and_overlay(name: str, gpu: str | None) -> tuple[dict, dict | None]:
+    """A committed table and its entries re-measured on `gpu` (default: this process's), if any."""
+    data = _load_json(name)
+    return data, data.get("by_gpu", {}).get(gpu if gpu is not None else _gpu_name())
+
+
 def dispatch_table(gpu: str | None = None) -> dict:
     """kernels/configs/dispatch.json as this GPU should read it.
 
@@ -273,8 +279,7 @@ def dispatch_table(gpu: str | None = None) -> dict:
     that GPU replaces the main entries of its selections: the crossover is a property of the GPU (its
     memory bandwidth against the kernels' fixed cost), so one GPU's measurement must not send another
     GPU's modules to the slower path. gpu: a device name (default: this process's)."""
-    data = _load_json(_DISPATCH_FILE)
-    overlay = data.get("by_gpu", {}).get(gpu if gpu is not None else _gpu_name())
+    data, overlay = _table_and_overlay(_DISPATCH_FILE, gpu)
     if not overlay:
         return data
     out = dict(data)
@@ -292,8 +297,7 @@ def config_table(gpu: str | None = None) -> dict:
     token count) at a time: the same SASS runs on every sm_90 card, but the best tiling depends on
     the memory bandwidth it has to keep busy (an H100 streams 30% fewer bytes per microsecond than
     the H200 the table was swept on). gpu: a device name (default: this process's)."""
-    data = _load_json(_CONFIG_FILE)
-    overlay = data.get("by_gpu", {}).get(gpu if gpu is not None else _gpu_name())
+    data, overlay = _table_and_overlay(_CONFIG_FILE, gpu)
     if not overlay:
         return data
     out = dict(data)
