@@ -354,9 +354,11 @@ def default_config(n: int, k: int, tokens: int, rank: int, device: torch.device)
 HIGH_SPARSITY_FROM = 0.7
 
 
-def high_sparsity_from(n: int, k: int) -> float:
-    """The module sparsity from which shape (N, K) runs the configs ranked at 0.9."""
-    return float(config_table().get("high_from", {}).get(_shape_key(n, k), HIGH_SPARSITY_FROM))
+def high_sparsity_from(n: int, k: int, table: dict | None = None) -> float:
+    """The module sparsity from which shape (N, K) runs the configs ranked at 0.9 (table: config_table()
+    when the caller already has it)."""
+    table = config_table() if table is None else table
+    return float(table.get("high_from", {}).get(_shape_key(n, k), HIGH_SPARSITY_FROM))
 
 
 def pick_config(n: int, k: int, tokens: int, rank: int, device: torch.device,
@@ -365,7 +367,7 @@ def pick_config(n: int, k: int, tokens: int, rank: int, device: torch.device,
     sparsity band (None: the design band), else the heuristic."""
     if device.type == "cuda":
         table = config_table()
-        high = sparsity is not None and sparsity >= high_sparsity_from(n, k)
+        high = sparsity is not None and sparsity >= high_sparsity_from(n, k, table)
         band = "configs_high" if high else "configs"
         per_shape = table.get(band, {}).get(_shape_key(n, k)) or table.get("configs", {}).get(_shape_key(n, k))
         if per_shape:
