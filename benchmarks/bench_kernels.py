@@ -720,6 +720,9 @@ def plot(out_dir, results, methods=None):
                    levels=SPARSITIES)
 
 
+DRY_RUN_GPU = "cpu (dry run)"  # the "gpu" of a record made without one
+
+
 def run_header(script: str) -> dict:
     """Where a GPU probe's numbers come from, first in its JSON: the commit from $RSPARSE_COMMIT (the
     device machine's copy of the tree has no usable .git), the GPU, the versions and the command, led
@@ -731,7 +734,7 @@ def run_header(script: str) -> dict:
                         if name.startswith("RSPARSE_") and name not in ("RSPARSE_COMMIT", "RSPARSE_BENCH_DRY")
                         and value)
     return {"commit": os.environ.get("RSPARSE_COMMIT", "unknown"),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else DRY_RUN_GPU,
             "versions": {"torch": torch.__version__, "triton": triton.__version__,
                          "python": platform.python_version()},
             "command": (f"{switches} " if switches else "") + f"python3 -P {script} " + " ".join(sys.argv[1:])}

@@ -226,22 +226,27 @@ def test_adopted_config_on_another_gpu_goes_under_by_gpu(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["configs"]["N4096_K14336"]["1"] == {**faster, "lowrank": "own_tiles"}
 
 
-def test_down_configs_h100_report_matches_committed_files():
-    """down_configs_h100.md (session 31) is what wide_tiles.py --report makes of the committed JSON: the
-    down projections' committed configs against the split-depth and spill-free candidates on the H100
-    (26-27 per shape that run enough programs), none faster by the adopt rule (so no H100 entries under
-    sparse_gemv.json's by_gpu)."""
+@pytest.mark.parametrize("name, title, shapes", [
+    ("down_configs_h100", "Down-projection configs on the H100 (session 31)", ["llama2-7b/down", "llama3-8b/down"]),
+    ("near_target_configs_h100", "Configs of the near-target shapes on the H100 (session 32)",
+     ["llama2-7b/qkv", "llama2-7b/down", "llama3-8b/down"])])
+def test_h100_config_races_report_matches_committed_files(name, title, shapes):
+    """The H100's one-token config races are what wide_tiles.py --report makes of the committed JSONs:
+    session 31 raced the down projections' committed configs against the split-depth and spill-free sets,
+    session 32 the three shapes nearest issue 4's 0.5 targets (Llama-2 qkv, both downs) against the
+    short-chunk, tiny-chunk and wide sets (26+ candidates per shape that run enough programs). None was
+    faster by the adopt rule, so the H100's by_gpu entries of sparse_gemv.json hold no one-token config."""
     wide_tiles = load_benchmark("gpu/wide_tiles.py")
-    record = json.loads((RESULTS / "down_configs_h100.json").read_text())
+    record = json.loads((RESULTS / f"{name}.json").read_text())
     assert all(record[key] for key in ("commit", "gpu", "versions", "command")) and "H100" in record["gpu"]
-    assert wide_tiles.report_markdown(record, "Down-projection configs on the H100 (session 31)") \
-        == (RESULTS / "down_configs_h100.md").read_text()
-    for shape in ("llama2-7b/down", "llama3-8b/down"):
+    assert wide_tiles.report_markdown(record, title) == (RESULTS / f"{name}.md").read_text()
+    for shape in shapes:
         rows = [r for r in record["rows"] if r["shape"] == shape]
         committed = next(r for r in rows if r["config"] == "committed")
         assert len(rows) > 25 and all(r["sparse_us"] >= wide_tiles.ADOPT_MAX_RATIO * committed["sparse_us"]
                                       for r in rows)
-    assert "by_gpu" not in wide_tiles.launchers._load_json(wide_tiles.launchers._CONFIG_FILE)
+    h100 = wide_tiles.launchers._load_json(wide_tiles.launchers._CONFIG_FILE)["by_gpu"][record["gpu"]]
+    assert all("1" not in per_shape for band in ("configs", "configs_high") for per_shape in h100.get(band, {}).values())
 
 
 def test_pipelined_report_matches_committed_files():
@@ -310,6 +315,49 @@ def test_committed_kernels_merge_topk():
     beside = other["by_gpu"]["Other GPU"]
     assert beside["ratios"]["topk"] == merged["ratios"]["topk"] and beside["crossover"]["topk"] == merged["crossover"]["topk"]
     assert "abc1234" in beside["notes"]["topk"]
+
+
+def test_union_rows_adopt_on_another_gpu_goes_under_by_gpu(tmp_path, monkeypatch):
+    """union_rows.py --adopt on a GPU other than the tables' own writes its 2-16 token choices under
+    sparse_gemv.json's by_gpu and its threshold ratios under dispatch.json's by_gpu, starting from the
+    table the GPU read (a shape the run did not time keeps its ratios there); --one-token-from sets that
+    GPU's one-token ratios, and refuses a run from another GPU. The tables' own entries stay."""
+    union_rows = load_benchmark("gpu/union_rows.py")
+    per_row = {"rows": 1, "block_n": 512, "block_k": 8, "split_k": 16, "num_warps": 4, "num_stages": 1,
+               "kernel": "compact"}
+    union = {**per_row, "rows": 2, "block_n": 1024}
+    configs = {"gpu": "GPU A", "note": "n", "configs": {"N64_K96": {"1": per_row, "2": per_row}}}
+    dispatch = {"gpu": "GPU A", "ratios": {"threshold": {"N64_K96": {"0.5": {"1": 0.7, "2": 1.2}},
+                                                         "N32_K32": {"0.5": {"1": 0.9}}}}}
+    monkeypatch.setattr(union_rows.launchers, "_load_json",
+                        lambda name: configs if name == union_rows.launchers._CONFIG_FILE else dispatch)
+    rows = [{"n": 64, "k": 96, "band": "configs", "tokens": 2, "sparsity": 0.5, "dense_us": 10.0,
+             "committed_us": 12.0, "committed_config": per_row, "per_row_us": 12.0, "per_row_config": per_row,
+             "union_us": 8.0, "union_config": union, "union_max_rel_err_vs_per_row": 1e-3}]
+    one_token = union_rows.one_token_ratios(
+        {"gpu": "GPU B", "results": [{"method": "teal", "n": 64, "k": 96, "tokens": 1, "sparsity": 0.5,
+                                      "sparse_ms": 0.6, "dense_ms": 1.0},
+                                     {"method": "larosa", "n": 64, "k": 96, "tokens": 1, "sparsity": 0.5,
+                                      "sparse_ms": 0.9, "dense_ms": 1.0}]}, "GPU B")
+    assert one_token == {"N64_K96": {"0.5": 0.6}}
+    adopted = union_rows.adopt(rows, str(tmp_path), "run.json", gpu="GPU B", one_token=one_token)
+    assert adopted and "8.0 us" in adopted[0]
+    written = json.loads((tmp_path / "sparse_gemv.json").read_text())
+    assert written["configs"] == configs["configs"] and written["note"] == "n"
+    assert written["by_gpu"]["GPU B"]["configs"] == {"N64_K96": {"2": union}}
+    assert "on GPU B" in written["by_gpu"]["GPU B"]["note"]
+    table = json.loads((tmp_path / "dispatch.json").read_text())
+    assert table["ratios"] == dispatch["ratios"] and "union_note" not in table
+    assert table["by_gpu"]["GPU B"]["ratios"]["threshold"] == {"N64_K96": {"0.5": {"1": 0.6, "2": 0.8}},
+                                                               "N32_K32": {"0.5": {"1": 0.9}}}
+    assert "one token" in table["by_gpu"]["GPU B"]["notes"]["threshold"]
+    with pytest.raises(SystemExit, match="GPU A"):
+        union_rows.one_token_ratios({"gpu": "GPU A", "results": []}, "GPU B")
+    # the tables' own GPU: the main entries, as before
+    union_rows.adopt(rows, str(tmp_path), "run.json", gpu="GPU A")
+    table = json.loads((tmp_path / "dispatch.json").read_text())
+    assert table["ratios"]["threshold"]["N64_K96"]["0.5"] == {"1": 0.7, "2": 0.8} and "by_gpu" not in table
+    assert json.loads((tmp_path / "sparse_gemv.json").read_text())["configs"]["N64_K96"]["2"] == union
 
 
 def test_committed_kernels_combine_runs():

@@ -26,6 +26,10 @@ config `choose` takes at the band's ranking sparsity (the committed one unless p
 is ADOPT_MAX_RATIO faster; the union only where it agrees with per-row to bf16 rounding); DIR/dispatch.json = the installed dispatch table with the
 threshold ratios of 2-16 tokens at the levels 0 / 0.5 / 0.9 replaced by this run's, each with the
 config the launcher will now use at that level (one token keeps its own measurement).
+A run on a GPU other than the tables' own ("gpu" in each) writes both under their "by_gpu" entries for
+that GPU (launchers.config_table / dispatch_table), the tables' own entries staying those of the GPU that
+measured them; --one-token-from a committed_kernels.py run's teal rows on the same GPU sets that GPU's
+one-token ratios at the same levels, so its whole threshold table is its own measurement.
 
     python3 -P benchmarks/gpu/union_rows.py --adopt $RES/union_tables --out $RES/union_rows_h200.json
     RSPARSE_BENCH_DRY=1 TRITON_INTERPRET=1 python benchmarks/gpu/union_rows.py --out /tmp/u.json   # CPU: script check
@@ -35,6 +39,9 @@ config the launcher will now use at that level (one token keeps its own measurem
         --out benchmarks/results/union_rows_fma_h200.md     # a run with committed times: three columns
     python benchmarks/gpu/union_rows.py --adopt-from benchmarks/results/union_rows_fma_h200.json \
         --adopt kernels/configs --out /dev/null   # the tables from a committed run (the source tree's)
+    python benchmarks/gpu/union_rows.py --adopt-from benchmarks/results/union_rows_fma_depth_h100.json \
+        --one-token-from benchmarks/results/kernels_committed_s32_h100.json \
+        --adopt kernels/configs --out /dev/null   # an H100 run: the tables' by_gpu entries for the H100
 """
 
 import argparse
@@ -254,10 +261,35 @@ def choices_at_ranking(rows: list[dict]) -> dict:
             for r in rows if r["sparsity"] == BAND_SPARSITY[r["band"]]}
 
 
-def adopt(rows: list[dict], out_dir: str, source: str) -> list[str]:
-    """The installed config and dispatch tables with this run's choices (module docstring, choose)."""
+def one_token_ratios(record: dict, gpu: str) -> dict:
+    """{shape key: {level: sparse / dense}} of a committed_kernels.py run's one-token teal rows at
+    RATIO_LEVELS (the run must come from `gpu`: a ratio is a property of the GPU)."""
+    if record.get("gpu") != gpu:
+        raise SystemExit(f"union_rows.py --one-token-from: that run is from {record.get('gpu')}, "
+                         f"this one from {gpu}; their ratios cannot share one GPU's table")
+    out: dict = {}
+    for r in record["results"]:
+        if r["method"] == "teal" and r["tokens"] == 1 and r["sparsity"] in RATIO_LEVELS:
+            out.setdefault(launchers._shape_key(r["n"], r["k"]), {})[f"{r['sparsity']:g}"] = (
+                round(r["sparse_ms"] / r["dense_ms"], 4))
+    if not out:
+        raise SystemExit("union_rows.py --one-token-from: the run has no one-token teal rows at the levels "
+                         f"{RATIO_LEVELS} (committed_kernels.py --methods teal --tokens 1 ...)")
+    return out
+
+
+def adopt(rows: list[dict], out_dir: str, source: str, gpu: str | None = None,
+          one_token: dict | None = None) -> list[str]:
+    """The installed config and dispatch tables with this run's choices (module docstring, choose).
+
+    gpu: the device the rows were timed on (None: the tables' own). On another GPU the choices and the
+    threshold ratios go under the tables' "by_gpu" entries for it; the "committed" config each row
+    raced is already the one that GPU reads (launchers.config_table). one_token: one_token_ratios of
+    the same GPU, written beside this run's 2-16 token ratios."""
     configs = json.loads(json.dumps(launchers._load_json(launchers._CONFIG_FILE)))
     dispatch = json.loads(json.dumps(launchers._load_json(launchers._DISPATCH_FILE)))
+    elsewhere = gpu is not None and gpu != configs.get("gpu")
+    config_target = configs.setdefault("by_gpu", {}).setdefault(gpu, {}) if elsewhere else configs
     adopted, chosen = [], choices_at_ranking(rows)
     for row in rows:
         band = row["band"]
@@ -265,12 +297,19 @@ def adopt(rows: list[dict], out_dir: str, source: str) -> list[str]:
         choice = chosen[key, band, row["tokens"]] if row["sparsity"] == BAND_SPARSITY[band] else "committed"
         if choice != "committed":
             cfg = choice_config(row, choice)
-            configs.setdefault(band, {}).setdefault(key, {})[str(row["tokens"])] = cfg
+            config_target.setdefault(band, {}).setdefault(key, {})[str(row["tokens"])] = cfg
             was = choice_config(row, "committed")
             adopted.append(f"{band}/{key}/{row['tokens']}: {label(launchers.GemvConfig.from_dict(cfg))} "
                            f"{choice_us(row, choice):.1f} us vs {'per-row' if was['rows'] == 1 else 'committed union'} "
                            f"{choice_us(row, 'committed'):.1f} us")
-    ratios = dispatch.setdefault("ratios", {}).setdefault("threshold", {})
+    if elsewhere:
+        entry = dispatch.setdefault("by_gpu", {}).setdefault(gpu, {})
+        # that GPU's entry replaces the selection's table whole (launchers.dispatch_table): it starts
+        # as what the GPU reads now, so shapes and token counts this run did not time keep their ratios
+        ratios = entry.setdefault("ratios", {}).setdefault(
+            "threshold", json.loads(json.dumps(dispatch.get("ratios", {}).get("threshold", {}))))
+    else:
+        ratios = dispatch.setdefault("ratios", {}).setdefault("threshold", {})
     for row in rows:
         if row["sparsity"] not in RATIO_LEVELS:
             continue
@@ -278,15 +317,24 @@ def adopt(rows: list[dict], out_dir: str, source: str) -> list[str]:
         choice = chosen.get((key, row["band"], row["tokens"]), "committed")
         ratio = choice_us(row, choice) / row["dense_us"]
         ratios.setdefault(key, {}).setdefault(f"{row['sparsity']:g}", {})[str(row["tokens"])] = round(ratio, 4)
+    for key, by_level in (one_token or {}).items():
+        for level, ratio in by_level.items():
+            ratios.setdefault(key, {}).setdefault(level, {})["1"] = ratio
     commit = os.environ.get("RSPARSE_COMMIT", "unknown")
-    record = (f"; configs of 2-16 tokens adopted by benchmarks/gpu/union_rows.py --adopt ({commit}): "
+    where = f" on {gpu}" if elsewhere else ""
+    record = (f"; configs of 2-16 tokens adopted by benchmarks/gpu/union_rows.py --adopt{where} ({commit}): "
               + "; ".join(adopted))
-    if adopted and record not in configs.get("note", ""):
+    if adopted and record not in config_target.get("note", ""):
         # the same run adopted again (--adopt-from onto tables that already hold it) is recorded once
-        configs["note"] = configs.get("note", "") + record
-    dispatch["union_note"] = (f"threshold ratios of 2-16 tokens at levels 0 / 0.5 / 0.9 from benchmarks/gpu/union_rows.py "
-                              f"({commit}, {source}): per token count the config the launcher "
-                              f"uses (union where adopted, else the committed per-row config)")
+        config_target["note"] = (config_target.get("note", "") + record).removeprefix("; ")
+    note = (f"threshold ratios of 2-16 tokens at levels 0 / 0.5 / 0.9 from benchmarks/gpu/union_rows.py "
+            f"({commit}, {source}): per token count the config the launcher "
+            f"uses (union where adopted, else the committed per-row config)"
+            + ("; one token from committed_kernels.py's teal rows on the same GPU" if one_token else ""))
+    if elsewhere:
+        entry.setdefault("notes", {})["threshold"] = note
+    else:
+        dispatch["union_note"] = note
     os.makedirs(out_dir, exist_ok=True)
     Path(out_dir, launchers._CONFIG_FILE).write_text(json.dumps(configs, indent=1) + "\n")
     Path(out_dir, launchers._DISPATCH_FILE).write_text(json.dumps(dispatch, indent=1) + "\n")
@@ -386,13 +434,20 @@ def main() -> None:
                     help="the FMA loop's pipeline depths to rank (FMA_STAGES)")
     ap.add_argument("--adopt-from", metavar="JSON",
                     help="no run: --adopt's tables from a run's JSON (the installed tables as the base)")
+    ap.add_argument("--one-token-from", metavar="JSON",
+                    help="with --adopt: the one-token threshold ratios from this committed_kernels.py run's teal "
+                         "rows (the same GPU)")
     ap.add_argument("--report", nargs="+", metavar="JSON",
                     help="no run: the markdown of a run's JSON (and the walk-only run's) to --out")
     args = ap.parse_args()
     if args.adopt_from:
         data = json.loads(Path(args.adopt_from).read_text())
         os.environ.setdefault("RSPARSE_COMMIT", data["commit"])
-        print_adopted(adopt(data["rows"], args.adopt, os.path.basename(args.adopt_from)))
+        # a dry run's rows (the CPU check) stand for the tables' own GPU
+        gpu = None if data["gpu"] == bk.DRY_RUN_GPU else data["gpu"]
+        one_token = (one_token_ratios(json.loads(Path(args.one_token_from).read_text()), data["gpu"])
+                     if args.one_token_from else None)
+        print_adopted(adopt(data["rows"], args.adopt, os.path.basename(args.adopt_from), gpu, one_token))
         return
     if args.report:
         data = [json.loads(Path(p).read_text()) for p in args.report]
@@ -424,7 +479,10 @@ def main() -> None:
         # what is measured so far survives a time limit
         Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
     if args.adopt:
-        adopted = adopt(rows, args.adopt, os.path.basename(args.out))
+        gpu = None if bk.DRY_RUN else torch.cuda.get_device_name()
+        one_token = (one_token_ratios(json.loads(Path(args.one_token_from).read_text()), gpu)
+                     if args.one_token_from else None)
+        adopted = adopt(rows, args.adopt, os.path.basename(args.out), gpu, one_token)
         meta["adopted"] = adopted
         print_adopted(adopted)
     Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
