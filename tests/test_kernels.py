@@ -1448,7 +1448,8 @@ def test_union_rows_fma_stages_rank_both_depths(monkeypatch):
 def test_lowrank_measurements_replace_the_table(tmp_path):
     """lowrank_time --merge: one GPU's files (one per sparsity) rebuild threshold_lowrank; levels
     of the table they replace (an estimate for this GPU, another GPU's) do not survive, and files
-    of two GPUs are refused."""
+    of two GPUs are refused. Into a table measured on another GPU they go under its by_gpu entry for
+    theirs (launchers.dispatch_table), the table's own entries kept."""
     lowrank_time = _lowrank_time_module()
 
     def result(name, gpu, sparsity, input_sparsity, ratio):
@@ -1469,6 +1470,13 @@ def test_lowrank_measurements_replace_the_table(tmp_path):
     assert "GPU X" in merged["lowrank_note"]
     with pytest.raises(SystemExit, match="different GPUs"):
         lowrank_time.merge_dispatch(files + [result("c.json", "GPU Y", 0.5, 0.55, 0.8)], str(dispatch))
+    # a table measured on another GPU keeps its own entries; these files go beside them for GPU X
+    dispatch.write_text(json.dumps({**merged, "gpu": "GPU Y", "ratios": {"threshold_lowrank": {"N8_K8": {"0.5": {"1": 0.9}}}}}))
+    lowrank_time.merge_dispatch(files, str(dispatch))
+    beside = json.loads(dispatch.read_text())
+    assert beside["ratios"]["threshold_lowrank"] == {"N8_K8": {"0.5": {"1": 0.9}}}
+    assert beside["by_gpu"]["GPU X"]["ratios"]["threshold_lowrank"] == merged["ratios"]["threshold_lowrank"]
+    assert "GPU X" in beside["by_gpu"]["GPU X"]["notes"]["threshold_lowrank"]
 
 
 def test_lowrank_report_matches_committed_files():

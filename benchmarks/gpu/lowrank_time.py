@@ -20,6 +20,8 @@ in session 25 after those measurements (their code is at b21387c).
     # the lowrank16 timings become the dispatch table of modules with a low-rank term
     python benchmarks/gpu/lowrank_time.py --merge benchmarks/results/lowrank_h200_s0.4.json \
         benchmarks/results/lowrank_h200_s0.5.json --into kernels/configs/dispatch.json
+    # files from a GPU other than the table's own ("gpu") go under its by_gpu entry for that GPU
+    python benchmarks/gpu/lowrank_time.py --merge $RES/lowrank_h100_s*.json --variant config
     # the same table for a GPU it was not measured on, from that GPU's kernel sweep:
     python benchmarks/gpu/lowrank_time.py --merge benchmarks/results/lowrank_h100.json \
         --transfer-to benchmarks/results/kernels_h200.json --into kernels/configs/dispatch.json
@@ -148,7 +150,9 @@ def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "
     """ratios["threshold_lowrank"][shape][input sparsity][1 token] = padded low-rank time /
     dense time (the runtime pads the rank: launchers.prepare_lowrank), one level per measured
     file. The table is rebuilt from these files alone: levels of an earlier table (an estimate
-    for another GPU, or another GPU's measurement) must not mix with this GPU's measurement."""
+    for another GPU, or another GPU's measurement) must not mix with this GPU's measurement.
+    Files from a GPU other than the dispatch table's own ("gpu") go under its "by_gpu" entry for
+    that GPU (launchers.dispatch_table), the table's own entries staying those of its GPU."""
     results = [json.load(open(path)) for path in result_paths]
     gpus = {result["gpu"] for result in results}
     if len(gpus) != 1:
@@ -161,14 +165,21 @@ def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "
             name = config_variant(row["n"], row["k"], _row_sparsity(row)) if variant == "config" else variant
             lowrank_us = row["variants_us"][name] if name else row["lowrank16_us"]
             table.setdefault(f"N{row['n']}_K{row['k']}", {})[level] = {"1": round(lowrank_us / row["dense_us"], 4)}
-    dispatch.setdefault("ratios", {})["threshold_lowrank"] = table
+    gpu = gpus.pop()
     described = ", ".join(
         f"{os.path.basename(path)} (model sparsity {result['sparsity']}, sparse share {result['share']}, "
         f"{result.get('commit', '?')})" for path, result in zip(result_paths, results))
-    dispatch["lowrank_note"] = (
+    note = (
         f"threshold_lowrank: R-Sparse (threshold + low-rank term, rank a multiple of 16) at one token, measured on "
-        f"{gpus.pop()}: {described}{_variant_words(variant)}; sparsities between the measured levels are interpolated, outside them "
+        f"{gpu}: {described}{_variant_words(variant)}; sparsities between the measured levels are interpolated, outside them "
         "clamped (launchers.interpolated_ratio); more tokens are not measured (dense).")
+    if dispatch.get("gpu") not in (None, gpu):
+        entry = dispatch.setdefault("by_gpu", {}).setdefault(gpu, {})
+        entry.setdefault("ratios", {})["threshold_lowrank"] = table
+        entry.setdefault("notes", {})["threshold_lowrank"] = note
+    else:
+        dispatch.setdefault("ratios", {})["threshold_lowrank"] = table
+        dispatch["lowrank_note"] = note
     with open(dispatch_path, "w") as f:
         json.dump(dispatch, f, indent=1)
         f.write("\n")
