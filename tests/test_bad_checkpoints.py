@@ -126,6 +126,16 @@ def test_vllm_refuses_a_bad_switch_up_front(name, value, expected, calibrated_di
 
 
 @pytest.mark.vllm
+def test_vllm_refuses_a_missing_table_folder_up_front(calibrated_dirs, monkeypatch, tmp_path):
+    """RSPARSE_CONFIG_DIR naming no folder (a typo) fails in the front end, before a worker starts, with
+    the variable and the path; it does not serve the package's tables instead (tests/test_config_dir.py)."""
+    monkeypatch.setenv("RSPARSE_CONFIG_DIR", str(tmp_path / "tables-typo"))
+    with pytest.raises(Exception, match="RSPARSE_CONFIG_DIR=.*tables-typo.* is not a folder"):
+        with make_llm(calibrated_dirs[0.5]):
+            pass
+
+
+@pytest.mark.vllm
 def test_vllm_refuses_quantization_rsparse_on_a_plain_model(tiny_model_dir):
     """--quantization rsparse on a model without an rsparse quantization_config (never calibrated)
     says that it needs a calibrated checkpoint and how to make one; before, vLLM's argument-less

@@ -108,6 +108,10 @@ THRESHOLD_SELECTION = -1
 
 _CONFIG_FILE = "sparse_gemv.json"
 _DISPATCH_FILE = "dispatch.json"
+# A folder of tables tuned on the user's own GPU (what the benchmarks/gpu scripts' --adopt / --merge
+# write, README "Tables for your GPU"): a table found there replaces the package's. Read once per
+# process, like the package's: set it before the engine starts.
+CONFIG_DIR_ENV = "RSPARSE_CONFIG_DIR"
 _workspaces: dict[torch.device, "Workspace"] = {}
 _warned_layout = False
 
@@ -247,13 +251,74 @@ class GemvConfig:
                    lowrank=str(raw.get("lowrank", "")))
 
 
-@functools.lru_cache(maxsize=None)
 def _load_json(name: str) -> dict:
+    """A table of kernels/configs: $RSPARSE_CONFIG_DIR's when that folder has it, else the package's
+    ({} where neither has one: the heuristics)."""
+    return _load_table(name, os.environ.get(CONFIG_DIR_ENV) or None)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_table(name: str, folder: str | None) -> dict:
+    if folder:
+        # a mistyped folder would otherwise serve the package's tables without a word
+        if not os.path.isdir(folder):
+            raise ValueError(f"{CONFIG_DIR_ENV}={folder!r} is not a folder; unset it to use the package's tables")
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return _parse_table(f.read(), path)
     try:
         text = resources.files("vllm_rsparse.kernels").joinpath("configs", name).read_text()
     except (FileNotFoundError, ModuleNotFoundError):
         return {}
-    return json.loads(text)
+    return _parse_table(text, name)
+
+
+def check_tables() -> None:
+    """Reads both tables as the workers will (the package's, or $RSPARSE_CONFIG_DIR's) and checks every
+    config in them, so that a bad folder or a hand-edited table fails up front with its name, not in
+    a worker's first decode step. Reads no GPU state (the front end must not initialize CUDA)."""
+    configs = _load_json(_CONFIG_FILE)
+    where = _table_source(_CONFIG_FILE)
+    for scope, table in [("", configs), *((f"by_gpu/{gpu}/", t) for gpu, t in configs.get("by_gpu", {}).items())]:
+        for band in ("configs", "configs_high"):
+            for key, per_tokens in table.get(band, {}).items():
+                for tokens, raw in per_tokens.items():
+                    try:
+                        int(tokens)
+                        GemvConfig.from_dict(raw)
+                    except (KeyError, TypeError, ValueError, AttributeError) as err:
+                        raise ValueError(f"rsparse kernel table {where}: {scope}{band}/{key}/{tokens} is not a "
+                                         f"config ({type(err).__name__}: {err})") from None
+    dispatch = _load_json(_DISPATCH_FILE)
+    where = _table_source(_DISPATCH_FILE)
+    for scope, table in [("", dispatch), *((f"by_gpu/{gpu}/", t) for gpu, t in dispatch.get("by_gpu", {}).items())]:
+        for selection, per_shape in table.get("ratios", {}).items():
+            for key, per_level in per_shape.items():
+                for level, per_tokens in per_level.items():
+                    try:
+                        float(level)
+                        bad = [t for t, r in per_tokens.items() if not isinstance(r, (int, float)) or int(t) < 1]
+                    except (TypeError, ValueError, AttributeError):
+                        bad = [per_tokens]
+                    if bad:
+                        raise ValueError(f"rsparse kernel table {where}: {scope}ratios/{selection}/{key}/{level} must "
+                                         f"map token counts to sparse / dense time ratios, got {per_tokens!r}")
+
+
+def _table_source(name: str) -> str:
+    folder = os.environ.get(CONFIG_DIR_ENV)
+    return os.path.join(folder, name) if folder and os.path.isfile(os.path.join(folder, name)) else name
+
+
+def _parse_table(text: str, where: str) -> dict:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"rsparse kernel table {where} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"rsparse kernel table {where} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 @functools.lru_cache(maxsize=None)

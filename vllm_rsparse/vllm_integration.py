@@ -173,6 +173,7 @@ class RSparseConfig(QuantizationConfig):
         launchers.pdl_requested()
         launchers.lowrank_up_pdl_requested()
         launchers.union_rows_mode()
+        launchers.check_tables()
         if model_name and os.path.isdir(model_name):
             validate_checkpoint(model_name, hf_config=hf_config, qcfg=self.checkpoint_config)
 
