@@ -56,9 +56,12 @@ def test_a_missing_folder_is_refused(tmp_path, monkeypatch):
      r"by_gpu/GPU T/configs_high/N64_K96/2 is not a config \(ValueError: GemvConfig.rows"),
     ("sparse_gemv.json", json.dumps({"configs": {"N64_K96": {"one": CONFIG}}}), r"configs/N64_K96/one is not a config"),
     ("dispatch.json", json.dumps({"ratios": {"threshold": {"N64_K96": {"0.5": {"1": "fast"}}}}}),
-     r"dispatch.json: ratios/threshold/N64_K96/0.5 must map token counts"),
+     r"dispatch.json: ratios/threshold/N64_K96/0.5/1 = 'fast' is not a sparse / dense time ratio"),
     ("dispatch.json", json.dumps({"by_gpu": {"GPU T": {"ratios": {"topk": {"N64_K96": {"half": {"1": 0.5}}}}}}}),
-     r"by_gpu/GPU T/ratios/topk/N64_K96/half must map token counts")])
+     r"by_gpu/GPU T/ratios/topk/N64_K96/half/1 = 0.5 is not a sparse"),
+    ("dispatch.json", json.dumps({"ratios": {"threshold": {"N64_K96": [0.5]}}}),
+     r"ratios/threshold/N64_K96 must be a JSON object, got \[0.5\]"),
+    ("sparse_gemv.json", json.dumps({"by_gpu": {"GPU T": []}}), r"by_gpu/GPU T must be a JSON object")])
 def test_a_bad_table_in_the_folder_names_the_file_and_the_entry(tmp_path, monkeypatch, name, text, message):
     (tmp_path / name).write_text(text)
     monkeypatch.setenv(launchers.CONFIG_DIR_ENV, str(tmp_path))

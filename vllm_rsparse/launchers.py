@@ -276,34 +276,62 @@ def _load_table(name: str, folder: str | None) -> dict:
 
 def check_tables() -> None:
     """Reads both tables as the workers will (the package's, or $RSPARSE_CONFIG_DIR's) and checks every
-    config in them, so that a bad folder or a hand-edited table fails up front with its name, not in
-    a worker's first decode step. Reads no GPU state (the front end must not initialize CUDA)."""
-    configs = _load_json(_CONFIG_FILE)
-    where = _table_source(_CONFIG_FILE)
-    for scope, table in [("", configs), *((f"by_gpu/{gpu}/", t) for gpu, t in configs.get("by_gpu", {}).items())]:
+    entry in them, so that a bad folder or a hand-edited table fails up front with its name, not in a
+    worker's first decode step. Reads no GPU state (the front end must not initialize CUDA)."""
+    for name, check in ((_CONFIG_FILE, _check_config_entries), (_DISPATCH_FILE, _check_ratio_entries)):
+        where = _table_source(name)
+        try:
+            check(_load_json(name))
+        except _TableEntryError as err:
+            raise ValueError(f"rsparse kernel table {where}: {err}") from None
+
+
+class _TableEntryError(Exception):
+    pass
+
+
+def _entries(node, depth: int, path: str):
+    """(path, leaf) of the objects nested `depth` levels below node; a level that is no object is an error."""
+    if depth == 0:
+        yield path, node
+        return
+    if not isinstance(node, dict):
+        raise _TableEntryError(f"{path} must be a JSON object, got {node!r:.80}")
+    for key, child in node.items():
+        yield from _entries(child, depth - 1, f"{path}/{key}")
+
+
+def _scopes(table: dict):
+    """The table's own entries and each GPU's under "by_gpu", with the path prefix that names them."""
+    yield "", table
+    for gpu_path, per_gpu in _entries(table.get("by_gpu", {}), 1, "by_gpu"):
+        if not isinstance(per_gpu, dict):
+            raise _TableEntryError(f"{gpu_path} must be a JSON object, got {per_gpu!r:.80}")
+        yield gpu_path + "/", per_gpu
+
+
+def _check_config_entries(table: dict) -> None:
+    for scope, part in _scopes(table):
         for band in ("configs", "configs_high"):
-            for key, per_tokens in table.get(band, {}).items():
-                for tokens, raw in per_tokens.items():
-                    try:
-                        int(tokens)
-                        GemvConfig.from_dict(raw)
-                    except (KeyError, TypeError, ValueError, AttributeError) as err:
-                        raise ValueError(f"rsparse kernel table {where}: {scope}{band}/{key}/{tokens} is not a "
-                                         f"config ({type(err).__name__}: {err})") from None
-    dispatch = _load_json(_DISPATCH_FILE)
-    where = _table_source(_DISPATCH_FILE)
-    for scope, table in [("", dispatch), *((f"by_gpu/{gpu}/", t) for gpu, t in dispatch.get("by_gpu", {}).items())]:
-        for selection, per_shape in table.get("ratios", {}).items():
-            for key, per_level in per_shape.items():
-                for level, per_tokens in per_level.items():
-                    try:
-                        float(level)
-                        bad = [t for t, r in per_tokens.items() if not isinstance(r, (int, float)) or int(t) < 1]
-                    except (TypeError, ValueError, AttributeError):
-                        bad = [per_tokens]
-                    if bad:
-                        raise ValueError(f"rsparse kernel table {where}: {scope}ratios/{selection}/{key}/{level} must "
-                                         f"map token counts to sparse / dense time ratios, got {per_tokens!r}")
+            for path, raw in _entries(part.get(band, {}), 2, scope + band):
+                try:
+                    int(path.rsplit("/", 1)[1])  # the token count
+                    GemvConfig.from_dict(raw)
+                except (KeyError, TypeError, ValueError, AttributeError) as err:
+                    raise _TableEntryError(f"{path} is not a config ({type(err).__name__}: {err})") from None
+
+
+def _check_ratio_entries(table: dict) -> None:
+    for scope, part in _scopes(table):
+        for path, ratio in _entries(part.get("ratios", {}), 4, scope + "ratios"):
+            level, tokens = path.split("/")[-2:]
+            try:
+                valid = float(level) >= 0 and int(tokens) >= 1 and isinstance(ratio, (int, float))
+            except ValueError:
+                valid = False
+            if not valid:
+                raise _TableEntryError(f"{path} = {ratio!r} is not a sparse / dense time ratio of a sparsity level "
+                                       "and a token count (ratios/selection/shape/level/tokens)")
 
 
 def _table_source(name: str) -> str:
