@@ -71,7 +71,7 @@ def test_a_bad_table_in_the_folder_names_the_file_and_the_entry(tmp_path, monkey
 
 
 def test_an_adopting_run_writes_a_folder_the_launcher_reads(tmp_path, monkeypatch):
-    """The workflow of README "Tables for your GPU": a tuning script's --adopt DIR writes both tables
+    """The workflow of README's RSPARSE_CONFIG_DIR knob: a tuning script's --adopt DIR writes both tables
     (the ones read before, with the run's choices), and RSPARSE_CONFIG_DIR=DIR serves them. Here
     union_rows.adopt on a GPU other than the tables' own, then the launcher on that GPU."""
     union_rows = load_benchmark("gpu/union_rows.py")

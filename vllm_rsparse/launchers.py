@@ -109,8 +109,8 @@ THRESHOLD_SELECTION = -1
 _CONFIG_FILE = "sparse_gemv.json"
 _DISPATCH_FILE = "dispatch.json"
 # A folder of tables tuned on the user's own GPU (what the benchmarks/gpu scripts' --adopt / --merge
-# write, README "Tables for your GPU"): a table found there replaces the package's. Read once per
-# process, like the package's: set it before the engine starts.
+# write; README, "Serving knobs"): a table found there replaces the package's. The variable is looked up
+# on every read, each folder's tables are read from disk once per process.
 CONFIG_DIR_ENV = "RSPARSE_CONFIG_DIR"
 _workspaces: dict[torch.device, "Workspace"] = {}
 _warned_layout = False
