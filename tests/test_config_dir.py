@@ -86,3 +86,20 @@ def test_an_adopting_run_writes_a_folder_the_launcher_reads(tmp_path, monkeypatc
     assert launchers.config_table("GPU T")["configs"]["N4096_K14336"]["2"] == union
     assert launchers.dispatch_table("GPU T")["ratios"]["threshold"]["N4096_K14336"]["0.5"]["2"] == 0.75
     assert launchers.config_table("NVIDIA H200")["configs"]["N4096_K14336"]["2"] != union
+
+
+def test_the_tables_note_says_whose_measurements_a_gpu_runs(tmp_path, monkeypatch):
+    """launchers.tables_note, the line each GPU worker logs once: the committed tables' GPU and the GPUs
+    with entries beside them; a GPU with none of its own is told so (a warning in the worker) and where
+    to read how to measure it; with RSPARSE_CONFIG_DIR the folder's table is the one named."""
+    monkeypatch.delenv(launchers.CONFIG_DIR_ENV, raising=False)
+    own, line = launchers.tables_note("NVIDIA H200")
+    assert own and line.count("(this GPU's own)") == 2
+    own, line = launchers.tables_note("NVIDIA H100 80GB HBM3")
+    assert own and "re-measured on NVIDIA H100 80GB HBM3 (this GPU reads its entries where they exist)" in line
+    own, line = launchers.tables_note("NVIDIA A100-SXM4-80GB")
+    assert not own and "no entries of its own" in line and launchers.CONFIG_DIR_ENV in line
+    (tmp_path / launchers._DISPATCH_FILE).write_text(json.dumps({"gpu": "NVIDIA A100-SXM4-80GB", "ratios": {}}))
+    monkeypatch.setenv(launchers.CONFIG_DIR_ENV, str(tmp_path))
+    own, line = launchers.tables_note("NVIDIA A100-SXM4-80GB")
+    assert own and f"{tmp_path / launchers._DISPATCH_FILE} measured on NVIDIA A100-SXM4-80GB (this GPU's own)" in line

@@ -334,6 +334,30 @@ def _check_ratio_entries(table: dict) -> None:
                                        "and a token count (ratios/selection/shape/level/tokens)")
 
 
+def tables_note(gpu: str) -> tuple[bool, str]:
+    """(whether `gpu` has measurements of its own in the tables in force, one line saying where its
+    configs and dispatch ratios come from): the line the LinearMethod logs once per worker."""
+    own, parts = False, []
+    for name in (_CONFIG_FILE, _DISPATCH_FILE):
+        table = _load_json(name)
+        beside = [g for g in table.get("by_gpu", {}) if g != table.get("gpu")]
+        where = f"{_table_source(name)} measured on {table.get('gpu') or 'no GPU'}"
+        if beside:
+            where += f", with entries re-measured on {' and '.join(beside)}"
+        if gpu == table.get("gpu"):
+            where += " (this GPU's own)"
+        elif gpu in beside:
+            where += " (this GPU reads its entries where they exist)"
+        own = own or gpu == table.get("gpu") or gpu in beside
+        parts.append(where)
+    line = f"rsparse kernel tables on {gpu}: " + "; ".join(parts)
+    if own:
+        return True, line
+    return False, (line + f". This GPU has no entries of its own: it runs another GPU's tile configs and "
+                   f"dense/sparse choices, which may leave a shape on the slower path. To measure it, see "
+                   f"{CONFIG_DIR_ENV} in the README.")
+
+
 def _table_source(name: str) -> str:
     folder = os.environ.get(CONFIG_DIR_ENV)
     return os.path.join(folder, name) if folder and os.path.isfile(os.path.join(folder, name)) else name

@@ -120,6 +120,22 @@ def dummy_run_value(param: RSparseParameter, random_value: torch.Tensor) -> torc
     return random_value
 
 
+_logged_tables = False
+
+
+def _log_tables_once(device: torch.device) -> None:
+    """Where this worker's kernel tables come from, once: a GPU nobody measured is a warning (its
+    modules may take the slower path of another GPU's choices), with how to measure it."""
+    global _logged_tables
+    if _logged_tables:
+        return
+    _logged_tables = True
+    from vllm_rsparse import launchers
+
+    own, line = launchers.tables_note(torch.cuda.get_device_name(device))
+    (logger.info if own else logger.warning)(line)
+
+
 @register_quantization_config(QUANT_METHOD)
 class RSparseConfig(QuantizationConfig):
     """Built from config.json's quantization_config (auto-detected by quant_method)."""
@@ -297,6 +313,7 @@ class RSparseLinearMethod(LinearMethodBase):
         else:
             from vllm_rsparse import launchers
 
+            _log_tables_once(layer.weight.device)
             # The kernels read [K, N] storage (a skipped input channel is a skipped
             # contiguous row); one copy, the old layout is freed.
             layer.weight = torch.nn.Parameter(launchers.prepare_weight(layer.weight.data), requires_grad=False)
