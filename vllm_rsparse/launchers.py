@@ -254,11 +254,17 @@ class GemvConfig:
 def _load_json(name: str) -> dict:
     """A table of kernels/configs: $RSPARSE_CONFIG_DIR's when that folder has it, else the package's
     ({} where neither has one: the heuristics)."""
-    return _load_table(name, os.environ.get(CONFIG_DIR_ENV) or None)
+    return _load_table(name, os.environ.get(CONFIG_DIR_ENV) or None)[1]
+
+
+def _table_source(name: str) -> str:
+    """Where _load_json's table `name` was read from: the folder's file, else the package's name."""
+    return _load_table(name, os.environ.get(CONFIG_DIR_ENV) or None)[0]
 
 
 @functools.lru_cache(maxsize=None)
-def _load_table(name: str, folder: str | None) -> dict:
+def _load_table(name: str, folder: str | None) -> tuple[str, dict]:
+    """(the file read, its table)."""
     if folder:
         # a mistyped folder would otherwise serve the package's tables without a word
         if not os.path.isdir(folder):
@@ -266,12 +272,12 @@ def _load_table(name: str, folder: str | None) -> dict:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             with open(path) as f:
-                return _parse_table(f.read(), path)
+                return path, _parse_table(f.read(), path)
     try:
         text = resources.files("vllm_rsparse.kernels").joinpath("configs", name).read_text()
     except (FileNotFoundError, ModuleNotFoundError):
-        return {}
-    return _parse_table(text, name)
+        return name, {}
+    return name, _parse_table(text, name)
 
 
 def check_tables() -> None:
@@ -356,11 +362,6 @@ def tables_note(gpu: str) -> tuple[bool, str]:
     return False, (line + f". This GPU has no entries of its own: it runs another GPU's tile configs and "
                    f"dense/sparse choices, which may leave a shape on the slower path. To measure it, see "
                    f"{CONFIG_DIR_ENV} in the README.")
-
-
-def _table_source(name: str) -> str:
-    folder = os.environ.get(CONFIG_DIR_ENV)
-    return os.path.join(folder, name) if folder and os.path.isfile(os.path.join(folder, name)) else name
 
 
 def _parse_table(text: str, where: str) -> dict:
