@@ -389,6 +389,15 @@ def _table_and_overlay(name: str, gpu: str | None) -> tuple[dict, dict | None]:
     return data, data.get("by_gpu", {}).get(gpu if gpu is not None else _gpu_name())
 
 
+def entry_for_gpu(table: dict, gpu: str | None) -> dict:
+    """Where a measurement made on `gpu` goes in a table (the writers' side of _table_and_overlay): the
+    table itself on its own GPU (or when the table or the run names none), else the table's "by_gpu"
+    entry for that GPU, created if missing, which dispatch_table / config_table read on that GPU only."""
+    if gpu is None or table.get("gpu") in (None, gpu):
+        return table
+    return table.setdefault("by_gpu", {}).setdefault(gpu, {})
+
+
 def dispatch_table(gpu: str | None = None) -> dict:
     """kernels/configs/dispatch.json as this GPU should read it.
 

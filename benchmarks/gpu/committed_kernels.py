@@ -242,9 +242,9 @@ def merge_topk(record: dict, dispatch: dict) -> dict:
             f"({record['gpu']}): tokens {sorted({r['tokens'] for r in rows})}, sparsities "
             f"{sorted({r['sparsity'] for r in rows})}")
     crossover, ratios = bk.crossover_table(rows)["topk"], bk.ratio_table(rows)["topk"]
-    if record["gpu"] != dispatch.get("gpu"):
+    entry = launchers.entry_for_gpu(out, record["gpu"])
+    if entry is not out:
         # another GPU's measurement: beside the table, read on that GPU only (launchers.dispatch_table)
-        entry = out.setdefault("by_gpu", {}).setdefault(record["gpu"], {})
         entry.setdefault("crossover", {})["topk"] = crossover
         entry.setdefault("ratios", {})["topk"] = ratios
         entry.setdefault("notes", {})["topk"] = note

@@ -173,8 +173,8 @@ def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "
         f"threshold_lowrank: R-Sparse (threshold + low-rank term, rank a multiple of 16) at one token, measured on "
         f"{gpu}: {described}{_variant_words(variant)}; sparsities between the measured levels are interpolated, outside them "
         "clamped (launchers.interpolated_ratio); more tokens are not measured (dense).")
-    if dispatch.get("gpu") not in (None, gpu):
-        entry = dispatch.setdefault("by_gpu", {}).setdefault(gpu, {})
+    entry = launchers.entry_for_gpu(dispatch, gpu)
+    if entry is not dispatch:
         entry.setdefault("ratios", {})["threshold_lowrank"] = table
         entry.setdefault("notes", {})["threshold_lowrank"] = note
     else:

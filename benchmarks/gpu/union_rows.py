@@ -288,8 +288,9 @@ def adopt(rows: list[dict], out_dir: str, source: str, gpu: str | None = None,
     the same GPU, written beside this run's 2-16 token ratios."""
     configs = json.loads(json.dumps(launchers._load_json(launchers._CONFIG_FILE)))
     dispatch = json.loads(json.dumps(launchers._load_json(launchers._DISPATCH_FILE)))
-    elsewhere = gpu is not None and gpu != configs.get("gpu")
-    config_target = configs.setdefault("by_gpu", {}).setdefault(gpu, {}) if elsewhere else configs
+    config_target = launchers.entry_for_gpu(configs, gpu)
+    entry = launchers.entry_for_gpu(dispatch, gpu)
+    elsewhere = entry is not dispatch
     adopted, chosen = [], choices_at_ranking(rows)
     for row in rows:
         band = row["band"]
@@ -303,7 +304,6 @@ def adopt(rows: list[dict], out_dir: str, source: str, gpu: str | None = None,
                            f"{choice_us(row, choice):.1f} us vs {'per-row' if was['rows'] == 1 else 'committed union'} "
                            f"{choice_us(row, 'committed'):.1f} us")
     if elsewhere:
-        entry = dispatch.setdefault("by_gpu", {}).setdefault(gpu, {})
         # that GPU's entry replaces the selection's table whole (launchers.dispatch_table): it starts
         # as what the GPU reads now, so shapes and token counts this run did not time keep their ratios
         ratios = entry.setdefault("ratios", {}).setdefault(
@@ -321,7 +321,7 @@ def adopt(rows: list[dict], out_dir: str, source: str, gpu: str | None = None,
         for level, ratio in by_level.items():
             ratios.setdefault(key, {}).setdefault(level, {})["1"] = ratio
     commit = os.environ.get("RSPARSE_COMMIT", "unknown")
-    where = f" on {gpu}" if elsewhere else ""
+    where = "" if config_target is configs else f" on {gpu}"
     record = (f"; configs of 2-16 tokens adopted by benchmarks/gpu/union_rows.py --adopt{where} ({commit}): "
               + "; ".join(adopted))
     if adopted and record not in config_target.get("note", ""):

@@ -120,9 +120,7 @@ def adopt(rows: list[dict], path: str, candidate_set: str = "wide", gpu: str | N
     configs under "by_gpu" (launchers.config_table), and the committed config they race is the one
     that device reads, so the table's own entries stay those of the GPU that swept them."""
     table = json.loads(json.dumps(launchers._load_json(launchers._CONFIG_FILE)))
-    target = table
-    if gpu is not None and gpu != table.get("gpu"):
-        target = table.setdefault("by_gpu", {}).setdefault(gpu, {})
+    target = launchers.entry_for_gpu(table, gpu)
     read_as = launchers.config_table(gpu) if gpu is not None else table
     bands = {0.5: "configs", 0.9: "configs_high"}
     adopted = []
