@@ -346,6 +346,14 @@ def test_union_rows_adopt_on_another_gpu_goes_under_by_gpu(tmp_path, monkeypatch
     assert written["configs"] == configs["configs"] and written["note"] == "n"
     assert written["by_gpu"]["GPU B"]["configs"] == {"N64_K96": {"2": union}}
     assert "on GPU B" in written["by_gpu"]["GPU B"]["note"]
+    # the same run adopted again onto what it wrote is recorded once
+    monkeypatch.setattr(union_rows.launchers, "_load_json",
+                        lambda name: json.loads((tmp_path / name).read_text()))
+    union_rows.adopt(rows, str(tmp_path), "run.json", gpu="GPU B", one_token=one_token)
+    assert json.loads((tmp_path / "sparse_gemv.json").read_text())["by_gpu"]["GPU B"]["note"] \
+        == written["by_gpu"]["GPU B"]["note"]
+    monkeypatch.setattr(union_rows.launchers, "_load_json",
+                        lambda name: configs if name == union_rows.launchers._CONFIG_FILE else dispatch)
     table = json.loads((tmp_path / "dispatch.json").read_text())
     assert table["ratios"] == dispatch["ratios"] and "union_note" not in table
     assert table["by_gpu"]["GPU B"]["ratios"]["threshold"] == {"N64_K96": {"0.5": {"1": 0.6, "2": 0.8}},

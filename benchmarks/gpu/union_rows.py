@@ -322,11 +322,12 @@ def adopt(rows: list[dict], out_dir: str, source: str, gpu: str | None = None,
             ratios.setdefault(key, {}).setdefault(level, {})["1"] = ratio
     commit = os.environ.get("RSPARSE_COMMIT", "unknown")
     where = "" if config_target is configs else f" on {gpu}"
-    record = (f"; configs of 2-16 tokens adopted by benchmarks/gpu/union_rows.py --adopt{where} ({commit}): "
+    record = (f"configs of 2-16 tokens adopted by benchmarks/gpu/union_rows.py --adopt{where} ({commit}): "
               + "; ".join(adopted))
-    if adopted and record not in config_target.get("note", ""):
+    note_so_far = config_target.get("note", "")
+    if adopted and record not in note_so_far:
         # the same run adopted again (--adopt-from onto tables that already hold it) is recorded once
-        config_target["note"] = (config_target.get("note", "") + record).removeprefix("; ")
+        config_target["note"] = f"{note_so_far}; {record}" if note_so_far else record
     note = (f"threshold ratios of 2-16 tokens at levels 0 / 0.5 / 0.9 from benchmarks/gpu/union_rows.py "
             f"({commit}, {source}): per token count the config the launcher "
             f"uses (union where adopted, else the committed per-row config)"
