@@ -1479,19 +1479,36 @@ def test_lowrank_measurements_replace_the_table(tmp_path):
     assert "GPU X" in beside["by_gpu"]["GPU X"]["notes"]["threshold_lowrank"]
 
 
-def test_lowrank_report_matches_committed_files():
-    """benchmarks/results/lowrank_h200.md is what lowrank_time --report makes of the committed
-    measurements, and the committed low-rank table is their merge by each shape's layout."""
+@pytest.mark.parametrize("files,report", [("lowrank_h200_s{}.json", "lowrank_h200.md"),
+                                          ("lowrank_h100_s{}.json", "lowrank_h100_s33.md")])
+def test_lowrank_report_matches_committed_files(files, report):
+    """The low-rank reports are what lowrank_time --report makes of the committed measurements, and
+    the committed low-rank table that GPU reads is their merge by each shape's layout on that GPU: the
+    H200's files are the table's own entries; the H100's (session 33) its by_gpu entry, which replaces
+    the H200's estimate there (before, the H100 read the H200's ratios and sent o_proj with the term dense)."""
     lowrank_time = _lowrank_time_module()
-    files = [str(RESULTS / f"lowrank_h200_s{s}.json") for s in ("0.4", "0.5", "0.7", "0.9")]
-    assert lowrank_time.report(files) == (RESULTS / "lowrank_h200.md").read_text()
-    table = {}
+    files = [str(RESULTS / files.format(s)) for s in ("0.4", "0.5", "0.7", "0.9")]
+    assert lowrank_time.report(files) == (RESULTS / report).read_text()
+    table, gpus = {}, set()
     for path in files:
-        for row in json.load(open(path))["rows"]:
-            layout = lowrank_time.config_variant(row["n"], row["k"], lowrank_time._row_sparsity(row))
+        result = json.load(open(path))
+        gpus.add(result["gpu"])
+        for row in result["rows"]:
+            layout = lowrank_time.config_variant(row["n"], row["k"], lowrank_time._row_sparsity(row), result["gpu"])
             ratio = row["variants_us"][layout] / row["dense_us"]
             table.setdefault(f"N{row['n']}_K{row['k']}", {})[f"{round(row['input_sparsity'], 4):g}"] = {"1": round(ratio, 4)}
-    assert launchers._load_json("dispatch.json")["ratios"]["threshold_lowrank"] == table
+    (gpu,) = gpus
+    assert launchers.dispatch_table(gpu)["ratios"]["threshold_lowrank"] == table
+
+
+def test_lowrank_dispatch_per_gpu(monkeypatch):
+    """R-Sparse 0.5 (input sparsity ~0.55) with its term: on the H100, with its own table, every shape
+    runs the kernels at one token, o_proj too (0.86x); on the H200, o_proj stays dense (its ratio there
+    is above the 5% margin). Two tokens are not measured with the term: dense on both."""
+    shapes = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (6144, 4096), (28672, 4096), (4096, 14336)]
+    for gpu, expected in [("NVIDIA H100 80GB HBM3", [1] * 7), ("NVIDIA H200", [1, 0, 1, 1, 1, 1, 1])]:
+        monkeypatch.setattr(launchers, "_gpu_name", lambda: gpu)
+        assert [launchers.crossover_tokens(n, k, "threshold", 0.55, lowrank=True) for n, k in shapes] == expected, gpu
 
 
 def test_lowrank_epilogue_report_matches_committed_files():

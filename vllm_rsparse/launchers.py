@@ -489,11 +489,13 @@ def high_sparsity_from(n: int, k: int, table: dict | None = None) -> float:
 
 
 def pick_config(n: int, k: int, tokens: int, rank: int, device: torch.device,
-                sparsity: float | None = None) -> GemvConfig:
+                sparsity: float | None = None, gpu: str | None = None) -> GemvConfig:
     """Committed config for (N, K) at the nearest measured token count and the module's
-    sparsity band (None: the design band), else the heuristic."""
+    sparsity band (None: the design band), else the heuristic. gpu: the device name whose
+    tables to read (default: this process's; a script reading another GPU's measurements on the
+    CPU names that GPU)."""
     if device.type == "cuda":
-        table = config_table()
+        table = config_table(gpu)
         high = sparsity is not None and sparsity >= high_sparsity_from(n, k, table)
         band = "configs_high" if high else "configs"
         per_shape = table.get(band, {}).get(_shape_key(n, k)) or table.get("configs", {}).get(_shape_key(n, k))

@@ -91,10 +91,11 @@ def timed_alternately(calls, variants: dict, knobs: tuple, rounds: int = 2) -> t
     return {name: min(t) for name, t in times.items()}, outs
 
 
-def config_variant(n: int, k: int, sparsity: float | None = None) -> str:
+def config_variant(n: int, k: int, sparsity: float | None = None, gpu: str | None = None) -> str:
     """The TILE_VARIANTS entry that shape (N, K) runs at one token with the committed configs at
-    input sparsity `sparsity` (its band; None: the design band)."""
-    cfg = launchers.pick_config(n, k, 1, 16, torch.device("cuda"), sparsity)
+    input sparsity `sparsity` (its band; None: the design band) on `gpu` (default: this process's;
+    a file merged or reported on the CPU names the GPU that measured it, whose configs it ran)."""
+    cfg = launchers.pick_config(n, k, 1, 16, torch.device("cuda"), sparsity, gpu)
     return _LAYOUT_VARIANT[launchers.lowrank_layout(cfg)]
 
 
@@ -162,7 +163,8 @@ def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "
     for result in results:
         for row in result["rows"]:
             level = f"{round(row['input_sparsity'], 4):g}"
-            name = config_variant(row["n"], row["k"], _row_sparsity(row)) if variant == "config" else variant
+            name = (config_variant(row["n"], row["k"], _row_sparsity(row), result["gpu"]) if variant == "config"
+                    else variant)
             lowrank_us = row["variants_us"][name] if name else row["lowrank16_us"]
             table.setdefault(f"N{row['n']}_K{row['k']}", {})[level] = {"1": round(lowrank_us / row["dense_us"], 4)}
     gpu = gpus.pop()
@@ -253,7 +255,7 @@ def report(result_paths: list[str]) -> str:
     for result in results:
         for row in result["rows"]:
             dense = row["dense_us"]
-            chosen = config_variant(row["n"], row["k"], _row_sparsity(row))
+            chosen = config_variant(row["n"], row["k"], _row_sparsity(row), result["gpu"])
             cells = [f"{row['variants_us'][v] / dense:.2f}{'*' if v == chosen else ''} ({row['variants_us'][v]:.1f})"
                      for v in names]
             lines.append(f"| {result['sparsity']} | {result.get('commit', '?')} | {row['shape']} | {row['rank']} | "
