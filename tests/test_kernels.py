@@ -1231,6 +1231,40 @@ def test_config_table_per_gpu(monkeypatch):
     assert table["configs"]["N64_K96"]["1"] == cfg(64)  # the merge copies, never writes the cached table
 
 
+def test_table_views_are_memoized_per_table_object(monkeypatch):
+    """Outside CUDA graphs the op looks up its config and its dense/sparse limit on every call: the
+    merged per-GPU views and the answers derived from them are computed once per table object, and a
+    table swapped in (another RSPARSE_CONFIG_DIR, a test's new dict) is read afresh, never a stale answer."""
+    def cfg(block_n):
+        return {"rows": 1, "block_n": block_n, "block_k": 16, "split_k": 4, "num_warps": 4, "num_stages": 1,
+                "kernel": "compact"}
+
+    def configs(block_n):
+        return {"gpu": "GPU A", "configs": {"N64_K96": {"1": cfg(64)}},
+                "by_gpu": {"GPU B": {"configs": {"N64_K96": {"1": cfg(block_n)}}}}}
+
+    def dispatch(ratio):
+        return {"gpu": "GPU A", "ratios": {"threshold": {"N64_K96": {"0.5": {"1": 1.2}}}},
+                "by_gpu": {"GPU B": {"ratios": {"threshold": {"N64_K96": {"0.5": {"1": ratio}}}}}}}
+
+    tables = {launchers._CONFIG_FILE: configs(256), launchers._DISPATCH_FILE: dispatch(0.7)}
+    monkeypatch.setattr(launchers, "_load_json", lambda name: tables[name])
+    monkeypatch.setattr(launchers, "_gpu_name", lambda: "GPU B")
+    cuda = torch.device("cuda")
+    config_view, dispatch_view = launchers.config_table(), launchers.dispatch_table()
+    assert launchers.config_table() is config_view and launchers.dispatch_table() is dispatch_view
+    assert launchers.pick_config(64, 96, 1, 0, cuda, 0.5).block_n == 256
+    assert launchers.crossover_tokens(64, 96, "threshold", 0.5) == 1
+    assert launchers.pick_config(64, 96, 1, 0, cuda, 0.5) is launchers.pick_config(64, 96, 1, 0, cuda, 0.5)
+    tables.update({launchers._CONFIG_FILE: configs(128), launchers._DISPATCH_FILE: dispatch(1.1)})
+    assert launchers.config_table() is not config_view
+    assert launchers.pick_config(64, 96, 1, 0, cuda, 0.5).block_n == 128
+    assert launchers.crossover_tokens(64, 96, "threshold", 0.5) == 0
+    monkeypatch.setattr(launchers, "_gpu_name", lambda: "GPU A")  # the same table read by another GPU
+    assert launchers.pick_config(64, 96, 1, 0, cuda, 0.5).block_n == 64
+    assert launchers.crossover_tokens(64, 96, "threshold", 0.5) == 0
+
+
 def test_committed_topk_dispatch_h100():
     """LaRoSA's exact top-k with the histogram select the launcher runs (5-bit digits, 16 warps above
     4096 channels), measured on the H100 through the launcher (session 32, kernels_committed_s32_h100.json,

@@ -398,6 +398,35 @@ def entry_for_gpu(table: dict, gpu: str | None) -> dict:
     return table.setdefault("by_gpu", {}).setdefault(gpu, {})
 
 
+class _TableMemo:
+    """Values derived from one table object, dropped as soon as the table in force is another object
+    (a new $RSPARSE_CONFIG_DIR, a test's own table). Outside CUDA graphs the op looks up its config
+    and its dense/sparse limit on every call; merging a GPU's by_gpu entries and walking the ratios
+    again each time cost ~20 us of Python per module call (session 32, on this machine's CPU), as much
+    as the GEMV it launches. The derived values are read-only: configs are frozen, tables never
+    written through these views."""
+
+    def __init__(self):
+        self.sources: tuple = ()
+        self.values: dict = {}
+
+    def get(self, sources: tuple, key, compute):
+        if len(sources) != len(self.sources) or any(a is not b for a, b in zip(sources, self.sources)):
+            self.sources, self.values = sources, {}
+        try:
+            return self.values[key]
+        except KeyError:
+            value = self.values[key] = compute()
+            return value
+
+
+# (table, one GPU's entries in it) -> the merged view that GPU reads, one memo per file
+_MERGED_DISPATCH = _TableMemo()
+_MERGED_CONFIGS = _TableMemo()
+_PICKED_CONFIGS = _TableMemo()  # config table in force -> pick_config's answers
+_CROSSOVERS = _TableMemo()  # dispatch table in force -> crossover_tokens' answers
+
+
 def dispatch_table(gpu: str | None = None) -> dict:
     """kernels/configs/dispatch.json as this GPU should read it.
 
@@ -409,6 +438,10 @@ def dispatch_table(gpu: str | None = None) -> dict:
     data, overlay = _table_and_overlay(_DISPATCH_FILE, gpu)
     if not overlay:
         return data
+    return _MERGED_DISPATCH.get((data, overlay), "view", lambda: _merged_dispatch(data, overlay))
+
+
+def _merged_dispatch(data: dict, overlay: dict) -> dict:
     out = dict(data)
     for part in ("crossover", "ratios"):
         out[part] = {**data.get(part, {}), **overlay.get(part, {})}
@@ -427,6 +460,10 @@ def config_table(gpu: str | None = None) -> dict:
     data, overlay = _table_and_overlay(_CONFIG_FILE, gpu)
     if not overlay:
         return data
+    return _MERGED_CONFIGS.get((data, overlay), "view", lambda: _merged_configs(data, overlay))
+
+
+def _merged_configs(data: dict, overlay: dict) -> dict:
     out = dict(data)
     for band in ("configs", "configs_high"):
         merged = {key: dict(per_shape) for key, per_shape in data.get(band, {}).items()}
@@ -494,27 +531,38 @@ def pick_config(n: int, k: int, tokens: int, rank: int, device: torch.device,
     sparsity band (None: the design band), else the heuristic. gpu: the device name whose
     tables to read (default: this process's; a script reading another GPU's measurements on the
     CPU names that GPU)."""
-    if device.type == "cuda":
-        table = config_table(gpu)
-        high = sparsity is not None and sparsity >= high_sparsity_from(n, k, table)
-        band = "configs_high" if high else "configs"
-        per_shape = table.get(band, {}).get(_shape_key(n, k)) or table.get("configs", {}).get(_shape_key(n, k))
-        if per_shape:
-            measured = [int(t) for t in per_shape]
-            cfg = GemvConfig.from_dict(per_shape[str(_bucket(tokens, measured))])
-            mode = union_rows_mode() if tokens > 1 else "table"
-            if cfg.rows > 1 and mode == "off":
-                # per-row programs: the shape's one-token config, one row group per token
-                cfg = GemvConfig.from_dict(per_shape[str(_bucket(1, measured))])
-            elif cfg.rows == 1 and mode == "on":
-                # the shape's committed union config nearest in token count, else the heuristic's
-                unions = [t for t in measured if t > 1 and per_shape[str(t)]["rows"] > 1]
-                if not unions:
-                    return default_config(n, k, tokens, rank, device)
-                cfg = GemvConfig.from_dict(per_shape[str(min(unions, key=lambda t: abs(t - tokens)))])
-            if tokens > 1 or cfg.rows == 1:
-                return cfg
-    return default_config(n, k, tokens, rank, device)
+    if device.type != "cuda":
+        return default_config(n, k, tokens, rank, device)
+    table = config_table(gpu)
+    mode = union_rows_mode() if tokens > 1 else "table"
+    cfg = _PICKED_CONFIGS.get((table,), (n, k, tokens, sparsity, mode),
+                              lambda: _committed_config(table, n, k, tokens, sparsity, mode))
+    # the heuristic is not memoized: it reads the device (SM count), not the table
+    return cfg or default_config(n, k, tokens, rank, device)
+
+
+def _committed_config(table: dict, n: int, k: int, tokens: int, sparsity: float | None,
+                      mode: str) -> GemvConfig | None:
+    """The committed config of `table` (config_table) that pick_config runs in union mode `mode`
+    (union_rows_mode), or None where the heuristic decides."""
+    high = sparsity is not None and sparsity >= high_sparsity_from(n, k, table)
+    band = "configs_high" if high else "configs"
+    per_shape = table.get(band, {}).get(_shape_key(n, k)) or table.get("configs", {}).get(_shape_key(n, k))
+    if per_shape:
+        measured = [int(t) for t in per_shape]
+        cfg = GemvConfig.from_dict(per_shape[str(_bucket(tokens, measured))])
+        if cfg.rows > 1 and mode == "off":
+            # per-row programs: the shape's one-token config, one row group per token
+            cfg = GemvConfig.from_dict(per_shape[str(_bucket(1, measured))])
+        elif cfg.rows == 1 and mode == "on":
+            # the shape's committed union config nearest in token count, else the heuristic's
+            unions = [t for t in measured if t > 1 and per_shape[str(t)]["rows"] > 1]
+            if not unions:
+                return None
+            cfg = GemvConfig.from_dict(per_shape[str(min(unions, key=lambda t: abs(t - tokens)))])
+        if tokens > 1 or cfg.rows == 1:
+            return cfg
+    return None
 
 
 def crossover_tokens(n: int, k: int, selection: str = "threshold", sparsity: float = 0.5,
@@ -535,6 +583,12 @@ def crossover_tokens(n: int, k: int, selection: str = "threshold", sparsity: flo
     levels 0 and 0.5 is not sent to dense just because s = 0 loses. Without ratios: the
     crossover of the nearest measured level not above `sparsity`."""
     data = dispatch_table()
+    return _CROSSOVERS.get((data,), (n, k, selection, sparsity, lowrank),
+                           lambda: _table_crossover(data, n, k, selection, sparsity, lowrank))
+
+
+def _table_crossover(data: dict, n: int, k: int, selection: str, sparsity: float, lowrank: bool) -> int | None:
+    """crossover_tokens from `data` (dispatch_table)."""
     if lowrank and _shape_key(n, k) in data.get("ratios", {}).get(selection + "_lowrank", {}):
         selection = selection + "_lowrank"
     ratios = data.get("ratios", {}).get(selection, {}).get(_shape_key(n, k))
