@@ -261,6 +261,11 @@ def choices_at_ranking(rows: list[dict]) -> dict:
             for r in rows if r["sparsity"] == BAND_SPARSITY[r["band"]]}
 
 
+def _one_token_from(path: str | None, gpu: str | None) -> dict | None:
+    """--one-token-from: one_token_ratios of that committed_kernels.py file for `gpu`, or None without one."""
+    return one_token_ratios(json.loads(Path(path).read_text()), gpu) if path else None
+
+
 def one_token_ratios(record: dict, gpu: str) -> dict:
     """{shape key: {level: sparse / dense}} of a committed_kernels.py run's one-token teal rows at
     RATIO_LEVELS (the run must come from `gpu`: a ratio is a property of the GPU)."""
@@ -446,8 +451,7 @@ def main() -> None:
         os.environ.setdefault("RSPARSE_COMMIT", data["commit"])
         # a dry run's rows (the CPU check) stand for the tables' own GPU
         gpu = None if data["gpu"] == bk.DRY_RUN_GPU else data["gpu"]
-        one_token = (one_token_ratios(json.loads(Path(args.one_token_from).read_text()), data["gpu"])
-                     if args.one_token_from else None)
+        one_token = _one_token_from(args.one_token_from, data["gpu"])
         print_adopted(adopt(data["rows"], args.adopt, os.path.basename(args.adopt_from), gpu, one_token))
         return
     if args.report:
@@ -481,9 +485,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
     if args.adopt:
         gpu = None if bk.DRY_RUN else torch.cuda.get_device_name()
-        one_token = (one_token_ratios(json.loads(Path(args.one_token_from).read_text()), gpu)
-                     if args.one_token_from else None)
-        adopted = adopt(rows, args.adopt, os.path.basename(args.out), gpu, one_token)
+        adopted = adopt(rows, args.adopt, os.path.basename(args.out), gpu, _one_token_from(args.one_token_from, gpu))
         meta["adopted"] = adopted
         print_adopted(adopted)
     Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
