@@ -795,7 +795,8 @@ def test_union_configs(shape, tile, tokens, sparsity, finish, list_ahead, gen, m
 def test_union_compact_topk_and_lowrank_fallback(rows, gen):
     """The union compact kernel (tl.dot and FMA loops) with per-row exact top-k (thresholds and
     tie cuts per row), and a union compact config on a layer with R-Sparse's low-rank term (that
-    kernel has no v_t programs: the launcher runs the 16-row union walk of the tile, still exact)."""
+    kernel has no v_t programs: the launcher runs the shape's one-token config, one program per row,
+    still exact), and the 16-row union walk that case ran before (union_walk_lowrank_config) too."""
     n, k, m = (96, 200, 5) if not HAS_CUDA else (4096, 11008, 5)
     cfg = union_config(("compact", rows, 64, 16 if rows == 16 else 8, 4, 2, 64), k)
     w, b, s, u, v = make_layer(n, k, torch.bfloat16, gen, rank=20, scale=True)
@@ -807,8 +808,12 @@ def test_union_compact_topk_and_lowrank_fallback(rows, gen):
     check_close(out, reference.masked_linear(x, w, topk_mask_lowest_index(x, keep, s), b))
     thr = threshold_for(x, 0.5, s)
     v_t = launchers.prepare_weight(v).t()
-    out = launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u, v_t, cfg)
-    check_close(out, reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v))
+    ref = reference.sparse_linear(x, w, b, threshold=thr, channel_scale=s, lowrank_up=u, lowrank_down=v)
+    check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u, v_t, cfg), ref)
+    walk = launchers.union_walk_lowrank_config(cfg)
+    assert walk.rows == launchers.MAX_ROWS and walk.kernel == "walk"
+    check_close(launchers.sparse_gemv(x, w_t, thr.float(), None, b, s, u, v_t, walk), ref)
+    assert launchers.union_lowrank_config(n, k, 20, x.device, 0.5).rows == 1
     assert launchers._workspace_for(x.device).is_clean(), "split-K workspace left dirty"
 
 
@@ -1388,6 +1393,57 @@ def test_lowrank_ratios_transferred_to_another_gpu():
 
 def _lowrank_time_module():
     return load_benchmark("gpu/lowrank_time.py")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU check of a GPU script, under the interpreter")
+def test_lowrank_time_tokens_row_under_the_interpreter(monkeypatch, gen):
+    """lowrank_time.time_tokens (--tokens) on a tiny layer: where the picked config of a T-token step is a
+    union one, the launcher's path (one-row programs, launchers.union_lowrank_config) and the 16-row union
+    walk it ran before are both timed and agree; the row says which config ran. Timings are fake here."""
+    lowrank_time = _lowrank_time_module()
+    monkeypatch.setattr(lowrank_time, "graph_us", lambda calls: [c() for c in calls] and 1.0)
+    n, k, rank = 64, 96, 16
+    w, _, _, u, v = make_layer(n, k, torch.bfloat16, gen, rank=rank)
+    layers = [(w, launchers.prepare_weight(w), *launchers.prepare_lowrank(u, v))]
+    union = launchers.GemvConfig(rows=2, block_n=32, block_k=16, split_k=2, num_warps=4, num_stages=1, kernel="compact")
+    real_pick = launchers.pick_config
+    monkeypatch.setattr(launchers, "pick_config", lambda n, k, tokens, *a, **kw: union if tokens > 1 else real_pick(
+        n, k, tokens, *a, **kw))
+    row = lowrank_time.time_tokens("tiny/o", n, k, rank, 48, 2, layers, gen)
+    assert row["tokens"] == 2 and set(row["paths_us"]) == {"launcher", "union_walk"}
+    assert row["paths_max_diff"]["union_walk"] < 0.05
+    assert row["config"]["rows"] == 1 and row["picked_config"]["rows"] == 2
+    assert row["lowrank16_us"] == row["paths_us"]["launcher"]
+    monkeypatch.setattr(launchers, "pick_config", real_pick)
+    row = lowrank_time.time_tokens("tiny/o", n, k, rank, 48, 4, layers, gen)
+    assert set(row["paths_us"]) == {"launcher"} and row["config"] == row["picked_config"]
+
+
+def test_lowrank_merge_and_report_with_tokens(tmp_path):
+    """--tokens rows merge under their token count beside the one-token entries of the same level (files of one
+    level may be split: one-token rows in one, more tokens in another), and the report lists them in their own
+    table after the one-token one, which stays as it was."""
+    lowrank_time = _lowrank_time_module()
+    # a committed shape: the report marks the layout its config runs
+    one = {"n": 4096, "k": 4096, "shape": "t/o", "rank": 16, "input_sparsity": 0.55, "sparsity_passed": True,
+           "dense_us": 10.0, "teal_us": 6.0, "lowrank16_us": 8.0, "up_only_us": 2.0,
+           "variants_us": {v: 8.0 for v in lowrank_time.TILE_VARIANTS}}
+    two = {"n": 4096, "k": 4096, "shape": "t/o", "rank": 16, "tokens": 2, "input_sparsity": 0.55, "dense_us": 10.0,
+           "teal_us": 8.0, "lowrank16_us": 9.0, "paths_us": {"launcher": 9.0, "union_walk": 14.0},
+           "config": {"rows": 1, "kernel": "compact", "block_n": 8, "split_k": 1}}
+    head = {"gpu": "GPU X", "sparsity": 0.5, "share": 0.9, "commit": "c"}
+    files = [tmp_path / "a.json", tmp_path / "b.json"]
+    files[0].write_text(json.dumps({**head, "rows": [one]}))
+    files[1].write_text(json.dumps({**head, "rows": [two]}))
+    dispatch = tmp_path / "dispatch.json"
+    dispatch.write_text(json.dumps({"ratios": {}}))
+    lowrank_time.merge_dispatch([str(f) for f in files], str(dispatch), "wtiles")
+    merged = json.loads(dispatch.read_text())
+    assert merged["ratios"]["threshold_lowrank"] == {"N4096_K4096": {"0.55": {"1": 0.8, "2": 0.9}}}
+    assert "at 1 and 2 tokens" in merged["lowrank_note"]
+    text = lowrank_time.report([str(f) for f in files])
+    assert text.startswith(lowrank_time.report([str(files[0])]).rstrip("\n"))
+    assert "| 0.5 | t/o | 2 | 16 | 0.550 | 10.0 | 0.80 | 0.90 (9.0) | 1.40 (14.0) | rows 1, compact" in text
 
 
 def test_union_rows_report_and_tables_match_committed_files():

@@ -1052,6 +1052,19 @@ def uses_union_compact_kernel(cfg: GemvConfig) -> bool:
     return cfg.rows > 1 and cfg.kernel == "compact"
 
 
+def union_lowrank_config(n: int, k: int, rank: int, device: torch.device, sparsity: float | None) -> GemvConfig:
+    """The config a launch whose picked config is a union compact one runs when the layer has a
+    low-rank term (that kernel has no v_t programs): the shape's one-token config, one program per row."""
+    return pick_config(n, k, 1, rank, device, sparsity)
+
+
+def union_walk_lowrank_config(cfg: GemvConfig) -> GemvConfig:
+    """What a union compact config with a low-rank term ran before session 33: the 16-row union walk of
+    the same tile (its tl.dot needs 16 rows and K steps of >= 16). Kept for lowrank_time.py --tokens,
+    which times it against union_lowrank_config."""
+    return dataclasses.replace(cfg, kernel="walk", rows=MAX_ROWS, block_k=max(16, cfg.block_k))
+
+
 def k_split(k: int, cfg: GemvConfig) -> tuple[int, int]:
     """(K channels per program, programs along K) of a launch with this config: compact
     programs take power-of-two chunks, the walk whole BLOCK_K steps, so the programs along K
@@ -1174,9 +1187,11 @@ def sparse_gemv(
     has_lowrank = rank > 0
     cfg = config or pick_config(n, k, m, rank, x.device, sparsity)
     if has_lowrank and uses_union_compact_kernel(cfg):
-        # the union compact kernel has no v_t programs: the union walk of the same tile (its
-        # tl.dot needs 16 rows and K steps of >= 16)
-        cfg = dataclasses.replace(cfg, kernel="walk", rows=MAX_ROWS, block_k=max(16, cfg.block_k))
+        # the union compact kernel has no v_t programs: one-row programs with the shape's one-token
+        # config instead, each row reading its own channels. (Until session 33 this was the 16-row
+        # union walk of the same tile, whose predicated rows read about the whole matrix: dense or
+        # slower. lowrank_time.py --tokens times both.)
+        cfg = union_lowrank_config(n, k, rank, x.device, sparsity)
     select_in_kernel = keep is not None and topk_in_kernel(cfg, k)
     if keep is not None and not select_in_kernel:
         thr, jcut = topk_thresholds(x, keep, channel_scale)

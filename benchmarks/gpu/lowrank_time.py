@@ -25,11 +25,19 @@ in session 25 after those measurements (their code is at b21387c).
     # the same table for a GPU it was not measured on, from that GPU's kernel sweep:
     python benchmarks/gpu/lowrank_time.py --merge benchmarks/results/lowrank_h100.json \
         --transfer-to benchmarks/results/kernels_h200.json --into kernels/configs/dispatch.json
+With --tokens T... (session 33) decode steps of T > 1 tokens as well, one row each (x [T, K], the module's one
+threshold): dense, the threshold kernel alone (teal_us), and with the term (paths_us): "launcher" = what
+sparse_linear runs (a union config falls back to one-row programs with the shape's one-token config,
+launchers.union_lowrank_config) and, where the picked config is a union one, "union_walk" = the 16-row union walk
+it fell back to before (launchers.union_walk_lowrank_config). lowrank16_us = the launcher's; --merge files them
+under their token count.
+    python3 -P benchmarks/gpu/lowrank_time.py --sparsity 0.5 --tokens 2 4 --out $RES/lowrank_h100_t_s0.5.json
 Files before session 11 (lowrank_h100.json, lowrank_h200_s0.*_653bfda.json) used the unaligned
 budget rank and timed it unpadded ("lowrank"), padded to 16 and to 64.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -147,6 +155,12 @@ def _variant_words(variant: str) -> str:
     return f", v_t layout {variant!r} (lowrank_time.TILE_VARIANTS)" if variant else ""
 
 
+def _token_words(counts: list[int]) -> str:
+    if counts == [1]:
+        return "one token"
+    return f"{', '.join(map(str, counts[:-1]))} and {counts[-1]} tokens (more than one: what the launcher runs)"
+
+
 def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "") -> None:
     """ratios["threshold_lowrank"][shape][input sparsity][1 token] = padded low-rank time /
     dense time (the runtime pads the rank: launchers.prepare_lowrank), one level per measured
@@ -163,16 +177,23 @@ def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "
     for result in results:
         for row in result["rows"]:
             level = f"{round(row['input_sparsity'], 4):g}"
-            name = (config_variant(row["n"], row["k"], _row_sparsity(row), result["gpu"]) if variant == "config"
-                    else variant)
-            lowrank_us = row["variants_us"][name] if name else row["lowrank16_us"]
-            table.setdefault(f"N{row['n']}_K{row['k']}", {})[level] = {"1": round(lowrank_us / row["dense_us"], 4)}
+            tokens = row.get("tokens", 1)
+            if tokens > 1:  # --tokens rows: what the launcher runs (paths_us["launcher"])
+                lowrank_us = row["lowrank16_us"]
+            else:
+                name = (config_variant(row["n"], row["k"], _row_sparsity(row), result["gpu"]) if variant == "config"
+                        else variant)
+                lowrank_us = row["variants_us"][name] if name else row["lowrank16_us"]
+            per_level = table.setdefault(f"N{row['n']}_K{row['k']}", {}).setdefault(level, {})
+            per_level[str(tokens)] = round(lowrank_us / row["dense_us"], 4)
+    counts = sorted({row.get("tokens", 1) for result in results for row in result["rows"]})
     gpu = gpus.pop()
     described = ", ".join(
         f"{os.path.basename(path)} (model sparsity {result['sparsity']}, sparse share {result['share']}, "
         f"{result.get('commit', '?')})" for path, result in zip(result_paths, results))
     note = (
-        f"threshold_lowrank: R-Sparse (threshold + low-rank term, rank a multiple of 16) at one token, measured on "
+        f"threshold_lowrank: R-Sparse (threshold + low-rank term, rank a multiple of 16) at "
+        f"{_token_words(counts)}, measured on "
         f"{gpu}: {described}{_variant_words(variant)}; sparsities between the measured levels are interpolated, outside them "
         "clamped (launchers.interpolated_ratio); more tokens are not measured (dense).")
     entry = launchers.entry_for_gpu(dispatch, gpu)
@@ -254,6 +275,8 @@ def report(result_paths: list[str]) -> str:
         ["level", "commit", "shape", "rank", "input sparsity", "dense us", "teal", *names, "epilogue us"])
     for result in results:
         for row in result["rows"]:
+            if row.get("tokens", 1) > 1:
+                continue
             dense = row["dense_us"]
             chosen = config_variant(row["n"], row["k"], _row_sparsity(row), result["gpu"])
             cells = [f"{row['variants_us'][v] / dense:.2f}{'*' if v == chosen else ''} ({row['variants_us'][v]:.1f})"
@@ -261,7 +284,33 @@ def report(result_paths: list[str]) -> str:
             lines.append(f"| {result['sparsity']} | {result.get('commit', '?')} | {row['shape']} | {row['rank']} | "
                          f"{row['input_sparsity']:.3f} | {dense:.1f} | {row['teal_us'] / dense:.2f} | "
                          + " | ".join(cells) + f" | {row['up_only_us']:.1f} |")
+    if any(row.get("tokens", 1) > 1 for result in results for row in result["rows"]):
+        lines += ["", *report_tokens(results)]
     return "\n".join(lines) + "\n"
+
+
+def report_tokens(results: list[dict]) -> list[str]:
+    """Markdown lines of the --tokens rows: per shape and token count, the ratio to dense of the threshold
+    kernel alone and of each way of running the term."""
+    lines = ["Decode steps of more than one token (`--tokens`, one row each, the module's one threshold): ratio to "
+             "dense (us in brackets). launcher = what `sparse_linear` runs (a union config falls back to one-row "
+             "programs with the shape's one-token config); union_walk = the 16-row union walk it fell back to "
+             "before session 33 (only where the picked config is a union one).", "",
+             "| level | shape | tokens | rank | input sparsity | dense us | teal | launcher | union_walk | config |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        for row in result["rows"]:
+            if row.get("tokens", 1) == 1:
+                continue
+            dense = row["dense_us"]
+            cells = [f"{row['paths_us'][p] / dense:.2f} ({row['paths_us'][p]:.1f})" if p in row["paths_us"] else "-"
+                     for p in ("launcher", "union_walk")]
+            config = row["config"]
+            lines.append(f"| {result['sparsity']} | {row['shape']} | {row['tokens']} | {row['rank']} | "
+                         f"{row['input_sparsity']:.3f} | {dense:.1f} | {row['teal_us'] / dense:.2f} | "
+                         + " | ".join(cells) + f" | rows {config['rows']}, {config['kernel']}, block_n "
+                         f"{config['block_n']}, split_k {config['split_k']} |")
+    return lines
 
 
 def _table_head(title: str, intro: str, columns: list[str]) -> list[str]:
@@ -319,6 +368,41 @@ def resources_table(result: dict) -> list[str]:
     return lines
 
 
+def time_tokens(name: str, n: int, k: int, rank: int, keep: int, tokens: int, layers: list, gen) -> dict:
+    """One --tokens row: a decode step of `tokens` rows (random x, the module's one threshold, taken so that
+    `keep` of each row's K channels pass on average) through dense, the threshold kernel alone, and the
+    term's paths (module docstring), the paths alternating round by round."""
+    device = layers[0][0].device  # the GPU (a CPU test runs it under the Triton interpreter)
+    x = torch.randn(tokens, k, device=device, generator=gen).to(torch.bfloat16)
+    thr = torch.quantile(x.float().abs().flatten(), 1 - keep / k).reshape(1)
+    s_in = 1 - keep / k
+    row = {"shape": name, "n": n, "k": k, "rank": rank, "tokens": tokens, "input_sparsity": s_in,
+           "sparsity_passed": True}
+    row["dense_us"] = graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w, _, _, _ in layers])
+    row["teal_us"] = graph_us([lambda wp=wp: launchers.sparse_linear(x, wp, None, thr, -1, None, None, None,
+                                                                     use_crossover=False, sparsity=s_in)
+                               for _, wp, _, _ in layers])
+    picked = launchers.pick_config(n, k, tokens, rank, device, s_in)
+    paths = {"launcher": None}
+    if launchers.uses_union_compact_kernel(picked):
+        paths["union_walk"] = launchers.union_walk_lowrank_config(picked)
+    times, outs = {p: [] for p in paths}, {}
+    for _ in range(2):
+        for path, config in paths.items():
+            calls = [lambda wp=wp, up=up, vp=vp, config=config: launchers.sparse_linear(
+                         x, wp, None, thr, -1, None, up, vp, config=config, use_crossover=False, sparsity=s_in)
+                     for _, wp, up, vp in layers]
+            times[path].append(graph_us(calls))
+            outs[path] = calls[0]().float()
+    row["paths_us"] = {p: min(t) for p, t in times.items()}
+    row["paths_max_diff"] = {p: float((out - outs["launcher"]).abs().max()) for p, out in outs.items()}
+    row["lowrank16_us"] = row["paths_us"]["launcher"]
+    ran = launchers.union_lowrank_config(n, k, rank, device, s_in) if "union_walk" in paths else picked
+    row["config"] = dataclasses.asdict(ran)
+    row["picked_config"] = dataclasses.asdict(picked)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -337,6 +421,9 @@ def main() -> None:
                          "the v_t layouts")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--share", type=float, default=0.9)
+    ap.add_argument("--tokens", nargs="+", type=int, default=[1],
+                    help="decode step sizes to time (1: the v_t layouts; more: the launcher's path and the union "
+                         "walk, one row each)")
     args = ap.parse_args()
     if args.report:
         print(report(args.report), end="")
@@ -367,6 +454,13 @@ def main() -> None:
             layers.append((w, launchers.prepare_weight(w), *launchers.prepare_lowrank(u, v)))
         x = torch.randn(1, k, device="cuda", generator=gen).to(torch.bfloat16)
         thr = torch.quantile(x.float().abs().flatten(), 1 - keep / k).reshape(1)
+        for tokens in sorted(t for t in args.tokens if t > 1):
+            rows.append(time_tokens(name, n, k, rank, keep, tokens, layers, gen))
+            print({key: (round(val, 2) if isinstance(val, float) else val) for key, val in rows[-1].items()}, flush=True)
+        if 1 not in args.tokens:
+            del layers
+            torch.cuda.empty_cache()
+            continue
         row = {"shape": name, "n": n, "k": k, "rank": rank, "input_sparsity": 1 - keep / k}
         row["dense_us"] = graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w, _, _, _ in layers])
         # the module's input sparsity, as the LinearMethod passes it: the config band and the v_t chunks
