@@ -386,6 +386,10 @@ def time_tokens(name: str, n: int, k: int, rank: int, keep: int, tokens: int, la
     paths = {"launcher": None}
     if launchers.uses_union_compact_kernel(picked):
         paths["union_walk"] = launchers.union_walk_lowrank_config(picked)
+    else:
+        # the shape's one-token config, one program per row (what a union config falls back to): the
+        # T-token configs were ranked without the term, whose v_t programs follow their split
+        paths["one_token_config"] = launchers.union_lowrank_config(n, k, rank, device, s_in)
     times, outs = {p: [] for p in paths}, {}
     for _ in range(2):
         for path, config in paths.items():
