@@ -1443,7 +1443,7 @@ def test_lowrank_merge_and_report_with_tokens(tmp_path):
     assert "at 1 and 2 tokens" in merged["lowrank_note"]
     text = lowrank_time.report([str(f) for f in files])
     assert text.startswith(lowrank_time.report([str(files[0])]).rstrip("\n"))
-    assert "| 0.5 | t/o | 2 | 16 | 0.550 | 10.0 | 0.80 | 0.90 (9.0) | 1.40 (14.0) | rows 1, compact" in text
+    assert "| 0.5 | t/o | 2 | 16 | 0.550 | 10.0 | 0.80 | 0.90 (9.0) | 1.40 (14.0) | - | rows 1, compact" in text
 
 
 def test_union_rows_report_and_tables_match_committed_files():
@@ -1570,7 +1570,7 @@ def test_lowrank_measurements_replace_the_table(tmp_path):
 
 
 @pytest.mark.parametrize("patterns,report", [(["lowrank_h200_s{}.json"], "lowrank_h200.md"),
-                                             (["lowrank_h100_s{}.json", "lowrank_h100_t2_s{}.json"],
+                                             (["lowrank_h100_s{}.json", "lowrank_h100_t2b_s{}.json"],
                                               "lowrank_h100_s33.md")])
 def test_lowrank_report_matches_committed_files(patterns, report):
     """The low-rank reports are what lowrank_time --report makes of the committed measurements, and

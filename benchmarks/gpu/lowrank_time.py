@@ -295,16 +295,19 @@ def report_tokens(results: list[dict]) -> list[str]:
     lines = ["Decode steps of more than one token (`--tokens`, one row each, the module's one threshold): ratio to "
              "dense (us in brackets). launcher = what `sparse_linear` runs (a union config falls back to one-row "
              "programs with the shape's one-token config); union_walk = the 16-row union walk it fell back to "
-             "before session 33 (only where the picked config is a union one).", "",
-             "| level | shape | tokens | rank | input sparsity | dense us | teal | launcher | union_walk | config |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "before session 33 (only where the picked config is a union one); one_token_config = the shape's "
+             "one-token config at these rows where the picked config is a per-row one (files from 03f047f on). "
+             "config = what the launcher ran.", "",
+             "| level | shape | tokens | rank | input sparsity | dense us | teal | launcher | union_walk | "
+             "one_token_config | config |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         for row in result["rows"]:
             if row.get("tokens", 1) == 1:
                 continue
             dense = row["dense_us"]
             cells = [f"{row['paths_us'][p] / dense:.2f} ({row['paths_us'][p]:.1f})" if p in row["paths_us"] else "-"
-                     for p in ("launcher", "union_walk")]
+                     for p in ("launcher", "union_walk", "one_token_config")]
             config = row["config"]
             lines.append(f"| {result['sparsity']} | {row['shape']} | {row['tokens']} | {row['rank']} | "
                          f"{row['input_sparsity']:.3f} | {dense:.1f} | {row['teal_us'] / dense:.2f} | "
