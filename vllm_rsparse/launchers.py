@@ -402,9 +402,9 @@ class _TableMemo:
     """Values derived from one table object, dropped as soon as the table in force is another object
     (a new $RSPARSE_CONFIG_DIR, a test's own table). Outside CUDA graphs the op looks up its config
     and its dense/sparse limit on every call; merging a GPU's by_gpu entries and walking the ratios
-    again each time cost ~20 us of Python per module call (session 32, on this machine's CPU), as much
-    as the GEMV it launches. The derived values are read-only: configs are frozen, tables never
-    written through these views."""
+    again each time cost ~22 us of Python per module call (measured in session 33 on a development
+    CPU; 6 us with the memo), of the order of the GEMV it launches (10-80 us). The derived values are
+    read-only: configs are frozen, tables never written through these views."""
 
     def __init__(self):
         self.sources: tuple = ()
@@ -1189,8 +1189,8 @@ def sparse_gemv(
     if has_lowrank and uses_union_compact_kernel(cfg):
         # the union compact kernel has no v_t programs: one-row programs with the shape's one-token
         # config instead, each row reading its own channels. (Until session 33 this was the 16-row
-        # union walk of the same tile, whose predicated rows read about the whole matrix: dense or
-        # slower. lowrank_time.py --tokens times both.)
+        # union walk of the same tile, whose predicated rows read about the whole matrix: 1.0-24x of
+        # dense on the H100, lowrank_h100_s33.md; lowrank_time.py --tokens times both.)
         cfg = union_lowrank_config(n, k, rank, x.device, sparsity)
     select_in_kernel = keep is not None and topk_in_kernel(cfg, k)
     if keep is not None and not select_in_kernel:

@@ -29,9 +29,10 @@ With --tokens T... (session 33) decode steps of T > 1 tokens as well, one row ea
 threshold): dense, the threshold kernel alone (teal_us), and with the term (paths_us): "launcher" = what
 sparse_linear runs (a union config falls back to one-row programs with the shape's one-token config,
 launchers.union_lowrank_config) and, where the picked config is a union one, "union_walk" = the 16-row union walk
-it fell back to before (launchers.union_walk_lowrank_config). lowrank16_us = the launcher's; --merge files them
-under their token count.
-    python3 -P benchmarks/gpu/lowrank_time.py --sparsity 0.5 --tokens 2 4 --out $RES/lowrank_h100_t_s0.5.json
+it fell back to before (launchers.union_walk_lowrank_config), else "one_token_config" = the shape's one-token
+config at T rows (the T-token configs were ranked without the term). lowrank16_us = the launcher's; --merge
+files them under their token count.
+    python3 -P benchmarks/gpu/lowrank_time.py --sparsity 0.5 --tokens 2 --out $RES/lowrank_h100_t2_s0.5.json
 Files before session 11 (lowrank_h100.json, lowrank_h200_s0.*_653bfda.json) used the unaligned
 budget rank and timed it unpadded ("lowrank"), padded to 16 and to 64.
 """
@@ -162,9 +163,9 @@ def _token_words(counts: list[int]) -> str:
 
 
 def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "") -> None:
-    """ratios["threshold_lowrank"][shape][input sparsity][1 token] = padded low-rank time /
+    """ratios["threshold_lowrank"][shape][input sparsity][tokens] = padded low-rank time /
     dense time (the runtime pads the rank: launchers.prepare_lowrank), one level per measured
-    file. The table is rebuilt from these files alone: levels of an earlier table (an estimate
+    file (one-token rows and --tokens rows of a level may come in separate files). The table is rebuilt from these files alone: levels of an earlier table (an estimate
     for another GPU, or another GPU's measurement) must not mix with this GPU's measurement.
     Files from a GPU other than the dispatch table's own ("gpu") go under its "by_gpu" entry for
     that GPU (launchers.dispatch_table), the table's own entries staying those of its GPU."""
@@ -429,8 +430,8 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--share", type=float, default=0.9)
     ap.add_argument("--tokens", nargs="+", type=int, default=[1],
-                    help="decode step sizes to time (1: the v_t layouts; more: the launcher's path and the union "
-                         "walk, one row each)")
+                    help="decode step sizes to time (1: the v_t layouts; more: the launcher's path beside the union "
+                         "walk or the one-token config, one row each)")
     args = ap.parse_args()
     if args.report:
         print(report(args.report), end="")
