@@ -1058,6 +1058,13 @@ def union_lowrank_config(n: int, k: int, rank: int, device: torch.device, sparsi
     return pick_config(n, k, 1, rank, device, sparsity)
 
 
+def lowrank_launch_config(cfg: GemvConfig, n: int, k: int, rank: int, device: torch.device,
+                          sparsity: float | None) -> GemvConfig:
+    """The config sparse_gemv runs for `cfg` on a layer with a low-rank term: `cfg` itself unless it is a
+    union compact one, whose kernel has no v_t programs (then union_lowrank_config)."""
+    return union_lowrank_config(n, k, rank, device, sparsity) if uses_union_compact_kernel(cfg) else cfg
+
+
 def union_walk_lowrank_config(cfg: GemvConfig) -> GemvConfig:
     """What a union compact config with a low-rank term ran before session 33: the 16-row union walk of
     the same tile (its tl.dot needs 16 rows and K steps of >= 16). Kept for lowrank_time.py --tokens,
@@ -1186,12 +1193,12 @@ def sparse_gemv(
     rank = 0 if v_t is None else v_t.shape[1]
     has_lowrank = rank > 0
     cfg = config or pick_config(n, k, m, rank, x.device, sparsity)
-    if has_lowrank and uses_union_compact_kernel(cfg):
-        # the union compact kernel has no v_t programs: one-row programs with the shape's one-token
+    if has_lowrank:
+        # a union compact config has no v_t programs: one-row programs with the shape's one-token
         # config instead, each row reading its own channels. (Until session 33 this was the 16-row
         # union walk of the same tile, whose predicated rows read about the whole matrix: 1.0-24x of
         # dense on the H100, lowrank_h100_s33.md; lowrank_time.py --tokens times both.)
-        cfg = union_lowrank_config(n, k, rank, x.device, sparsity)
+        cfg = lowrank_launch_config(cfg, n, k, rank, x.device, sparsity)
     select_in_kernel = keep is not None and topk_in_kernel(cfg, k)
     if keep is not None and not select_in_kernel:
         thr, jcut = topk_thresholds(x, keep, channel_scale)

@@ -405,8 +405,7 @@ def time_tokens(name: str, n: int, k: int, rank: int, keep: int, tokens: int, la
     row["paths_us"] = {p: min(t) for p, t in times.items()}
     row["paths_max_diff"] = {p: float((out - outs["launcher"]).abs().max()) for p, out in outs.items()}
     row["lowrank16_us"] = row["paths_us"]["launcher"]
-    ran = launchers.union_lowrank_config(n, k, rank, device, s_in) if "union_walk" in paths else picked
-    row["config"] = dataclasses.asdict(ran)
+    row["config"] = dataclasses.asdict(launchers.lowrank_launch_config(picked, n, k, rank, device, s_in))
     row["picked_config"] = dataclasses.asdict(picked)
     return row
 
