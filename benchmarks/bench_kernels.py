@@ -546,14 +546,15 @@ def write_dispatch(path: str, meta: dict, rows: list, note: str, ratios: bool = 
     """A dispatch.json (the candidate for kernels/configs/) from benchmark rows: crossover
     counts, and with ``ratios`` the sparse/dense ratios launchers.crossover_tokens
     interpolates. The low-rank tables this benchmark does not measure (ratios
-    "<selection>_lowrank" and their note, from benchmarks/gpu/lowrank_time.py --merge) are
-    carried over from the committed file, so copying the output over it loses none."""
+    "<selection>_lowrank" and "<selection>_lowrank_one_token" and their note, from
+    benchmarks/gpu/lowrank_time.py --merge) are carried over from the committed file, so copying
+    the output over it loses none of them."""
     committed = launchers._load_json(launchers._DISPATCH_FILE)
     out = {"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5}
     if timing:
         out["timing"] = timing
     out["crossover"] = crossover_table(rows)
-    carried = {sel: t for sel, t in committed.get("ratios", {}).items() if sel.endswith("_lowrank")}
+    carried = {sel: t for sel, t in committed.get("ratios", {}).items() if "_lowrank" in sel}
     if ratios or carried:
         out["ratios"] = {**(ratio_table(rows) if ratios else {}), **carried}
     out["note"] = note

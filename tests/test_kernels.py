@@ -1268,6 +1268,17 @@ def test_table_views_are_memoized_per_table_object(monkeypatch):
     monkeypatch.setattr(launchers, "_gpu_name", lambda: "GPU A")  # the same table read by another GPU
     assert launchers.pick_config(64, 96, 1, 0, cuda, 0.5).block_n == 64
     assert launchers.crossover_tokens(64, 96, "threshold", 0.5) == 0
+    # the low-rank term's choice of config at more than one token, from the same table
+    monkeypatch.setattr(launchers, "_gpu_name", lambda: "GPU B")
+    lowrank = {"threshold_lowrank": {"N64_K96": {"0.5": {"2": 0.9}}},
+               "threshold_lowrank_one_token": {"N64_K96": {"0.5": {"2": 0.8}}}}
+    tables[launchers._DISPATCH_FILE] = {**dispatch(0.7), "ratios": lowrank}
+    assert launchers.lowrank_rows_one_token(64, 96, 2, 0.5)
+    assert launchers.crossover_tokens(64, 96, "threshold", 0.5, lowrank=True) == 2
+    tables[launchers._DISPATCH_FILE] = {**dispatch(0.7), "ratios": {
+        **lowrank, "threshold_lowrank_one_token": {"N64_K96": {"0.5": {"2": 0.99}}}}}
+    assert not launchers.lowrank_rows_one_token(64, 96, 2, 0.5)
+    assert launchers.crossover_tokens(64, 96, "threshold", 0.5, lowrank=True) == 2
 
 
 def test_committed_topk_dispatch_h100():
@@ -1398,7 +1409,7 @@ def _lowrank_time_module():
 @pytest.mark.skipif(HAS_CUDA, reason="the CPU check of a GPU script, under the interpreter")
 def test_lowrank_time_tokens_row_under_the_interpreter(monkeypatch, gen):
     """lowrank_time.time_tokens (--tokens) on a tiny layer: where the picked config of a T-token step is a
-    union one, the launcher's path (one-row programs, launchers.union_lowrank_config) and the 16-row union
+    union one, its path with the term (one-row programs, launchers.union_lowrank_config) and the 16-row union
     walk it ran before are both timed and agree; the row says which config ran. Timings are fake here."""
     lowrank_time = _lowrank_time_module()
     monkeypatch.setattr(lowrank_time, "graph_us", lambda calls: [c() for c in calls] and 1.0)
@@ -1410,19 +1421,22 @@ def test_lowrank_time_tokens_row_under_the_interpreter(monkeypatch, gen):
     monkeypatch.setattr(launchers, "pick_config", lambda n, k, tokens, *a, **kw: union if tokens > 1 else real_pick(
         n, k, tokens, *a, **kw))
     row = lowrank_time.time_tokens("tiny/o", n, k, rank, 48, 2, layers, gen)
-    assert row["tokens"] == 2 and set(row["paths_us"]) == {"launcher", "union_walk"}
+    assert row["tokens"] == 2 and set(row["paths_us"]) == {"tokens_config", "union_walk"}
     assert row["paths_max_diff"]["union_walk"] < 0.05
     assert row["config"]["rows"] == 1 and row["picked_config"]["rows"] == 2
-    assert row["lowrank16_us"] == row["paths_us"]["launcher"]
+    assert row["lowrank16_us"] == row["paths_us"]["tokens_config"]
     monkeypatch.setattr(launchers, "pick_config", real_pick)
     row = lowrank_time.time_tokens("tiny/o", n, k, rank, 48, 4, layers, gen)
-    assert set(row["paths_us"]) == {"launcher", "one_token_config"} and row["config"] == row["picked_config"]
+    assert set(row["paths_us"]) == {"tokens_config", "one_token_config"} and row["config"] == row["picked_config"]
 
 
 def test_lowrank_merge_and_report_with_tokens(tmp_path):
     """--tokens rows merge under their token count beside the one-token entries of the same level (files of one
     level may be split: one-token rows in one, more tokens in another), and the report lists them in their own
-    table after the one-token one, which stays as it was."""
+    table after the one-token one, which stays as it was. Rows that timed the shape's one-token config fill the
+    second table (ratios["threshold_lowrank_one_token"]); where the picked config was a union one (union_walk
+    timed), the token config's time is the one-token config's. Files before session 34 call the token config's
+    path "launcher"; later ones "tokens_config"."""
     lowrank_time = _lowrank_time_module()
     # a committed shape: the report marks the layout its config runs
     one = {"n": 4096, "k": 4096, "shape": "t/o", "rank": 16, "input_sparsity": 0.55, "sparsity_passed": True,
@@ -1431,19 +1445,25 @@ def test_lowrank_merge_and_report_with_tokens(tmp_path):
     two = {"n": 4096, "k": 4096, "shape": "t/o", "rank": 16, "tokens": 2, "input_sparsity": 0.55, "dense_us": 10.0,
            "teal_us": 8.0, "lowrank16_us": 9.0, "paths_us": {"launcher": 9.0, "union_walk": 14.0},
            "config": {"rows": 1, "kernel": "compact", "block_n": 8, "split_k": 1}}
+    four = {**two, "tokens": 4, "lowrank16_us": 12.0, "paths_us": {"tokens_config": 12.0, "one_token_config": 11.0}}
     head = {"gpu": "GPU X", "sparsity": 0.5, "share": 0.9, "commit": "c"}
-    files = [tmp_path / "a.json", tmp_path / "b.json"]
+    files = [tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"]
     files[0].write_text(json.dumps({**head, "rows": [one]}))
     files[1].write_text(json.dumps({**head, "rows": [two]}))
+    files[2].write_text(json.dumps({**head, "commit": "d", "rows": [four]}))
     dispatch = tmp_path / "dispatch.json"
-    dispatch.write_text(json.dumps({"ratios": {}}))
+    dispatch.write_text(json.dumps({"ratios": {"threshold_lowrank_one_token": {"N8_K8": {"0.5": {"2": 0.5}}}}}))
     lowrank_time.merge_dispatch([str(f) for f in files], str(dispatch), "wtiles")
     merged = json.loads(dispatch.read_text())
-    assert merged["ratios"]["threshold_lowrank"] == {"N4096_K4096": {"0.55": {"1": 0.8, "2": 0.9}}}
-    assert "at 1 and 2 tokens" in merged["lowrank_note"]
+    assert merged["ratios"]["threshold_lowrank"] == {"N4096_K4096": {"0.55": {"1": 0.8, "2": 0.9, "4": 1.2}}}
+    # rebuilt from the files alone: the earlier table's shape is gone
+    assert merged["ratios"]["threshold_lowrank_one_token"] == {"N4096_K4096": {"0.55": {"2": 0.9, "4": 1.1}}}
+    assert "at 1, 2 and 4 tokens" in merged["lowrank_note"] and "lowrank_rows_one_token" in merged["lowrank_note"]
     text = lowrank_time.report([str(f) for f in files])
     assert text.startswith(lowrank_time.report([str(files[0])]).rstrip("\n"))
-    assert "| 0.5 | t/o | 2 | 16 | 0.550 | 10.0 | 0.80 | 0.90 (9.0) | 1.40 (14.0) | - | rows 1, compact" in text
+    # `*`: what the launcher runs with the committed table, which has no second table for GPU X's table
+    assert "| 0.5 | t/o | 2 | 16 | 0.550 | 10.0 | 0.80 | 0.90* (9.0) | 1.40 (14.0) | - | rows 1, compact" in text
+    assert "| 0.5 | t/o | 4 | 16 | 0.550 | 10.0 | 0.80 | 1.20* (12.0) | - | 1.10 (11.0) | rows 1, compact" in text
 
 
 def test_union_rows_report_and_tables_match_committed_files():
@@ -1581,7 +1601,7 @@ def test_lowrank_report_matches_committed_files(patterns, report):
     lowrank_time = _lowrank_time_module()
     files = [str(RESULTS / pattern.format(s)) for pattern in patterns for s in ("0.4", "0.5", "0.7", "0.9")]
     assert lowrank_time.report(files) == (RESULTS / report).read_text()
-    table, gpus = {}, set()
+    table, one_token_table, gpus = {}, {}, set()
     for path in files:
         result = json.load(open(path))
         gpus.add(result["gpu"])
@@ -1591,24 +1611,65 @@ def test_lowrank_report_matches_committed_files(patterns, report):
                 layout = lowrank_time.config_variant(row["n"], row["k"], lowrank_time._row_sparsity(row), result["gpu"])
                 ratio = row["variants_us"][layout] / row["dense_us"]
             else:
-                ratio = row["paths_us"]["launcher"] / row["dense_us"]
+                ratio = lowrank_time.tokens_config_us(row) / row["dense_us"]
+                one_token = row["paths_us"].get("one_token_config", lowrank_time.tokens_config_us(row))
+                level = one_token_table.setdefault(f"N{row['n']}_K{row['k']}", {}).setdefault(
+                    f"{round(row['input_sparsity'], 4):g}", {})
+                level[str(tokens)] = round(one_token / row["dense_us"], 4)
             level = table.setdefault(f"N{row['n']}_K{row['k']}", {}).setdefault(f"{round(row['input_sparsity'], 4):g}", {})
             level[str(tokens)] = round(ratio, 4)
     (gpu,) = gpus
     assert launchers.dispatch_table(gpu)["ratios"]["threshold_lowrank"] == table
+    assert launchers.dispatch_table(gpu)["ratios"].get("threshold_lowrank_one_token", {}) == one_token_table
 
 
 def test_lowrank_dispatch_per_gpu(monkeypatch):
     """R-Sparse 0.5 (input sparsity ~0.55) with its term: on the H100, with its own table, every shape
     runs the kernels at one token, o_proj too (0.86x); on the H200, o_proj stays dense (its ratio there
     is above the 5% margin). Two tokens with the term are measured on the H100 only (session 33, one-row
-    programs): at 0.55 Llama-2 gate_up runs them (0.94x), at 0.73 also Llama-2 qkv and Llama-3 gate_up."""
+    programs): at 0.55 Llama-2 gate_up runs them (0.94x); at 0.73 also Llama-2 qkv and Llama-3 gate_up with
+    the shapes' two-token configs, and both downs and Llama-3 qkv with their one-token configs, which the
+    launcher runs there (0.74-0.87x against 0.99-1.10x; launchers.lowrank_rows_one_token)."""
     shapes = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (6144, 4096), (28672, 4096), (4096, 14336)]
-    for gpu, s, expected in [("NVIDIA H100 80GB HBM3", 0.55, [1, 1, 2, 1, 1, 1, 1]),
-                             ("NVIDIA H100 80GB HBM3", 0.73, [2, 1, 2, 1, 1, 2, 1]),
+    h100 = "NVIDIA H100 80GB HBM3"
+    for gpu, s, expected in [(h100, 0.55, [1, 1, 2, 1, 1, 1, 1]),
+                             (h100, 0.73, [2, 1, 2, 2, 2, 2, 2]),
                              ("NVIDIA H200", 0.55, [1, 0, 1, 1, 1, 1, 1])]:
         monkeypatch.setattr(launchers, "_gpu_name", lambda: gpu)
         assert [launchers.crossover_tokens(n, k, "threshold", s, lowrank=True) for n, k in shapes] == expected, gpu
+    one_token = {s: [launchers.lowrank_rows_one_token(n, k, 2, s, gpu=h100) for n, k in shapes] for s in (0.55, 0.73)}
+    assert one_token[0.55] == [False, False, False, True, True, False, False]
+    # (Llama-3 gate_up: a tie, 57.0 us both at 0.73 and 27.4 / 27.5 us at 0.91)
+    assert one_token[0.73] == [False, False, False, True, True, True, True]
+    # one token, no sparsity or no second table (the H200's): the token config
+    assert not any(launchers.lowrank_rows_one_token(n, k, t, s, gpu=g) for n, k in shapes
+                   for t, s, g in [(1, 0.73, h100), (2, None, h100), (2, 0.73, "NVIDIA H200")])
+
+
+def test_lowrank_step_runs_the_faster_config(monkeypatch):
+    """On a layer with the term, a step the launcher configures itself runs the shape's one-token config
+    where the dispatch table measured it faster than the token count's config at the module's sparsity
+    (H100 at 0.727: Llama-2 down, 0.74x against 1.02x); elsewhere, at one token, with an unknown sparsity,
+    or with a caller's config (tokens=None: benchmarks and tests force one), the config as picked. A union
+    config always falls back to the one-token config (its kernel has no v_t programs)."""
+    monkeypatch.setattr(launchers, "_gpu_name", lambda: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda")  # config lookups only: nothing is launched
+
+    def launch(n, k, tokens, sparsity, own=True):
+        picked = launchers.pick_config(n, k, tokens, 80, cuda, sparsity)
+        return picked, launchers.lowrank_launch_config(picked, n, k, 80, cuda, sparsity,
+                                                       tokens=tokens if own else None)
+
+    # (0.727: below the shape's high band, from 0.73 on, where its two-token config is a union one)
+    one_token = launchers.pick_config(4096, 11008, 1, 80, cuda, 0.727)
+    picked, ran = launch(4096, 11008, 2, 0.727)
+    assert picked.rows == 1 and picked != one_token and ran == one_token
+    for args in [(12288, 4096, 2, 0.727), (4096, 11008, 1, 0.727), (4096, 11008, 2, None),
+                 (4096, 11008, 2, 0.727, False)]:
+        picked, ran = launch(*args)
+        assert ran == picked, args
+    union = launchers.GemvConfig(rows=4, block_n=64, block_k=16, split_k=4, num_warps=4, num_stages=1, kernel="compact")
+    assert launchers.lowrank_launch_config(union, 4096, 11008, 80, cuda, 0.727) == one_token
 
 
 def test_lowrank_epilogue_report_matches_committed_files():

@@ -398,6 +398,20 @@ def entry_for_gpu(table: dict, gpu: str | None) -> dict:
     return table.setdefault("by_gpu", {}).setdefault(gpu, {})
 
 
+# Where a writer's note on a selection's measurement goes: in a by_gpu entry under "notes"
+# {selection: note}; in the table's own entries under these keys, older than the by_gpu entries.
+_MAIN_NOTE_KEYS = {"threshold": "union_note", "threshold_lowrank": "lowrank_note", "topk": "topk_note"}
+
+
+def put_note(table: dict, entry: dict, selection: str, note: str) -> None:
+    """Record `note` on `selection`'s entries in `entry` (entry_for_gpu(table, gpu)): the table's own key
+    for it (_MAIN_NOTE_KEYS) where the entry is the table itself, else the entry's "notes"."""
+    if entry is table:
+        table[_MAIN_NOTE_KEYS[selection]] = note
+    else:
+        entry.setdefault("notes", {})[selection] = note
+
+
 class _TableMemo:
     """Values derived from one table object, dropped as soon as the table in force is another object
     (a new $RSPARSE_CONFIG_DIR, a test's own table). Outside CUDA graphs the op looks up its config
@@ -425,6 +439,7 @@ _MERGED_DISPATCH = _TableMemo()
 _MERGED_CONFIGS = _TableMemo()
 _PICKED_CONFIGS = _TableMemo()  # config table in force -> pick_config's answers
 _CROSSOVERS = _TableMemo()  # dispatch table in force -> crossover_tokens' answers
+_LOWRANK_ROWS = _TableMemo()  # dispatch table in force -> lowrank_rows_one_token's answers
 
 
 def dispatch_table(gpu: str | None = None) -> dict:
@@ -587,11 +602,23 @@ def crossover_tokens(n: int, k: int, selection: str = "threshold", sparsity: flo
                            lambda: _table_crossover(data, n, k, selection, sparsity, lowrank))
 
 
+# The low-rank term's table at more than one token holds two ways to run a step (lowrank_time.py
+# --tokens): ratios[selection + "_lowrank"] with the shape's committed config for that token count
+# (ranked by the sweeps without the term), and ratios[selection + LOWRANK_ONE_TOKEN_SUFFIX] with the
+# shape's one-token config, one program per row. Neither wins everywhere (H100, lowrank_h100_t2b_s*.json:
+# at 0.7 the one-token config takes Llama-2 down from 1.02x to 0.74x of dense and Llama-3 qkv from 1.10x
+# to 0.87x, while the token config is faster on Llama-2 qkv and gate_up), so the launcher runs the faster
+# one at the module's sparsity, and the crossover is that one's.
+LOWRANK_ONE_TOKEN_SUFFIX = "_lowrank_one_token"
+
+
 def _table_crossover(data: dict, n: int, k: int, selection: str, sparsity: float, lowrank: bool) -> int | None:
     """crossover_tokens from `data` (dispatch_table)."""
-    if lowrank and _shape_key(n, k) in data.get("ratios", {}).get(selection + "_lowrank", {}):
-        selection = selection + "_lowrank"
-    ratios = data.get("ratios", {}).get(selection, {}).get(_shape_key(n, k))
+    key = _shape_key(n, k)
+    if lowrank and key in data.get("ratios", {}).get(selection + "_lowrank", {}):
+        one_token = data["ratios"].get(selection + LOWRANK_ONE_TOKEN_SUFFIX, {}).get(key)
+        return _interpolated_crossover(data["ratios"][selection + "_lowrank"][key], sparsity, one_token)
+    ratios = data.get("ratios", {}).get(selection, {}).get(key)
     if ratios:
         return _interpolated_crossover(ratios, sparsity)
     table = data.get("crossover", {}).get(selection, {}).get(_shape_key(n, k))
@@ -623,15 +650,45 @@ def interpolated_ratio(ratios: dict, sparsity: float, tokens: int) -> float | No
     return (1 - w) * r_lo + w * r_hi
 
 
-def _interpolated_crossover(ratios: dict, sparsity: float) -> int:
-    # ratios: {level: {tokens: sparse_ms / dense_ms}}
+def _interpolated_crossover(ratios: dict, sparsity: float, alternative: dict | None = None) -> int:
+    """The largest token count up to which sparse wins at `sparsity`. ratios: {level: {tokens:
+    sparse_ms / dense_ms}}; alternative: the same for a second way to run the kernels (the low-rank
+    term's one-token config), the faster of the two counting at each token count."""
     limit = 0
     for t in sorted({int(t) for per in ratios.values() for t in per}):
         ratio = interpolated_ratio(ratios, sparsity, t)
+        other = interpolated_ratio(alternative, sparsity, t) if alternative else None
+        if ratio is not None and other is not None:
+            ratio = min(ratio, other)
         if ratio is None or ratio > DISPATCH_MAX_RATIO:
             break
         limit = t
     return limit
+
+
+def lowrank_rows_one_token(n: int, k: int, tokens: int, sparsity: float | None,
+                           selection: str = "threshold", gpu: str | None = None) -> bool:
+    """Whether a step of `tokens` rows on a layer with the low-rank term runs faster with the shape's
+    one-token config than with its committed config for that token count, by the dispatch table's two
+    measurements at the module's sparsity (LOWRANK_ONE_TOKEN_SUFFIX). False where either is missing or
+    the sparsity is unknown: the token config, as before the table had the second."""
+    if tokens <= 1 or sparsity is None:
+        return False
+    data = dispatch_table(gpu)
+    return _LOWRANK_ROWS.get((data,), (n, k, tokens, sparsity, selection),
+                             lambda: _one_token_faster(data, n, k, tokens, sparsity, selection))
+
+
+def _one_token_faster(data: dict, n: int, k: int, tokens: int, sparsity: float, selection: str) -> bool:
+    ratios = data.get("ratios", {})
+    key = _shape_key(n, k)
+    token_config = ratios.get(selection + "_lowrank", {}).get(key)
+    one_token = ratios.get(selection + LOWRANK_ONE_TOKEN_SUFFIX, {}).get(key)
+    if not token_config or not one_token:
+        return False
+    ratio = interpolated_ratio(token_config, sparsity, tokens)
+    other = interpolated_ratio(one_token, sparsity, tokens)
+    return ratio is not None and other is not None and other < ratio
 
 
 def _dispatch_tokens(n: int, k: int, selection: str, sparsity: float | None = None,
@@ -1059,10 +1116,17 @@ def union_lowrank_config(n: int, k: int, rank: int, device: torch.device, sparsi
 
 
 def lowrank_launch_config(cfg: GemvConfig, n: int, k: int, rank: int, device: torch.device,
-                          sparsity: float | None) -> GemvConfig:
+                          sparsity: float | None, tokens: int | None = None,
+                          selection: str = "threshold") -> GemvConfig:
     """The config sparse_gemv runs for `cfg` on a layer with a low-rank term: `cfg` itself unless it is a
-    union compact one, whose kernel has no v_t programs (then union_lowrank_config)."""
-    return union_lowrank_config(n, k, rank, device, sparsity) if uses_union_compact_kernel(cfg) else cfg
+    union compact one, whose kernel has no v_t programs (then union_lowrank_config). tokens: the step's
+    rows where `cfg` is the launcher's own pick (not a caller's): then also the one-token config where
+    the dispatch table measured it faster at this sparsity (lowrank_rows_one_token)."""
+    if uses_union_compact_kernel(cfg) or (
+            tokens is not None and device.type == "cuda"
+            and lowrank_rows_one_token(n, k, tokens, sparsity, selection)):
+        return union_lowrank_config(n, k, rank, device, sparsity)
+    return cfg
 
 
 def union_walk_lowrank_config(cfg: GemvConfig) -> GemvConfig:
@@ -1198,7 +1262,10 @@ def sparse_gemv(
         # config instead, each row reading its own channels. (Until session 33 this was the 16-row
         # union walk of the same tile, whose predicated rows read about the whole matrix: 1.0-24x of
         # dense on the H100, lowrank_h100_s33.md; lowrank_time.py --tokens times both.)
-        cfg = lowrank_launch_config(cfg, n, k, rank, x.device, sparsity)
+        # Where the launcher picked the config itself, the dispatch table may send the step to the
+        # one-token config instead (lowrank_rows_one_token); a caller's config is run as given.
+        cfg = lowrank_launch_config(cfg, n, k, rank, x.device, sparsity, tokens=None if config else m,
+                                    selection="topk" if keep is not None else "threshold")
     select_in_kernel = keep is not None and topk_in_kernel(cfg, k)
     if keep is not None and not select_in_kernel:
         thr, jcut = topk_thresholds(x, keep, channel_scale)

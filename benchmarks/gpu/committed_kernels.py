@@ -247,10 +247,9 @@ def merge_topk(record: dict, dispatch: dict) -> dict:
         # another GPU's measurement: beside the table, read on that GPU only (launchers.dispatch_table)
         entry.setdefault("crossover", {})["topk"] = crossover
         entry.setdefault("ratios", {})["topk"] = ratios
-        entry.setdefault("notes", {})["topk"] = note
-        return out
-    out["crossover"]["topk"], out["ratios"]["topk"] = crossover, ratios
-    out["topk_note"] = note
+    else:
+        out["crossover"]["topk"], out["ratios"]["topk"] = crossover, ratios
+    launchers.put_note(out, entry, "topk", note)
     return out
 
 

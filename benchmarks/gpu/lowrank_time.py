@@ -26,12 +26,15 @@ in session 25 after those measurements (their code is at b21387c).
     python benchmarks/gpu/lowrank_time.py --merge benchmarks/results/lowrank_h100.json \
         --transfer-to benchmarks/results/kernels_h200.json --into kernels/configs/dispatch.json
 With --tokens T... (session 33) decode steps of T > 1 tokens as well, one row each (x [T, K], the module's one
-threshold): dense, the threshold kernel alone (teal_us), and with the term (paths_us): "launcher" = what
-sparse_linear runs (a union config falls back to one-row programs with the shape's one-token config,
-launchers.union_lowrank_config) and, where the picked config is a union one, "union_walk" = the 16-row union walk
-it fell back to before (launchers.union_walk_lowrank_config), else "one_token_config" = the shape's one-token
-config at T rows (the T-token configs were ranked without the term). lowrank16_us = the launcher's; --merge
-files them under their token count.
+threshold): dense, the threshold kernel alone (teal_us), and with the term (paths_us): "tokens_config" = the
+shape's committed config for T tokens (a union config falls back to one-row programs with the shape's one-token
+config, launchers.union_lowrank_config; files before session 34 call it "launcher", which it then was) and,
+where the picked config is a union one, "union_walk" = the 16-row union walk it fell back to before
+(launchers.union_walk_lowrank_config), else "one_token_config" = the shape's one-token config at T rows (the
+T-token configs were ranked without the term). lowrank16_us = tokens_config's. --merge files tokens_config under
+ratios["threshold_lowrank"] and one_token_config under ratios["threshold_lowrank_one_token"], by token count;
+from session 34 the launcher runs the faster of the two at the module's sparsity
+(launchers.lowrank_rows_one_token).
     python3 -P benchmarks/gpu/lowrank_time.py --sparsity 0.5 --tokens 2 --out $RES/lowrank_h100_t2_s0.5.json
 Files before session 11 (lowrank_h100.json, lowrank_h200_s0.*_653bfda.json) used the unaligned
 budget rank and timed it unpadded ("lowrank"), padded to 16 and to 64.
@@ -159,13 +162,16 @@ def _variant_words(variant: str) -> str:
 def _token_words(counts: list[int]) -> str:
     if counts == [1]:
         return "one token"
-    return f"{', '.join(map(str, counts[:-1]))} and {counts[-1]} tokens (more than one: what the launcher runs)"
+    return f"{', '.join(map(str, counts[:-1]))} and {counts[-1]} tokens (more than one: the shape's config for that token count)"
 
 
 def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "") -> None:
     """ratios["threshold_lowrank"][shape][input sparsity][tokens] = padded low-rank time /
     dense time (the runtime pads the rank: launchers.prepare_lowrank), one level per measured
-    file (one-token rows and --tokens rows of a level may come in separate files). The table is rebuilt from these files alone: levels of an earlier table (an estimate
+    file (one-token rows and --tokens rows of a level may come in separate files); --tokens rows
+    that timed the shape's one-token config also fill ratios["threshold_lowrank_one_token"] (the
+    launcher runs the faster: launchers.lowrank_rows_one_token). The tables are rebuilt from these
+    files alone: levels of an earlier table (an estimate
     for another GPU, or another GPU's measurement) must not mix with this GPU's measurement.
     Files from a GPU other than the dispatch table's own ("gpu") go under its "by_gpu" entry for
     that GPU (launchers.dispatch_table), the table's own entries staying those of its GPU."""
@@ -174,13 +180,21 @@ def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "
     if len(gpus) != 1:
         raise SystemExit(f"--merge: the files were measured on different GPUs {sorted(gpus)}; merge one GPU's")
     dispatch = json.load(open(dispatch_path))
-    table = {}
+    table, one_token_table = {}, {}
     for result in results:
         for row in result["rows"]:
             level = f"{round(row['input_sparsity'], 4):g}"
             tokens = row.get("tokens", 1)
-            if tokens > 1:  # --tokens rows: what the launcher runs (paths_us["launcher"])
-                lowrank_us = row["lowrank16_us"]
+            if tokens > 1:  # --tokens rows: the shape's T-token config, and its one-token config where timed
+                lowrank_us = tokens_config_us(row)
+                # where the picked config is a union one (union_walk timed beside it), tokens_config already
+                # is the one-token config: the second table gets that level too, so that neither table is
+                # clamped across a level the other has (interpolated_ratio)
+                one_token_us = row["paths_us"].get("one_token_config",
+                                                   lowrank_us if "union_walk" in row["paths_us"] else None)
+                if one_token_us is not None:
+                    one_token_table.setdefault(f"N{row['n']}_K{row['k']}", {}).setdefault(level, {})[str(tokens)] = (
+                        round(one_token_us / row["dense_us"], 4))
             else:
                 name = (config_variant(row["n"], row["k"], _row_sparsity(row), result["gpu"]) if variant == "config"
                         else variant)
@@ -196,14 +210,16 @@ def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "
         f"threshold_lowrank: R-Sparse (threshold + low-rank term, rank a multiple of 16) at "
         f"{_token_words(counts)}, measured on "
         f"{gpu}: {described}{_variant_words(variant)}; sparsities between the measured levels are interpolated, outside them "
-        "clamped (launchers.interpolated_ratio); more tokens are not measured (dense).")
+        "clamped (launchers.interpolated_ratio); more tokens are not measured (dense)."
+        + (" threshold_lowrank_one_token: the same steps with the shape's one-token config, one program per row; "
+           "the launcher runs the faster of the two (launchers.lowrank_rows_one_token)." if one_token_table else ""))
     entry = launchers.entry_for_gpu(dispatch, gpu)
-    if entry is not dispatch:
-        entry.setdefault("ratios", {})["threshold_lowrank"] = table
-        entry.setdefault("notes", {})["threshold_lowrank"] = note
-    else:
-        dispatch.setdefault("ratios", {})["threshold_lowrank"] = table
-        dispatch["lowrank_note"] = note
+    ratios = entry.setdefault("ratios", {})
+    ratios["threshold_lowrank"] = table
+    ratios.pop("threshold" + launchers.LOWRANK_ONE_TOKEN_SUFFIX, None)  # rebuilt from these files alone, too
+    if one_token_table:
+        ratios["threshold" + launchers.LOWRANK_ONE_TOKEN_SUFFIX] = one_token_table
+    launchers.put_note(dispatch, entry, "threshold_lowrank", note)
     with open(dispatch_path, "w") as f:
         json.dump(dispatch, f, indent=1)
         f.write("\n")
@@ -290,16 +306,26 @@ def report(result_paths: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tokens_config_us(row: dict) -> float:
+    """A --tokens row's time with the shape's committed config for its token count (the union fallback
+    where that is a union one): "tokens_config", called "launcher" in files before session 34."""
+    paths = row["paths_us"]
+    return paths["tokens_config"] if "tokens_config" in paths else paths["launcher"]
+
+
 def report_tokens(results: list[dict]) -> list[str]:
     """Markdown lines of the --tokens rows: per shape and token count, the ratio to dense of the threshold
-    kernel alone and of each way of running the term."""
+    kernel alone and of each way of running the term, `*` on the one the launcher runs now."""
     lines = ["Decode steps of more than one token (`--tokens`, one row each, the module's one threshold): ratio to "
-             "dense (us in brackets). launcher = what `sparse_linear` runs (a union config falls back to one-row "
-             "programs with the shape's one-token config); union_walk = the 16-row union walk it fell back to "
-             "before session 33 (only where the picked config is a union one); one_token_config = the shape's "
-             "one-token config at these rows where the picked config is a per-row one (files from 03f047f on). "
-             "config = what the launcher ran.", "",
-             "| level | shape | tokens | rank | input sparsity | dense us | teal | launcher | union_walk | "
+             "dense (us in brackets). tokens_config = the shape's committed config for the token count (a union "
+             "config falls back to one-row programs with the shape's one-token config; \"launcher\" in files "
+             "before session 34, what it ran then); union_walk = the 16-row union walk it fell back to before "
+             "session 33 (only where the picked config is a union one); one_token_config = the shape's one-token "
+             "config at these rows where the picked config is a per-row one (files from 03f047f on). `*` = what "
+             "the launcher runs at this sparsity with the committed table (the faster of tokens_config and "
+             "one_token_config where both were merged: launchers.lowrank_rows_one_token). config = "
+             "tokens_config's.", "",
+             "| level | shape | tokens | rank | input sparsity | dense us | teal | tokens_config | union_walk | "
              "one_token_config | config |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for result in results:
@@ -307,8 +333,12 @@ def report_tokens(results: list[dict]) -> list[str]:
             if row.get("tokens", 1) == 1:
                 continue
             dense = row["dense_us"]
-            cells = [f"{row['paths_us'][p] / dense:.2f} ({row['paths_us'][p]:.1f})" if p in row["paths_us"] else "-"
-                     for p in ("launcher", "union_walk", "one_token_config")]
+            paths = {"tokens_config": tokens_config_us(row), **{p: row["paths_us"][p] for p in
+                                                                 ("union_walk", "one_token_config") if p in row["paths_us"]}}
+            runs = "one_token_config" if launchers.lowrank_rows_one_token(
+                row["n"], row["k"], row["tokens"], row["input_sparsity"], gpu=result["gpu"]) else "tokens_config"
+            cells = [f"{paths[p] / dense:.2f}{'*' if p == runs else ''} ({paths[p]:.1f})" if p in paths else "-"
+                     for p in ("tokens_config", "union_walk", "one_token_config")]
             config = row["config"]
             lines.append(f"| {result['sparsity']} | {row['shape']} | {row['tokens']} | {row['rank']} | "
                          f"{row['input_sparsity']:.3f} | {dense:.1f} | {row['teal_us'] / dense:.2f} | "
@@ -387,7 +417,8 @@ def time_tokens(name: str, n: int, k: int, rank: int, keep: int, tokens: int, la
                                                                      use_crossover=False, sparsity=s_in)
                                for _, wp, _, _ in layers])
     picked = launchers.pick_config(n, k, tokens, rank, device, s_in)
-    paths = {"launcher": None}
+    # explicit configs, so that the table in force (lowrank_rows_one_token) does not choose for the script
+    paths = {"tokens_config": launchers.lowrank_launch_config(picked, n, k, rank, device, s_in)}
     if launchers.uses_union_compact_kernel(picked):
         paths["union_walk"] = launchers.union_walk_lowrank_config(picked)
     else:
@@ -403,8 +434,8 @@ def time_tokens(name: str, n: int, k: int, rank: int, keep: int, tokens: int, la
             times[path].append(graph_us(calls))
             outs[path] = calls[0]().float()
     row["paths_us"] = {p: min(t) for p, t in times.items()}
-    row["paths_max_diff"] = {p: float((out - outs["launcher"]).abs().max()) for p, out in outs.items()}
-    row["lowrank16_us"] = row["paths_us"]["launcher"]
+    row["paths_max_diff"] = {p: float((out - outs["tokens_config"]).abs().max()) for p, out in outs.items()}
+    row["lowrank16_us"] = row["paths_us"]["tokens_config"]
     row["config"] = dataclasses.asdict(launchers.lowrank_launch_config(picked, n, k, rank, device, s_in))
     row["picked_config"] = dataclasses.asdict(picked)
     return row
@@ -429,8 +460,8 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--share", type=float, default=0.9)
     ap.add_argument("--tokens", nargs="+", type=int, default=[1],
-                    help="decode step sizes to time (1: the v_t layouts; more: the launcher's path beside the union "
-                         "walk or the one-token config, one row each)")
+                    help="decode step sizes to time (1: the v_t layouts; more: the shape's config for that token "
+                         "count beside the union walk or the one-token config, one row each)")
     args = ap.parse_args()
     if args.report:
         print(report(args.report), end="")

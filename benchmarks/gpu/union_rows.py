@@ -337,10 +337,7 @@ def adopt(rows: list[dict], out_dir: str, source: str, gpu: str | None = None,
             f"({commit}, {source}): per token count the config the launcher "
             f"uses (union where adopted, else the committed per-row config)"
             + ("; one token from committed_kernels.py's teal rows on the same GPU" if one_token else ""))
-    if elsewhere:
-        entry.setdefault("notes", {})["threshold"] = note
-    else:
-        dispatch["union_note"] = note
+    launchers.put_note(dispatch, entry, "threshold", note)
     os.makedirs(out_dir, exist_ok=True)
     Path(out_dir, launchers._CONFIG_FILE).write_text(json.dumps(configs, indent=1) + "\n")
     Path(out_dir, launchers._DISPATCH_FILE).write_text(json.dumps(dispatch, indent=1) + "\n")
