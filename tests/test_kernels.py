@@ -1672,6 +1672,24 @@ def test_lowrank_step_runs_the_faster_config(monkeypatch):
     assert launchers.lowrank_launch_config(union, 4096, 11008, 80, cuda, 0.727) == one_token
 
 
+def test_sparse_gemv_lets_the_table_choose_only_its_own_config(monkeypatch, gen):
+    """sparse_gemv asks lowrank_launch_config for the table's choice (tokens = the step's rows) only where it
+    picked the config itself; a caller's config (benchmarks, tests) is run as given, bar the union fallback."""
+    n, k, m = 64, 96, 3
+    w, _, _, u, v = make_layer(n, k, torch.bfloat16, gen, rank=16)
+    x = randn(m, k, gen=gen, dtype=torch.bfloat16)
+    w_t, v_t = launchers.prepare_weight(w).t(), launchers.prepare_weight(v).t()
+    thr = threshold_for(x, 0.5, None).float()
+    asked, real = [], launchers.lowrank_launch_config
+    monkeypatch.setattr(launchers, "lowrank_launch_config",
+                        lambda cfg, *a, **kw: asked.append((kw.get("tokens"), kw.get("selection"))) or real(cfg, *a, **kw))
+    ref = reference.sparse_linear(x, w, None, threshold=thr, lowrank_up=u, lowrank_down=v)
+    check_close(launchers.sparse_gemv(x, w_t, thr, None, None, None, u, v_t, sparsity=0.5), ref)
+    own = launchers.pick_config(n, k, m, 16, x.device, 0.5)
+    check_close(launchers.sparse_gemv(x, w_t, thr, None, None, None, u, v_t, own, sparsity=0.5), ref)
+    assert asked == [(m, "threshold"), (None, "threshold")]
+
+
 def test_lowrank_epilogue_report_matches_committed_files():
     """benchmarks/results/lowrank_epilogue_h200.md is what lowrank_time --report makes of the
     committed --epilogues measurements (session 12: the u^T term's ways), and the launcher's
