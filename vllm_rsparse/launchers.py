@@ -1122,6 +1122,7 @@ def lowrank_launch_config(cfg: GemvConfig, n: int, k: int, rank: int, device: to
     union compact one, whose kernel has no v_t programs (then union_lowrank_config). tokens: the step's
     rows where `cfg` is the launcher's own pick (not a caller's): then also the one-token config where
     the dispatch table measured it faster at this sparsity (lowrank_rows_one_token)."""
+    # (CUDA only: elsewhere pick_config reads no table, so the table's choice would name no config it measured)
     if uses_union_compact_kernel(cfg) or (
             tokens is not None and device.type == "cuda"
             and lowrank_rows_one_token(n, k, tokens, sparsity, selection)):
