@@ -543,23 +543,35 @@ def crossover_table(results) -> dict:
 
 def write_dispatch(path: str, meta: dict, rows: list, note: str, ratios: bool = False,
                    timing: str | None = None) -> None:
-    """A dispatch.json (the candidate for kernels/configs/) from benchmark rows: crossover
-    counts, and with ``ratios`` the sparse/dense ratios launchers.crossover_tokens
-    interpolates. The low-rank tables this benchmark does not measure (ratios
-    "<selection>_lowrank" and "<selection>_lowrank_one_token" and their note, from
-    benchmarks/gpu/lowrank_time.py --merge) are carried over from the committed file, so copying
-    the output over it loses none of them."""
-    committed = launchers._load_json(launchers._DISPATCH_FILE)
-    out = {"gpu": meta["gpu"], "commit": meta["commit"], "design_sparsity": 0.5}
-    if timing:
-        out["timing"] = timing
-    out["crossover"] = crossover_table(rows)
-    carried = {sel: t for sel, t in committed.get("ratios", {}).items() if "_lowrank" in sel}
-    if ratios or carried:
-        out["ratios"] = {**(ratio_table(rows) if ratios else {}), **carried}
-    out["note"] = note
-    if "lowrank_note" in committed:
-        out["lowrank_note"] = committed["lowrank_note"]
+    """A dispatch.json (the candidate for kernels/configs/) from benchmark rows: the committed table with
+    the measuring GPU's crossover counts replaced by these rows', and with ``ratios`` the sparse/dense
+    ratios launchers.crossover_tokens interpolates (without: the measured selections' ratios are dropped,
+    so that the crossover counts decide). On the table's own GPU that is the table's main entries; on
+    another GPU its "by_gpu" entry (launchers.entry_for_gpu), as the other writers do: one GPU's
+    measurement must not replace another's. What this benchmark does not measure stays as committed:
+    the low-rank tables (ratios "<selection>_lowrank...", from benchmarks/gpu/lowrank_time.py --merge)
+    and their note, and the other GPUs' entries; so copying the output over the committed file loses
+    none of them."""
+    out = json.loads(json.dumps(launchers._load_json(launchers._DISPATCH_FILE)))
+    entry = launchers.entry_for_gpu(out, meta["gpu"])
+    measured_ratios = ratio_table(rows) if ratios else {}
+    # the selections these rows measured (a TEAL-only run leaves exact top-k's entries as they are)
+    crossover = {selection: table for selection, table in crossover_table(rows).items() if table}
+    entry.setdefault("crossover", {}).update(crossover)
+    entry_ratios = entry.setdefault("ratios", {})
+    for selection in crossover:
+        # an empty table on another GPU's entry hides the main table's ratios there (they outrank counts)
+        entry_ratios[selection] = measured_ratios.get(selection, {})
+    if entry is out:
+        out.update({"gpu": meta["gpu"], "commit": meta["commit"], "note": note})
+        out.setdefault("design_sparsity", 0.5)
+        if timing:
+            out["timing"] = timing
+        for stale in ("union_note", "topk_note"):  # notes on the ratios just replaced
+            out.pop(stale, None)
+    else:
+        for selection in crossover:
+            launchers.put_note(out, entry, selection, note + (f" ({timing})" if timing else ""))
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
 

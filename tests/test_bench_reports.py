@@ -317,6 +317,44 @@ def test_committed_kernels_merge_topk():
     assert "abc1234" in beside["notes"]["topk"]
 
 
+def test_bench_kernels_dispatch_candidate_keeps_what_it_did_not_measure(tmp_path, monkeypatch):
+    """bench_kernels' dispatch.json candidate is the committed table with the measuring GPU's entries of the
+    measured selections replaced: on the table's own GPU its main entries (the low-rank tables, their note and
+    the other GPUs' entries stay; the notes on the replaced ratios go); on another GPU its by_gpu entry, the
+    table's own entries untouched (before, the candidate was a new table for the measuring GPU that carried the
+    committed GPU's low-rank ratios as its own and dropped every by_gpu entry)."""
+    from vllm_rsparse import launchers
+
+    module = load_benchmark("bench_kernels.py")
+    committed = {"gpu": "GPU A", "commit": "old", "design_sparsity": 0.5, "union_note": "u", "lowrank_note": "l",
+                 "crossover": {"threshold": {"N1_K1": {"0.5": 4}}, "topk": {"N1_K1": {"0.5": 1}}},
+                 "ratios": {"threshold": {"N1_K1": {"0.5": {"1": 0.5}}}, "topk": {"N1_K1": {"0.5": {"1": 0.9}}},
+                            "threshold_lowrank": {"N1_K1": {"0.5": {"1": 0.7}}},
+                            "threshold_lowrank_one_token": {"N1_K1": {"0.5": {"2": 0.8}}}},
+                 "by_gpu": {"GPU C": {"ratios": {"threshold": {"N1_K1": {"0.5": {"1": 0.6}}}}}}}
+    monkeypatch.setattr(launchers, "_load_json", lambda name: committed)
+    rows = [{"method": "teal", "n": 64, "k": 96, "sparsity": 0.5, "tokens": t, "sparse_ms": ms, "dense_ms": 1.0}
+            for t, ms in [(1, 0.6), (2, 1.2)]]
+    path = tmp_path / "dispatch.json"
+    module.write_dispatch(str(path), {"gpu": "GPU A", "commit": "new"}, rows, "sweep", ratios=True, timing="g")
+    own = json.loads(path.read_text())
+    assert own["crossover"]["threshold"] == {"N64_K96": {"0.5": 1}} and own["crossover"]["topk"] == committed[
+        "crossover"]["topk"]
+    assert own["ratios"]["threshold"] == {"N64_K96": {"0.5": {"1": 0.6, "2": 1.2}}}
+    assert {sel: own["ratios"][sel] for sel in ("topk", "threshold_lowrank", "threshold_lowrank_one_token")} == {
+        sel: committed["ratios"][sel] for sel in ("topk", "threshold_lowrank", "threshold_lowrank_one_token")}
+    assert own["by_gpu"] == committed["by_gpu"] and own["lowrank_note"] == "l" and "union_note" not in own
+    assert (own["commit"], own["note"], own["timing"]) == ("new", "sweep", "g")
+    module.write_dispatch(str(path), {"gpu": "GPU B", "commit": "new"}, rows, "sweep")
+    beside = json.loads(path.read_text())
+    assert {key: beside[key] for key in committed if key != "by_gpu"} == {
+        key: committed[key] for key in committed if key != "by_gpu"}
+    entry = beside["by_gpu"]["GPU B"]
+    # no ratios measured: an empty threshold table there, so that this GPU's counts decide, not GPU A's ratios
+    assert entry["crossover"] == {"threshold": {"N64_K96": {"0.5": 1}}} and entry["ratios"] == {"threshold": {}}
+    assert entry["notes"] == {"threshold": "sweep"} and beside["by_gpu"]["GPU C"] == committed["by_gpu"]["GPU C"]
+
+
 def test_union_rows_adopt_on_another_gpu_goes_under_by_gpu(tmp_path, monkeypatch):
     """union_rows.py --adopt on a GPU other than the tables' own writes its 2-16 token choices under
     sparse_gemv.json's by_gpu and its threshold ratios under dispatch.json's by_gpu, starting from the
