@@ -612,16 +612,24 @@ def crossover_tokens(n: int, k: int, selection: str = "threshold", sparsity: flo
 LOWRANK_ONE_TOKEN_SUFFIX = "_lowrank_one_token"
 
 
+def _lowrank_tables(data: dict, selection: str, key: str) -> tuple[dict | None, dict | None]:
+    """The shape's two low-rank ratio tables in `data` (dispatch_table): with the token count's config,
+    and with the one-token config (LOWRANK_ONE_TOKEN_SUFFIX); None where one is missing."""
+    ratios = data.get("ratios", {})
+    return (ratios.get(selection + "_lowrank", {}).get(key),
+            ratios.get(selection + LOWRANK_ONE_TOKEN_SUFFIX, {}).get(key))
+
+
 def _table_crossover(data: dict, n: int, k: int, selection: str, sparsity: float, lowrank: bool) -> int | None:
     """crossover_tokens from `data` (dispatch_table)."""
     key = _shape_key(n, k)
-    if lowrank and key in data.get("ratios", {}).get(selection + "_lowrank", {}):
-        one_token = data["ratios"].get(selection + LOWRANK_ONE_TOKEN_SUFFIX, {}).get(key)
-        return _interpolated_crossover(data["ratios"][selection + "_lowrank"][key], sparsity, one_token)
+    token_config, one_token = _lowrank_tables(data, selection, key) if lowrank else (None, None)
+    if token_config:
+        return _interpolated_crossover(token_config, sparsity, one_token)
     ratios = data.get("ratios", {}).get(selection, {}).get(key)
     if ratios:
         return _interpolated_crossover(ratios, sparsity)
-    table = data.get("crossover", {}).get(selection, {}).get(_shape_key(n, k))
+    table = data.get("crossover", {}).get(selection, {}).get(key)
     if not table:
         return None
     levels = sorted(float(s) for s in table)
@@ -680,10 +688,7 @@ def lowrank_rows_one_token(n: int, k: int, tokens: int, sparsity: float | None,
 
 
 def _one_token_faster(data: dict, n: int, k: int, tokens: int, sparsity: float, selection: str) -> bool:
-    ratios = data.get("ratios", {})
-    key = _shape_key(n, k)
-    token_config = ratios.get(selection + "_lowrank", {}).get(key)
-    one_token = ratios.get(selection + LOWRANK_ONE_TOKEN_SUFFIX, {}).get(key)
+    token_config, one_token = _lowrank_tables(data, selection, _shape_key(n, k))
     if not token_config or not one_token:
         return False
     ratio = interpolated_ratio(token_config, sparsity, tokens)

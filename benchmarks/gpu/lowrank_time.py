@@ -183,7 +183,7 @@ def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "
     table, one_token_table = {}, {}
     for result in results:
         for row in result["rows"]:
-            level = f"{round(row['input_sparsity'], 4):g}"
+            key, level = launchers._shape_key(row["n"], row["k"]), f"{round(row['input_sparsity'], 4):g}"
             tokens = row.get("tokens", 1)
             if tokens > 1:  # --tokens rows: the shape's T-token config, and its one-token config where timed
                 lowrank_us = tokens_config_us(row)
@@ -193,13 +193,13 @@ def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "
                 one_token_us = row["paths_us"].get("one_token_config",
                                                    lowrank_us if "union_walk" in row["paths_us"] else None)
                 if one_token_us is not None:
-                    one_token_table.setdefault(f"N{row['n']}_K{row['k']}", {}).setdefault(level, {})[str(tokens)] = (
+                    one_token_table.setdefault(key, {}).setdefault(level, {})[str(tokens)] = (
                         round(one_token_us / row["dense_us"], 4))
             else:
                 name = (config_variant(row["n"], row["k"], _row_sparsity(row), result["gpu"]) if variant == "config"
                         else variant)
                 lowrank_us = row["variants_us"][name] if name else row["lowrank16_us"]
-            per_level = table.setdefault(f"N{row['n']}_K{row['k']}", {}).setdefault(level, {})
+            per_level = table.setdefault(key, {}).setdefault(level, {})
             per_level[str(tokens)] = round(lowrank_us / row["dense_us"], 4)
     counts = sorted({row.get("tokens", 1) for result in results for row in result["rows"]})
     gpu = gpus.pop()
@@ -214,11 +214,11 @@ def merge_dispatch(result_paths: list[str], dispatch_path: str, variant: str = "
         + (" threshold_lowrank_one_token: the same steps with the shape's one-token config, one program per row; "
            "the launcher runs the faster of the two (launchers.lowrank_rows_one_token)." if one_token_table else ""))
     entry = launchers.entry_for_gpu(dispatch, gpu)
-    ratios = entry.setdefault("ratios", {})
+    ratios, one_token_key = entry.setdefault("ratios", {}), "threshold" + launchers.LOWRANK_ONE_TOKEN_SUFFIX
     ratios["threshold_lowrank"] = table
-    ratios.pop("threshold" + launchers.LOWRANK_ONE_TOKEN_SUFFIX, None)  # rebuilt from these files alone, too
+    ratios.pop(one_token_key, None)  # rebuilt from these files alone, too
     if one_token_table:
-        ratios["threshold" + launchers.LOWRANK_ONE_TOKEN_SUFFIX] = one_token_table
+        ratios[one_token_key] = one_token_table
     launchers.put_note(dispatch, entry, "threshold_lowrank", note)
     with open(dispatch_path, "w") as f:
         json.dump(dispatch, f, indent=1)
@@ -436,7 +436,7 @@ def time_tokens(name: str, n: int, k: int, rank: int, keep: int, tokens: int, la
     row["paths_us"] = {p: min(t) for p, t in times.items()}
     row["paths_max_diff"] = {p: float((out - outs["tokens_config"]).abs().max()) for p, out in outs.items()}
     row["lowrank16_us"] = row["paths_us"]["tokens_config"]
-    row["config"] = dataclasses.asdict(launchers.lowrank_launch_config(picked, n, k, rank, device, s_in))
+    row["config"] = dataclasses.asdict(paths["tokens_config"])
     row["picked_config"] = dataclasses.asdict(picked)
     return row
 
